@@ -1,0 +1,15 @@
+"""``fused_linear_turn_kl``: exact teacher-student divergence from hidden states and LM heads.
+
+Same results, statistics, masks and reductions as ``fused_turn_kl`` on
+``hidden @ weight.T + bias``, without ever materialising the ``tokens x vocab`` logits.
+
+Files: ``reference.py`` (float64 yardstick: materialised logits + ``turn_kl_reference``),
+``torch_backend.py`` (chunked over rows and vocabulary, any device), ``triton_backend.py``
+(GPU, or CPU under ``TRITON_INTERPRET=1``), ``api.py`` (validation, masks, reductions, autograd
+and ``torch.library`` registration).
+"""
+
+from tcod_fast.ops.fused_linear_turn_kl.api import fused_linear_turn_kl
+from tcod_fast.ops.fused_linear_turn_kl.reference import fused_linear_turn_kl_reference
+
+__all__ = ["fused_linear_turn_kl", "fused_linear_turn_kl_reference"]

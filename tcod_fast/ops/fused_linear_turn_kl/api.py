@@ -1,0 +1,522 @@
+"""Public entry point ``fused_linear_turn_kl``: validation, masks, reductions, autograd.
+
+Layers, top to bottom:
+
+1. ``fused_linear_turn_kl`` checks every argument before any compute, builds the per-token keep
+   mask exactly as ``fused_turn_kl`` does, and turns the reduction into one coefficient per token
+   (``c_n = d loss / d div_n``, which depends only on the mask and the turn weights).
+2. ``_FusedLinearTurnKL`` (autograd) calls the ``torch.library`` custom op
+   ``tcod_fast::fused_linear_turn_kl_forward``. With the coefficients known up front, the forward
+   pass already accumulates ``dh = c * G @ W_s``, ``dW = (c * G).T @ h_s`` and ``db`` while the
+   logits blocks are at hand, so the four GEMMs (student logits, teacher logits, dh, dW) each run
+   once; backward multiplies those by the incoming scalar.
+3. When the per-token divergence itself receives a gradient (``reduction="none"``, or
+   ``result.kl`` used in another loss), the per-token scales are only known in backward, and the
+   weight gradient ``sum_n g_n G_n^T h_n`` cannot be rescaled after the fact. Backward then
+   recomputes the logits blocks with those scales (two extra GEMMs); nothing ``N x V`` is ever
+   stored for it, only the inputs (by reference).
+
+Why not store ``G``? It is the ``N x V`` tensor this op exists to avoid. Why not store ``dh`` and
+recompute only ``dW``? Both need the same recomputed ``G`` blocks; storing ``dh`` saves nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from tcod_fast.ops.fused_linear_turn_kl import torch_backend
+from tcod_fast.ops.turn_kl.api import _check_int_tensor, _device_check, _shape_str, _validate_window
+from tcod_fast.ops.turn_kl.result import DIVERGENCES, REDUCTIONS, TurnKLResult
+
+try:  # the Triton backend is optional (GPU, or CPU under TRITON_INTERPRET=1)
+    from tcod_fast.ops.fused_linear_turn_kl import triton_backend
+except ImportError:  # pragma: no cover - only while the module is absent
+    triton_backend = None
+
+BACKENDS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _compute_dtype(student_hidden: torch.Tensor, student_weight: torch.Tensor) -> torch.dtype:
+    """float32 accumulation always; float64 when the student is float64 (gradcheck)."""
+    return torch.float64 if torch.float64 in (student_hidden.dtype, student_weight.dtype) else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# custom op: the streaming pass over (rows x vocabulary)
+# --------------------------------------------------------------------------------------------
+def _backend_module(backend: str):
+    return triton_backend if backend == "triton" else torch_backend
+
+
+@torch.library.custom_op("tcod_fast::fused_linear_turn_kl_forward", mutates_args=())
+def _fused_linear_forward(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    target_ids: torch.Tensor | None,
+    token_scale: torch.Tensor | None,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    vocab_size: int,
+    want_hidden_grad: bool,
+    want_weight_grad: bool,
+    want_bias_grad: bool,
+    chunk_rows: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(div, entropy, logp_target, logq_target)`` ``(B, T)`` and the gradients of
+    ``sum_n token_scale_n * div_n``: ``dh (B, T, H_s)``, ``dW (V_s, H_s)``, ``db (V_s,)`` in the
+    compute dtype (empty tensors for the ones not asked for, or when ``token_scale`` is None)."""
+    B, T = keep.shape
+    device = student_hidden.device
+    dtype = _compute_dtype(student_hidden, student_weight)
+    kept_rows = keep.reshape(-1).nonzero().squeeze(1)
+    grads_wanted = token_scale is not None
+    row_scale = token_scale.reshape(-1)[kept_rows] if grads_wanted else None
+    weight_grad = None
+    if grads_wanted and want_weight_grad:
+        weight_grad = torch.zeros(student_weight.shape, dtype=dtype, device=device)
+    bias_grad = None
+    if grads_wanted and want_bias_grad and student_bias is not None:
+        bias_grad = torch.zeros(student_bias.shape, dtype=dtype, device=device)
+    flat_targets = None if target_ids is None else target_ids.reshape(-1)
+    div, entropy, _lse_s, _lse_t, logp, logq, dh_kept = _backend_module(backend).forward(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        kept_rows, flat_targets, divergence, beta, temperature, vocab_size,
+        row_scale=row_scale, want_hidden_grad=want_hidden_grad, weight_grad=weight_grad,
+        bias_grad=bias_grad, chunk_rows=chunk_rows,
+    )
+
+    def scatter(values):
+        out = torch.zeros(B * T, dtype=dtype, device=device)
+        if values is not None:
+            out[kept_rows] = values.to(dtype)
+        return out.view(B, T)
+
+    def empty():  # a fresh one each time: custom-op outputs must not alias each other
+        return student_hidden.new_empty(0, dtype=dtype)
+
+    dh = empty()
+    if dh_kept is not None:
+        dh = torch.zeros(B * T, student_hidden.shape[-1], dtype=dtype, device=device)
+        dh[kept_rows] = dh_kept
+        dh = dh.view(B, T, -1)
+    return (
+        scatter(div), scatter(entropy), scatter(logp), scatter(logq), dh,
+        empty() if weight_grad is None else weight_grad,
+        empty() if bias_grad is None else bias_grad,
+    )
+
+
+@_fused_linear_forward.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, target_ids,
+      token_scale, divergence, beta, temperature, vocab_size, want_hidden_grad, want_weight_grad, want_bias_grad,
+      chunk_rows, backend):
+    dtype = _compute_dtype(student_hidden, student_weight)
+    stats = tuple(keep.new_empty(keep.shape, dtype=dtype) for _ in range(4))
+    grads_wanted = token_scale is not None
+    def empty():
+        return student_hidden.new_empty(0, dtype=dtype)
+
+    dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if grads_wanted and want_hidden_grad else empty()
+    dw = student_weight.new_empty(student_weight.shape, dtype=dtype) if grads_wanted and want_weight_grad else empty()
+    has_bias = grads_wanted and want_bias_grad and student_bias is not None
+    db = student_bias.new_empty(student_bias.shape, dtype=dtype) if has_bias else empty()
+    return (*stats, dh, dw, db)
+
+
+@dataclass(frozen=True)
+class _Config:
+    divergence: str
+    beta: float
+    temperature: float
+    vocab_size: int
+    chunk_rows: int
+    backend: str
+    fp32_weight_grad: bool
+    grad_enabled: bool
+
+
+def _run(config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b):
+    return torch.ops.tcod_fast.fused_linear_turn_kl_forward(
+        h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale,
+        config.divergence, config.beta, config.temperature, config.vocab_size,
+        want_h, want_w, want_b, config.chunk_rows, config.backend,
+    )
+
+
+class _FusedLinearTurnKL(torch.autograd.Function):
+    """Outputs ``(loss = sum_n coeff_n div_n, div, entropy, logp_target, logq_target)``.
+
+    Gradients flow to the student hidden states, weight and bias only.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff, config):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = b_s is not None and ctx.needs_input_grad[2]
+        grads_now = config.grad_enabled and coeff is not None and (want_h or want_w or want_b)
+        div, entropy, logp, logq, dh, dw, db = _run(
+            config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff if grads_now else None,
+            want_h, want_w, want_b,
+        )
+        loss = (div * coeff).sum() if coeff is not None else div.new_zeros(())
+        ctx.config = config
+        ctx.wants = (want_h, want_w, want_b)
+        ctx.stored_grads = (dh, dw, db) if grads_now else None
+        ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff)
+        ctx.mark_non_differentiable(entropy, logp, logq)
+        ctx.set_materialize_grads(False)
+        return loss, div, entropy, logp, logq
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_div, *_unused):
+        h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.wants
+        stored, ctx.stored_grads = ctx.stored_grads, None  # handed out once; a second backward recomputes
+        none = (None,) * 10
+        if grad_loss is None and grad_div is None:
+            return none
+        if grad_div is None and stored is not None:
+            dh, dw, db = stored
+            scale = grad_loss
+        else:
+            token_scale = torch.zeros_like(keep, dtype=coeff.dtype if coeff is not None else grad_div.dtype)
+            if grad_div is not None:
+                token_scale = token_scale + grad_div.to(token_scale.dtype)
+            if grad_loss is not None and coeff is not None:
+                token_scale = token_scale + grad_loss.to(token_scale.dtype) * coeff
+            _, _, _, _, dh, dw, db = _run(
+                ctx.config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b
+            )
+            scale = None
+
+        def scaled(g):
+            # in place: these buffers belong to this op and are released here
+            return g if scale is None else g.mul_(scale.to(g.dtype))
+
+        grad_h = scaled(dh).to(h_s.dtype) if want_h else None
+        grad_b = scaled(db).to(b_s.dtype) if want_b else None
+        grad_w = None
+        if want_w:
+            dw = scaled(dw)
+            if ctx.config.fp32_weight_grad:
+                main_grad = getattr(w_s, "main_grad", None)
+                if main_grad is None:
+                    w_s.main_grad = dw.float() if dw.dtype != torch.float32 else dw
+                else:
+                    main_grad.add_(dw)
+            else:
+                grad_w = dw.to(w_s.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _check_float(name, x, dims):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32/bfloat16/float16/float64, got {x.dtype}")
+    if x.dim() not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {expected}, got {x.dim()}-D shape {_shape_str(x.shape)}")
+
+
+def _check_head(side, hidden, weight, bias, device):
+    _check_float(f"{side}_hidden", hidden, (2, 3))
+    _check_float(f"{side}_weight", weight, (2,))
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{side}_weight is (V, H) = {_shape_str(weight.shape)} with hidden size {weight.shape[1]}, "
+            f"but {side}_hidden has hidden size {hidden.shape[-1]} (shape {_shape_str(hidden.shape)})"
+        )
+    if bias is not None:
+        _check_float(f"{side}_bias", bias, (1,))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"{side}_bias must be shaped ({weight.shape[0]},) like {side}_weight's vocabulary, "
+                f"got {_shape_str(bias.shape)}"
+            )
+    for name, x in ((f"{side}_hidden", hidden), (f"{side}_weight", weight), (f"{side}_bias", bias)):
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
+
+
+def _resolve_backend(backend, device, dtypes):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    has_float64 = torch.float64 in dtypes
+    triton_ok = triton_backend is not None and triton_backend.is_available(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_ok and not has_float64 else "torch"
+    if backend == "triton":
+        if triton_backend is None or not triton_backend.HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'tcod-fast[triton]'")
+        if not triton_ok:
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+            )
+        if has_float64:
+            raise TypeError("backend='triton' supports float32/bfloat16/float16 inputs, got torch.float64")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# reductions: one coefficient per token
+# --------------------------------------------------------------------------------------------
+def _token_coefficients(keep, turn_index, token_weight, reduction, per_turn_sum):
+    """``d loss / d div`` per token ``(B, T)`` for a scalar reduction (None for ``"none"``).
+
+    Every reduction of ``fused_turn_kl`` is linear in the per-token divergence with coefficients
+    that depend only on the mask and the turn weights, so they are known before any compute.
+    """
+    keep_f = keep.to(token_weight.dtype)
+    if reduction == "none":
+        return None
+    if reduction == "sum":
+        return token_weight
+    if reduction == "mean":
+        return token_weight / keep_f.sum().clamp_min(1.0)
+    if reduction == "seq_mean_token_mean":
+        seq_count = keep_f.sum(1, keepdim=True)
+        num_seqs = (seq_count > 0).sum().clamp_min(1).to(token_weight.dtype)
+        return token_weight / seq_count.clamp_min(1.0) / num_seqs
+    # turn_mean
+    turn_count = per_turn_sum(torch.ones_like(keep_f))
+    num_groups = (turn_count > 0).sum().clamp_min(1).to(token_weight.dtype)
+    return token_weight / turn_count.gather(1, turn_index).clamp_min(1.0) / num_groups
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def fused_linear_turn_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    turn_ids: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    turn_window=None,
+    turn_weights: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    num_turns: int | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    fp32_weight_grad: bool = False,
+):
+    """Exact teacher-student divergence from hidden states and LM heads, without the logits.
+
+    Computes what ``fused_turn_kl(student_hidden @ student_weight.T + student_bias,
+    teacher_hidden @ teacher_weight.T + teacher_bias, ...)`` computes -- same values, statistics,
+    masks and reductions -- but never materialises a ``tokens x vocab`` tensor: logits are formed
+    block by block, accumulated in float32 straight from the matmul (never rounded to bf16 before
+    the softmax), consumed by an online softmax, and the gradient ``G`` w.r.t. the logits is
+    formed block by block and immediately contracted into ``dh = G @ W_s`` and ``dW = G.T @ h``.
+    Rows outside the turn mask are never gathered, so they cost no matmul work.
+
+    Args:
+        student_hidden: ``(B, T, H_s)`` or ``(N, H_s)``, float32/bfloat16/float16 (float64 with the
+            torch backend). Receives a gradient. Any row strides (``hidden[:, :-1]`` is read
+            without a copy).
+        student_weight: ``(V_s, H_s)`` LM-head weight, any of the float dtypes. Receives a
+            gradient, accumulated in float32 and returned in its dtype (see ``fp32_weight_grad``).
+        teacher_hidden: ``(B, T, H_t)`` or ``(N, H_t)``, same leading shape and device; ``H_t`` may
+            differ from ``H_s``. Stop-gradient; never upcast as a whole (one row chunk at a time).
+        teacher_weight: ``(V_t, H_t)``. Stop-gradient.
+        turn_ids: integer tensor with the hidden states' leading shape: ``0, 1, ...`` = the
+            student turn of a token, ``-1`` = not trained. ``None``: every token is turn 0.
+        student_bias: ``(V_s,)`` or None; receives a gradient. ``-inf`` entries ban tokens.
+        teacher_bias: ``(V_t,)`` or None.
+        turn_window, turn_weights, target_ids, divergence, beta, temperature, reduction,
+        return_stats, num_turns: exactly as in :func:`tcod_fast.fused_turn_kl`.
+        vocab_size: use only the first ``vocab_size`` rows of both weights (padded vocabularies).
+            Without it, ``V_s != V_t`` is an error. Weight rows past it get zero gradient.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
+        chunk_size: rows per chunk of the torch backend. Default: as many as keep the two cached
+            float32 ``chunk x V`` logits slabs near 32 MiB (between 16 and 1024 rows).
+        fp32_weight_grad: instead of returning the weight gradient in the weight's dtype, add the
+            float32 accumulator into ``student_weight.main_grad`` (created on first use, the
+            Megatron-LM convention for mixed-precision training); ``student_weight.grad`` is then
+            left untouched.
+
+    Returns:
+        The loss (float32; per-token with the leading shape for ``reduction="none"``), or a
+        :class:`~tcod_fast.ops.turn_kl.result.TurnKLResult` with ``return_stats=True``.
+
+    Memory (torch backend, ``R = chunk_size``, ``BV = 4096``, ``H = max(H_s, H_t)``), in float32
+    elements beyond inputs and returned gradients: ``2 R V`` (the chunk's cached logits) ``+ ~6 R
+    BV + 2 BV H + R (H_s + H_t)``, plus ``N H_s`` for the hidden gradient kept between forward
+    and backward and a ``V_s H_s`` float32 weight-gradient accumulator (which is the returned
+    gradient itself for a float32 weight). Independent of ``N x V``; e.g. ``V = 32000`` gives
+    ``R = 131`` and about 45 MiB, against 500 MiB for one ``4096 x 32000`` float32 logits tensor.
+
+    Cost: with a scalar reduction the gradients are produced during the forward pass (the
+    reduction's per-token coefficients are known up front), so forward+backward costs the four
+    GEMMs of the unfused path. When the per-token output itself is differentiated
+    (``reduction="none"`` or ``result.kl`` in another loss), backward recomputes the logits: six
+    GEMMs in all.
+
+    Notes:
+        A host sync gathers the kept rows (``nonzero``). Teacher tensors get no gradient even
+        if they require one. ``-inf`` bias entries shared by student and teacher contribute 0; a
+        teacher ``-inf`` under student mass is a true ``+inf`` reverse KL.
+    """
+    # ---- validation: everything is checked before any compute ----
+    if not isinstance(student_hidden, torch.Tensor):
+        raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
+    device = student_hidden.device
+    _check_head("student", student_hidden, student_weight, student_bias, device)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden leading shape {_shape_str(student_hidden.shape[:-1])} does not match "
+            f"teacher_hidden leading shape {_shape_str(teacher_hidden.shape[:-1])}"
+        )
+    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"student_weight has vocab {v_s} but teacher_weight has {v_t}; pass vocab_size= to use "
+                f"the first rows both share (e.g. vocab_size={min(v_s, v_t)})"
+            )
+        vocab_size = v_s
+    elif not isinstance(vocab_size, numbers.Integral) or not 1 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size must be an integer in [1, min(student vocab {v_s}, teacher vocab {v_t})], got {vocab_size!r}"
+        )
+    vocab_size = int(vocab_size)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(beta, numbers.Real) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if not isinstance(temperature, numbers.Real) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}")
+    if not isinstance(fp32_weight_grad, bool):
+        raise TypeError(f"fp32_weight_grad must be a bool, got {fp32_weight_grad!r}")
+    lead_shape = student_hidden.shape[:-1]
+    flat = student_hidden.dim() == 2
+    B, T = (1, lead_shape[0]) if flat else (lead_shape[0], lead_shape[1])
+    if turn_ids is not None:
+        _check_int_tensor("turn_ids", turn_ids, lead_shape, device)
+    if target_ids is not None:
+        _check_int_tensor("target_ids", target_ids, lead_shape, device)
+        if target_ids.numel():
+            _device_check(
+                ((target_ids >= 0) & (target_ids < vocab_size)).all(),
+                f"target_ids must lie in [0, vocab_size={vocab_size})",
+            )
+    window = _validate_window(turn_window, B, device)
+    if turn_weights is not None:
+        if not isinstance(turn_weights, torch.Tensor) or not turn_weights.dtype.is_floating_point:
+            raise TypeError(f"turn_weights must be a float tensor shaped (B, num_turns), got {turn_weights!r:.80}")
+        if turn_weights.dim() == 1 and flat:
+            turn_weights = turn_weights.unsqueeze(0)
+        if turn_weights.dim() != 2 or turn_weights.shape[0] != B:
+            raise ValueError(
+                f"turn_weights must be shaped (B, num_turns) with B={B}, got {_shape_str(turn_weights.shape)}"
+            )
+        if turn_weights.device != device:
+            raise ValueError(f"turn_weights is on {turn_weights.device} but the hidden states are on {device}")
+        if num_turns is not None and num_turns != turn_weights.shape[1]:
+            raise ValueError(f"num_turns={num_turns} but turn_weights has {turn_weights.shape[1]} turns")
+        num_turns = turn_weights.shape[1]
+    if num_turns is not None and (not isinstance(num_turns, numbers.Integral) or num_turns < 1):
+        raise ValueError(f"num_turns must be a positive integer, got {num_turns!r}")
+    dtypes = {x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                teacher_bias) if x is not None}
+    backend = _resolve_backend(backend, device, dtypes)
+    if divergence == "jsd" and float(beta) in (0.0, 1.0):  # TRL's endpoints, as fused_turn_kl
+        divergence = "reverse_kl" if float(beta) == 1.0 else "forward_kl"
+
+    # ---- token mask: N-sized ops on the turn ids, identical to fused_turn_kl ----
+    h_s = student_hidden.unsqueeze(0) if flat else student_hidden
+    h_t = teacher_hidden.unsqueeze(0) if flat else teacher_hidden
+    ids = torch.zeros(B, T, dtype=torch.long, device=device) if turn_ids is None else turn_ids.reshape(B, T).long()
+    keep = ids >= 0
+    if isinstance(window, tuple):
+        keep = keep & (ids >= window[0]) & (ids < window[1])
+    elif window is not None:
+        keep = keep & (ids >= window[:, :1]) & (ids < window[:, 1:])
+    target3 = None if target_ids is None else target_ids.reshape(B, T).long()
+
+    need_turns = return_stats or reduction == "turn_mean" or turn_weights is not None
+    if need_turns and num_turns is None:
+        num_turns = max(int(ids.max()) + 1 if ids.numel() else 1, 1)  # documented sync
+    if need_turns:
+        _device_check(
+            (torch.where(keep, ids, 0) < num_turns).all(),
+            f"turn_ids must be < num_turns={num_turns} for kept tokens",
+        )
+
+    stat_dtype = _compute_dtype(student_hidden, student_weight)
+    keep_f = keep.to(stat_dtype)
+    turn_index = torch.where(keep, ids, torch.zeros_like(ids))
+    token_weight = keep_f
+    if turn_weights is not None:
+        token_weight = keep_f * turn_weights.to(stat_dtype).gather(1, turn_index)
+    flat_turn = None
+    if need_turns:
+        flat_turn = (torch.arange(B, device=device).unsqueeze(1) * num_turns + turn_index).reshape(-1)
+
+    def per_turn_sum(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(B * num_turns, dtype=stat_dtype, device=device)
+        return out.index_add(0, flat_turn, (values * keep_f).reshape(-1)).view(B, num_turns)
+
+    coeff = _token_coefficients(keep, turn_index, token_weight, reduction, per_turn_sum)
+    chunk_rows = int(chunk_size) if chunk_size is not None else torch_backend.default_chunk_rows(vocab_size)
+    config = _Config(
+        divergence, float(beta), float(temperature), vocab_size, chunk_rows, backend, fp32_weight_grad,
+        torch.is_grad_enabled(),
+    )
+    loss, div, entropy, logp, logq = _FusedLinearTurnKL.apply(
+        h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, keep, target3, coeff, config
+    )
+    if reduction == "none":
+        weighted = div * token_weight
+        loss = weighted.squeeze(0) if flat else weighted
+
+    if not return_stats:
+        return loss
+
+    def lead(x):
+        return x.squeeze(0) if flat else x
+
+    has_target = target_ids is not None
+    return TurnKLResult(
+        loss=loss,
+        kl=lead(div),
+        entropy=lead(entropy),
+        token_kept=lead(keep),
+        turn_token_count=per_turn_sum(torch.ones_like(keep_f)),
+        turn_kl_sum=per_turn_sum(div.detach()),
+        turn_entropy_sum=per_turn_sum(entropy),
+        student_logprob=lead(logp) if has_target else None,
+        teacher_logprob=lead(logq) if has_target else None,
+        turn_abs_logratio_sum=per_turn_sum((logp - logq).abs()) if has_target else None,
+        turn_neg_logprob_sum=per_turn_sum(-logp) if has_target else None,
+    )

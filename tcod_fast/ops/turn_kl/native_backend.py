@@ -1,0 +1,116 @@
+"""``native`` backend: the C++/OpenMP kernel in ``csrc/turn_kl_cpu.cpp`` (CPU tensors).
+
+The extension is compiled on first use with ninja through ``torch.utils.cpp_extension`` and
+cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later imports load the
+cached build in milliseconds. It includes no torch headers, so a cold build takes seconds.
+If the build fails the op falls back to the ``torch`` backend and warns once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+_warned = False
+
+
+def _source_dir() -> Path:
+    installed = Path(__file__).resolve().parents[2] / "_csrc"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[3] / "csrc"
+
+
+def _cpu_tag() -> str:
+    """Builds use -march=native, so a cache must never be shared between different CPUs."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
+
+
+def load(verbose: bool = False):
+    """Build (first time) and import the extension. Raises on failure."""
+    global _module, _error
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(_error)
+        from torch.utils import cpp_extension
+
+        source = _source_dir() / "turn_kl_cpu.cpp"
+        if not source.is_file():
+            _error = f"native kernel source not found at {source}"
+            raise RuntimeError(_error)
+        flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+        if platform.machine() in ("x86_64", "AMD64"):
+            flags += ["-march=native", "-mprefer-vector-width=256"]
+        try:
+            _module = cpp_extension.load(
+                name=f"tcod_fast_native_{_cpu_tag()}",
+                sources=[str(source)],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                verbose=verbose,
+            )
+        except Exception as exc:  # compiler missing, headers missing, ...
+            _error = f"building the native CPU kernel failed: {type(exc).__name__}: {exc}"
+            raise RuntimeError(_error) from exc
+        return _module
+
+
+def is_available() -> bool:
+    """True when the native kernel is built (building it now if needed); warns once if not."""
+    global _warned
+    if os.environ.get("TCOD_FAST_DISABLE_NATIVE") == "1":
+        return False
+    try:
+        load()
+        return True
+    except RuntimeError as exc:
+        if not _warned:
+            warnings.warn(f"tcod_fast: {exc}; using the torch backend on CPU instead", RuntimeWarning, stacklevel=3)
+            _warned = True
+        return False
+
+
+def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad):
+    """See ``torch_backend`` for the contract. CPU tensors only."""
+    module = load()
+    B, T = keep.shape
+    keep = keep.contiguous()
+    outs = [torch.empty(B, T, dtype=torch.float32) for _ in range(4)]
+    target = None if target_ids is None else target_ids.to(torch.int64).contiguous()
+    grad_ptr, g_sb, g_st, grad_cols = 0, 0, 0, 0
+    if grad is not None:
+        grad_ptr, (g_sb, g_st, _), grad_cols = grad.data_ptr(), grad.stride(), grad.shape[-1]
+    module.turn_kl_forward(
+        student.data_ptr(), _DTYPE_CODES[student.dtype],
+        teacher.data_ptr(), _DTYPE_CODES[teacher.dtype],
+        grad_ptr, keep.data_ptr(), 0 if target is None else target.data_ptr(),
+        B, T,
+        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g_sb, g_st,
+        vocab_size, grad_cols, _DIVERGENCE_CODES[divergence], float(beta), 1.0 / temperature,
+        *(o.data_ptr() for o in outs), torch.get_num_threads(),
+    )
+    return tuple(outs)

@@ -1,0 +1,197 @@
+"""Plain float64 reference of ``fused_turn_kl``.
+
+Materialises everything (softmax, log-softmax, per-token losses) in float64 and lets autograd
+produce the gradient. It is slow and memory hungry on purpose: it is the yardstick every fast
+backend is tested against, and it is written independently of the fast path's masking and
+reduction code so a bug there cannot hide in both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tcod_fast.ops.turn_kl.result import TurnKLResult
+
+
+def _xlogy_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``weight * (log_a - log_b)`` with the convention ``0 * anything = 0``.
+
+    The unselected branch is fed finite values so autograd never multiplies 0 by inf.
+    """
+    present = weight > 0
+    safe_a = torch.where(present, log_a, torch.zeros_like(log_a))
+    safe_b = torch.where(present, log_b, torch.zeros_like(log_b))
+    return torch.where(present, weight * (safe_a - safe_b), torch.zeros_like(weight))
+
+
+def divergence_per_row(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row divergence, student entropy and log-softmaxes, in float64.
+
+    Args:
+        student_logits, teacher_logits: ``(..., V)``, any float dtype (upcast to float64).
+    Returns:
+        ``(divergence, entropy, log_p, log_q)``; the first two shaped ``(...)``.
+    """
+    z_s = student_logits.double() / temperature
+    z_t = teacher_logits.double().detach() / temperature
+    log_p = torch.log_softmax(z_s, dim=-1)
+    log_q = torch.log_softmax(z_t, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    entropy = -_xlogy_ratio(p, log_p, torch.zeros_like(log_p)).sum(-1)
+    reverse = _xlogy_ratio(p, log_p, log_q).sum(-1)
+    forward = _xlogy_ratio(q, log_q, log_p).sum(-1)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        value = reverse
+    elif divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        value = forward
+    elif divergence == "jsd":
+        # TRL's generalised JSD: m = (1 - beta) p + beta q, beta*KL(q||m) + (1-beta)*KL(p||m).
+        m = (1.0 - beta) * p + beta * q
+        log_m = torch.where(m > 0, m, torch.ones_like(m)).log()
+        value = beta * _xlogy_ratio(q, log_q, log_m).sum(-1) + (1.0 - beta) * _xlogy_ratio(
+            p, log_p, log_m
+        ).sum(-1)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return value, entropy.detach(), log_p, log_q
+
+
+def turn_kl_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    turn_ids: torch.Tensor | None = None,
+    *,
+    turn_window=None,
+    turn_weights: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    num_turns: int | None = None,
+    **_ignored,
+):
+    """Float64 reference with the signature and semantics of :func:`tcod_fast.fused_turn_kl`.
+
+    Accepts the same arguments (backend-only keywords such as ``backend``/``inplace`` are
+    ignored) and returns float64 results. Gradients reach ``student_logits`` through autograd.
+    No input validation: feed it valid inputs.
+    """
+    squeeze = student_logits.dim() == 2
+    s = student_logits.unsqueeze(0) if squeeze else student_logits
+    t = teacher_logits.unsqueeze(0) if squeeze else teacher_logits
+    if vocab_size is not None:
+        s, t = s[..., :vocab_size], t[..., :vocab_size]
+    B, T = s.shape[:2]
+    ids = torch.zeros(B, T, dtype=torch.long) if turn_ids is None else turn_ids.reshape(B, T).long().cpu()
+
+    kept = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        if turn_window is None:
+            lo, hi = 0, None
+        elif isinstance(turn_window, torch.Tensor):
+            lo, hi = (int(x) for x in turn_window.reshape(-1, 2)[b])
+        else:
+            lo, hi = int(turn_window[0]), int(turn_window[1])
+        for i in range(T):
+            tid = int(ids[b, i])
+            kept[b, i] = tid >= 0 and tid >= lo and (hi is None or tid < hi)
+
+    if num_turns is None:
+        if turn_weights is not None:
+            num_turns = turn_weights.shape[-1]
+        else:
+            num_turns = int(ids.max()) + 1 if bool((ids >= 0).any()) else 1
+    weights = None if turn_weights is None else turn_weights.reshape(B, -1).double().cpu()
+
+    # Dropped rows never take part: zero them so garbage (NaN, a teacher -inf under student
+    # mass) there cannot reach the kept rows' gradient through autograd.
+    row_kept = kept.to(s.device).unsqueeze(-1)
+    s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    t = torch.where(row_kept, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    div, entropy, log_p, log_q = divergence_per_row(s, t, divergence, beta, temperature)
+    div = div.cpu()
+    kept_f = kept.double()
+    token_weight = kept_f.clone()
+    if weights is not None:
+        for b in range(B):
+            for i in range(T):
+                if kept[b, i]:
+                    token_weight[b, i] = weights[b, int(ids[b, i])]
+    per_token = torch.where(kept, div, torch.zeros_like(div))
+    weighted = per_token * token_weight
+
+    if reduction == "none":
+        loss = weighted
+    elif reduction == "sum":
+        loss = weighted.sum()
+    elif reduction == "mean":
+        loss = weighted.sum() / max(int(kept.sum()), 1)
+    elif reduction == "seq_mean_token_mean":
+        seq_means = [weighted[b].sum() / int(kept[b].sum()) for b in range(B) if kept[b].any()]
+        loss = torch.stack(seq_means).sum() / len(seq_means) if seq_means else weighted.sum() * 0
+    elif reduction == "turn_mean":
+        turn_means = []
+        for b in range(B):
+            for k in range(num_turns):
+                in_turn = kept[b] & (ids[b] == k)
+                if in_turn.any():
+                    turn_means.append(weighted[b][in_turn].sum() / int(in_turn.sum()))
+        loss = torch.stack(turn_means).sum() / len(turn_means) if turn_means else weighted.sum() * 0
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+
+    if squeeze and reduction == "none":
+        loss = loss.squeeze(0)
+    if not return_stats:
+        return loss
+
+    ent = torch.where(kept, entropy.cpu(), torch.zeros_like(entropy.cpu()))
+    counts = torch.zeros(B, num_turns, dtype=torch.float64)
+    kl_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+    ent_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            if kept[b, i]:
+                k = int(ids[b, i])
+                counts[b, k] += 1
+                kl_sum[b, k] += float(per_token[b, i].detach())
+                ent_sum[b, k] += float(ent[b, i])
+    logp_a = logq_a = abs_sum = nlp_sum = None
+    if target_ids is not None:
+        tgt = target_ids.reshape(B, T, 1).long().to(log_p.device)
+        logp_a = torch.where(kept, log_p.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
+        logq_a = torch.where(kept, log_q.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
+        abs_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+        nlp_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+        for b in range(B):
+            for i in range(T):
+                if kept[b, i]:
+                    k = int(ids[b, i])
+                    abs_sum[b, k] += abs(float(logp_a[b, i]) - float(logq_a[b, i]))
+                    nlp_sum[b, k] += -float(logp_a[b, i])
+
+    def shape_back(x):
+        return None if x is None else (x.squeeze(0) if squeeze else x)
+
+    return TurnKLResult(
+        loss=loss,
+        kl=shape_back(per_token),
+        entropy=shape_back(ent),
+        token_kept=shape_back(kept),
+        turn_token_count=counts,
+        turn_kl_sum=kl_sum,
+        turn_entropy_sum=ent_sum,
+        student_logprob=shape_back(logp_a),
+        teacher_logprob=shape_back(logq_a),
+        turn_abs_logratio_sum=abs_sum,
+        turn_neg_logprob_sum=nlp_sum,
+    )

@@ -1,0 +1,191 @@
+"""``triton`` backend: one Triton program per token row (CUDA; CPU under ``TRITON_INTERPRET=1``).
+
+Per row (``z = logits / temperature``):
+
+* pass 1 streams the row in ``BLOCK_V`` columns with the online-softmax recurrence: running
+  maxima ``m_s, m_t``, sums ``l_s, l_t``, and the divergence/entropy accumulators, all rescaled
+  once per block by ``exp(m_old - m_new)``. Accumulation is float32 whatever the input dtype.
+* pass 2 (JSD only) sums the JSD terms and ``KL(p||m)``, which its gradient needs.
+* the last pass writes ``d div / d student_logits`` in the logits' dtype.
+
+Memory traffic per row: student and teacher read twice, gradient written once, i.e.
+``5 * V * elem_size`` bytes (DESIGN.md section 6); nothing ``N x V`` is allocated besides the
+gradient. ``BLOCK_V = 4096`` keeps 16 fp32 values per thread per operand at 8 warps; the
+interpreter and the tests use small blocks so several blocks and a ragged tail are exercised.
+Rows that are not kept skip all work and write zeros.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+DEFAULT_BLOCK_V = 4096
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
+        a = log_p + log_1m_beta
+        b = log_q + log_beta
+        hi = tl.maximum(a, b)
+        lo = tl.minimum(a, b)
+        safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
+        return hi + tl.log(1.0 + tl.exp(lo - safe_hi))
+
+    @triton.jit
+    def _turn_kl_row_kernel(
+        s_ptr, t_ptr, g_ptr, keep_ptr, target_ptr,
+        div_ptr, ent_ptr, logp_ptr, logq_ptr,
+        rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st,
+        vocab, grad_cols, inv_temp, beta, log_1m_beta, log_beta,
+        DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // rows_t
+        t = row % rows_t
+        s_row = s_ptr + b * s_sb + t * s_st
+        t_row = t_ptr + b * t_sb + t * t_st
+        g_row = g_ptr + b * g_sb + t * g_st
+        cols = tl.arange(0, BLOCK_V)
+        keep = tl.load(keep_ptr + row)
+
+        if keep != 0:
+            m_s = float("-inf")
+            m_t = float("-inf")
+            l_s = 0.0
+            l_t = 0.0
+            acc_div = 0.0
+            acc_ent = 0.0
+            for v0 in range(0, vocab, BLOCK_V):
+                offs = v0 + cols
+                in_vocab = offs < vocab
+                zs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp
+                zt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp
+                new_ms = tl.maximum(m_s, tl.max(zs, axis=0))
+                new_mt = tl.maximum(m_t, tl.max(zt, axis=0))
+                # shift 0 while everything so far is -inf: exp(-inf - 0) = 0, never -inf - (-inf)
+                shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
+                shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
+                scale_s = tl.exp(m_s - shift_s)
+                scale_t = tl.exp(m_t - shift_t)
+                es = tl.exp(zs - shift_s)
+                et = tl.exp(zt - shift_t)
+                l_s = l_s * scale_s + tl.sum(es, axis=0)
+                l_t = l_t * scale_t + tl.sum(et, axis=0)
+                acc_ent = acc_ent * scale_s + tl.sum(tl.where(es > 0, es * zs, 0.0), axis=0)
+                if DIVERGENCE == 0:
+                    acc_div = acc_div * scale_s + tl.sum(tl.where(es > 0, es * (zs - zt), 0.0), axis=0)
+                if DIVERGENCE == 1:
+                    acc_div = acc_div * scale_t + tl.sum(tl.where(et > 0, et * (zt - zs), 0.0), axis=0)
+                m_s = new_ms
+                m_t = new_mt
+
+            lse_s = m_s + tl.log(l_s)
+            lse_t = m_t + tl.log(l_t)
+            entropy = lse_s - acc_ent / l_s
+            div = 0.0
+            kl_p_m = 0.0
+            if DIVERGENCE == 0:
+                div = acc_div / l_s - lse_s + lse_t
+            if DIVERGENCE == 1:
+                div = acc_div / l_t - lse_t + lse_s
+            if DIVERGENCE == 2:
+                sum_p = 0.0
+                sum_q = 0.0
+                for v0 in range(0, vocab, BLOCK_V):
+                    offs = v0 + cols
+                    in_vocab = offs < vocab
+                    log_p = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_s
+                    log_q = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_t
+                    p = tl.exp(log_p)
+                    q = tl.exp(log_q)
+                    log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+                    sum_p += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
+                    sum_q += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
+                kl_p_m = sum_p
+                div = beta * sum_q + (1.0 - beta) * sum_p
+            tl.store(div_ptr + row, div)
+            tl.store(ent_ptr + row, entropy)
+            if HAS_TARGET:
+                tgt = tl.load(target_ptr + row)
+                tl.store(logp_ptr + row, tl.load(s_row + tgt).to(tl.float32) * inv_temp - lse_s)
+                tl.store(logq_ptr + row, tl.load(t_row + tgt).to(tl.float32) * inv_temp - lse_t)
+
+            if WRITE_GRAD:
+                for v0 in range(0, grad_cols, BLOCK_V):
+                    offs = v0 + cols
+                    in_vocab = offs < vocab
+                    log_p = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_s
+                    log_q = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_t
+                    p = tl.exp(log_p)
+                    if DIVERGENCE == 0:
+                        g = tl.where(p > 0, p * (log_p - log_q - div) * inv_temp, 0.0)
+                    elif DIVERGENCE == 1:
+                        g = (p - tl.exp(log_q)) * inv_temp
+                    else:
+                        log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+                        g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m) * inv_temp, 0.0)
+                    g = tl.where(in_vocab, g, 0.0)
+                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < grad_cols)
+        else:
+            tl.store(div_ptr + row, 0.0)
+            tl.store(ent_ptr + row, 0.0)
+            if HAS_TARGET:
+                tl.store(logp_ptr + row, 0.0)
+                tl.store(logq_ptr + row, 0.0)
+            if WRITE_GRAD:
+                zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for v0 in range(0, grad_cols, BLOCK_V):
+                    offs = v0 + cols
+                    tl.store(g_row + offs, zeros.to(g_ptr.dtype.element_ty), mask=offs < grad_cols)
+
+
+def is_available(device: torch.device) -> bool:
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, block_v=None):
+    """See ``torch_backend`` for the contract."""
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install 'tcod-fast[triton]')")
+    import math
+
+    B, T = keep.shape
+    device = student.device
+    outs = [torch.empty(B, T, dtype=torch.float32, device=device) for _ in range(4)]
+    if block_v is None:
+        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(vocab_size, 16)))
+    target = target_ids if target_ids is not None else keep  # dummy pointer when unused
+    g = grad if grad is not None else student
+    g_sb, g_st, grad_cols = (grad.stride(0), grad.stride(1), grad.shape[-1]) if grad is not None else (0, 0, 0)
+    log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
+    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
+    if B * T > 0:
+        _turn_kl_row_kernel[(B * T,)](
+            student, teacher, g, keep, target, *outs,
+            T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g_sb, g_st,
+            vocab_size, grad_cols, 1.0 / temperature, float(beta), log_1m_beta, log_beta,
+            DIVERGENCE=_DIVERGENCE_CODES[divergence], HAS_TARGET=target_ids is not None,
+            WRITE_GRAD=grad is not None, BLOCK_V=block_v,
+            num_warps=8 if block_v >= 2048 else 4,
+        )
+    return tuple(outs)

@@ -1,0 +1,348 @@
+"""fused_turn_kl on every backend against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+import tcod_fast
+from tcod_fast import fused_turn_kl, turn_kl_reference
+from tcod_fast.ops.turn_kl import native_backend, triton_backend
+
+DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
+REDUCTIONS = ["mean", "sum", "none", "seq_mean_token_mean", "turn_mean"]
+
+
+def _backends():
+    out = ["torch"]
+    out.append(
+        pytest.param("native", marks=pytest.mark.skipif(not native_backend.is_available(), reason="native C++ build failed"))
+    )
+    triton_ok = triton_backend.HAS_TRITON and (torch.cuda.is_available() or triton_backend.interpreter_enabled())
+    out.append(
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(not triton_ok, reason="triton not installed, or no CUDA and TRITON_INTERPRET unset"),
+        )
+    )
+    return out
+
+
+BACKENDS = _backends()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def small_triton_blocks(monkeypatch):
+    """Small Triton blocks so tiny vocabularies still span several blocks and a ragged tail."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(triton_backend, "DEFAULT_BLOCK_V", 64)
+
+
+def _tolerances(dtype):
+    if dtype == torch.float32:
+        return dict(rtol=1e-4, atol=2e-5)
+    # low-precision inputs are upcast exactly; only the float32 accumulation and the gradient's
+    # rounding to the logits dtype differ from the float64 reference
+    return dict(rtol=2e-2, atol=2e-3)
+
+
+def _make_inputs(B, T, V, dtype, *, v_teacher=None, scale=3.0, mask="partial", n_turns=4):
+    student = (torch.randn(B, T, V, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+    teacher = (torch.randn(B, T, v_teacher or V, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+    if mask == "none":
+        turn_ids = torch.randint(0, n_turns, (B, T))
+    elif mask == "all":
+        turn_ids = torch.full((B, T), -1)
+    else:
+        turn_ids = torch.randint(-1, n_turns, (B, T))
+        turn_ids[0, 0] = 0  # at least one kept token
+    target_ids = torch.randint(0, min(V, v_teacher or V), (B, T))
+    return student.requires_grad_(True), teacher, turn_ids.to(DEVICE), target_ids.to(DEVICE)
+
+
+def _compare(backend, student, teacher, turn_ids, tol, **kwargs):
+    result = fused_turn_kl(student, teacher, turn_ids, backend=backend, return_stats=True, **kwargs)
+    loss = result.loss.sum() if kwargs.get("reduction") == "none" else result.loss
+    (grad,) = torch.autograd.grad(loss, student)
+
+    ref_student = student.detach().clone().requires_grad_(True)
+    ref = turn_kl_reference(ref_student, teacher, turn_ids, return_stats=True, **kwargs)
+    ref_loss = ref.loss.sum() if kwargs.get("reduction") == "none" else ref.loss
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_student)
+
+    def close(name, ours, theirs, **tol_override):
+        t = {**tol, **tol_override}
+        torch.testing.assert_close(ours.double().cpu(), theirs.double().cpu(), **t, msg=lambda m: f"{name}: {m}")
+
+    close("loss", result.loss, ref.loss)
+    close("kl", result.kl, ref.kl)
+    close("entropy", result.entropy, ref.entropy)
+    assert torch.equal(result.token_kept.cpu(), ref.token_kept.cpu())
+    close("turn_token_count", result.turn_token_count, ref.turn_token_count)
+    close("turn_kl_sum", result.turn_kl_sum, ref.turn_kl_sum)
+    close("turn_entropy_sum", result.turn_entropy_sum, ref.turn_entropy_sum)
+    if kwargs.get("target_ids") is not None:
+        close("student_logprob", result.student_logprob, ref.student_logprob)
+        close("teacher_logprob", result.teacher_logprob, ref.teacher_logprob)
+        close("turn_abs_logratio_sum", result.turn_abs_logratio_sum, ref.turn_abs_logratio_sum)
+        close("turn_neg_logprob_sum", result.turn_neg_logprob_sum, ref.turn_neg_logprob_sum)
+    # gradient: compare relative to its own scale (bf16 gradients carry ~3 significant digits)
+    scale = ref_grad.abs().max().item() + 1e-12
+    close("grad", grad / scale, ref_grad / scale, rtol=0, atol=tol["rtol"] * 2)
+    assert torch.isfinite(grad).all()
+    return result, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matches_reference_across_dtypes(backend, dtype, divergence):
+    B, T, V = 2, 5, 1037 if backend != "triton" else 203
+    student, teacher, turn_ids, target_ids = _make_inputs(B, T, V, dtype)
+    _compare(
+        backend, student, teacher, turn_ids, _tolerances(dtype),
+        divergence=divergence, beta=0.3, temperature=1.7, target_ids=target_ids, num_turns=4,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mask", ["none", "partial", "all"])
+def test_reductions_and_masks(backend, reduction, mask):
+    B, T, V = 3, 4, 517 if backend != "triton" else 131
+    student, teacher, turn_ids, target_ids = _make_inputs(B, T, V, torch.float32, mask=mask)
+    result, grad = _compare(
+        backend, student, teacher, turn_ids, _tolerances(torch.float32),
+        reduction=reduction, target_ids=target_ids, num_turns=4,
+    )
+    if mask == "all":
+        assert float(result.loss.abs().sum()) == 0.0
+        assert float(grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sequence_windows_and_turn_weights(backend):
+    B, T, V = 3, 6, 300
+    student, teacher, turn_ids, target_ids = _make_inputs(B, T, V, torch.float32, n_turns=5)
+    window = torch.tensor([[0, 2], [1, 5], [3, 3]], device=DEVICE)  # the last keeps nothing
+    turn_weights = torch.rand(B, 5, device=DEVICE) + 0.1
+    for reduction in ["mean", "turn_mean", "seq_mean_token_mean"]:
+        _compare(
+            backend, student, teacher, turn_ids, _tolerances(torch.float32),
+            turn_window=window, turn_weights=turn_weights, reduction=reduction, target_ids=target_ids,
+        )
+    _compare(backend, student, teacher, turn_ids, _tolerances(torch.float32), turn_window=(1, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperatures(backend, temperature):
+    student, teacher, turn_ids, _ = _make_inputs(2, 3, 257, torch.float32)
+    _compare(backend, student, teacher, turn_ids, _tolerances(torch.float32), temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_rows_and_padded_vocabularies(backend):
+    """(N, V) input; teacher with a larger padded vocabulary restricted by vocab_size."""
+    N, V_s, V_t, V = 7, 611, 640, 600
+    student = (torch.randn(N, V_s) * 2).to(DEVICE).requires_grad_(True)
+    teacher = (torch.randn(N, V_t) * 2).to(DEVICE)
+    turn_ids = torch.tensor([0, 0, -1, 1, 1, 2, -1], device=DEVICE)
+    result, grad = _compare(
+        backend, student, teacher, turn_ids, _tolerances(torch.float32),
+        vocab_size=V, target_ids=torch.randint(0, V, (N,), device=DEVICE), reduction="turn_mean",
+    )
+    assert result.kl.shape == (N,)
+    assert float(grad[:, V:].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qwen_vocabulary_rows(backend):
+    """The real Qwen2.5 vocabulary size (151936, not a multiple of any block) on a few rows."""
+    rows = 3 if backend != "triton" else 2
+    student, teacher, turn_ids, target_ids = _make_inputs(1, rows, 151936, torch.bfloat16, mask="none")
+    if backend == "triton" and not torch.cuda.is_available():
+        triton_backend.DEFAULT_BLOCK_V = 4096  # keep the interpreter fast on wide rows
+    _compare(backend, student, teacher, turn_ids, _tolerances(torch.bfloat16), target_ids=target_ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_inf_logits_never_give_nan(backend, divergence):
+    B, T, V = 1, 4, 300
+    student, teacher, turn_ids, _ = _make_inputs(B, T, V, torch.float32, mask="none")
+    s, t = student.detach().clone(), teacher.clone()
+    banned = torch.zeros(V, dtype=torch.bool)
+    banned[:150] = True  # the whole first block(s) of the row is -inf
+    banned[200:210] = True
+    s[..., banned.to(DEVICE)] = -math.inf
+    t[..., banned.to(DEVICE)] = -math.inf
+    # a dropped token with garbage logits must not leak NaN anywhere
+    s[0, 3] = math.nan
+    turn_ids[0, 3] = -1
+    s.requires_grad_(True)
+    result, grad = _compare(backend, s, t, turn_ids, _tolerances(torch.float32), divergence=divergence, beta=0.4)
+    assert torch.isfinite(result.loss) and torch.isfinite(result.kl).all()
+    assert float(grad[0, 3].abs().sum()) == 0.0
+    assert float(grad[..., banned.to(DEVICE)].abs().sum()) == 0.0
+
+
+def test_teacher_inf_under_student_mass_is_infinite_kl():
+    student = torch.zeros(1, 8)
+    teacher = torch.zeros(1, 8)
+    teacher[0, 3] = -math.inf
+    assert math.isinf(float(fused_turn_kl(student, teacher, backend="torch")))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows_without_copy(backend):
+    """logits[:, :-1] (the usual shift) is consumed through its strides."""
+    B, T, V = 2, 6, 300
+    base_s = torch.randn(B, T + 1, V, device=DEVICE)
+    base_t = torch.randn(B, T + 1, V, device=DEVICE)
+    student = base_s[:, :-1].clone().requires_grad_(True)
+    assert not base_s[:, :-1].is_contiguous()
+    loss_contig = fused_turn_kl(student, base_t[:, :-1].contiguous(), backend=backend)
+    view = base_s.clone().requires_grad_(True)
+    loss_strided = fused_turn_kl(view[:, :-1], base_t[:, :-1], backend=backend)
+    torch.testing.assert_close(loss_strided, loss_contig)
+    loss_strided.backward()
+    loss_contig.backward()
+    torch.testing.assert_close(view.grad[:, :-1], student.grad)
+    assert float(view.grad[:, -1].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_precision_teacher(backend):
+    student, _, turn_ids, _ = _make_inputs(2, 3, 400, torch.float32)
+    teacher = (torch.randn(2, 3, 400) * 3).to(torch.bfloat16).to(DEVICE)
+    _compare(backend, student, teacher, turn_ids, _tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_gradient_matches(backend):
+    student, teacher, turn_ids, _ = _make_inputs(2, 4, 300, torch.float32)
+    expected_loss = fused_turn_kl(student, teacher, turn_ids, backend=backend)
+    (expected_grad,) = torch.autograd.grad(expected_loss, student)
+
+    leaf = student.detach().clone().requires_grad_(True)
+    logits = leaf * 1.0  # a non-leaf, like an LM head's output
+    storage = logits.data_ptr()
+    loss = fused_turn_kl(logits, teacher, turn_ids, backend=backend, inplace=True)
+    torch.testing.assert_close(loss, expected_loss)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, expected_grad)
+    assert logits.data_ptr() == storage  # the logits buffer now holds the gradient
+    torch.testing.assert_close(logits.detach(), expected_grad)
+
+
+def test_gradient_matches_finite_differences_float64():
+    """Directional derivatives of the loss in float64 (torch backend) against central differences.
+
+    ``torch.autograd.gradcheck`` itself does not apply: it runs backward several times on one
+    graph, while this op's backward scales its stored gradient in place and runs once.
+    """
+    student = torch.randn(2, 3, 11, dtype=torch.float64)
+    teacher = torch.randn(2, 3, 11, dtype=torch.float64)
+    turn_ids = torch.tensor([[0, -1, 1], [2, 2, 0]])
+    eps = 1e-6
+    for divergence in DIVERGENCES:
+        for reduction in ["mean", "turn_mean", "seq_mean_token_mean", "sum"]:
+
+            def loss_of(s, divergence=divergence, reduction=reduction):
+                return fused_turn_kl(
+                    s, teacher, turn_ids, divergence=divergence, beta=0.35, temperature=1.3,
+                    reduction=reduction, backend="torch",
+                )
+
+            s = student.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(loss_of(s), s)
+            for _ in range(3):
+                direction = torch.randn_like(student)
+                numeric = (loss_of(student + eps * direction) - loss_of(student - eps * direction)) / (2 * eps)
+                analytic = (grad * direction).sum()
+                torch.testing.assert_close(analytic, numeric.detach(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+def test_jsd_matches_trl_convention(beta):
+    """Same numbers as TRL's generalized JSD: beta=0 forward KL, beta=1 reverse KL."""
+    student = torch.randn(6, 50, dtype=torch.float64)
+    teacher = torch.randn(6, 50, dtype=torch.float64)
+    log_p = torch.log_softmax(student, -1)
+    log_q = torch.log_softmax(teacher, -1)
+    kl = torch.nn.functional.kl_div  # kl_div(input, target, log_target=True) = KL(target || input)
+    if beta == 0.0:
+        expected = kl(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    elif beta == 1.0:
+        expected = kl(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(1 - beta), log_q + math.log(beta)]), 0)
+        expected = beta * kl(log_m, log_q, reduction="none", log_target=True).sum(-1) + (1 - beta) * kl(
+            log_m, log_p, reduction="none", log_target=True
+        ).sum(-1)
+    for backend in ["torch", "native"]:
+        if backend == "native" and not native_backend.is_available():
+            continue
+        ours = fused_turn_kl(student.float(), teacher.float(), divergence="jsd", beta=beta, reduction="none", backend=backend)
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_twice_is_refused():
+    student = torch.randn(3, 20, requires_grad=True)
+    loss = fused_turn_kl(student, torch.randn(3, 20), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_no_grad_skips_gradient_and_matches():
+    student = torch.randn(4, 5, 100)
+    teacher = torch.randn(4, 5, 100)
+    with torch.no_grad():
+        a = fused_turn_kl(student, teacher)
+    b = fused_turn_kl(student.requires_grad_(True), teacher)
+    torch.testing.assert_close(a, b.detach())
+
+
+def test_training_loop_drives_kl_down():
+    """A linear layer producing student logits learns to match fixed teacher logits."""
+    torch.manual_seed(0)
+    N, H, V = 64, 16, 97
+    hidden = torch.randn(N, H)
+    teacher = torch.randn(N, V) * 2
+    turn_ids = torch.randint(-1, 3, (N,))
+    head = torch.nn.Linear(H, V)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(60):
+        loss = fused_turn_kl(head(hidden), teacher, turn_ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_torch_compile_fullgraph():
+    student = torch.randn(2, 5, 64, requires_grad=True)
+    teacher = torch.randn(2, 5, 64)
+    turn_ids = torch.tensor([[0, 0, 1, -1, 1], [0, 1, 1, 2, -1]])
+
+    def loss_fn(s, t, ids):
+        return fused_turn_kl(s * 1.0, t, ids, turn_window=(0, 2), reduction="seq_mean_token_mean", backend="torch")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(student, teacher, turn_ids)
+    loss.backward()
+    expected_student = student.detach().clone().requires_grad_(True)
+    expected = loss_fn(expected_student, teacher, turn_ids)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(student.grad, expected_student.grad)
+
+
+def test_public_exports():
+    assert tcod_fast.fused_turn_kl is fused_turn_kl
+    assert "Returns:" in fused_turn_kl.__doc__
