@@ -1,0 +1,699 @@
+"""Curricula for multi-turn on-policy distillation: who plays which turn, and when.
+
+Everything a trainer needs to run TCOD-F2B/B2F, Guided-OPD and the ATOD annealing
+lives here, as plain functions and small schedule objects, plus one sampler that turns
+"training step + batch of tasks" into one :class:`EpisodePlan` per episode.
+
+Turn index ``k`` counts every turn of an episode from 0, whoever plays it (DESIGN.md
+§3). A plan says who plays turn ``k``; the rollout gives the student's turns turn id
+``k`` and every other turn turn id ``-1``; the plan's ``turn_window = (lo, hi)`` is the
+matching window for the loss (``lo <= turn_id < hi``).
+
+Schedules (all are callables ``schedule(step) -> float``):
+
+* **Pacing** (how far the TCOD curriculum has advanced, in turns):
+  :class:`LinearPacing` (TCOD: ``step // eta``), :class:`StagedPacing` (advance by one
+  turn at listed steps) and :class:`SmoothPacing` (``step / eta``, fractional; the
+  sampler rounds it per episode with a seeded coin so the *expected* depth grows
+  linearly instead of by jumps).
+* **Guided-OPD intervention probability** :class:`InterventionSchedule`: hold ``p_init``
+  for ``warmup_steps``, then decay to ``p_final`` (0 by default) over ``decay_steps``
+  with a linear, cosine or exponential shape; exactly ``p_final`` afterwards.
+* **ATOD annealing** :class:`ATODAnnealing`: ``kappa(step)`` and ``rho(step)`` as in
+  ATOD eqs. (10)-(12).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ALGORITHMS",
+    "PLAYERS",
+    "ATODAnnealing",
+    "CurriculumConfig",
+    "CurriculumSampler",
+    "EpisodePlan",
+    "InterventionSchedule",
+    "LinearPacing",
+    "Pacing",
+    "Schedule",
+    "SmoothPacing",
+    "StagedPacing",
+    "atod_kappa",
+    "atod_progress",
+    "atod_rho",
+    "b2f_prefix_len",
+    "build_pacing",
+    "f2b_depth",
+    "turn_windows_tensor",
+]
+
+PLAYERS = ("student", "teacher", "expert", "stop")
+ALGORITHMS = ("opd", "tcod_f2b", "tcod_b2f", "guided_opd", "atod", "sod", "grpo")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class EpisodePlan:
+    """Who plays each turn of one episode.
+
+    Rollout code needs only :attr:`max_turns` and :meth:`player`. Turn index ``k``
+    counts every turn of the episode from 0, whoever plays it.
+
+    Attributes:
+        max_turns: the episode never has more than this many turns.
+        players: ``players[k]`` is the player of turn ``k`` for ``k < len(players)``;
+            turns at or past ``len(players)`` are ``"stop"``. Each entry is one of
+            ``"student"`` (sampled and trained, turn id ``k``), ``"teacher"`` (teacher
+            model acts, turn id -1), ``"expert"`` (stored expert action ``k`` replayed,
+            turn id -1) or ``"stop"`` (end the episode before this turn).
+        turn_window: ``(lo, hi)``; the loss keeps tokens with ``lo <= turn_id < hi``.
+        algorithm: name of the algorithm that made the plan (one of :data:`ALGORITHMS`).
+        task_index: index of the task in the list given to the sampler; episodes of the
+            same task form one GRPO group.
+        episode_index: index of the episode within its planned batch.
+        f2b_depth: turns the student plays (TCOD-F2B), else ``None``.
+        b2f_prefix_len: prefix turns played by teacher/expert (TCOD-B2F), else ``None``.
+        intervention_prob: Guided-OPD teacher-takeover probability used, else ``None``.
+        is_eval: evaluation plan (full depth, student only).
+    """
+
+    max_turns: int
+    players: tuple[str, ...]
+    turn_window: tuple[int, int]
+    algorithm: str = "opd"
+    task_index: int = 0
+    episode_index: int = 0
+    f2b_depth: int | None = None
+    b2f_prefix_len: int | None = None
+    intervention_prob: float | None = None
+    is_eval: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if len(self.players) > self.max_turns:
+            raise ValueError(
+                f"players has {len(self.players)} entries but max_turns is {self.max_turns}"
+            )
+        unknown = sorted(set(self.players) - set(PLAYERS))
+        if unknown:
+            raise ValueError(f"players must be among {PLAYERS}, got {unknown}")
+
+    def player(self, turn_index: int) -> str:
+        """Player of turn ``turn_index``: "student", "teacher", "expert" or "stop"."""
+        if turn_index < 0:
+            raise ValueError(f"turn_index must be >= 0, got {turn_index}")
+        if turn_index >= len(self.players):
+            return "stop"
+        return self.players[turn_index]
+
+    def turn_id(self, turn_index: int) -> int:
+        """Turn id the tokens of turn ``turn_index`` carry: the index for the student's
+        turns inside :attr:`turn_window`, -1 (not trained) otherwise."""
+        lo, hi = self.turn_window
+        if self.player(turn_index) == "student" and lo <= turn_index < hi:
+            return turn_index
+        return -1
+
+    @property
+    def num_student_turns(self) -> int:
+        """Most turns the student can play in this episode (the episode may end early)."""
+        return sum(1 for who in self.players if who == "student")
+
+
+def turn_windows_tensor(plans: Sequence[EpisodePlan]):
+    """Per-sequence turn windows of ``plans`` as an int64 tensor of shape ``(B, 2)``,
+    ready for ``fused_turn_kl(..., turn_window=...)``."""
+    import torch
+
+    return torch.tensor([list(plan.turn_window) for plan in plans], dtype=torch.int64).reshape(
+        len(plans), 2
+    )
+
+
+# ------------------------------------------------------------- TCOD formulas
+
+
+def _check_step(step: int) -> None:
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+
+
+def f2b_depth(step: int, eta: int, max_turns: int) -> int:
+    """TCOD-F2B depth: the student plays turns ``0 .. k-1`` with
+    ``k = min(1 + step // eta, max_turns)``. Full depth from step ``eta*(max_turns-1)``."""
+    _check_step(step)
+    if eta < 1:
+        raise ValueError(f"eta must be >= 1, got {eta}")
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    return min(1 + step // eta, max_turns)
+
+
+def b2f_prefix_len(step: int, eta: int, expert_len: int) -> int:
+    """TCOD-B2F prefix: ``clip(L - 1 - step // eta, 0, L - 1)`` turns, ``L = expert_len``,
+    are played by the expert/teacher before the student takes over. Reaches 0 at step
+    ``eta*(L-1)``. ``expert_len = 0`` (nothing to replay) gives 0."""
+    _check_step(step)
+    if eta < 1:
+        raise ValueError(f"eta must be >= 1, got {eta}")
+    if expert_len < 0:
+        raise ValueError(f"expert_len must be >= 0, got {expert_len}")
+    return _prefix_from_advance(step // eta, expert_len)
+
+
+def _depth_from_advance(advance: int, max_turns: int) -> int:
+    return min(1 + advance, max_turns)
+
+
+def _prefix_from_advance(advance: int, expert_len: int) -> int:
+    upper = max(expert_len - 1, 0)
+    return min(max(expert_len - 1 - advance, 0), upper)
+
+
+# ------------------------------------------------------------------ schedules
+
+
+class Schedule(ABC):
+    """A function of the training step: ``schedule(step) -> float``."""
+
+    @abstractmethod
+    def __call__(self, step: int) -> float:
+        """Value at training step ``step`` (>= 0)."""
+
+
+class Pacing(Schedule):
+    """How many turns the TCOD curriculum has advanced at a step.
+
+    F2B depth is ``min(1 + advance, max_turns)``; the B2F prefix is
+    ``clip(L - 1 - advance, 0, L - 1)``. An integer-valued pacing is used as is; a
+    fractional one is rounded per episode by the sampler (floor plus a seeded coin with
+    the fractional part as probability).
+    """
+
+
+@dataclass(frozen=True)
+class LinearPacing(Pacing):
+    """TCOD's linear pacing: advance by one turn every ``eta`` steps (``step // eta``)."""
+
+    eta: int
+
+    def __post_init__(self) -> None:
+        if self.eta < 1:
+            raise ValueError(f"LinearPacing.eta must be >= 1, got {self.eta}")
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        return float(step // self.eta)
+
+
+@dataclass(frozen=True)
+class StagedPacing(Pacing):
+    """Stepwise pacing: advance by one turn at each step listed in ``stage_starts``
+    (strictly increasing); the value is how many listed steps are ``<= step``."""
+
+    stage_starts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        starts = tuple(int(s) for s in self.stage_starts)
+        if any(b <= a for a, b in zip(starts, starts[1:])) or any(s < 0 for s in starts):
+            raise ValueError(
+                f"StagedPacing.stage_starts must be non-negative and strictly increasing, got {starts}"
+            )
+        object.__setattr__(self, "stage_starts", starts)
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        return float(bisect.bisect_right(self.stage_starts, step))
+
+
+@dataclass(frozen=True)
+class SmoothPacing(Pacing):
+    """Smooth pacing: ``step / eta`` turns, fractional. With the sampler's per-episode
+    stochastic rounding the expected F2B depth is ``1 + step/eta`` (until capped), so a
+    batch moves to the next depth gradually instead of all at once."""
+
+    eta: float
+
+    def __post_init__(self) -> None:
+        if not self.eta > 0:
+            raise ValueError(f"SmoothPacing.eta must be > 0, got {self.eta}")
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        return step / self.eta
+
+
+def build_pacing(kind: str, *, eta: float = 5, stage_starts: Sequence[int] = ()) -> Pacing:
+    """Pacing by name: ``"linear"`` (needs ``eta``), ``"staged"`` (needs
+    ``stage_starts``) or ``"smooth"`` (needs ``eta``)."""
+    if kind == "linear":
+        if int(eta) != eta:
+            raise ValueError(f"linear pacing needs an integer eta, got {eta}")
+        return LinearPacing(int(eta))
+    if kind == "staged":
+        return StagedPacing(tuple(stage_starts))
+    if kind == "smooth":
+        return SmoothPacing(float(eta))
+    raise ValueError(f"pacing must be 'linear', 'staged' or 'smooth', got {kind!r}")
+
+
+_DECAY_SHAPES = ("linear", "cosine", "exponential", "constant")
+
+
+@dataclass(frozen=True)
+class InterventionSchedule(Schedule):
+    """Guided-OPD teacher-intervention probability ``p(step)``.
+
+    ``p_init`` for ``step < warmup_steps``; then, with ``u = (step - warmup_steps) /
+    decay_steps`` clipped to ``[0, 1]``, ``p = p_final + (p_init - p_final) * g(u)``:
+
+    * ``linear``: ``g(u) = 1 - u``;
+    * ``cosine``: ``g(u) = (1 + cos(pi u)) / 2``;
+    * ``exponential``: ``g(u) = (exp(-r u) - exp(-r)) / (1 - exp(-r))`` with
+      ``r = exp_rate``: an exponential decay shifted so it reaches ``p_final`` exactly
+      at ``u = 1`` (a plain ``exp(-r u)`` never reaches it);
+    * ``constant``: ``g(u) = 1`` (no decay; an ablation).
+
+    The paper fixes none of these constants; all are explicit here.
+    """
+
+    shape: str = "linear"
+    p_init: float = 0.5
+    decay_steps: int = 100
+    warmup_steps: int = 0
+    p_final: float = 0.0
+    exp_rate: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.shape not in _DECAY_SHAPES:
+            raise ValueError(f"shape must be one of {_DECAY_SHAPES}, got {self.shape!r}")
+        for name in ("p_init", "p_final"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1, got {self.decay_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.exp_rate > 0:
+            raise ValueError(f"exp_rate must be > 0, got {self.exp_rate}")
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        if step < self.warmup_steps:
+            return self.p_init
+        u = min((step - self.warmup_steps) / self.decay_steps, 1.0)
+        if self.shape == "linear":
+            g = 1.0 - u
+        elif self.shape == "cosine":
+            g = 0.5 * (1.0 + math.cos(math.pi * u))
+        elif self.shape == "exponential":
+            floor = math.exp(-self.exp_rate)
+            g = (math.exp(-self.exp_rate * u) - floor) / (1.0 - floor)
+        else:
+            g = 1.0
+        if u >= 1.0 and self.shape != "constant":
+            return self.p_final  # exact, not 1e-17 from cos(pi)
+        return self.p_final + (self.p_init - self.p_final) * g
+
+
+def atod_progress(step: int, anneal_steps: int) -> float:
+    """ATOD eq. (10): ``p(s) = min(s / T, 1)``; ``T = 0`` means already annealed."""
+    _check_step(step)
+    if anneal_steps < 0:
+        raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}")
+    if anneal_steps == 0:
+        return 1.0
+    return min(step / anneal_steps, 1.0)
+
+
+def atod_kappa(step: int, anneal_steps: int, kappa_init: float, kappa_min: float) -> float:
+    """ATOD eq. (11): ``max(kappa_min, kappa_init - (kappa_init - kappa_min) p(s))``."""
+    progress = atod_progress(step, anneal_steps)
+    return max(kappa_min, kappa_init - (kappa_init - kappa_min) * progress)
+
+
+def atod_rho(step: int, anneal_steps: int, rho_init: float, rho_max: float) -> float:
+    """ATOD eq. (12): ``rho_init + (rho_max - rho_init) p(s)``."""
+    progress = atod_progress(step, anneal_steps)
+    return rho_init + (rho_max - rho_init) * progress
+
+
+@dataclass(frozen=True)
+class ATODAnnealing:
+    """ATOD's OPD/RL coefficient annealing (eqs. 10-12): the OPD weight ``kappa`` falls
+    from ``kappa_init`` to the floor ``kappa_min`` and the GRPO weight ``rho`` rises from
+    ``rho_init`` to ``rho_max`` over ``anneal_steps``. The paper's Table 2 values are
+    not in its text; these defaults are ours (OPD-only start, equal weights at the end
+    with a 0.1 teacher anchor)."""
+
+    anneal_steps: int = 100
+    kappa_init: float = 1.0
+    kappa_min: float = 0.1
+    rho_init: float = 0.0
+    rho_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.anneal_steps < 0:
+            raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps}")
+        if self.kappa_min > self.kappa_init:
+            raise ValueError(
+                f"kappa_min ({self.kappa_min}) must be <= kappa_init ({self.kappa_init})"
+            )
+
+    def kappa(self, step: int) -> float:
+        """OPD coefficient at ``step``."""
+        return atod_kappa(step, self.anneal_steps, self.kappa_init, self.kappa_min)
+
+    def rho(self, step: int) -> float:
+        """GRPO coefficient at ``step``."""
+        return atod_rho(step, self.anneal_steps, self.rho_init, self.rho_max)
+
+
+# -------------------------------------------------------------------- sampler
+
+
+@dataclass
+class CurriculumConfig:
+    """Everything the :class:`CurriculumSampler` needs.
+
+    Attributes:
+        algorithm: one of :data:`ALGORITHMS`. ``opd``, ``atod``, ``sod`` and ``grpo``
+            plan full student episodes; the others run their curriculum.
+        max_turns: turn budget of an episode.
+        seed: seeds every coin the sampler flips (Guided-OPD turns, smooth pacing).
+        episodes_per_task: episodes planned per task (the GRPO group size ``G``); plans
+            come task-major: task 0's episodes, then task 1's, ...
+        pacing: ``"linear"`` (TCOD), ``"staged"`` or ``"smooth"``; see the module doc.
+        eta: pacing period in steps (TCOD uses 5-6 on ALFWorld/ScienceWorld, 4 on
+            WebShop; the paper also reports 2 and 3).
+        stage_starts: steps at which staged pacing advances by one turn.
+        f2b_after_depth: TCOD-F2B after the student's ``f2b_depth`` turns: ``"stop"``
+            ends the episode (the reference code) or ``"teacher"`` lets the teacher
+            finish it with stop-gradient (the paper's variant).
+        b2f_prefix_source: who plays the B2F prefix: ``"expert"`` replays stored expert
+            actions (the reference code) or ``"teacher"`` runs the teacher model (the
+            paper's description).
+        b2f_default_expert_len: ``L`` used when a task's expert length is unknown
+            (``None``); if this is also ``None`` such a task is an error, because the
+            B2F prefix is defined by ``L``.
+        guided_shape, guided_p_init, guided_decay_steps, guided_warmup_steps,
+            guided_p_final, guided_exp_rate: the Guided-OPD
+            :class:`InterventionSchedule`.
+        atod_anneal_steps, atod_kappa_init, atod_kappa_min, atod_rho_init,
+            atod_rho_max: the :class:`ATODAnnealing` (also read by SOD/ATOD trainers).
+    """
+
+    algorithm: str = "opd"
+    max_turns: int = 30
+    seed: int = 0
+    episodes_per_task: int = 1
+    pacing: str = "linear"
+    eta: float = 5
+    stage_starts: tuple[int, ...] = ()
+    f2b_after_depth: str = "stop"
+    b2f_prefix_source: str = "expert"
+    b2f_default_expert_len: int | None = None
+    guided_shape: str = "linear"
+    guided_p_init: float = 0.5
+    guided_decay_steps: int = 100
+    guided_warmup_steps: int = 0
+    guided_p_final: float = 0.0
+    guided_exp_rate: float = 5.0
+    atod_anneal_steps: int = 100
+    atod_kappa_init: float = 1.0
+    atod_kappa_min: float = 0.1
+    atod_rho_init: float = 0.0
+    atod_rho_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if self.episodes_per_task < 1:
+            raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
+        if self.f2b_after_depth not in ("stop", "teacher"):
+            raise ValueError(
+                f"f2b_after_depth must be 'stop' or 'teacher', got {self.f2b_after_depth!r}"
+            )
+        if self.b2f_prefix_source not in ("expert", "teacher"):
+            raise ValueError(
+                f"b2f_prefix_source must be 'expert' or 'teacher', got {self.b2f_prefix_source!r}"
+            )
+        self.stage_starts = tuple(int(s) for s in self.stage_starts)
+
+
+class CurriculumSampler:
+    """Plans the episodes of each training batch for the configured algorithm.
+
+    ``plan_batch(step, tasks, expert_lens)`` returns ``len(tasks) * episodes_per_task``
+    :class:`EpisodePlan` objects (task-major). Per algorithm:
+
+    * ``opd``, ``atod``, ``sod``, ``grpo``: the student plays every turn; window
+      ``(0, max_turns)``.
+    * ``tcod_f2b``: the student plays turns ``0 .. d-1`` with ``d`` the F2B depth; then
+      the episode stops or the teacher finishes it (``f2b_after_depth``); window
+      ``(0, d)``.
+    * ``tcod_b2f``: the expert (stored actions) or teacher plays turns ``0 .. c-1`` with
+      ``c`` the B2F prefix length from the task's expert length; the student plays from
+      turn ``c``; window ``(c, max_turns)``. ``c`` is capped at ``max_turns - 1`` so the
+      student always gets at least one turn.
+    * ``guided_opd``: each turn is the teacher's with probability ``p(step)`` by its own
+      seeded coin, else the student's; window ``(0, max_turns)`` (teacher turns carry
+      turn id -1 anyway).
+
+    Coins come from a generator seeded by ``(seed, step, batch counter, episode)``, so
+    the same seed gives the same plans, and :meth:`state_dict` (which saves the batch
+    counter) resumes the sequence exactly. Evaluation plans (:meth:`plan_eval_batch`)
+    are always full depth, student only, and flip no coins.
+
+    Custom schedules can replace the configured ones: pass ``pacing`` (any
+    :class:`Pacing`) or ``intervention`` (any ``step -> probability`` callable).
+    """
+
+    def __init__(
+        self,
+        config: CurriculumConfig,
+        *,
+        pacing: Pacing | None = None,
+        intervention: Schedule | None = None,
+    ) -> None:
+        self.config = config
+        self.pacing = pacing or build_pacing(
+            config.pacing, eta=config.eta, stage_starts=config.stage_starts
+        )
+        self.intervention = intervention or InterventionSchedule(
+            shape=config.guided_shape,
+            p_init=config.guided_p_init,
+            decay_steps=config.guided_decay_steps,
+            warmup_steps=config.guided_warmup_steps,
+            p_final=config.guided_p_final,
+            exp_rate=config.guided_exp_rate,
+        )
+        self.atod = ATODAnnealing(
+            anneal_steps=config.atod_anneal_steps,
+            kappa_init=config.atod_kappa_init,
+            kappa_min=config.atod_kappa_min,
+            rho_init=config.atod_rho_init,
+            rho_max=config.atod_rho_max,
+        )
+        self.num_batches_planned = 0
+        self.last_step: int | None = None
+        self._last_plans: list[EpisodePlan] = []
+
+    # ---- planning
+
+    def plan_batch(
+        self,
+        step: int,
+        tasks: Sequence[Any],
+        expert_lens: Sequence[int | None] | None = None,
+    ) -> list[EpisodePlan]:
+        """One training plan per episode for ``tasks`` at training ``step``.
+
+        Args:
+            step: global training step (>= 0).
+            tasks: the batch's tasks; only their number and order are used.
+            expert_lens: expert action count ``L`` per task (``None`` where unknown);
+                needed by ``tcod_b2f`` only.
+
+        Returns:
+            ``len(tasks) * episodes_per_task`` plans, task-major.
+        """
+        _check_step(step)
+        cfg = self.config
+        if expert_lens is None:
+            expert_lens = [None] * len(tasks)
+        if len(expert_lens) != len(tasks):
+            raise ValueError(
+                f"expert_lens has {len(expert_lens)} entries but tasks has {len(tasks)}"
+            )
+        batch_counter = self.num_batches_planned
+        plans = []
+        for task_index, expert_len in enumerate(expert_lens):
+            for repeat in range(cfg.episodes_per_task):
+                episode_index = task_index * cfg.episodes_per_task + repeat
+                rng = np.random.default_rng([cfg.seed, step, batch_counter, episode_index])
+                plans.append(
+                    self._plan_episode(step, rng, task_index, episode_index, expert_len)
+                )
+        self.num_batches_planned += 1
+        self.last_step = step
+        self._last_plans = plans
+        return plans
+
+    def plan_eval_batch(self, tasks: Sequence[Any]) -> list[EpisodePlan]:
+        """Evaluation plans: one per task, full depth, student only. Uses no coins and
+        leaves the sampler state unchanged."""
+        max_turns = self.config.max_turns
+        return [
+            EpisodePlan(
+                max_turns=max_turns,
+                players=("student",) * max_turns,
+                turn_window=(0, max_turns),
+                algorithm=self.config.algorithm,
+                task_index=index,
+                episode_index=index,
+                is_eval=True,
+            )
+            for index in range(len(tasks))
+        ]
+
+    def _advance(self, step: int, rng: np.random.Generator) -> int:
+        advance = float(self.pacing(step))
+        whole = math.floor(advance)
+        fraction = advance - whole
+        # Stochastic rounding keeps E[advance] exact for fractional (smooth) pacing.
+        return int(whole) + int(fraction > 0.0 and rng.random() < fraction)
+
+    def _plan_episode(
+        self,
+        step: int,
+        rng: np.random.Generator,
+        task_index: int,
+        episode_index: int,
+        expert_len: int | None,
+    ) -> EpisodePlan:
+        cfg = self.config
+        max_turns = cfg.max_turns
+        common = dict(
+            max_turns=max_turns,
+            algorithm=cfg.algorithm,
+            task_index=task_index,
+            episode_index=episode_index,
+        )
+        if cfg.algorithm == "tcod_f2b":
+            depth = _depth_from_advance(self._advance(step, rng), max_turns)
+            tail = ("teacher",) * (max_turns - depth) if cfg.f2b_after_depth == "teacher" else ()
+            return EpisodePlan(
+                players=("student",) * depth + tail,
+                turn_window=(0, depth),
+                f2b_depth=depth,
+                **common,
+            )
+        if cfg.algorithm == "tcod_b2f":
+            if expert_len is None:
+                expert_len = cfg.b2f_default_expert_len
+            if expert_len is None:
+                raise ValueError(
+                    f"tcod_b2f needs the expert action count of task {task_index}, got None "
+                    "(pass expert_lens or set CurriculumConfig.b2f_default_expert_len)"
+                )
+            prefix = _prefix_from_advance(self._advance(step, rng), int(expert_len))
+            prefix = min(prefix, max_turns - 1)
+            return EpisodePlan(
+                players=(cfg.b2f_prefix_source,) * prefix + ("student",) * (max_turns - prefix),
+                turn_window=(prefix, max_turns),
+                b2f_prefix_len=prefix,
+                **common,
+            )
+        if cfg.algorithm == "guided_opd":
+            probability = float(self.intervention(step))
+            teacher_turn = rng.random(max_turns) < probability
+            return EpisodePlan(
+                players=tuple("teacher" if flag else "student" for flag in teacher_turn),
+                turn_window=(0, max_turns),
+                intervention_prob=probability,
+                **common,
+            )
+        return EpisodePlan(
+            players=("student",) * max_turns, turn_window=(0, max_turns), **common
+        )
+
+    # ---- logging
+
+    def summary(self, step: int | None = None) -> dict[str, float]:
+        """Current curriculum values for logging, keys prefixed ``curriculum/``.
+
+        ``step`` defaults to the last planned step. Gives the scheduled value
+        (``f2b_depth``, ``b2f_advance`` = prefix turns removed so far,
+        ``intervention_prob``, ``atod_kappa``/``atod_rho``) and, when the last batch was
+        planned at that step, batch means (``f2b_depth_mean``, ``b2f_prefix_len_mean``,
+        ``teacher_turn_fraction``).
+        """
+        if step is None:
+            step = self.last_step if self.last_step is not None else 0
+        cfg = self.config
+        out: dict[str, float] = {"curriculum/step": float(step)}
+        plans = self._last_plans if step == self.last_step else []
+        if cfg.algorithm == "tcod_f2b":
+            out["curriculum/f2b_depth"] = float(
+                min(1.0 + float(self.pacing(step)), cfg.max_turns)
+            )
+            if plans:
+                out["curriculum/f2b_depth_mean"] = float(np.mean([p.f2b_depth for p in plans]))
+        elif cfg.algorithm == "tcod_b2f":
+            out["curriculum/b2f_advance"] = float(self.pacing(step))
+            if plans:
+                out["curriculum/b2f_prefix_len_mean"] = float(
+                    np.mean([p.b2f_prefix_len for p in plans])
+                )
+        elif cfg.algorithm == "guided_opd":
+            out["curriculum/intervention_prob"] = float(self.intervention(step))
+            if plans:
+                teacher = sum(p.players.count("teacher") for p in plans)
+                out["curriculum/teacher_turn_fraction"] = teacher / sum(
+                    len(p.players) for p in plans
+                )
+        elif cfg.algorithm == "atod":
+            out["curriculum/atod_kappa"] = self.atod.kappa(step)
+            out["curriculum/atod_rho"] = self.atod.rho(step)
+        return out
+
+    # ---- checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the plan sequence exactly (plain Python data)."""
+        return {
+            "config": asdict(self.config),
+            "num_batches_planned": self.num_batches_planned,
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Restore :meth:`state_dict` output. With ``strict`` the saved config must equal
+        this sampler's, since a different config would not reproduce the saved run."""
+        saved = dict(state["config"])
+        saved["stage_starts"] = tuple(saved.get("stage_starts", ()))
+        current = asdict(self.config)
+        if strict:
+            differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            if differing:
+                detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs {current.get(k)!r}" for k in differing)
+                raise ValueError(f"curriculum state was saved with a different config ({detail})")
+        self.num_batches_planned = int(state["num_batches_planned"])
+        self.last_step = state["last_step"]
+        self._last_plans = []
