@@ -150,7 +150,7 @@ def _check_int_tensor(name, x, lead_shape, device):
 
 def _device_check(condition: torch.Tensor, message: str) -> None:
     """Value checks without a host sync on accelerators (asserted asynchronously there)."""
-    if condition.device.type == "cpu":
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(condition):
             raise ValueError(message)
     else:
@@ -184,6 +184,13 @@ def _validate_window(turn_window, B, device):
     return (int(lo), int(hi))
 
 
+# Evaluated eagerly (and treated as a constant) when torch.compile traces the op: building or
+# loading the extension is not something to trace.
+@torch._dynamo.assume_constant_result
+def _native_available() -> bool:
+    return native_backend.is_available()
+
+
 def _resolve_backend(backend, device, dtype):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -192,7 +199,7 @@ def _resolve_backend(backend, device, dtype):
             return "torch"
         if device.type == "cuda" and triton_backend.is_available(device):
             return "triton"
-        if device.type == "cpu" and native_backend.is_available():
+        if device.type == "cpu" and _native_available():
             return "native"
         return "torch"
     if backend == "native":
@@ -200,7 +207,8 @@ def _resolve_backend(backend, device, dtype):
             raise ValueError(f"backend='native' runs on CPU tensors, got tensors on {device}")
         if dtype not in native_backend.SUPPORTED_DTYPES:
             raise TypeError(f"backend='native' supports float32/bfloat16/float16 logits, got {dtype}")
-        native_backend.load()  # raises with the build error if it cannot be built
+        if not _native_available():
+            native_backend.load()  # raises with the build error
     if backend == "triton":
         if not triton_backend.HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package: pip install 'tcod-fast[triton]'")

@@ -1,0 +1,177 @@
+"""Headline numbers for fused_turn_kl, all peers timed in one process, written as JSON.
+
+CPU (default):  python benchmarks/run_turn_kl.py --out benchmarks/results/cpu_turn_kl.json
+                N=512, V=151936, fp32: fused native vs torch eager vs torch.compile of eager,
+                forward+backward median time, ratios, and peak extra memory (fresh process
+                per implementation, see memory_probe.py).
+GPU:            python benchmarks/run_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 \
+                    --out benchmarks/results/h100_turn_kl.json
+                adds Liger-Kernel's JSD (beta=1) as a peer, the measured device-copy bandwidth
+                and achieved bytes/s against the 5*N*V*e-byte floor of DESIGN.md section 6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from turn_kl_impls import forward_backward, implementations  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def time_cpu(impl, pairs, repeats):
+    times = []
+    for i in range(repeats):
+        student, teacher = pairs[i % len(pairs)]
+        student = student.clone().requires_grad_(True)
+        start = time.perf_counter()
+        forward_backward(impl, student, teacher)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_cuda(impl, pairs):
+    import triton.testing
+
+    state = {"i": 0}
+
+    def step():
+        student, teacher = pairs[state["i"] % len(pairs)]
+        state["i"] += 1
+        student.grad = None
+        forward_backward(impl, student, teacher)
+
+    return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def cuda_copy_bandwidth(nbytes: int) -> float:
+    """Read+write bytes per second of a device-to-device copy of ``nbytes``."""
+    import triton.testing
+
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") / 1e3
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def memory_cpu(name, rows, vocab, dtype):
+    probe = Path(__file__).resolve().parent / "memory_probe.py"
+    out = subprocess.run(
+        [sys.executable, str(probe), name, str(rows), str(vocab), str(dtype).removeprefix("torch.")],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_bytes"]
+
+
+def memory_cuda(impl, pairs):
+    student, teacher = pairs[0]
+    student.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    forward_backward(impl, student, teacher)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    student.grad = None
+    return peak
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (CPU)")
+    parser.add_argument("--impls", nargs="*", help="subset of implementations to run")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    impls = implementations(args.device)
+    if args.impls:
+        impls = {k: v for k, v in impls.items() if k in args.impls}
+    pairs = [
+        (
+            torch.empty(args.rows, args.vocab, dtype=dtype, device=args.device).normal_(0, 2),
+            torch.empty(args.rows, args.vocab, dtype=dtype, device=args.device).normal_(0, 2),
+        )
+        for _ in range(2)
+    ]
+    if args.device == "cuda":
+        pairs = [(s.requires_grad_(True), t) for s, t in pairs]
+    results = {}
+    for name, impl in impls.items():
+        try:
+            warm_s = pairs[0][0].detach().clone().requires_grad_(True)
+            forward_backward(impl, warm_s, pairs[0][1])  # compile / build / autotune outside timing
+            del warm_s
+            if args.device == "cpu":
+                times = time_cpu(impl, pairs, args.repeats)
+                entry = {"median_s": statistics.median(times), "times_s": times}
+            else:
+                entry = {"median_s": time_cuda(impl, pairs)}
+            if not args.no_memory:
+                entry["extra_peak_bytes"] = (
+                    memory_cpu(name, args.rows, args.vocab, dtype) if args.device == "cpu" else memory_cuda(impl, pairs)
+                )
+        except Exception as exc:  # a peer that fails is recorded, not hidden
+            entry = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name] = entry
+        print(name, {k: v for k, v in entry.items() if k != "times_s"}, flush=True)
+
+    elem = torch.finfo(dtype).bits // 8
+    fused_name = "fused-native" if args.device == "cpu" else "fused-triton"
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "N": args.rows, "V": args.vocab, "dtype": args.dtype,
+        "gradient_bytes": args.rows * args.vocab * elem,
+        "results": results,
+        "speedup_of_fused": {},
+    }
+    fused = results.get(fused_name, {}).get("median_s")
+    if fused:
+        for name, entry in results.items():
+            if name != fused_name and "median_s" in entry:
+                report["speedup_of_fused"][f"vs_{name}"] = entry["median_s"] / fused
+        floor_bytes = 5 * args.rows * args.vocab * elem
+        report["fused_bytes_per_s_at_5NVe"] = floor_bytes / fused
+        if args.device == "cuda":
+            bandwidth = cuda_copy_bandwidth(floor_bytes)
+            report["device_copy_bytes_per_s"] = bandwidth
+            report["fused_fraction_of_copy_bandwidth"] = floor_bytes / fused / bandwidth
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
