@@ -124,7 +124,7 @@ class _FusedTurnKL(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In place: the stored gradient is the op's own buffer (or the student logits the user
         # gave up with inplace=True), so no second N x V tensor is ever allocated.
-        grad.mul_(grad_div.unsqueeze(-1).to(grad.dtype))
+        grad.mul_(grad_div.unsqueeze(-1))  # float32 scale: computed in float32, rounded once
         return grad, None, None, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,365 @@
+"""Generation backends behind one interface: prompts as token ids in, responses out.
+
+Prompts go in as token ids (never text) so the rollout controls tokenization at turn
+boundaries exactly; responses come out as the token ids the model sampled, cut after
+the first eos or stop string, plus their decoded text.
+
+* :class:`HFGenerator` wraps a Hugging Face causal LM's ``generate`` (CPU or GPU),
+  batched across episodes with left padding.
+* :class:`VLLMGenerator` wraps ``vllm.LLM`` when vLLM is importable; otherwise building
+  it raises ``ImportError`` saying so (:func:`vllm_unavailable_reason`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "FINISH_REASONS",
+    "SamplingParams",
+    "GenerationOutput",
+    "Generator",
+    "HFGenerator",
+    "VLLMGenerator",
+    "vllm_unavailable_reason",
+    "truncate_at_stop",
+]
+
+FINISH_REASONS = ("eos", "stop_string", "length")
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters of one generation call.
+
+    Attributes:
+        temperature: softmax temperature; ``0`` means greedy decoding.
+        top_p: nucleus sampling mass (1.0 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        max_new_tokens: most tokens generated per turn.
+        stop_strings: generation of a response ends at the token that completes any of
+            these strings (the token is kept, so text may run past the stop string by
+            the rest of that token).
+        seed: seeds the sampler for this call (``None``: use the current RNG state).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.stop_strings = tuple(self.stop_strings)
+
+
+@dataclass
+class GenerationOutput:
+    """One response.
+
+    Attributes:
+        token_ids: sampled ids, up to and including the eos or the token completing a
+            stop string (padding never included).
+        text: ``tokenizer.decode(token_ids, skip_special_tokens=False)``.
+        finish_reason: ``"eos"``, ``"stop_string"`` or ``"length"``.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Anything that turns a batch of token-id prompts into responses.
+
+    ``tokenizer`` is the HF tokenizer whose ids the prompts use; ``max_context_tokens``
+    is the longest prompt + response the model accepts (``None`` = unknown).
+    """
+
+    tokenizer: object
+    max_context_tokens: int | None
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[GenerationOutput]:
+        """One response per prompt, in order."""
+        ...
+
+
+def _eos_ids(tokenizer, eos_token_ids: Sequence[int] | None) -> tuple[int, ...]:
+    if eos_token_ids is not None:
+        return tuple(int(i) for i in eos_token_ids)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id and no eos_token_ids were given")
+    return (int(tokenizer.eos_token_id),)
+
+
+def truncate_at_stop(
+    token_ids: Sequence[int],
+    tokenizer,
+    eos_token_ids: Sequence[int],
+    stop_strings: Sequence[str],
+) -> tuple[list[int], str]:
+    """Cut a raw sampled sequence after its first eos or completed stop string.
+
+    Returns ``(kept_ids, finish_reason)``; ``finish_reason`` is ``"length"`` when nothing
+    stopped it. Whichever comes first wins. A stop string counts as completed at the
+    first token whose prefix decodes to text containing it.
+    """
+    eos = set(eos_token_ids)
+    tail_tokens = _stop_tail_tokens(stop_strings)
+    for position, token in enumerate(token_ids):
+        if token in eos:
+            return list(token_ids[: position + 1]), "eos"
+        if stop_strings:
+            window = token_ids[max(0, position + 1 - tail_tokens) : position + 1]
+            text = tokenizer.decode(list(window), skip_special_tokens=False)
+            if any(stop in text for stop in stop_strings):
+                # The window may contain the stop string ending earlier only if an
+                # earlier step missed it, which cannot happen: we check every step.
+                return list(token_ids[: position + 1]), "stop_string"
+    return list(token_ids), "length"
+
+
+def _stop_tail_tokens(stop_strings: Sequence[str]) -> int:
+    # A stop string of n characters spans at most n tokens (every token decodes to at
+    # least one character, except special tokens skipped... which we do not skip), so
+    # decoding the last n tokens is enough to see it complete.
+    return max((len(s) for s in stop_strings), default=0) + 1
+
+
+class _StopStringCriteria:
+    """Per-sequence stopping on stop strings for ``model.generate`` (bool tensor (B,))."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.prompt_length = prompt_length
+        self.tail_tokens = _stop_tail_tokens(stop_strings)
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length :]
+        tails = generated[:, -self.tail_tokens :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
+        flags = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class HFGenerator:
+    """Batched generation with a Hugging Face causal LM's ``generate``.
+
+    Attributes:
+        model: a ``PreTrainedModel`` with ``generate`` (student or teacher).
+        tokenizer: its tokenizer (pad id used for left padding).
+        eos_token_ids: ids that end a response; default ``(tokenizer.eos_token_id,)``.
+        max_batch_size: prompts per ``generate`` call (memory bound); ``None`` = all.
+        max_context_tokens: prompt + response limit; default the model's
+            ``max_position_embeddings``.
+    """
+
+    model: object
+    tokenizer: object
+    eos_token_ids: tuple[int, ...] | None = None
+    max_batch_size: int | None = None
+    max_context_tokens: int | None = None
+    _eos: tuple[int, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        self._eos = _eos_ids(self.tokenizer, self.eos_token_ids)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad_token_id; left padding needs one")
+        if self.max_context_tokens is None:
+            self.max_context_tokens = getattr(self.model.config, "max_position_embeddings", None)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[GenerationOutput]:
+        """Sample one response per prompt.
+
+        Args:
+            prompts: token-id lists (no padding), any lengths.
+            params: sampling parameters; ``params.seed`` makes the call reproducible.
+
+        Returns:
+            one :class:`GenerationOutput` per prompt, in order.
+        """
+        if not prompts:
+            return []
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        chunk = self.max_batch_size or len(prompts)
+        outputs: list[GenerationOutput] = []
+        with torch.random.fork_rng(devices=self._rng_devices()), self._clean_generation_state():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(prompts), chunk):
+                outputs.extend(self._generate_chunk(prompts[start : start + chunk], params))
+        return outputs
+
+    @contextlib.contextmanager
+    def _clean_generation_state(self):
+        """Eval mode, and the model's own generation defaults set aside for the call.
+
+        A checkpoint's ``generation_config`` (say ``top_k=20, repetition_penalty=1.05``)
+        would silently reshape the sampling distribution; on-policy losses assume it
+        is exactly what :class:`SamplingParams` says, so only pad/eos are kept.
+        """
+        from transformers import GenerationConfig
+
+        model = self.model
+        saved_config, was_training = model.generation_config, model.training
+        model.generation_config = GenerationConfig(
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=list(self._eos),
+            bos_token_id=None,
+        )
+        model.eval()
+        try:
+            yield
+        finally:
+            model.generation_config = saved_config
+            model.train(was_training)
+
+    def _rng_devices(self) -> list:
+        device = next(self.model.parameters()).device
+        return [device] if device.type == "cuda" else []
+
+    def _generate_chunk(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[GenerationOutput]:
+        from transformers import StoppingCriteriaList
+
+        device = next(self.model.parameters()).device
+        longest = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.int64)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.int64)
+        for row, prompt in enumerate(prompts):
+            # Left padding keeps every prompt's last token at the same column, where
+            # generation continues.
+            input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.int64)
+            attention_mask[row, longest - len(prompt) :] = 1
+        sampling = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                # 0 disables top-k; None would let transformers apply its default 50.
+                "top_k": params.top_k,
+            }
+        stopping = StoppingCriteriaList()
+        if params.stop_strings:
+            stopping.append(_StopStringCriteria(self.tokenizer, params.stop_strings, longest))
+        sequences = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=list(self._eos),
+            pad_token_id=pad,
+            stopping_criteria=stopping,
+            **sampling,
+        )
+        new_tokens = sequences[:, longest:].tolist()
+        results = []
+        for row in new_tokens:
+            kept, reason = truncate_at_stop(row, self.tokenizer, self._eos, params.stop_strings)
+            results.append(
+                GenerationOutput(
+                    token_ids=kept,
+                    text=self.tokenizer.decode(kept, skip_special_tokens=False),
+                    finish_reason=reason,
+                )
+            )
+        return results
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why the vLLM backend cannot be used here, or ``None`` if vLLM is importable."""
+    if importlib.util.find_spec("vllm") is None:
+        return (
+            "vllm is not installed (install the 'vllm' extra; it needs a CUDA GPU unless a "
+            "CPU build of vLLM is available for this platform)"
+        )
+    return None
+
+
+class VLLMGenerator:
+    """Generation through ``vllm.LLM`` (optional backend).
+
+    Args:
+        model: a local model path or an already built ``vllm.LLM``.
+        tokenizer: the HF tokenizer whose ids the prompts use (for decoding and eos).
+        eos_token_ids: ids that end a response; default ``(tokenizer.eos_token_id,)``.
+        llm_kwargs: extra arguments for ``vllm.LLM`` when ``model`` is a path.
+
+    Raises ``ImportError`` with :func:`vllm_unavailable_reason` when vLLM is missing.
+    """
+
+    def __init__(self, model, tokenizer, eos_token_ids=None, **llm_kwargs):
+        reason = vllm_unavailable_reason()
+        if reason is not None:
+            raise ImportError(f"VLLMGenerator cannot be used: {reason}")
+        import vllm
+
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=model, **llm_kwargs) if isinstance(model, str) else model
+        self.tokenizer = tokenizer
+        self._eos = _eos_ids(tokenizer, eos_token_ids)
+        self.max_context_tokens = getattr(
+            getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None
+        )
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[GenerationOutput]:
+        """Sample one response per prompt (same contract as :meth:`HFGenerator.generate`)."""
+        if not prompts:
+            return []
+        vllm_params = self._vllm.SamplingParams(
+            n=1,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop_strings) or None,
+            stop_token_ids=list(self._eos),
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+            seed=params.seed,
+        )
+        requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
+        raw = self.llm.generate(requests, vllm_params, use_tqdm=False)
+        results = []
+        for request_output in raw:
+            completion = request_output.outputs[0]
+            # vLLM trims text at stop strings but we re-derive the cut from the ids with
+            # the same rule as the HF backend, so both backends record identical shapes.
+            kept, reason = truncate_at_stop(
+                list(completion.token_ids), self.tokenizer, self._eos, params.stop_strings
+            )
+            results.append(
+                GenerationOutput(
+                    token_ids=kept,
+                    text=self.tokenizer.decode(kept, skip_special_tokens=False),
+                    finish_reason=reason,
+                )
+            )
+        return results

@@ -1,0 +1,714 @@
+"""Run a batch of multi-turn episodes and record them as :class:`Trajectory` objects.
+
+Every episode of the batch advances one turn at a time, in lock step, so each turn is
+one batched ``generate`` call per model. For turn ``k`` of an episode the runner asks
+its plan ``plan.player(k)``:
+
+* ``"student"``: the student generator samples a reply; its tokens get turn id ``k``;
+* ``"teacher"``: the teacher generator samples a reply; turn id ``-1``;
+* ``"expert"``: the ``k``-th expert action (``env.expert_actions()[k]``) is written as a
+  reply by the prompter and tokenized; turn id ``-1``;
+* ``"stop"``: the episode ends before turn ``k`` (TCOD-F2B truncation);
+
+and an episode also ends when the environment says done, after ``plan.max_turns``
+turns, on an environment failure (``env_error``), or when the next prompt would not fit
+the generator's context.
+
+The reply (decoded without special tokens) is parsed into an action. A reply with no
+usable action is a wasted turn: the format error is recorded, the environment is not
+stepped, and the agent is shown the prompter's feedback instead of an observation. A
+reply with an action but a format flaw (say, no ``<think>`` block) is played and its
+format error recorded.
+
+Tokenization is done segment by segment (each chat marker, message and reply is
+encoded on its own and the ids concatenated), generated replies are stored exactly as
+the token ids the model sampled, and the generator is always fed those same ids. The
+context the model conditions on during training is therefore byte-identical to the one
+it sampled from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tcod_fast.rollout.generation import GenerationOutput, Generator, SamplingParams
+from tcod_fast.rollout.trajectory import (
+    NOT_TRAINED,
+    PLAYER_EXPERT,
+    PLAYER_STOP,
+    PLAYER_STUDENT,
+    PLAYER_TEACHER,
+    Trajectory,
+    TurnRecord,
+)
+
+__all__ = [
+    "CONTEXT_MODES",
+    "ChatFormat",
+    "PromptState",
+    "Prompter",
+    "PaperPrompter",
+    "RolloutConfig",
+    "EnvListDriver",
+    "run_episodes",
+]
+
+CONTEXT_MODES = ("append", "window")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Chat markers around messages (ChatML by default, as Qwen models use).
+
+    A prompt is ``system_start + system + message_end`` (when there is a system
+    prompt), then ``user_start + message + message_end``, then ``assistant_start``; the
+    reply follows and ends with ``end_of_reply`` (the eos token). ``end_of_reply`` is
+    appended (untrained) when a reply stopped on a stop string or the length limit.
+    """
+
+    system_start: str = "<|im_start|>system\n"
+    user_start: str = "<|im_start|>user\n"
+    assistant_start: str = "<|im_start|>assistant\n"
+    message_end: str = "<|im_end|>\n"
+    end_of_reply: str = "<|im_end|>"
+    after_reply: str = "\n"
+
+
+@dataclass
+class PromptState:
+    """What a prompter may show the agent at the start of a turn.
+
+    Attributes:
+        task_text: the goal in words.
+        observation: the latest observation (after the previous turn's action, or the
+            reset observation at turn 0, or format-error feedback after a wasted turn).
+        admissible_actions: actions the environment accepts now.
+        step_count: turns already taken in this episode (= the turn index).
+        history: ``(observation, action)`` of every earlier turn, oldest first: the
+            observation the agent saw and the action it took (``None`` for a wasted turn).
+    """
+
+    task_text: str
+    observation: str
+    admissible_actions: list[str]
+    step_count: int
+    history: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+class Prompter(Protocol):
+    """Turns episode state into message texts and replies into actions.
+
+    ``system_prompt`` may be ``None``. ``window_message`` is the full user message of a
+    windowed-history prompt (task, step count, last-k history, admissible actions);
+    ``first_message``/``observation_message`` build the append-only chat.
+    ``parse_action`` returns an object with ``action`` (``None`` = nothing to play, a
+    wasted turn) and ``format_error`` (``None`` = well formed); an action may come with a
+    format error and is then still played. :class:`PaperPrompter` is the default.
+    """
+
+    system_prompt: str | None
+
+    def first_message(self, state: PromptState) -> str: ...
+
+    def observation_message(self, state: PromptState) -> str: ...
+
+    def window_message(self, state: PromptState) -> str: ...
+
+    def parse_action(self, reply: str, admissible_actions: Sequence[str]) -> Any: ...
+
+    def expert_reply(self, action: str) -> str: ...
+
+    def format_error_feedback(self, parsed: Any) -> str: ...
+
+
+@dataclass
+class PaperPrompter:
+    """The papers' agent prompt (:mod:`tcod_fast.envs.prompts`) behind :class:`Prompter`.
+
+    Attributes:
+        prompt_config: template options (history length k, admissible actions, think).
+        system_prompt: optional system message (the papers put everything in the user
+            message, so ``None`` by default).
+        expert_reply_template: how a replayed expert action is written as a reply; the
+            reasoning block is left empty rather than inventing reasoning.
+        wasted_turn_action: what the history shows as the action of a wasted turn.
+    """
+
+    prompt_config: Any = None
+    system_prompt: str | None = None
+    expert_reply_template: str = "<think></think><action>{action}</action>"
+    wasted_turn_action: str = "(no valid action)"
+
+    def __post_init__(self) -> None:
+        if self.prompt_config is None:
+            from tcod_fast.envs.prompts import PromptConfig
+
+            self.prompt_config = PromptConfig()
+
+    def first_message(self, state: PromptState) -> str:
+        """Turn-0 user message of the append-only chat: the full prompt, no history."""
+        from tcod_fast.envs.prompts import build_step_prompt
+
+        return build_step_prompt(
+            self.prompt_config,
+            state.task_text,
+            state.step_count,
+            [],
+            state.observation,
+            state.admissible_actions,
+        )
+
+    def observation_message(self, state: PromptState) -> str:
+        """Follow-up user message of the append-only chat."""
+        from tcod_fast.envs.prompts import build_followup_message
+
+        return build_followup_message(
+            self.prompt_config, state.step_count, state.observation, state.admissible_actions
+        )
+
+    def window_message(self, state: PromptState) -> str:
+        """Windowed-history prompt: task, step count, last-k (observation, action), now."""
+        from tcod_fast.envs.prompts import HistoryStep, build_step_prompt
+
+        history = [
+            HistoryStep(observation, action if action is not None else self.wasted_turn_action)
+            for observation, action in state.history
+        ]
+        return build_step_prompt(
+            self.prompt_config,
+            state.task_text,
+            state.step_count,
+            history,
+            state.observation,
+            state.admissible_actions,
+        )
+
+    def parse_action(self, reply: str, admissible_actions: Sequence[str]):
+        """:func:`tcod_fast.envs.prompts.parse_action` with this prompt's config."""
+        from tcod_fast.envs.prompts import parse_action
+
+        return parse_action(reply, admissible_actions, self.prompt_config)
+
+    def expert_reply(self, action: str) -> str:
+        """An expert action written as a well-formed reply."""
+        return self.expert_reply_template.format(action=action)
+
+    def format_error_feedback(self, parsed) -> str:
+        """Observation shown after a wasted turn."""
+        from tcod_fast.envs.prompts import format_error_observation
+
+        return format_error_observation(parsed)
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are played.
+
+    Attributes:
+        context_mode: ``"append"`` (the chat grows turn by turn) or ``"window"`` (each
+            turn sees a fresh windowed-history prompt); both views are recorded.
+        student_sampling: sampling parameters of the student's replies.
+        teacher_sampling: sampling of the teacher's replies (default: the student's).
+        chat_format: chat markers.
+        seed: base seed; each generate call is seeded from it, the turn and the player,
+            so a rollout is reproducible. The same seed replays the same random draws,
+            so a trainer should vary it per rollout (e.g. ``base_seed + step``).
+            ``None`` samples from the global RNG.
+        show_progress: show a tqdm bar of finished episodes.
+        progress_description: the bar's label.
+    """
+
+    context_mode: str = "append"
+    student_sampling: SamplingParams = field(
+        default_factory=lambda: SamplingParams(stop_strings=("</action>",))
+    )
+    teacher_sampling: SamplingParams | None = None
+    chat_format: ChatFormat = field(default_factory=ChatFormat)
+    seed: int | None = 0
+    show_progress: bool = True
+    progress_description: str = "rollout"
+
+    def __post_init__(self) -> None:
+        if self.context_mode not in CONTEXT_MODES:
+            raise ValueError(
+                f"context_mode must be one of {CONTEXT_MODES}, got {self.context_mode!r}"
+            )
+
+
+class EnvListDriver:
+    """Steps a list of in-process environments with the :class:`EnvPool` batch API.
+
+    An environment that raises ends its episode with an ``EnvError`` (kind
+    ``"exception"``), like the pool does; there is no timeout or crash isolation here.
+    """
+
+    def __init__(self, envs: Sequence[Any]):
+        self.envs = list(envs)
+        self.num_slots = len(self.envs)
+        self._failed: dict[int, Any] = {}
+
+    def _call(self, slot: int, method: str, *args):
+        from tcod_fast.envs.base import EnvError
+
+        if slot in self._failed:
+            return self._failed[slot]
+        try:
+            return getattr(self.envs[slot], method)(*args)
+        except Exception as exc:  # an env failure ends that episode only
+            error = EnvError("exception", f"slot {slot} {method}: {type(exc).__name__}: {exc}")
+            self._failed[slot] = error
+            return error
+
+    def reset_many(self, tasks: Sequence[str | None]) -> list:
+        results = []
+        for slot, task in enumerate(tasks):
+            if task is None:
+                results.append(None)
+                continue
+            self._failed.pop(slot, None)
+            results.append(self._call(slot, "reset", task))
+        return results
+
+    def step_many(self, actions: Sequence[str | None]) -> list:
+        return [
+            None if a is None else self._call(slot, "step", a) for slot, a in enumerate(actions)
+        ]
+
+    def expert_actions_many(self, slots: Sequence[int]) -> list:
+        return [self._call(slot, "expert_actions") for slot in slots]
+
+
+def _is_env_error(result: Any) -> bool:
+    return bool(getattr(result, "env_error", False))
+
+
+def _env_error_text(result: Any) -> str:
+    return f"{getattr(result, 'kind', 'error')}: {getattr(result, 'message', result)}"
+
+
+@dataclass
+class _Episode:
+    """Mutable state of one episode while it runs."""
+
+    slot: int
+    task: Any
+    plan: Any
+    episode_index: int
+    task_text: str = ""
+    observation: str = ""
+    admissible_actions: list[str] = field(default_factory=list)
+    history: list[tuple[str, str | None]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    turn_ids: list[int] = field(default_factory=list)
+    turns: list[TurnRecord] = field(default_factory=list)
+    expert_actions: list[str] | None = None
+    won: bool = False
+    # The latest observation is not yet in token_ids: it is appended when the next turn
+    # is actually played, so a trajectory never ends in an unused observation message.
+    observation_pending: bool = False
+    finished: bool = False
+    stop_reason: str = "max_turns"
+    env_error: str | None = None
+
+    def state(self) -> PromptState:
+        return PromptState(
+            task_text=self.task_text,
+            observation=self.observation,
+            admissible_actions=list(self.admissible_actions),
+            step_count=len(self.turns),
+            history=list(self.history),
+        )
+
+    def extend(self, token_ids: Sequence[int], turn_id: int) -> None:
+        self.token_ids.extend(token_ids)
+        self.turn_ids.extend([turn_id] * len(token_ids))
+
+    def finish(self, reason: str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.stop_reason = reason
+
+    def to_trajectory(self, context_mode: str) -> Trajectory:
+        return Trajectory(
+            task=self.task,
+            task_text=self.task_text,
+            token_ids=self.token_ids,
+            turn_ids=self.turn_ids,
+            turns=self.turns,
+            context_mode=context_mode,
+            won=self.won,
+            stop_reason=self.stop_reason,
+            env_error=self.env_error,
+            plan=self.plan,
+            episode_index=self.episode_index,
+        )
+
+
+class _Encoder:
+    """Segment-wise tokenization with a small cache (chat markers repeat every turn)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[str, list[int]] = {}
+
+    def __call__(self, *segments: str) -> list[int]:
+        ids: list[int] = []
+        for segment in segments:
+            if not segment:
+                continue
+            cached = self._cache.get(segment)
+            if cached is None:
+                cached = list(self.tokenizer(segment, add_special_tokens=False)["input_ids"])
+                if len(segment) < 64:
+                    self._cache[segment] = cached
+            ids.extend(cached)
+        return ids
+
+
+def _turn_seed(
+    base_seed: int | None, episode_batch: int, turn_index: int, player: str
+) -> int | None:
+    if base_seed is None:
+        return None
+    player_code = {PLAYER_STUDENT: 1, PLAYER_TEACHER: 2}.get(player, 3)
+    # Distinct, deterministic seeds per (batch, turn, player); large odd multipliers keep
+    # neighbouring combinations apart.
+    return (base_seed * 1_000_003 + episode_batch * 10_007 + turn_index * 101 + player_code) % (
+        2**63 - 1
+    )
+
+
+def run_episodes(
+    tasks: Sequence[Any],
+    plans: Sequence[Any],
+    envs: Any,
+    *,
+    tokenizer,
+    prompter: Prompter | None = None,
+    student: Generator | None,
+    teacher: Generator | None = None,
+    config: RolloutConfig | None = None,
+) -> list[Trajectory]:
+    """Play one episode per ``(task, plan)`` and return their trajectories, in order.
+
+    Args:
+        tasks: task ids passed to ``env.reset``.
+        plans: one plan per task; only ``plan.max_turns`` and ``plan.player(k)`` are used
+            (``tcod_fast.curriculum.EpisodePlan`` or any object with both).
+        envs: an ``EnvPool`` (anything with ``reset_many``/``step_many``/
+            ``expert_actions_many`` and ``num_slots``) or a list of in-process envs.
+            With more tasks than slots, episodes run in successive waves.
+        tokenizer: HF tokenizer shared by student, teacher and prompts.
+        prompter: builds messages and parses replies (:class:`Prompter`); default
+            :class:`PaperPrompter` with the ALFWorld wording.
+        student: generator of student turns (may be ``None`` if no plan uses it).
+        teacher: generator of teacher turns (required if a plan says ``"teacher"``).
+        config: :class:`RolloutConfig`.
+
+    Returns:
+        one validated :class:`Trajectory` per task.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or RolloutConfig()
+    prompter = prompter if prompter is not None else PaperPrompter()
+    if len(tasks) != len(plans):
+        raise ValueError(f"got {len(tasks)} tasks but {len(plans)} plans")
+    driver = envs if hasattr(envs, "step_many") else EnvListDriver(envs)
+    num_slots = int(getattr(driver, "num_slots", len(tasks)))
+    if num_slots < 1:
+        raise ValueError("envs has no slot to run an episode in")
+    trajectories: list[Trajectory] = []
+    with tqdm(
+        total=len(tasks),
+        desc=config.progress_description,
+        disable=not config.show_progress,
+        leave=False,
+    ) as progress:
+        for wave, start in enumerate(range(0, len(tasks), num_slots)):
+            wave_tasks = list(tasks[start : start + num_slots])
+            wave_plans = list(plans[start : start + num_slots])
+            runner = _WaveRunner(
+                driver, tokenizer, prompter, student, teacher, config, wave, progress
+            )
+            trajectories.extend(runner.run(wave_tasks, wave_plans, first_index=start))
+    return trajectories
+
+
+class _WaveRunner:
+    """Plays up to ``num_slots`` episodes in lock step."""
+
+    def __init__(self, driver, tokenizer, prompter, student, teacher, config, wave, progress):
+        self.driver = driver
+        self.tokenizer = tokenizer
+        self.encode = _Encoder(tokenizer)
+        self.prompter = prompter
+        self.generators = {PLAYER_STUDENT: student, PLAYER_TEACHER: teacher}
+        self.config = config
+        self.wave = wave
+        self.progress = progress
+        self.chat = config.chat_format
+        self.end_of_reply_ids = self.encode(self.chat.end_of_reply)
+        # A reply that already ends with the end-of-reply token needs no closing marker.
+        self.eos_token_id = self.end_of_reply_ids[0] if len(self.end_of_reply_ids) == 1 else None
+
+    # -- prompts -----------------------------------------------------------------------
+    def _system_ids(self) -> list[int]:
+        system = self.prompter.system_prompt
+        if not system:
+            return []
+        return self.encode(self.chat.system_start, system, self.chat.message_end)
+
+    def _user_turn_ids(self, message: str) -> list[int]:
+        return self.encode(
+            self.chat.user_start, message, self.chat.message_end, self.chat.assistant_start
+        )
+
+    def _window_prompt_ids(self, episode: _Episode) -> list[int]:
+        return self._system_ids() + self._user_turn_ids(
+            self.prompter.window_message(episode.state())
+        )
+
+    # -- episode lifecycle ---------------------------------------------------------------
+    def run(self, tasks: list, plans: list, first_index: int) -> list[Trajectory]:
+        episodes = [
+            _Episode(slot=slot, task=task, plan=plan, episode_index=first_index + slot)
+            for slot, (task, plan) in enumerate(zip(tasks, plans))
+        ]
+        for episode, result in zip(episodes, self.driver.reset_many(tasks)):
+            if _is_env_error(result):
+                episode.env_error = _env_error_text(result)
+                episode.finish("env_error")
+                self.progress.update(1)
+                continue
+            episode.task_text = result.task_text
+            episode.observation = result.observation
+            episode.admissible_actions = list(result.admissible_actions)
+            episode.extend(
+                self._system_ids()
+                + self._user_turn_ids(self.prompter.first_message(episode.state())),
+                NOT_TRAINED,
+            )
+        turn_index = 0
+        while True:
+            live = [e for e in episodes if not e.finished]
+            if not live:
+                break
+            self.progress.set_postfix(
+                wave=self.wave, turn=turn_index, live=len(live), refresh=False
+            )
+            self._play_turn(live, turn_index)
+            turn_index += 1
+        trajectories = [e.to_trajectory(self.config.context_mode) for e in episodes]
+        for trajectory in trajectories:
+            trajectory.validate()
+        return trajectories
+
+    def _finish(self, episode: _Episode, reason: str) -> None:
+        if not episode.finished:
+            episode.finish(reason)
+            self.progress.update(1)
+
+    def _play_turn(self, live: list[_Episode], turn_index: int) -> None:
+        # Who plays: decided before anything runs, so "stop" and max_turns end episodes
+        # without a generate call.
+        by_player: dict[str, list[_Episode]] = {
+            PLAYER_STUDENT: [],
+            PLAYER_TEACHER: [],
+            PLAYER_EXPERT: [],
+        }
+        for episode in live:
+            if turn_index >= episode.plan.max_turns:
+                self._finish(episode, "max_turns")
+                continue
+            player = episode.plan.player(turn_index)
+            if player == PLAYER_STOP:
+                self._finish(episode, "plan_stop")
+                continue
+            if player not in by_player:
+                raise ValueError(
+                    f"plan.player({turn_index}) returned {player!r}; expected one of "
+                    f"{(PLAYER_STUDENT, PLAYER_TEACHER, PLAYER_EXPERT, PLAYER_STOP)}"
+                )
+            by_player[player].append(episode)
+
+        for group in by_player.values():
+            for episode in group:
+                if episode.observation_pending:
+                    episode.extend(
+                        self.encode(self.chat.after_reply)
+                        + self._user_turn_ids(self.prompter.observation_message(episode.state())),
+                        NOT_TRAINED,
+                    )
+                    episode.observation_pending = False
+        window_prompts = {
+            id(e): self._window_prompt_ids(e) for group in by_player.values() for e in group
+        }
+        replies: dict[int, tuple[str, GenerationOutput]] = {}
+        for player in (PLAYER_STUDENT, PLAYER_TEACHER):
+            group = by_player[player]
+            if group:
+                for episode, output in zip(
+                    group, self._generate(player, group, window_prompts, turn_index)
+                ):
+                    if output is not None:
+                        replies[id(episode)] = (player, output)
+        if by_player[PLAYER_EXPERT]:
+            for episode, output in zip(
+                by_player[PLAYER_EXPERT], self._expert_replies(by_player[PLAYER_EXPERT], turn_index)
+            ):
+                if output is not None:
+                    replies[id(episode)] = (PLAYER_EXPERT, output)
+
+        playing = [e for e in live if id(e) in replies]
+        actions: list[str | None] = [None] * self.driver.num_slots
+        parsed: dict[int, Any] = {}
+        for episode in playing:
+            _, output = replies[id(episode)]
+            # Special tokens (the eos) are not part of what the agent "said".
+            reply_text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+            parsed[id(episode)] = self.prompter.parse_action(reply_text, episode.admissible_actions)
+            actions[episode.slot] = parsed[id(episode)].action
+        step_results = self.driver.step_many(actions) if any(a is not None for a in actions) else []
+
+        for episode in playing:
+            player, output = replies[id(episode)]
+            parse = parsed[id(episode)]
+            self._record_turn(
+                episode,
+                turn_index,
+                player,
+                output,
+                parse,
+                step_results[episode.slot] if parse.action is not None else None,
+                window_prompts[id(episode)],
+            )
+
+    def _generate(self, player: str, group: list[_Episode], window_prompts: dict, turn_index: int):
+        generator = self.generators[player]
+        if generator is None:
+            raise ValueError(
+                f"a plan asked the {player} to play turn {turn_index} "
+                f"but no {player} generator was given"
+            )
+        params = self.config.student_sampling
+        if player == PLAYER_TEACHER and self.config.teacher_sampling is not None:
+            params = self.config.teacher_sampling
+        params = dataclasses.replace(
+            params, seed=_turn_seed(self.config.seed, self.wave, turn_index, player)
+        )
+        limit = getattr(generator, "max_context_tokens", None)
+        prompts = []
+        for episode in group:
+            prompt = (
+                episode.token_ids
+                if self.config.context_mode == "append"
+                else window_prompts[id(episode)]
+            )
+            if limit is not None and len(prompt) + params.max_new_tokens > limit:
+                self._finish(episode, "context_limit")
+                continue
+            prompts.append(prompt)
+        outputs = iter(generator.generate(prompts, params) if prompts else [])
+        return [next(outputs) if not e.finished else None for e in group]
+
+    def _expert_replies(
+        self, group: list[_Episode], turn_index: int
+    ) -> list[GenerationOutput | None]:
+        missing = [e for e in group if e.expert_actions is None]
+        if missing:
+            for episode, result in zip(
+                missing, self.driver.expert_actions_many([e.slot for e in missing])
+            ):
+                if _is_env_error(result):
+                    episode.env_error = _env_error_text(result)
+                    self._finish(episode, "env_error")
+                else:
+                    episode.expert_actions = list(result) if result is not None else []
+        outputs: list[GenerationOutput | None] = []
+        for episode in group:
+            if episode.finished:
+                outputs.append(None)
+                continue
+            if turn_index >= len(episode.expert_actions):
+                self._finish(episode, "expert_exhausted")
+                outputs.append(None)
+                continue
+            reply_text = self.prompter.expert_reply(episode.expert_actions[turn_index])
+            ids = self.encode(reply_text) + self.end_of_reply_ids
+            outputs.append(
+                GenerationOutput(
+                    token_ids=ids,
+                    text=self.tokenizer.decode(ids, skip_special_tokens=False),
+                    finish_reason="expert",
+                )
+            )
+        return outputs
+
+    def _record_turn(
+        self,
+        episode: _Episode,
+        turn_index: int,
+        player: str,
+        output: GenerationOutput,
+        parse: Any,
+        step_result: Any,
+        window_prompt: list[int],
+    ) -> None:
+        action, format_error = parse.action, parse.format_error
+        response_start = len(episode.token_ids)
+        episode.extend(output.token_ids, turn_index if player == PLAYER_STUDENT else NOT_TRAINED)
+        reward, done, won, env_error, info = 0.0, False, False, None, {}
+        seen_observation = episode.observation
+        if action is None:
+            observation = self.prompter.format_error_feedback(parse)
+        elif _is_env_error(step_result):
+            env_error = _env_error_text(step_result)
+            observation = ""
+            done = True
+        else:
+            observation = step_result.observation
+            reward = float(step_result.reward)
+            done = bool(step_result.done)
+            won = bool(step_result.won)
+            info = dict(step_result.info)
+            episode.admissible_actions = list(step_result.admissible_actions)
+        episode.turns.append(
+            TurnRecord(
+                turn_index=turn_index,
+                player=player,
+                response_token_ids=list(output.token_ids),
+                response_text=output.text,
+                action=action,
+                format_error=format_error,
+                observation=observation,
+                reward=reward,
+                done=done,
+                won=won,
+                finish_reason=output.finish_reason,
+                response_start=response_start,
+                window_prompt_token_ids=window_prompt,
+                env_error=env_error,
+                info=info,
+            )
+        )
+        episode.history.append((seen_observation, action))
+        episode.observation = observation
+        ended_with_eos = bool(output.token_ids) and output.token_ids[-1] == self.eos_token_id
+        closing = [] if ended_with_eos else list(self.end_of_reply_ids)
+        if env_error is not None:
+            episode.env_error = env_error
+            episode.extend(closing, NOT_TRAINED)
+            self._finish(episode, "env_error")
+            return
+        if won:
+            episode.won = True
+        if done:
+            episode.extend(closing, NOT_TRAINED)
+            self._finish(episode, "env_done")
+            return
+        episode.extend(closing, NOT_TRAINED)
+        episode.observation_pending = True
