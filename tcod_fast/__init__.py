@@ -4,9 +4,38 @@ Public kernel API (see each function's docstring for shapes, dtypes and reductio
 
 * :func:`fused_turn_kl` -- exact full-vocabulary reverse KL / forward KL / JSD from
   student and teacher logits, one streaming pass, turn masks and per-turn statistics.
+* :func:`fused_linear_turn_kl` -- the same from hidden states and LM-head weights, never
+  materialising the logits.
+* :func:`turn_kl_reference` -- the float64 reference both are tested against.
+
+Submodules: ``curriculum``, ``objectives``, ``envs``, ``rollout``, ``trainer``.
+
+The kernel exports are imported on first use so that light users (environment worker
+processes, the CLI's ``--help``) do not pay for importing torch.
 """
 
-from tcod_fast.ops.turn_kl import TurnKLResult, fused_turn_kl, turn_kl_reference
-
-__all__ = ["fused_turn_kl", "turn_kl_reference", "TurnKLResult"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "fused_turn_kl": "tcod_fast.ops.turn_kl",
+    "turn_kl_reference": "tcod_fast.ops.turn_kl",
+    "TurnKLResult": "tcod_fast.ops.turn_kl",
+    "fused_linear_turn_kl": "tcod_fast.ops.fused_linear_turn_kl",
+    "fused_linear_turn_kl_reference": "tcod_fast.ops.fused_linear_turn_kl",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tcod_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

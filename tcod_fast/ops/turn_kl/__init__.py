@@ -8,10 +8,6 @@ under ``TRITON_INTERPRET=1``), ``api.py`` (validation, masks, reductions, autogr
 
 from tcod_fast.ops.turn_kl.reference import turn_kl_reference
 from tcod_fast.ops.turn_kl.result import TurnKLResult
-
-try:
-    from tcod_fast.ops.turn_kl.api import fused_turn_kl
-except ImportError:  # pragma: no cover - transient while the API module is being written
-    fused_turn_kl = None
+from tcod_fast.ops.turn_kl.api import fused_turn_kl
 
 __all__ = ["fused_turn_kl", "turn_kl_reference", "TurnKLResult"]

@@ -1,0 +1,268 @@
+"""Agent prompts as in the TCOD and ATOD papers, and tolerant parsing of agent replies.
+
+The papers' ALFWorld prompt (ATOD appendix B.4, TCOD figure 10) shows the task, how many
+steps were taken, the last ``k`` (observation, action) pairs, the current observation and
+the admissible actions, and asks for reasoning in ``<think></think>`` and one action in
+``<action></action>``. :func:`build_step_prompt` renders it (the *windowed history*
+packing mode: each turn is its own prompt); :func:`build_followup_message` renders the
+short per-turn message of the *append-only* mode, where the chat grows turn by turn.
+
+:func:`parse_action` never raises on model output: a reply with no usable action gives
+``action=None`` and a ``format_error``; the rollout then plays a wasted turn whose
+observation is :func:`format_error_observation`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+#: The opening sentence per environment family; the rest of the template is shared.
+ENV_DESCRIPTIONS = {
+    "alfworld": "You are an expert agent operating in the ALFRED Embodied Environment.",
+    "scienceworld": "You are an expert agent operating in ScienceWorld, a text-based virtual science laboratory.",
+    "twx": "You are an expert agent playing a TextWorld-Express text game.",
+    "toy": "You are an expert agent exploring a small house in a text adventure.",
+}
+
+
+@dataclass
+class PromptConfig:
+    """What the agent prompt shows and asks for.
+
+    Attributes:
+        env_description: the opening sentence naming the environment.
+        history_length: how many of the latest (observation, action) pairs are shown (k).
+        show_admissible_actions: list the admissible actions in the prompt.
+        max_admissible_actions: show at most this many (ScienceWorld has hundreds);
+            None shows all.
+        max_observation_chars: cut observations longer than this (None: never cut).
+        think: ask for reasoning in ``<think></think>`` before the action; a reply
+            without it then carries a format error (its action is still played).
+        max_action_chars: a longer action text is treated as unparsable.
+    """
+
+    env_description: str = ENV_DESCRIPTIONS["alfworld"]
+    history_length: int = 2
+    show_admissible_actions: bool = True
+    max_admissible_actions: int | None = None
+    max_observation_chars: int | None = None
+    think: bool = True
+    max_action_chars: int = 200
+
+
+def prompt_config_for(env_name: str, **overrides) -> PromptConfig:
+    """The default :class:`PromptConfig` for an env name from :func:`~tcod_fast.envs.registry.make_env`.
+
+    ``twx-<game>`` names share the ``twx`` description; ScienceWorld shows at most 50
+    admissible actions. ``overrides`` replace any field.
+    """
+    family = "twx" if env_name.startswith("twx") else env_name
+    if family not in ENV_DESCRIPTIONS:
+        raise ValueError(f"no prompt preset for env {env_name!r}; known: {sorted(ENV_DESCRIPTIONS)} and twx-<game>")
+    config = PromptConfig(env_description=ENV_DESCRIPTIONS[family])
+    if family == "scienceworld":
+        config = replace(config, max_admissible_actions=50)
+    return replace(config, **overrides)
+
+
+@dataclass
+class HistoryStep:
+    """One past step as the prompt shows it: what the agent saw, then what it did."""
+
+    observation: str
+    action: str
+
+
+def _clip(text: str, limit: int | None) -> str:
+    text = text.strip()
+    if limit is not None and len(text) > limit:
+        return text[:limit].rstrip() + " ..."
+    return text
+
+
+def _format_admissible(config: PromptConfig, admissible_actions: Sequence[str]) -> str:
+    shown = list(admissible_actions)
+    if config.max_admissible_actions is not None and len(shown) > config.max_admissible_actions:
+        hidden = len(shown) - config.max_admissible_actions
+        shown = shown[: config.max_admissible_actions] + [f"... and {hidden} more"]
+    return ", ".join(f"'{action}'" for action in shown)
+
+
+def _instruction(config: PromptConfig) -> str:
+    if config.think:
+        return (
+            "Now it's your turn to take an action. You should first reason step-by-step about the "
+            "current situation. This reasoning process MUST be enclosed within <think></think> tags. "
+            "Once you've finished your reasoning, you should choose an admissible action for the "
+            "current step and present it within <action></action> tags."
+        )
+    return (
+        "Now it's your turn to take an action. Choose an admissible action for the current step "
+        "and present it within <action></action> tags."
+    )
+
+
+def build_step_prompt(
+    config: PromptConfig,
+    task_text: str,
+    step_count: int,
+    history: Sequence[HistoryStep],
+    current_observation: str,
+    admissible_actions: Sequence[str],
+) -> str:
+    """The full prompt for one turn in the papers' windowed-history format.
+
+    Args:
+        config: what to show.
+        task_text: the goal (``EnvObservation.task_text``).
+        step_count: steps already taken in this episode (0 at the first turn).
+        history: every past step so far, oldest first; the last ``config.history_length``
+            are shown.
+        current_observation: the latest observation.
+        admissible_actions: the actions the env accepts now.
+    """
+    task = task_text.strip().rstrip(".")
+    parts = [f"{config.env_description} Your task is to: {task}."]
+    shown = list(history)[-config.history_length :] if config.history_length > 0 else []
+    if step_count > 0:
+        parts.append(f"Prior to this step, you have already taken {step_count} step(s).")
+    if shown:
+        first_step = step_count - len(shown) + 1
+        lines = []
+        for offset, past in enumerate(shown):
+            number = first_step + offset
+            lines.append(f"[Observation {number}: {_clip(past.observation, config.max_observation_chars)}]")
+            lines.append(f"[Action {number}: {past.action}]")
+        parts.append(
+            f"Below are the most recent {len(shown)} observations and the corresponding actions you took:\n"
+            + "\n".join(lines)
+        )
+    parts.append(
+        f"You are now at step {step_count + 1} and your current observation is: "
+        f"{_clip(current_observation, config.max_observation_chars)}"
+    )
+    if config.show_admissible_actions:
+        parts.append(
+            f"Your admissible actions of the current situation are: [{_format_admissible(config, admissible_actions)}]."
+        )
+    parts.append(_instruction(config))
+    return "\n".join(parts)
+
+
+def build_followup_message(
+    config: PromptConfig, step_count: int, observation: str, admissible_actions: Sequence[str]
+) -> str:
+    """The user message after a turn in the append-only mode (the chat keeps all turns).
+
+    The first message of such a chat is :func:`build_step_prompt` with no history.
+    """
+    parts = [
+        f"You are now at step {step_count + 1} and your current observation is: "
+        f"{_clip(observation, config.max_observation_chars)}"
+    ]
+    if config.show_admissible_actions:
+        parts.append(
+            f"Your admissible actions of the current situation are: [{_format_admissible(config, admissible_actions)}]."
+        )
+    parts.append(_instruction(config))
+    return "\n".join(parts)
+
+
+@dataclass
+class ParsedAction:
+    """What :func:`parse_action` made of a reply.
+
+    Attributes:
+        action: the action to play, or None when the reply had none (a wasted turn).
+        think: the reasoning text, when present.
+        format_error: what was wrong with the reply's format, or None. A reply can carry
+            an error and still an action (e.g. a missing ``<think>`` block).
+        is_admissible: whether ``action`` is among the admissible actions given to the
+            parser (None when none were given or there is no action).
+    """
+
+    action: str | None
+    think: str | None = None
+    format_error: str | None = None
+    is_admissible: bool | None = None
+
+    @property
+    def wasted_turn(self) -> bool:
+        """True when there is nothing to play."""
+        return self.action is None
+
+
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
+_ACTION_BLOCK = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
+_ACTION_OPEN = re.compile(r"<action>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+_QUOTES = "'\"`"
+
+
+def parse_action(
+    reply: str, admissible_actions: Sequence[str] | None = None, config: PromptConfig | None = None
+) -> ParsedAction:
+    """Pull the action out of a model reply, tolerating malformed output.
+
+    Rules: reasoning is the first ``<think>...</think>`` block (or the text before a lone
+    ``</think>``, when the chat template opened the block); the action is the last
+    ``<action>...</action>`` after the reasoning, or the text after a final unclosed
+    ``<action>`` (generation stopped at the ``</action>`` stop string). The action is
+    stripped of quotes, its spaces collapsed, and matched case-insensitively to an
+    admissible action when one is equal, returning the admissible spelling.
+
+    Never raises on the reply's content.
+    """
+    config = config or PromptConfig()
+    text = reply if isinstance(reply, str) else ""
+    think = None
+    think_match = _THINK_BLOCK.search(text)
+    closes = list(_THINK_CLOSE.finditer(text))
+    if think_match:
+        think = think_match.group(1).strip()
+    elif closes:
+        think = text[: closes[0].start()].strip()
+    # Actions mentioned while reasoning are not the answer.
+    after_think = text[closes[-1].end() :] if closes else text
+
+    errors = []
+    if config.think and think is None:
+        errors.append("missing <think></think> block")
+    candidates = _ACTION_BLOCK.findall(after_think)
+    if candidates:
+        raw_action = candidates[-1]
+        if len(candidates) > 1:
+            errors.append(f"{len(candidates)} <action> blocks, the last was used")
+    else:
+        opens = list(_ACTION_OPEN.finditer(after_think))
+        # Only the first line: anything after it is chatter, not the action.
+        raw_action = after_think[opens[-1].end() :].strip().split("\n")[0] if opens else None
+    if raw_action is None:
+        errors.append("no <action></action> block")
+        return ParsedAction(None, think, "; ".join(errors))
+
+    action = " ".join(raw_action.strip().strip(_QUOTES).split())
+    if not action:
+        errors.append("empty <action></action> block")
+        return ParsedAction(None, think, "; ".join(errors))
+    if len(action) > config.max_action_chars:
+        errors.append(f"action is {len(action)} characters, more than {config.max_action_chars}")
+        return ParsedAction(None, think, "; ".join(errors))
+
+    is_admissible = None
+    if admissible_actions is not None:
+        by_lower = {candidate.lower(): candidate for candidate in admissible_actions}
+        canonical = by_lower.get(action.lower())
+        is_admissible = canonical is not None
+        action = canonical or action
+    return ParsedAction(action, think, "; ".join(errors) or None, is_admissible)
+
+
+def format_error_observation(parsed: ParsedAction) -> str:
+    """The observation of a wasted turn, telling the agent what was wrong with its reply."""
+    return (
+        f"Your reply could not be used ({parsed.format_error}). Nothing happened. "
+        "Reply with your reasoning in <think></think> and one admissible action in <action></action>."
+    )
