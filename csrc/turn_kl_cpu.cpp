@@ -30,6 +30,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace py = pybind11;
 
@@ -42,28 +45,74 @@ constexpr float POS_INF = std::numeric_limits<float>::infinity();
 enum Divergence : int { REVERSE_KL = 0, FORWARD_KL = 1, JSD = 2 };
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
-struct bf16_t { uint16_t bits; };
+// Storage types. Both 16-bit formats are plain uint16_t in memory; the dtype code (a template
+// parameter) picks the conversion. Every compute loop below works on float32 block buffers,
+// so it vectorises the same way whatever the input dtype.
+template <int D> struct Storage { using type = uint16_t; };
+template <> struct Storage<F32> { using type = float; };
 
-inline float to_float(float x) { return x; }
-inline float to_float(bf16_t x) {
-  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-inline float to_float(_Float16 x) { return static_cast<float>(x); }
 
-template <typename T> inline T from_float(float x);
-template <> inline float from_float<float>(float x) { return x; }
-template <> inline _Float16 from_float<_Float16>(float x) { return static_cast<_Float16>(x); }
-template <> inline bf16_t from_float<bf16_t>(float x) {
+inline uint16_t float_to_bf16_bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
   // round to nearest even; NaN stays NaN (quiet bit set)
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t nan = (u >> 16) | 0x40u;
-  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
-  return bf16_t{static_cast<uint16_t>(is_nan ? nan : rounded)};
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// dst[i] = float(src[i]) * scale for one block
+template <int D>
+inline void load_block(const typename Storage<D>::type* src, float* dst, int64_t n, float scale) {
+  if constexpr (D == F32) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+  } else if constexpr (D == BF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]) * scale;
+  } else {
+    int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), vscale));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[i]) * scale;
+  }
+}
+
+template <int D>
+inline void store_block(const float* src, typename Storage<D>::type* dst, int64_t n) {
+  if constexpr (D == F32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (D == BF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
+  } else {
+    int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    }
+#endif
+    for (; i < n; ++i) reinterpret_cast<_Float16*>(dst)[i] = static_cast<_Float16>(src[i]);
+  }
+}
+
+template <int D>
+inline float load_one(const typename Storage<D>::type* src, int64_t i) {
+  float x;
+  load_block<D>(src + i, &x, 1, 1.0f);
+  return x;
 }
 
 // exp(x) for x <= 0 (all our arguments are z - max). Cephes-style range reduction and a
@@ -111,13 +160,28 @@ inline float log_1_to_2(float x) {
   return f + y + 0.693359375f * e;
 }
 
+template <int D>
+inline void zero_fill(typename Storage<D>::type* dst, int64_t n) {
+  if (n > 0) std::memset(dst, 0, n * sizeof(typename Storage<D>::type));  // 0 bits == +0.0
+}
+
 struct RowOut {
   float div, entropy, logp_target, logq_target;
 };
 
-template <typename S, typename Tt, typename G, int DIV>
-void process_row(const S* s, const Tt* t, G* grad, int64_t vocab, int64_t grad_cols,
-                 int64_t target, float beta, float inv_temp, RowOut& out) {
+// Per-element JSD pieces: log m = logaddexp(log p + log(1-b), log q + log b).
+inline float log_mixture(float log_p, float log_q, float log_1m_beta, float log_beta) {
+  const float a = log_p + log_1m_beta;
+  const float b = log_q + log_beta;
+  const float hi = std::max(a, b);
+  const float lo = std::min(a, b);
+  return hi + log_1_to_2(1.0f + fast_exp(lo - hi));
+}
+
+template <int SD, int TD, int DIV>
+void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>::type* t,
+                 typename Storage<SD>::type* grad, int64_t vocab, int64_t grad_cols, int64_t target,
+                 float beta, float inv_temp, RowOut& out) {
   alignas(64) float zs[BLOCK];
   alignas(64) float zt[BLOCK];
 
@@ -125,13 +189,14 @@ void process_row(const S* s, const Tt* t, G* grad, int64_t vocab, int64_t grad_c
   float acc_div = 0.f;  // reverse: sum e_s (z_s - z_t); forward: sum e_t (z_t - z_s)
   float acc_ent = 0.f;  // sum e_s z_s
 
+  // ---- pass 1: online softmax statistics, one block at a time ----
   for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
     const int64_t n = std::min(BLOCK, vocab - v0);
+    load_block<SD>(s + v0, zs, n, inv_temp);
+    load_block<TD>(t + v0, zt, n, inv_temp);
     float bmax_s = NEG_INF, bmax_t = NEG_INF;
 #pragma omp simd reduction(max : bmax_s, bmax_t)
     for (int64_t i = 0; i < n; ++i) {
-      zs[i] = to_float(s[v0 + i]) * inv_temp;
-      zt[i] = to_float(t[v0 + i]) * inv_temp;
       bmax_s = std::max(bmax_s, zs[i]);
       bmax_t = std::max(bmax_t, zt[i]);
     }
@@ -146,7 +211,7 @@ void process_row(const S* s, const Tt* t, G* grad, int64_t vocab, int64_t grad_c
     l_s *= scale_s;
     acc_ent *= scale_s;
     l_t *= scale_t;
-    if (DIV == FORWARD_KL) acc_div *= scale_t; else acc_div *= scale_s;
+    acc_div *= (DIV == FORWARD_KL) ? scale_t : scale_s;
     m_s = new_ms;
     m_t = new_mt;
 
@@ -157,6 +222,7 @@ void process_row(const S* s, const Tt* t, G* grad, int64_t vocab, int64_t grad_c
       const float et = fast_exp(zt[i] - shift_t);
       sum_s += es;
       sum_t += et;
+      // selects, not branches: where the weight is 0 the other operand may be -inf
       sum_ent += es > 0.f ? es * zs[i] : 0.f;
       if (DIV == REVERSE_KL) sum_div += es > 0.f ? es * (zs[i] - zt[i]) : 0.f;
       if (DIV == FORWARD_KL) sum_div += et > 0.f ? et * (zt[i] - zs[i]) : 0.f;
@@ -171,8 +237,8 @@ void process_row(const S* s, const Tt* t, G* grad, int64_t vocab, int64_t grad_c
   const float lse_t = m_t + std::log(l_t);
   out.entropy = lse_s - acc_ent / l_s;
   if (target >= 0) {
-    out.logp_target = to_float(s[target]) * inv_temp - lse_s;
-    out.logq_target = to_float(t[target]) * inv_temp - lse_t;
+    out.logp_target = load_one<SD>(s, target) * inv_temp - lse_s;
+    out.logq_target = load_one<TD>(t, target) * inv_temp - lse_t;
   }
 
   float div = 0.f, kl_p_m = 0.f;
@@ -181,21 +247,19 @@ void process_row(const S* s, const Tt* t, G* grad, int64_t vocab, int64_t grad_c
   if (DIV == REVERSE_KL) div = acc_div / l_s - lse_s + lse_t;
   if (DIV == FORWARD_KL) div = acc_div / l_t - lse_t + lse_s;
   if (DIV == JSD) {
+    // ---- pass 2 (JSD only): the divergence and KL(p||m) need the final log-normalisers ----
     float sum_q = 0.f, sum_p = 0.f;
     for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
       const int64_t n = std::min(BLOCK, vocab - v0);
+      load_block<SD>(s + v0, zs, n, inv_temp);
+      load_block<TD>(t + v0, zt, n, inv_temp);
 #pragma omp simd reduction(+ : sum_q, sum_p)
       for (int64_t i = 0; i < n; ++i) {
-        const float log_p = to_float(s[v0 + i]) * inv_temp - lse_s;
-        const float log_q = to_float(t[v0 + i]) * inv_temp - lse_t;
+        const float log_p = zs[i] - lse_s;
+        const float log_q = zt[i] - lse_t;
         const float p = fast_exp(log_p);
         const float q = fast_exp(log_q);
-        // log m = logaddexp(log p + log(1-b), log q + log b)
-        const float a = log_p + log_1m_beta;
-        const float b = log_q + log_beta;
-        const float hi = std::max(a, b);
-        const float lo = std::min(a, b);
-        const float log_m = hi + log_1_to_2(1.0f + fast_exp(lo - hi));
+        const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
         sum_p += p > 0.f ? p * (log_p - log_m) : 0.f;
         sum_q += q > 0.f ? q * (log_q - log_m) : 0.f;
       }
@@ -206,30 +270,31 @@ void process_row(const S* s, const Tt* t, G* grad, int64_t vocab, int64_t grad_c
   out.div = div;
 
   if (grad == nullptr) return;
+  // ---- last pass: d div / d student_logits, written in the student's dtype ----
+  alignas(64) float g[BLOCK];
   for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
     const int64_t n = std::min(BLOCK, vocab - v0);
+    load_block<SD>(s + v0, zs, n, inv_temp);
+    load_block<TD>(t + v0, zt, n, inv_temp);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float log_p = to_float(s[v0 + i]) * inv_temp - lse_s;
-      const float log_q = to_float(t[v0 + i]) * inv_temp - lse_t;
+      const float log_p = zs[i] - lse_s;
+      const float log_q = zt[i] - lse_t;
       const float p = fast_exp(log_p);
-      float g;
+      float gi;
       if (DIV == REVERSE_KL) {
-        g = p > 0.f ? p * (log_p - log_q - div) * inv_temp : 0.f;
+        gi = p > 0.f ? p * (log_p - log_q - div) * inv_temp : 0.f;
       } else if (DIV == FORWARD_KL) {
-        g = (p - fast_exp(log_q)) * inv_temp;
+        gi = (p - fast_exp(log_q)) * inv_temp;
       } else {
-        const float a = log_p + log_1m_beta;
-        const float b = log_q + log_beta;
-        const float hi = std::max(a, b);
-        const float lo = std::min(a, b);
-        const float log_m = hi + log_1_to_2(1.0f + fast_exp(lo - hi));
-        g = p > 0.f ? (1.f - beta) * p * (log_p - log_m - kl_p_m) * inv_temp : 0.f;
+        const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
+        gi = p > 0.f ? (1.f - beta) * p * (log_p - log_m - kl_p_m) * inv_temp : 0.f;
       }
-      grad[v0 + i] = from_float<G>(g);
+      g[i] = gi;
     }
+    store_block<SD>(g, grad + v0, n);
   }
-  for (int64_t v = vocab; v < grad_cols; ++v) grad[v] = from_float<G>(0.f);
+  zero_fill<SD>(grad + vocab, grad_cols - vocab);
 }
 
 struct Args {
@@ -243,8 +308,10 @@ struct Args {
   int num_threads;
 };
 
-template <typename S, typename Tt, int DIV>
+template <int SD, int TD, int DIV>
 void run_rows(const Args& a) {
+  using S = typename Storage<SD>::type;
+  using Tt = typename Storage<TD>::type;
   const S* student = reinterpret_cast<const S*>(a.student);
   const Tt* teacher = reinterpret_cast<const Tt*>(a.teacher);
   S* grad = reinterpret_cast<S*>(a.grad);
@@ -263,10 +330,10 @@ void run_rows(const Args& a) {
     RowOut out{0.f, 0.f, 0.f, 0.f};
     if (keep[row]) {
       const int64_t tgt = target ? target[row] : -1;
-      process_row<S, Tt, S, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st,
-                                 grad_row, a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, out);
+      process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st,
+                               grad_row, a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, out);
     } else if (grad_row) {
-      for (int64_t v = 0; v < a.grad_cols; ++v) grad_row[v] = from_float<S>(0.f);
+      zero_fill<SD>(grad_row, a.grad_cols);
     }
     out_div[row] = out.div;
     out_ent[row] = out.entropy;
@@ -275,22 +342,22 @@ void run_rows(const Args& a) {
   }
 }
 
-template <typename S, typename Tt>
+template <int SD, int TD>
 void dispatch_div(const Args& a) {
   switch (a.divergence) {
-    case REVERSE_KL: return run_rows<S, Tt, REVERSE_KL>(a);
-    case FORWARD_KL: return run_rows<S, Tt, FORWARD_KL>(a);
-    case JSD: return run_rows<S, Tt, JSD>(a);
+    case REVERSE_KL: return run_rows<SD, TD, REVERSE_KL>(a);
+    case FORWARD_KL: return run_rows<SD, TD, FORWARD_KL>(a);
+    case JSD: return run_rows<SD, TD, JSD>(a);
     default: throw std::invalid_argument("divergence code must be 0 (reverse_kl), 1 (forward_kl) or 2 (jsd)");
   }
 }
 
-template <typename S>
+template <int SD>
 void dispatch_teacher(const Args& a, int teacher_dtype) {
   switch (teacher_dtype) {
-    case F32: return dispatch_div<S, float>(a);
-    case BF16: return dispatch_div<S, bf16_t>(a);
-    case F16: return dispatch_div<S, _Float16>(a);
+    case F32: return dispatch_div<SD, F32>(a);
+    case BF16: return dispatch_div<SD, BF16>(a);
+    case F16: return dispatch_div<SD, F16>(a);
     default: throw std::invalid_argument("teacher dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
   }
 }
@@ -306,9 +373,9 @@ void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int te
          out_div, out_ent, out_logp, out_logq, std::max(1, num_threads)};
   py::gil_scoped_release release;
   switch (student_dtype) {
-    case F32: return dispatch_teacher<float>(a, teacher_dtype);
-    case BF16: return dispatch_teacher<bf16_t>(a, teacher_dtype);
-    case F16: return dispatch_teacher<_Float16>(a, teacher_dtype);
+    case F32: return dispatch_teacher<F32>(a, teacher_dtype);
+    case BF16: return dispatch_teacher<BF16>(a, teacher_dtype);
+    case F16: return dispatch_teacher<F16>(a, teacher_dtype);
     default: throw std::invalid_argument("student dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
   }
 }
