@@ -1,5 +1,7 @@
 """``native`` backend: the C++/OpenMP kernel in ``csrc/turn_kl_cpu.cpp`` (CPU tensors).
 
+Extra memory: two float32 rows of V per thread (the cached pass-1 exponentials), never N x V.
+
 The extension is compiled on first use with ninja through ``torch.utils.cpp_extension`` and
 cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later imports load the
 cached build in milliseconds. It includes no torch headers, so a cold build takes seconds.
