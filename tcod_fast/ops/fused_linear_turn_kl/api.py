@@ -90,7 +90,7 @@ def _fused_linear_forward(
     if grads_wanted and want_bias_grad and student_bias is not None:
         bias_grad = torch.zeros(student_bias.shape, dtype=dtype, device=device)
     flat_targets = None if target_ids is None else target_ids.reshape(-1)
-    div, entropy, _lse_s, _lse_t, logp, logq, dh_kept = _backend_module(backend).forward(
+    div, entropy, logp, logq, dh_kept = _backend_module(backend).forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         kept_rows, flat_targets, divergence, beta, temperature, vocab_size,
         row_scale=row_scale, want_hidden_grad=want_hidden_grad, weight_grad=weight_grad,
@@ -260,7 +260,10 @@ def _resolve_backend(backend, device, dtypes):
     has_float64 = torch.float64 in dtypes
     triton_ok = triton_backend is not None and triton_backend.is_available(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_ok and not has_float64 else "torch"
+        # The Triton kernels have only run under the interpreter so far; until they are checked
+        # and timed on a GPU, "auto" keeps the torch backend (which on CUDA already uses the
+        # Triton logits kernel of fused_turn_kl for its per-chunk row math).
+        return "torch"
     if backend == "triton":
         if triton_backend is None or not triton_backend.HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package: pip install 'tcod-fast[triton]'")
@@ -352,24 +355,33 @@ def fused_linear_turn_kl(
         return_stats, num_turns: exactly as in :func:`tcod_fast.fused_turn_kl`.
         vocab_size: use only the first ``vocab_size`` rows of both weights (padded vocabularies).
             Without it, ``V_s != V_t`` is an error. Weight rows past it get zero gradient.
-        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (currently always ``"torch"``: the Triton kernels are verified under
+            the Triton interpreter but not yet on a GPU), ``"triton"`` (tiled GEMM + online
+            softmax, CUDA or ``TRITON_INTERPRET=1``) or ``"torch"``.
         chunk_size: rows per chunk of the torch backend. Default: as many as keep the two cached
-            float32 ``chunk x V`` logits slabs near 32 MiB (between 16 and 1024 rows).
+            float32 ``chunk x V`` logits slabs near 64 MiB (between 16 and 1024 rows).
         fp32_weight_grad: instead of returning the weight gradient in the weight's dtype, add the
             float32 accumulator into ``student_weight.main_grad`` (created on first use, the
-            Megatron-LM convention for mixed-precision training); ``student_weight.grad`` is then
-            left untouched.
+            Megatron-LM convention for mixed-precision training); this op then adds nothing to
+            ``student_weight.grad`` (other uses of a tied weight, e.g. the input embedding, still
+            accumulate there through autograd).
 
     Returns:
         The loss (float32; per-token with the leading shape for ``reduction="none"``), or a
         :class:`~tcod_fast.ops.turn_kl.result.TurnKLResult` with ``return_stats=True``.
 
-    Memory (torch backend, ``R = chunk_size``, ``BV = 4096``, ``H = max(H_s, H_t)``), in float32
-    elements beyond inputs and returned gradients: ``2 R V`` (the chunk's cached logits) ``+ ~6 R
-    BV + 2 BV H + R (H_s + H_t)``, plus ``N H_s`` for the hidden gradient kept between forward
-    and backward and a ``V_s H_s`` float32 weight-gradient accumulator (which is the returned
-    gradient itself for a float32 weight). Independent of ``N x V``; e.g. ``V = 32000`` gives
-    ``R = 131`` and about 45 MiB, against 500 MiB for one ``4096 x 32000`` float32 logits tensor.
+    Memory, in float32 elements beyond the inputs and the returned gradients, with
+    ``R = chunk_size``, ``BV = 4096``, ``H = max(H_s, H_t)``:
+
+    * torch backend: ``2 R V`` (the chunk's student and teacher logits slabs, allocated once and
+      reused) ``+ BV H`` (a weight block upcast, only for non-float32 weights) ``+ R (H_s + H_t)``;
+    * triton backend: one ``BLOCK_M x BLOCK_V`` tile per program;
+    * both: ``N H_s`` for the hidden gradient kept between forward and backward and a
+      ``V_s H_s`` float32 weight-gradient accumulator (the returned gradient itself for a
+      float32 weight).
+
+    Independent of ``N x V``: e.g. ``V = 32000`` gives ``R = 262`` and 67 MB of slabs, against
+    524 MB for one ``4096 x 32000`` float32 logits tensor (the unfused path holds three).
 
     Cost: with a scalar reduction the gradients are produced during the forward pass (the
     reduction's per-token coefficients are known up front), so forward+backward costs the four

@@ -1,31 +1,28 @@
 """``torch`` backend of ``fused_linear_turn_kl``: chunked over rows and vocabulary, any device.
 
-For one chunk of ``R`` kept rows (rows that are masked out are never gathered, so they cost no
-matmul work) the vocabulary is streamed in blocks of ``BV`` columns:
+Rows outside the turn mask are never gathered, so they cost no matmul work. The kept rows are
+processed ``R`` at a time, in one of two modes:
 
-* **sweep 1** forms each logits block ``z = (h @ W[v0:v1].T + b[v0:v1]) / temperature`` in
-  float32 (hidden rows and weight block are upcast per block; the logits are never rounded to
-  the input dtype) and feeds it to the online-softmax recurrences of DESIGN.md section 2:
-  running maxima ``m_s, m_t``, sums ``l_s, l_t``, ``A = sum e_s (z_s - z_t)`` (reverse KL) or
-  ``sum e_t (z_t - z_s)`` (forward KL) and ``B = sum e_s z_s`` (entropy), all rescaled by
-  ``exp(m_old - m_new)``.
-* **sweep 1b** (JSD only): ``KL(p||m)`` and ``KL(q||m)`` need both log-normalisers first.
-* **sweep 2** (only when gradients are wanted) forms the logits-gradient block
-  ``G = row_scale * d div / d z_s / temperature`` and accumulates ``dh += G @ W_blk`` and
-  ``dW[v0:v1] += G.T @ h``, ``db[v0:v1] += G.sum(0)``, all in float32.
-
-Two modes for the logits blocks of sweep 2:
-
-* ``cache_logits=True`` (default): the chunk's float32 student and teacher logits blocks from
-  sweep 1 are kept until sweep 2 (``2 * R * V`` floats). Then each of the four GEMMs (student
-  and teacher logits, ``dh``, ``dW``) runs exactly once, as in the unfused path.
-* ``cache_logits=False``: sweep 2 recomputes the blocks (two more GEMMs, 1.5x the FLOPs) and
-  the working set shrinks to ``O(R * BV)``, for vocabularies where even ``R * V`` is too much.
+* ``"slab"`` (default). For a chunk, the float32 student and teacher logits ``z = h @ W.T + b``
+  are formed (in vocabulary blocks of ``BV`` columns when a weight must be upcast, so a bf16
+  weight is never upcast whole; never rounded to the input dtype), handed to the row kernel of
+  ``fused_turn_kl`` (the native C++ kernel on CPU, Triton on CUDA, else its torch backend),
+  which writes ``d div / d z`` over the student slab in place; the slab, scaled per row, is then
+  contracted: ``dh = G @ W_s`` and ``dW += G.T @ h``, ``db += G.sum(0)``, in float32. Each of
+  the four GEMMs of the unfused path runs exactly once, on ``R``-row pieces.
+* ``"stream"``. The vocabulary is streamed in ``BV``-column blocks with the online-softmax
+  recurrences of DESIGN.md section 2 (running maxima, sums, ``A = sum e_s (z_s - z_t)`` or
+  ``sum e_t (z_t - z_s)``, ``B = sum e_s z_s``, rescaled by ``exp(m_old - m_new)``); JSD adds
+  a sweep once both normalisers are known; a last sweep recomputes each logits block, forms
+  ``G`` and accumulates ``dh``/``dW``/``db``. Two more GEMMs (1.5x the FLOPs), but the working
+  set is ``O(R * BV)``, for vocabularies where even ``R * V`` floats are too many.
 
 Peak extra memory, in float32 elements (``H = max(H_s, H_t)``):
 
-    cache_logits=True : 2*R*V      + ~6*R*BV + 2*BV*H + R*(H_s + H_t)
-    cache_logits=False:               ~6*R*BV + 2*BV*H + R*(H_s + H_t)
+    slab  : 2*R*V   + BV*H (weight block upcast, only for non-float32 weights) + R*(H_s + H_t)
+            (+ ~6*R*V inside the torch row kernel, used only where neither the native nor the
+             Triton kernel is available)
+    stream: ~6*R*BV + 2*BV*H + R*(H_s + H_t)
 
 plus the outputs the caller asks for: ``dh`` (``n_kept x H_s``), the float32 ``dW`` accumulator
 (``V_s x H_s``) and ``db`` (``V_s``). Nothing scales with ``N x V``.
@@ -35,56 +32,149 @@ from __future__ import annotations
 
 import torch
 
+from tcod_fast.ops.turn_kl import native_backend as logits_native
+from tcod_fast.ops.turn_kl import torch_backend as logits_torch
+from tcod_fast.ops.turn_kl import triton_backend as logits_triton
 from tcod_fast.ops.turn_kl.result import DIVERGENCES
 
 # Target bytes of the chunk's two cached float32 logits slabs (student + teacher, R x V each).
-CACHE_BYTES = 32 * 1024 * 1024
+# Target bytes of one chunk's two float32 logits slabs (student + teacher, R x V each). 64 MiB
+# gives R = 262 at V = 32000: measured on CPU, 131-row chunks cost ~15% more time than the
+# unfused path (every chunk re-reads and re-writes the V x H weight-gradient accumulator), 262-row
+# chunks match it, and the slabs stay at 1/8 of a 4096-row float32 logits tensor.
+SLAB_BYTES = 64 * 1024 * 1024
 DEFAULT_VOCAB_BLOCK = 4096
-CACHE_LOGITS = True
+DEFAULT_MODE = "slab"
+MODES = ("slab", "stream")
 _MIN_ROWS, _MAX_ROWS = 16, 1024
 
 
 def default_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so that the two cached ``R x V`` float32 slabs take about ``CACHE_BYTES``."""
-    rows = CACHE_BYTES // (2 * 4 * vocab_size)
+    """Rows per chunk so that the two ``R x V`` float32 slabs take about ``SLAB_BYTES``."""
+    rows = SLAB_BYTES // (2 * 4 * vocab_size)
     return int(min(_MAX_ROWS, max(_MIN_ROWS, rows)))
 
 
-class _Inputs:
-    """The two LM heads and the row gather (flat kept index -> (b, t) of the 3-D hidden)."""
+class _Heads:
+    """Both LM heads plus the row gather (flat kept index -> (b, t) of the 3-D hidden states)."""
 
-    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, compute_dtype):
+    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, compute_dtype, vocab_size, vocab_block):
         self.h_s, self.w_s, self.b_s = h_s, w_s, b_s
         self.h_t, self.w_t, self.b_t = h_t, w_t, b_t
         self.T = h_s.shape[1]
         self.dtype = compute_dtype
+        self.vocab_size = vocab_size
+        self.vocab_block = vocab_block
+        self.blocks = [(v0, min(vocab_size, v0 + vocab_block)) for v0 in range(0, vocab_size, vocab_block)]
         # -inf can only enter the logits through a bias (banned / padded vocabulary entries);
         # without one the 0 * inf guards are skipped.
         self.may_have_inf = b_s is not None or b_t is not None
+        self._slabs = None
 
     def rows(self, hidden, flat_rows):
-        # advanced indexing on (b, t) reads any row strides without an N x H copy
+        flat = hidden.view(-1, hidden.shape[-1]) if _viewable(hidden) else None
+        if flat is not None:
+            return flat.index_select(0, flat_rows).to(self.dtype)
+        # rows strides that do not flatten (e.g. hidden[:, :-1]): index (b, t), still no N x H copy
         return hidden[flat_rows // self.T, flat_rows % self.T].to(self.dtype)
 
+    def weight_block(self, weight, v0, v1):
+        block = weight[v0:v1]
+        return block if block.dtype == self.dtype else block.to(self.dtype)
 
-def _weight_block(weight, v0, v1, dtype):
-    block = weight[v0:v1]
-    return block if block.dtype == dtype else block.to(dtype)
+    def logits_block(self, h, weight, bias, v0, v1, inv_temp=1.0, out=None):
+        """``(h @ W[v0:v1].T + b[v0:v1]) * inv_temp`` in the compute dtype (into ``out`` if given)."""
+        w = self.weight_block(weight, v0, v1)
+        if bias is None:
+            z = torch.mm(h, w.t(), out=out)
+            if inv_temp != 1.0:
+                z.mul_(inv_temp)
+            return z
+        return torch.addmm(bias[v0:v1].to(self.dtype), h, w.t(), beta=inv_temp, alpha=inv_temp, out=out)
+
+    def logits_slab(self, h, weight, bias, out):
+        """The ``(R, vocab_size)`` logits into ``out``; one GEMM, or one per block when the weight
+        is upcast."""
+        if weight.dtype == self.dtype:
+            return self.logits_block(h, weight, bias, 0, self.vocab_size, out=out)
+        for v0, v1 in self.blocks:
+            self.logits_block(h, weight, bias, v0, v1, out=out[:, v0:v1])
+        return out
+
+    def slab_buffers(self, rows, device):
+        """Two ``(rows, vocab_size)`` buffers reused by every chunk: allocating them once keeps
+        the allocator from fragmenting (glibc would otherwise keep freed slabs in its heap)."""
+        if self._slabs is None or self._slabs[0].shape[0] < rows:
+            self._slabs = tuple(torch.empty(rows, self.vocab_size, dtype=self.dtype, device=device) for _ in range(2))
+        return self._slabs
+
+    def hidden_grad(self, g, dh_chunk, v0=0, v1=None, accumulate=True):
+        """``dh (+)= g @ W_s[v0:v1]``, block by block when the weight must be upcast."""
+        v1 = self.vocab_size if v1 is None else v1
+        if self.w_s.dtype == self.dtype:
+            if accumulate:
+                return dh_chunk.addmm_(g, self.w_s[v0:v1])
+            return torch.mm(g, self.w_s[v0:v1], out=dh_chunk)
+        if not accumulate:
+            dh_chunk.zero_()
+        for b0 in range(v0, v1, self.vocab_block):
+            b1 = min(v1, b0 + self.vocab_block)
+            dh_chunk.addmm_(g[:, b0 - v0:b1 - v0], self.weight_block(self.w_s, b0, b1))
+        return dh_chunk
 
 
-def _logits_block(h, weight, bias, v0, v1, inv_temp, dtype):
-    """``(h @ W[v0:v1].T + b[v0:v1]) * inv_temp`` in ``dtype`` (float32 or float64)."""
-    w = _weight_block(weight, v0, v1, dtype)
-    if bias is None:
-        z = torch.mm(h, w.t())
-        if inv_temp != 1.0:
-            z.mul_(inv_temp)
-        return z
-    return torch.addmm(bias[v0:v1].to(dtype), h, w.t(), beta=inv_temp, alpha=inv_temp)
+def _viewable(x):
+    try:
+        x.view(-1, x.shape[-1])
+        return True
+    except RuntimeError:
+        return False
 
 
-def _masked(values, present, guard):
-    return torch.where(present, values, torch.zeros((), dtype=values.dtype, device=values.device)) if guard else values
+def _logits_row_kernel(device, dtype):
+    """The per-row kernel of ``fused_turn_kl`` that the slab mode reuses."""
+    if dtype == torch.float32 and device.type == "cpu" and logits_native.is_available():
+        return logits_native.forward
+    if dtype == torch.float32 and logits_triton.is_available(device) and device.type == "cuda":
+        return logits_triton.forward
+    return logits_torch.forward
+
+
+def _slab_chunk(heads, rows, targets, divergence, beta, temperature, row_scale, grads):
+    dtype = heads.dtype
+    h_s = heads.rows(heads.h_s, rows)
+    R = h_s.shape[0]
+    slab_s, slab_t = heads.slab_buffers(heads.chunk_rows, h_s.device)
+    z_s = heads.logits_slab(h_s, heads.w_s, heads.b_s, out=slab_s[:R])
+    z_t = heads.logits_slab(heads.rows(heads.h_t, rows), heads.w_t, heads.b_t, out=slab_t[:R])
+    keep = torch.ones(1, R, dtype=torch.bool, device=h_s.device)
+    tgt = None if targets is None else targets.view(1, R)
+    kernel = _logits_row_kernel(h_s.device, dtype)
+    want_grad = row_scale is not None
+    # the kernel overwrites the student slab with d div / d z_s (temperature included)
+    div, entropy, logp, logq = kernel(
+        z_s.view(1, R, -1), z_t.view(1, R, -1), keep, tgt, divergence, beta, temperature, heads.vocab_size,
+        z_s.view(1, R, -1) if want_grad else None,
+    )
+    if want_grad:
+        dh, dw, db = grads
+        g = z_s  # unscaled per-row gradients; the row scale goes on the R x H side (V/H x cheaper)
+        scale = row_scale.to(dtype)[:, None]
+        if dh is not None:
+            heads.hidden_grad(g, dh, accumulate=False).mul_(scale)
+        if dw is not None:
+            dw[: heads.vocab_size].addmm_(g.t(), (h_s * scale).to(dw.dtype))
+        if db is not None:
+            db[: heads.vocab_size].add_(torch.mv(g.t(), scale.squeeze(1)).to(db.dtype))
+    return div.view(R), entropy.view(R), logp.view(R), logq.view(R)
+
+
+def _masked(values_fn, present_fn, guard):
+    """``values`` with 0 where not ``present``; the mask is only built when -inf is possible."""
+    values = values_fn()
+    if not guard:
+        return values
+    return torch.where(present_fn(), values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def _shift(m):
@@ -96,42 +186,41 @@ def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
     return torch.logaddexp(log_p + log_1m_beta, log_q + log_beta)
 
 
-def _chunk(inp, rows, targets, divergence, beta, inv_temp, vocab_size, vocab_block, cache_logits, row_scale, grads):
-    """Stats (and gradient contributions) of one chunk of kept rows; see the module docstring."""
-    dtype = inp.dtype
-    h_s = inp.rows(inp.h_s, rows)
-    h_t = inp.rows(inp.h_t, rows)
+def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale, grads):
+    dtype = heads.dtype
+    inv_temp = 1.0 / temperature
+    h_s = heads.rows(heads.h_s, rows)
+    h_t = heads.rows(heads.h_t, rows)
     R = h_s.shape[0]
-    guard = inp.may_have_inf
-    neg_inf = torch.full((R,), float("-inf"), dtype=dtype, device=h_s.device)
-    m_s, m_t = neg_inf, neg_inf.clone()
+    guard = heads.may_have_inf
+
+    def student_block(v0, v1):
+        return heads.logits_block(h_s, heads.w_s, heads.b_s, v0, v1, inv_temp)
+
+    def teacher_block(v0, v1):
+        return heads.logits_block(h_t, heads.w_t, heads.b_t, v0, v1, inv_temp)
+
+    m_s = torch.full((R,), float("-inf"), dtype=dtype, device=h_s.device)
+    m_t = m_s.clone()
     l_s = torch.zeros(R, dtype=dtype, device=h_s.device)
     l_t, acc_div, acc_ent = l_s.clone(), l_s.clone(), l_s.clone()
-    blocks = [(v0, min(vocab_size, v0 + vocab_block)) for v0 in range(0, vocab_size, vocab_block)]
-    cache = []
 
     # ---- sweep 1: online softmax over the vocabulary blocks ----
-    for v0, v1 in blocks:
-        z_s = _logits_block(h_s, inp.w_s, inp.b_s, v0, v1, inv_temp, dtype)
-        z_t = _logits_block(h_t, inp.w_t, inp.b_t, v0, v1, inv_temp, dtype)
-        if cache_logits:
-            cache.append((z_s, z_t))
+    for v0, v1 in heads.blocks:
+        z_s, z_t = student_block(v0, v1), teacher_block(v0, v1)
         new_ms = torch.maximum(m_s, z_s.amax(1))
         new_mt = torch.maximum(m_t, z_t.amax(1))
         shift_s, shift_t = _shift(new_ms), _shift(new_mt)
         scale_s, scale_t = torch.exp(m_s - shift_s), torch.exp(m_t - shift_t)
         e_s = torch.exp(z_s - shift_s[:, None])
+        e_t = torch.exp(z_t - shift_t[:, None])
         l_s = l_s * scale_s + e_s.sum(1)
-        acc_ent = acc_ent * scale_s + _masked(e_s * z_s, e_s > 0, guard).sum(1)
+        l_t = l_t * scale_t + e_t.sum(1)
+        acc_ent = acc_ent * scale_s + _masked(lambda: e_s * z_s, lambda: e_s > 0, guard).sum(1)
         if divergence == "reverse_kl":
-            acc_div = acc_div * scale_s + _masked(e_s * (z_s - z_t), e_s > 0, guard).sum(1)
-            e_t = torch.exp(z_t - shift_t[:, None])
-            l_t = l_t * scale_t + e_t.sum(1)
-        else:
-            e_t = torch.exp(z_t - shift_t[:, None])
-            l_t = l_t * scale_t + e_t.sum(1)
-            if divergence == "forward_kl":
-                acc_div = acc_div * scale_t + _masked(e_t * (z_t - z_s), e_t > 0, guard).sum(1)
+            acc_div = acc_div * scale_s + _masked(lambda: e_s * (z_s - z_t), lambda: e_s > 0, guard).sum(1)
+        elif divergence == "forward_kl":
+            acc_div = acc_div * scale_t + _masked(lambda: e_t * (z_t - z_s), lambda: e_t > 0, guard).sum(1)
         m_s, m_t = new_ms, new_mt
 
     lse_s = m_s + torch.log(l_s)
@@ -148,67 +237,55 @@ def _chunk(inp, rows, targets, divergence, beta, inv_temp, vocab_size, vocab_blo
         log_beta = torch.log(torch.tensor(beta, dtype=dtype)).to(h_s.device)
         sum_p = torch.zeros_like(l_s)
         sum_q = torch.zeros_like(l_s)
-        for i, (v0, v1) in enumerate(blocks):
-            z_s, z_t = cache[i] if cache_logits else (
-                _logits_block(h_s, inp.w_s, inp.b_s, v0, v1, inv_temp, dtype),
-                _logits_block(h_t, inp.w_t, inp.b_t, v0, v1, inv_temp, dtype),
-            )
-            log_p, log_q = z_s - lse_s[:, None], z_t - lse_t[:, None]
+        for v0, v1 in heads.blocks:
+            log_p = student_block(v0, v1).sub_(lse_s[:, None])
+            log_q = teacher_block(v0, v1).sub_(lse_t[:, None])
             p, q = log_p.exp(), log_q.exp()
             log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
-            # p or q can underflow to 0 even with finite logits; 0 * finite is 0, so the guard is
-            # needed only where -inf logits can occur.
-            sum_p += _masked(p * (log_p - log_m), p > 0, guard).sum(1)
-            sum_q += _masked(q * (log_q - log_m), q > 0, guard).sum(1)
+            # p or q may underflow to 0 with finite logits (0 * finite = 0); only -inf needs the guard
+            sum_p += _masked(lambda: p * (log_p - log_m), lambda: p > 0, guard).sum(1)
+            sum_q += _masked(lambda: q * (log_q - log_m), lambda: q > 0, guard).sum(1)
         kl_p_m = sum_p
         div = beta * sum_q + (1.0 - beta) * sum_p
 
     logp_target = logq_target = None
     if targets is not None:
-        # the sampled token's logit as a row dot product: R x H work, no extra vocab pass
-        z_a = (h_s * inp.w_s[targets].to(dtype)).sum(1)
-        zt_a = (h_t * inp.w_t[targets].to(dtype)).sum(1)
-        if inp.b_s is not None:
-            z_a = z_a + inp.b_s[targets].to(dtype)
-        if inp.b_t is not None:
-            zt_a = zt_a + inp.b_t[targets].to(dtype)
+        # the sampled token's logit as a row dot product: R x H work, no extra vocabulary pass
+        z_a = (h_s * heads.w_s[targets].to(dtype)).sum(1)
+        zt_a = (h_t * heads.w_t[targets].to(dtype)).sum(1)
+        if heads.b_s is not None:
+            z_a = z_a + heads.b_s[targets].to(dtype)
+        if heads.b_t is not None:
+            zt_a = zt_a + heads.b_t[targets].to(dtype)
         logp_target = z_a * inv_temp - lse_s
         logq_target = zt_a * inv_temp - lse_t
 
-    # ---- sweep 2: logits gradient G, then the three GEMM-shaped accumulations ----
+    # ---- sweep 2: recompute each block, form G, contract it into dh / dW / db ----
     if row_scale is not None:
         dh, dw, db = grads
         scale = (row_scale.to(dtype) * inv_temp)[:, None]
-        dh_chunk = torch.zeros(R, inp.w_s.shape[1], dtype=dtype, device=h_s.device) if dh is not None else None
-        for i, (v0, v1) in enumerate(blocks):
-            if cache_logits:
-                z_s, z_t = cache[i]
-                cache[i] = None  # free each slab as soon as it is used
-            else:
-                z_s = _logits_block(h_s, inp.w_s, inp.b_s, v0, v1, inv_temp, dtype)
-                z_t = _logits_block(h_t, inp.w_t, inp.b_t, v0, v1, inv_temp, dtype)
-            log_p = z_s.sub_(lse_s[:, None])  # in place: the slab is not needed afterwards
+        dh_chunk = dh.zero_() if dh is not None else None
+        for v0, v1 in heads.blocks:
+            log_p = student_block(v0, v1).sub_(lse_s[:, None])
+            z_t = teacher_block(v0, v1)
             p = torch.exp(log_p)
             if divergence == "reverse_kl":
-                # d KL(p||q) / d z_s = p (log p - log q - KL)
-                g = z_t.sub_((lse_t - div)[:, None]).neg_().add_(log_p).mul_(p)
-                g = _masked(g, p > 0, guard)
+                # d KL(p||q) / d z_s = p (log p - log q - KL), with log q = z_t - lse_t
+                g = _masked(lambda: z_t.sub_((lse_t - div)[:, None]).neg_().add_(log_p).mul_(p), lambda: p > 0, guard)
             elif divergence == "forward_kl":
                 g = p.sub_(z_t.sub_(lse_t[:, None]).exp_())
             else:
-                log_q = z_t.sub_(lse_t[:, None])
-                log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
-                g = _masked((1.0 - beta) * p * (log_p - log_m - kl_p_m[:, None]), p > 0, guard)
+                log_m = _log_mixture(log_p, z_t.sub_(lse_t[:, None]), log_1m_beta, log_beta)
+                g = _masked(lambda: (1.0 - beta) * p * (log_p - log_m - kl_p_m[:, None]), lambda: p > 0, guard)
             g.mul_(scale)
             if dh_chunk is not None:
-                dh_chunk.addmm_(g, _weight_block(inp.w_s, v0, v1, dtype))
+                heads.hidden_grad(g, dh_chunk, v0, v1)
             if dw is not None:
                 dw[v0:v1].addmm_(g.t(), h_s.to(dw.dtype))
             if db is not None:
                 db[v0:v1] += g.sum(0).to(db.dtype)
-        if dh is not None:
-            dh.append(dh_chunk)
-    return div, entropy, lse_s, lse_t, logp_target, logq_target
+    zero = torch.zeros_like(div)
+    return div, entropy, (zero if logp_target is None else logp_target), (zero if logq_target is None else logq_target)
 
 
 def forward(
@@ -230,9 +307,11 @@ def forward(
     bias_grad=None,
     chunk_rows=None,
     vocab_block=None,
-    cache_logits=None,
+    mode=None,
 ):
     """Per-kept-row stats and (optionally) gradients of the fused linear divergence.
+
+    Backend contract (the Triton backend implements the same ``forward``):
 
     Args:
         student_hidden: ``(B, T, H_s)`` any float dtype, any row strides.
@@ -240,45 +319,48 @@ def forward(
         teacher_hidden, teacher_weight, teacher_bias: the same for the teacher (``H_t``, ``V_t``).
         kept_rows: ``(n_kept,)`` int64 flat indices ``b * T + t`` of the rows to compute.
         target_ids: ``(B*T,)`` int64 or None (sampled tokens, ``< vocab_size``).
+        divergence, beta, temperature, vocab_size: as in ``fused_turn_kl`` (validated).
         row_scale: ``(n_kept,)`` float, the factor each row's divergence gradient is multiplied
             by (the reduction's coefficient or the incoming per-token gradient); None = no grads.
         want_hidden_grad: return ``dh`` (``(n_kept, H_s)``, compute dtype).
-        weight_grad: float32/float64 ``(V_s, H_s)`` buffer the weight gradient is ADDED to, or None.
-        bias_grad: float ``(V_s,)`` buffer the bias gradient is added to, or None.
+        weight_grad: ``(V_s, H_s)`` compute-dtype buffer the weight gradient is ADDED to, or None.
+        bias_grad: ``(V_s,)`` compute-dtype buffer the bias gradient is added to, or None.
+        chunk_rows, vocab_block, mode: tiling (defaults: ``default_chunk_rows``,
+            ``DEFAULT_VOCAB_BLOCK``, ``DEFAULT_MODE``).
 
     Returns:
-        ``(div, entropy, lse_s, lse_t, logp_target, logq_target, dh)``: per kept row, float32
-        (float64 when the student is float64); the log-probs are None without targets and
-        ``dh`` is None unless asked for.
+        ``(div, entropy, logp_target, logq_target, dh)``: ``(n_kept,)`` each, float32 (float64
+        when the student is float64); the log-probs are 0 without targets and ``dh`` is None
+        unless asked for.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    mode = mode or DEFAULT_MODE
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     float64 = torch.float64 in (student_hidden.dtype, student_weight.dtype)
     dtype = torch.float64 if float64 else torch.float32
-    inp = _Inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, dtype)
-    chunk_rows = chunk_rows or default_chunk_rows(vocab_size)
     vocab_block = min(vocab_block or DEFAULT_VOCAB_BLOCK, vocab_size)
-    cache_logits = CACHE_LOGITS if cache_logits is None else cache_logits
-    inv_temp = 1.0 / temperature
+    heads = _Heads(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        dtype, vocab_size, vocab_block,
+    )
+    chunk_rows = min(chunk_rows or default_chunk_rows(vocab_size), max(1, kept_rows.shape[0]))
+    heads.chunk_rows = chunk_rows
+    process_chunk = _slab_chunk if mode == "slab" else _stream_chunk
     n_kept = kept_rows.shape[0]
     device = student_hidden.device
-    outs = [torch.zeros(n_kept, dtype=dtype, device=device) for _ in range(6)]
-    dh_parts = [] if (row_scale is not None and want_hidden_grad) else None
-    grads = (dh_parts, weight_grad, bias_grad)
+    outs = [torch.zeros(n_kept, dtype=dtype, device=device) for _ in range(4)]
+    dh = None
+    if row_scale is not None and want_hidden_grad:
+        dh = torch.empty(n_kept, student_weight.shape[1], dtype=dtype, device=device)
     for start in range(0, n_kept, chunk_rows):
         stop = min(n_kept, start + chunk_rows)
         rows = kept_rows[start:stop]
         targets = None if target_ids is None else target_ids[rows]
         scale = None if row_scale is None else row_scale[start:stop]
-        results = _chunk(
-            inp, rows, targets, divergence, beta, inv_temp, vocab_size, vocab_block, cache_logits, scale, grads
-        )
+        grads = (None if dh is None else dh[start:stop], weight_grad, bias_grad)
+        results = process_chunk(heads, rows, targets, divergence, beta, temperature, scale, grads)
         for out, value in zip(outs, results):
-            if value is not None:
-                out[start:stop] = value
-    div, entropy, lse_s, lse_t, logp, logq = outs
-    has_target = target_ids is not None
-    dh = None
-    if dh_parts is not None:
-        dh = torch.cat(dh_parts) if dh_parts else torch.zeros(0, student_weight.shape[1], dtype=dtype, device=device)
-    return div, entropy, lse_s, lse_t, (logp if has_target else None), (logq if has_target else None), dh
+            out[start:stop] = value
+    return (*outs, dh)
