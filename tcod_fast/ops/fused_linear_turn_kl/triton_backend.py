@@ -1,0 +1,319 @@
+"""``triton`` backend of ``fused_linear_turn_kl`` (CUDA; CPU under ``TRITON_INTERPRET=1``).
+
+Two kernels, both tiled over (kept rows x vocabulary) and never writing a logits tile to memory:
+
+* ``_stats_kernel``, one program per ``BLOCK_M`` kept rows. It streams the vocabulary in
+  ``BLOCK_V`` tiles; each logits tile is a ``tl.dot`` over ``BLOCK_K`` slices of the hidden size,
+  accumulated in float32 (float32 inputs use ``input_precision="ieee"``: TF32 would round the
+  operands to 10 mantissa bits, the very rounding this op exists to avoid), then fed to the
+  online-softmax recurrences of DESIGN.md section 2 (running max, sums, ``A``, ``B``, rescaled by
+  ``exp(m_old - m_new)``). JSD adds a second sweep once both normalisers are known. Writes per
+  row: divergence, entropy, ``lse_s``, ``lse_t`` and ``KL(p||m)``.
+* ``_grad_kernel``, one program per (``BLOCK_M`` rows, ``BLOCK_V`` columns) tile. It recomputes
+  the two logits tiles, forms ``G = row_scale * d div / d z_s / temperature`` in registers and
+  adds ``G @ W_s[tile]`` into ``dh`` and ``G.T @ h_s[rows]`` into ``dW`` (and ``sum G`` into
+  ``db``) with float32 atomics, ``BLOCK_K`` columns of the hidden size at a time.
+
+Memory: ``O(BLOCK_M x BLOCK_V)`` per program plus the outputs (``dh`` ``n_kept x H_s``, ``dW``
+``V_s x H_s``, ``db``, all float32); nothing depends on ``N x V``. FLOPs: forward 2 GEMMs
+(+2 for JSD), gradient 2 logits GEMMs recomputed + 2 gradient GEMMs. Rows outside the mask are
+never gathered. Tile sizes are explicit: ``BLOCK_M = 64, BLOCK_V = 128, BLOCK_K = 64`` on GPU
+(two 64 x 128 float32 accumulators per program); the tests use 16 x 32 x 16 so small shapes span
+several tiles and ragged tails in every dimension.
+
+Status: tested under the Triton interpreter only; no GPU was available when it was written, so
+it has not been timed or tuned on hardware.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+DEFAULT_BLOCK_M = 64
+DEFAULT_BLOCK_V = 128
+DEFAULT_BLOCK_K = 64
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available(device: torch.device) -> bool:
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _logits_tile(h_rows, w_ptr, w_sv, b_ptr, offs_v, v_mask, m_mask, hidden, inv_temp,
+                     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``(h @ W[offs_v].T + b) * inv_temp`` for a (BLOCK_M, BLOCK_V) tile, float32, -inf off-vocab."""
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < hidden
+            a = tl.load(h_rows[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_v.to(tl.int64)[None, :] * w_sv + k[:, None],
+                        mask=v_mask[None, :] & k_mask[:, None], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        return tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
+
+    @triton.jit
+    def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
+        a = log_p + log_1m_beta
+        b = log_q + log_beta
+        hi = tl.maximum(a, b)
+        lo = tl.minimum(a, b)
+        safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
+        return hi + tl.log(1.0 + tl.exp(lo - safe_hi))
+
+    @triton.jit
+    def _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st):
+        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        b = rows // rows_t
+        t = rows % rows_t
+        return hs_ptr + b * hs_sb + t * hs_st, ht_ptr + b * ht_sb + t * ht_st
+
+    @triton.jit
+    def _stats_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows_ptr,
+        div_ptr, ent_ptr, lse_s_ptr, lse_t_ptr, klpm_ptr,
+        n_rows, rows_t, hs_sb, hs_st, ht_sb, ht_st, ws_sv, wt_sv, hidden_s, hidden_t,
+        vocab, inv_temp, beta, log_1m_beta, log_beta,
+        HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DIVERGENCE: tl.constexpr,
+        DOT_FP32_S: tl.constexpr, DOT_FP32_T: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n_rows
+        hs_rows, ht_rows = _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st)
+        offs_v0 = tl.arange(0, BLOCK_V)
+        m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_s = tl.zeros((BLOCK_M,), tl.float32)
+        l_t = tl.zeros((BLOCK_M,), tl.float32)
+        acc_div = tl.zeros((BLOCK_M,), tl.float32)
+        acc_ent = tl.zeros((BLOCK_M,), tl.float32)
+        for v0 in range(0, vocab, BLOCK_V):
+            offs_v = v0 + offs_v0
+            v_mask = offs_v < vocab
+            zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, inv_temp,
+                              HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
+            zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, inv_temp,
+                              HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+            new_ms = tl.maximum(m_s, tl.max(zs, axis=1))
+            new_mt = tl.maximum(m_t, tl.max(zt, axis=1))
+            # shift by 0 while everything so far is -inf: never -inf - (-inf)
+            shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
+            shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
+            scale_s = tl.exp(m_s - shift_s)
+            scale_t = tl.exp(m_t - shift_t)
+            es = tl.exp(zs - shift_s[:, None])
+            et = tl.exp(zt - shift_t[:, None])
+            l_s = l_s * scale_s + tl.sum(es, axis=1)
+            l_t = l_t * scale_t + tl.sum(et, axis=1)
+            acc_ent = acc_ent * scale_s + tl.sum(tl.where(es > 0, es * zs, 0.0), axis=1)
+            if DIVERGENCE == 0:
+                acc_div = acc_div * scale_s + tl.sum(tl.where(es > 0, es * (zs - zt), 0.0), axis=1)
+            if DIVERGENCE == 1:
+                acc_div = acc_div * scale_t + tl.sum(tl.where(et > 0, et * (zt - zs), 0.0), axis=1)
+            m_s = new_ms
+            m_t = new_mt
+        lse_s = m_s + tl.log(l_s)
+        lse_t = m_t + tl.log(l_t)
+        entropy = lse_s - acc_ent / l_s
+        div = tl.zeros((BLOCK_M,), tl.float32)
+        kl_p_m = tl.zeros((BLOCK_M,), tl.float32)
+        if DIVERGENCE == 0:
+            div = acc_div / l_s - lse_s + lse_t
+        if DIVERGENCE == 1:
+            div = acc_div / l_t - lse_t + lse_s
+        if DIVERGENCE == 2:
+            sum_q = tl.zeros((BLOCK_M,), tl.float32)
+            for v0 in range(0, vocab, BLOCK_V):
+                offs_v = v0 + offs_v0
+                v_mask = offs_v < vocab
+                log_p = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, inv_temp,
+                                     HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K) - lse_s[:, None]
+                log_q = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, inv_temp,
+                                     HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K) - lse_t[:, None]
+                p = tl.exp(log_p)
+                q = tl.exp(log_q)
+                log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+                kl_p_m += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=1)
+                sum_q += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=1)
+            div = beta * sum_q + (1.0 - beta) * kl_p_m
+        tl.store(div_ptr + offs_m, div, mask=m_mask)
+        tl.store(ent_ptr + offs_m, entropy, mask=m_mask)
+        tl.store(lse_s_ptr + offs_m, lse_s, mask=m_mask)
+        tl.store(lse_t_ptr + offs_m, lse_t, mask=m_mask)
+        tl.store(klpm_ptr + offs_m, kl_p_m, mask=m_mask)
+
+    @triton.jit
+    def _grad_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows_ptr,
+        div_ptr, lse_s_ptr, lse_t_ptr, klpm_ptr, scale_ptr, dh_ptr, dw_ptr, db_ptr,
+        n_rows, rows_t, hs_sb, hs_st, ht_sb, ht_st, ws_sv, wt_sv, hidden_s, hidden_t,
+        vocab, inv_temp, beta, log_1m_beta, log_beta,
+        HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DIVERGENCE: tl.constexpr,
+        DOT_FP32_S: tl.constexpr, DOT_FP32_T: tl.constexpr,
+        WANT_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        m_mask = offs_m < n_rows
+        v_mask = offs_v < vocab
+        hs_rows, ht_rows = _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st)
+        lse_s = tl.load(lse_s_ptr + offs_m, mask=m_mask, other=0.0)
+        lse_t = tl.load(lse_t_ptr + offs_m, mask=m_mask, other=0.0)
+        row_scale = tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0) * inv_temp
+        log_p = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, inv_temp,
+                             HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K) - lse_s[:, None]
+        log_q = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, inv_temp,
+                             HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K) - lse_t[:, None]
+        p = tl.exp(log_p)
+        if DIVERGENCE == 0:
+            div = tl.load(div_ptr + offs_m, mask=m_mask, other=0.0)
+            g = tl.where(p > 0, p * (log_p - log_q - div[:, None]), 0.0)
+        elif DIVERGENCE == 1:
+            g = p - tl.exp(log_q)
+        else:
+            kl_p_m = tl.load(klpm_ptr + offs_m, mask=m_mask, other=0.0)
+            log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+            g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m[:, None]), 0.0)
+        g = tl.where(m_mask[:, None] & v_mask[None, :], g * row_scale[:, None], 0.0)
+
+        if WANT_DB:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask)
+        offs_k0 = tl.arange(0, BLOCK_K)
+        for k0 in range(0, hidden_s, BLOCK_K):
+            k = k0 + offs_k0
+            k_mask = k < hidden_s
+            if WANT_DH:
+                w = tl.load(ws_ptr + offs_v.to(tl.int64)[:, None] * ws_sv + k[None, :],
+                            mask=v_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                dh_part = tl.dot(g, w, input_precision="ieee")
+                tl.atomic_add(dh_ptr + offs_m.to(tl.int64)[:, None] * hidden_s + k[None, :], dh_part,
+                              mask=m_mask[:, None] & k_mask[None, :])
+            if WANT_DW:
+                a = tl.load(hs_rows[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                            other=0.0).to(tl.float32)
+                dw_part = tl.dot(tl.trans(g), a, input_precision="ieee")
+                tl.atomic_add(dw_ptr + offs_v.to(tl.int64)[:, None] * hidden_s + k[None, :], dw_part,
+                              mask=v_mask[:, None] & k_mask[None, :])
+
+
+def _dot_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """float32 operands (exact, IEEE dot) unless both are the same 16-bit type (fp32 accumulation).
+
+    The Triton 3.9 interpreter's ``tl.dot`` on bfloat16 operands returns garbage (it multiplies
+    the raw bit patterns), so under the interpreter 16-bit operands are upcast in registers
+    first. The products of two bf16/fp16 values are exact in float32 either way, so the tests
+    check the same numbers a GPU's fp32-accumulating 16-bit dot produces, up to summation order.
+    """
+    if interpreter_enabled():
+        return True
+    return not (hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16))
+
+
+def forward(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+    kept_rows, target_ids, divergence, beta, temperature, vocab_size,
+    row_scale=None, want_hidden_grad=False, weight_grad=None, bias_grad=None, chunk_rows=None,
+    block_m=None, block_v=None, block_k=None,
+):
+    """Same contract as ``torch_backend.forward`` (``chunk_rows`` is ignored: tiles replace chunks)."""
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install 'tcod-fast[triton]')")
+    block_m = block_m or DEFAULT_BLOCK_M
+    block_v = block_v or DEFAULT_BLOCK_V
+    block_k = block_k or DEFAULT_BLOCK_K
+    device = student_hidden.device
+    n_kept = kept_rows.shape[0]
+    T = student_hidden.shape[1]
+    h_s = student_hidden if student_hidden.stride(-1) == 1 else student_hidden.contiguous()
+    h_t = teacher_hidden if teacher_hidden.stride(-1) == 1 else teacher_hidden.contiguous()
+    w_s = student_weight if student_weight.stride(-1) == 1 else student_weight.contiguous()
+    w_t = teacher_weight if teacher_weight.stride(-1) == 1 else teacher_weight.contiguous()
+    div, entropy, lse_s, lse_t, kl_p_m = (torch.zeros(n_kept, dtype=torch.float32, device=device) for _ in range(5))
+    rows = kept_rows.contiguous()
+    inv_temp = 1.0 / temperature
+    log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
+    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
+    # dummy pointers for absent biases: never read (HAS_BS / HAS_BT are constexpr False)
+    b_s = student_bias if student_bias is not None else div
+    b_t = teacher_bias if teacher_bias is not None else div
+    common = (
+        n_kept, T, h_s.stride(0), h_s.stride(1), h_t.stride(0), h_t.stride(1), w_s.stride(0), w_t.stride(0),
+        h_s.shape[-1], h_t.shape[-1], vocab_size, inv_temp, float(beta), log_1m_beta, log_beta,
+    )
+    flags = dict(
+        HAS_BS=student_bias is not None, HAS_BT=teacher_bias is not None, DIVERGENCE=_DIVERGENCE_CODES[divergence],
+        DOT_FP32_S=_dot_fp32(h_s, w_s), DOT_FP32_T=_dot_fp32(h_t, w_t),
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
+    )
+    if n_kept:
+        _stats_kernel[(triton.cdiv(n_kept, block_m),)](
+            h_s, w_s, b_s, h_t, w_t, b_t, rows, div, entropy, lse_s, lse_t, kl_p_m, *common, **flags,
+        )
+
+    dh = None
+    if row_scale is not None:
+        dh = torch.zeros(n_kept, h_s.shape[-1], dtype=torch.float32, device=device) if want_hidden_grad else None
+        scale = row_scale.to(torch.float32).contiguous()
+        want_dw = weight_grad is not None
+        want_db = bias_grad is not None
+        # atomics need float32 targets; the caller's buffers are float32 (float64 never comes here)
+        if n_kept and (dh is not None or want_dw or want_db):
+            grid = (triton.cdiv(n_kept, block_m), triton.cdiv(vocab_size, block_v))
+            _grad_kernel[grid](
+                h_s, w_s, b_s, h_t, w_t, b_t, rows, div, lse_s, lse_t, kl_p_m, scale,
+                dh if dh is not None else div, weight_grad if want_dw else div, bias_grad if want_db else div,
+                *common, WANT_DH=dh is not None, WANT_DW=want_dw, WANT_DB=want_db, **flags,
+            )
+
+    logp = torch.zeros(n_kept, dtype=torch.float32, device=device)
+    logq = torch.zeros(n_kept, dtype=torch.float32, device=device)
+    if target_ids is not None and n_kept:
+        logp, logq = _target_logprobs(h_s, w_s, student_bias, h_t, w_t, teacher_bias, rows, target_ids, inv_temp,
+                                      lse_s, lse_t)
+    return div, entropy, logp, logq, dh
+
+
+def _target_logprobs(h_s, w_s, b_s, h_t, w_t, b_t, rows, target_ids, inv_temp, lse_s, lse_t, chunk=4096):
+    """``log p(a)``, ``log q(a)`` as row dot products with the sampled tokens' weight rows."""
+    T = h_s.shape[1]
+    logp = torch.empty_like(lse_s)
+    logq = torch.empty_like(lse_t)
+    for start in range(0, rows.shape[0], chunk):
+        r = rows[start:start + chunk]
+        tgt = target_ids[r]
+        hs = h_s[r // T, r % T].float()
+        ht = h_t[r // T, r % T].float()
+        z_a = (hs * w_s[tgt].float()).sum(1) + (b_s[tgt].float() if b_s is not None else 0.0)
+        zt_a = (ht * w_t[tgt].float()).sum(1) + (b_t[tgt].float() if b_t is not None else 0.0)
+        logp[start:start + chunk] = z_a * inv_temp - lse_s[start:start + chunk]
+        logq[start:start + chunk] = zt_a * inv_temp - lse_t[start:start + chunk]
+    return logp, logq
