@@ -16,6 +16,8 @@ Backend contract (shared by all three backends):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tcod_fast.ops.turn_kl.result import DIVERGENCES
@@ -28,41 +30,50 @@ def _chunk_rows(vocab_size: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * vocab_size))
 
 
+def _log_normaliser(z: torch.Tensor, log_softmax: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(z)`` per row, read off at the row's max, where both are finite."""
+    z_max, at = z.max(dim=-1, keepdim=True)
+    return z_max - log_softmax.gather(-1, at)
+
+
 def _rows_forward(z_s, z_t, divergence, beta, inv_temp, want_grad):
-    """Divergence, entropy and gradient for a chunk of rows of already-scaled logits (float32)."""
-    lse_s = torch.logsumexp(z_s, dim=-1, keepdim=True)
-    lse_t = torch.logsumexp(z_t, dim=-1, keepdim=True)
-    log_p = z_s - lse_s
-    log_q = z_t - lse_t
+    """Divergence, entropy and gradient for a chunk of rows of already-scaled logits (float32).
+
+    In-place where it is safe, so a chunk costs a handful of ``chunk x V`` temporaries.
+    """
+    log_p = torch.log_softmax(z_s, dim=-1)  # one fused kernel; logsumexp is several passes
+    log_q = torch.log_softmax(z_t, dim=-1)
+    lse_s = _log_normaliser(z_s, log_p)
+    lse_t = _log_normaliser(z_t, log_q)
     p = log_p.exp()
-    q = log_q.exp()
-    p_present = p > 0
-    zero = torch.zeros((), dtype=z_s.dtype, device=z_s.device)
-    # where(p > 0, ...) keeps -inf entries of both logits at exactly 0 contribution.
-    entropy = -torch.where(p_present, p * log_p, zero).sum(-1)
+    p_absent = p == 0  # -inf logits (and underflow): they contribute exactly 0
+    # entropy = -sum p log p; p * log_p is 0 * -inf = nan where p == 0, hence the fill
+    entropy = -(p * log_p).masked_fill_(p_absent, 0.0).sum(-1)
     if divergence == "jsd" and beta == 1.0:
         divergence = "reverse_kl"
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward_kl"
     grad = None
     if divergence == "reverse_kl":
-        terms = torch.where(p_present, p * (log_p - log_q), zero)
-        div = terms.sum(-1)
+        log_ratio = log_p - log_q
+        div = (p * log_ratio).masked_fill_(p_absent, 0.0).sum(-1)
         if want_grad:
-            grad = torch.where(p_present, p * (log_p - log_q - div[:, None]), zero) * inv_temp
+            grad = log_ratio.sub_(div[:, None]).mul_(p).masked_fill_(p_absent, 0.0).mul_(inv_temp)
     elif divergence == "forward_kl":
-        div = torch.where(q > 0, q * (log_q - log_p), zero).sum(-1)
+        q = log_q.exp()
+        div = (q * (log_q - log_p)).masked_fill_(q == 0, 0.0).sum(-1)
         if want_grad:
-            grad = (p - q) * inv_temp
+            grad = p.sub_(q).mul_(inv_temp)
     else:
+        q = log_q.exp()
         # m = (1-beta) p + beta q, computed in log space so it never underflows before p or q do.
-        log_m = torch.logaddexp(log_p + torch.log1p(torch.tensor(-beta)), log_q + torch.log(torch.tensor(beta)))
-        p_term = torch.where(p_present, p * (log_p - log_m), zero)
-        q_term = torch.where(q > 0, q * (log_q - log_m), zero)
-        kl_p_m = p_term.sum(-1)
+        log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
+        q_term = (q * (log_q - log_m)).masked_fill_(q == 0, 0.0)
+        p_log_ratio = log_p - log_m
+        kl_p_m = (p * p_log_ratio).masked_fill_(p_absent, 0.0).sum(-1)
         div = beta * q_term.sum(-1) + (1.0 - beta) * kl_p_m
         if want_grad:
-            grad = (1.0 - beta) * torch.where(p_present, p * (log_p - log_m - kl_p_m[:, None]), zero) * inv_temp
+            grad = p_log_ratio.sub_(kl_p_m[:, None]).mul_(p).masked_fill_(p_absent, 0.0).mul_((1.0 - beta) * inv_temp)
     return div, entropy, lse_s.squeeze(-1), lse_t.squeeze(-1), grad
 
 
@@ -92,8 +103,10 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
     step = _chunk_rows(vocab_size)
     for start in range(0, N, step):
         stop = min(N, start + step)
-        z_s = s_rows[start:stop, :vocab_size].to(compute_dtype) * inv_temp
-        z_t = t_rows[start:stop, :vocab_size].to(compute_dtype) * inv_temp
+        z_s = s_rows[start:stop, :vocab_size].to(compute_dtype)
+        z_t = t_rows[start:stop, :vocab_size].to(compute_dtype)
+        if inv_temp != 1.0:
+            z_s, z_t = z_s * inv_temp, z_t * inv_temp
         div, ent, lse_s, lse_t, g = _rows_forward(z_s, z_t, divergence, beta, inv_temp, grad is not None)
         k = keep_rows[start:stop]
         zero = torch.zeros((), dtype=div.dtype, device=div.device)
