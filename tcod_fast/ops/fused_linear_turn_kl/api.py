@@ -22,15 +22,13 @@ recompute only ``dW``? Both need the same recomputed ``G`` blocks; storing ``dh`
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
 import torch
 
 from tcod_fast.ops.fused_linear_turn_kl import torch_backend
-from tcod_fast.ops.turn_kl.api import _check_int_tensor, _device_check, _shape_str, _validate_window
-from tcod_fast.ops.turn_kl.result import DIVERGENCES, REDUCTIONS, TurnKLResult
+from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, resolve_vocab_size, shape_str
 
 try:  # the Triton backend is optional (GPU, or CPU under TRITON_INTERPRET=1)
     from tcod_fast.ops.fused_linear_turn_kl import triton_backend
@@ -231,7 +229,7 @@ def _check_float(name, x, dims):
         raise TypeError(f"{name} must be float32/bfloat16/float16/float64, got {x.dtype}")
     if x.dim() not in dims:
         expected = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(f"{name} must be {expected}, got {x.dim()}-D shape {_shape_str(x.shape)}")
+        raise ValueError(f"{name} must be {expected}, got {x.dim()}-D shape {shape_str(x.shape)}")
 
 
 def _check_head(side, hidden, weight, bias, device):
@@ -239,15 +237,15 @@ def _check_head(side, hidden, weight, bias, device):
     _check_float(f"{side}_weight", weight, (2,))
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"{side}_weight is (V, H) = {_shape_str(weight.shape)} with hidden size {weight.shape[1]}, "
-            f"but {side}_hidden has hidden size {hidden.shape[-1]} (shape {_shape_str(hidden.shape)})"
+            f"{side}_weight is (V, H) = {shape_str(weight.shape)} with hidden size {weight.shape[1]}, "
+            f"but {side}_hidden has hidden size {hidden.shape[-1]} (shape {shape_str(hidden.shape)})"
         )
     if bias is not None:
         _check_float(f"{side}_bias", bias, (1,))
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(
                 f"{side}_bias must be shaped ({weight.shape[0]},) like {side}_weight's vocabulary, "
-                f"got {_shape_str(bias.shape)}"
+                f"got {shape_str(bias.shape)}"
             )
     for name, x in ((f"{side}_hidden", hidden), (f"{side}_weight", weight), (f"{side}_bias", bias)):
         if x is not None and x.device != device:
@@ -274,32 +272,6 @@ def _resolve_backend(backend, device, dtypes):
         if has_float64:
             raise TypeError("backend='triton' supports float32/bfloat16/float16 inputs, got torch.float64")
     return backend
-
-
-# --------------------------------------------------------------------------------------------
-# reductions: one coefficient per token
-# --------------------------------------------------------------------------------------------
-def _token_coefficients(keep, turn_index, token_weight, reduction, per_turn_sum):
-    """``d loss / d div`` per token ``(B, T)`` for a scalar reduction (None for ``"none"``).
-
-    Every reduction of ``fused_turn_kl`` is linear in the per-token divergence with coefficients
-    that depend only on the mask and the turn weights, so they are known before any compute.
-    """
-    keep_f = keep.to(token_weight.dtype)
-    if reduction == "none":
-        return None
-    if reduction == "sum":
-        return token_weight
-    if reduction == "mean":
-        return token_weight / keep_f.sum().clamp_min(1.0)
-    if reduction == "seq_mean_token_mean":
-        seq_count = keep_f.sum(1, keepdim=True)
-        num_seqs = (seq_count > 0).sum().clamp_min(1).to(token_weight.dtype)
-        return token_weight / seq_count.clamp_min(1.0) / num_seqs
-    # turn_mean
-    turn_count = per_turn_sum(torch.ones_like(keep_f))
-    num_groups = (turn_count > 0).sum().clamp_min(1).to(token_weight.dtype)
-    return token_weight / turn_count.gather(1, turn_index).clamp_min(1.0) / num_groups
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,104 +374,33 @@ def fused_linear_turn_kl(
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
-            f"student_hidden leading shape {_shape_str(student_hidden.shape[:-1])} does not match "
-            f"teacher_hidden leading shape {_shape_str(teacher_hidden.shape[:-1])}"
+            f"student_hidden leading shape {shape_str(student_hidden.shape[:-1])} does not match "
+            f"teacher_hidden leading shape {shape_str(teacher_hidden.shape[:-1])}"
         )
-    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
-    if vocab_size is None:
-        if v_s != v_t:
-            raise ValueError(
-                f"student_weight has vocab {v_s} but teacher_weight has {v_t}; pass vocab_size= to use "
-                f"the first rows both share (e.g. vocab_size={min(v_s, v_t)})"
-            )
-        vocab_size = v_s
-    elif not isinstance(vocab_size, numbers.Integral) or not 1 <= vocab_size <= min(v_s, v_t):
-        raise ValueError(
-            f"vocab_size must be an integer in [1, min(student vocab {v_s}, teacher vocab {v_t})], got {vocab_size!r}"
-        )
-    vocab_size = int(vocab_size)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(beta, numbers.Real) or not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-    if not isinstance(temperature, numbers.Real) or not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    vocab_size = resolve_vocab_size(
+        student_weight.shape[0], teacher_weight.shape[0], vocab_size, "student_weight", "teacher_weight", "rows"
+    )
+    divergence = check_options(divergence, reduction, beta, temperature)
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}")
     if not isinstance(fp32_weight_grad, bool):
         raise TypeError(f"fp32_weight_grad must be a bool, got {fp32_weight_grad!r}")
-    lead_shape = student_hidden.shape[:-1]
-    flat = student_hidden.dim() == 2
-    B, T = (1, lead_shape[0]) if flat else (lead_shape[0], lead_shape[1])
-    if turn_ids is not None:
-        _check_int_tensor("turn_ids", turn_ids, lead_shape, device)
-    if target_ids is not None:
-        _check_int_tensor("target_ids", target_ids, lead_shape, device)
-        if target_ids.numel():
-            _device_check(
-                ((target_ids >= 0) & (target_ids < vocab_size)).all(),
-                f"target_ids must lie in [0, vocab_size={vocab_size})",
-            )
-    window = _validate_window(turn_window, B, device)
-    if turn_weights is not None:
-        if not isinstance(turn_weights, torch.Tensor) or not turn_weights.dtype.is_floating_point:
-            raise TypeError(f"turn_weights must be a float tensor shaped (B, num_turns), got {turn_weights!r:.80}")
-        if turn_weights.dim() == 1 and flat:
-            turn_weights = turn_weights.unsqueeze(0)
-        if turn_weights.dim() != 2 or turn_weights.shape[0] != B:
-            raise ValueError(
-                f"turn_weights must be shaped (B, num_turns) with B={B}, got {_shape_str(turn_weights.shape)}"
-            )
-        if turn_weights.device != device:
-            raise ValueError(f"turn_weights is on {turn_weights.device} but the hidden states are on {device}")
-        if num_turns is not None and num_turns != turn_weights.shape[1]:
-            raise ValueError(f"num_turns={num_turns} but turn_weights has {turn_weights.shape[1]} turns")
-        num_turns = turn_weights.shape[1]
-    if num_turns is not None and (not isinstance(num_turns, numbers.Integral) or num_turns < 1):
-        raise ValueError(f"num_turns must be a positive integer, got {num_turns!r}")
+    turns = prepare_turns(
+        student_hidden.shape[:-1], device, turn_ids=turn_ids, turn_window=turn_window, turn_weights=turn_weights,
+        target_ids=target_ids, vocab_size=vocab_size, reduction=reduction, return_stats=return_stats,
+        num_turns=num_turns, inputs_name="the hidden states",
+    )
     dtypes = {x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                                 teacher_bias) if x is not None}
     backend = _resolve_backend(backend, device, dtypes)
-    if divergence == "jsd" and float(beta) in (0.0, 1.0):  # TRL's endpoints, as fused_turn_kl
-        divergence = "reverse_kl" if float(beta) == 1.0 else "forward_kl"
 
-    # ---- token mask: N-sized ops on the turn ids, identical to fused_turn_kl ----
+    # ---- the token mask and reductions are fused_turn_kl's (turns.py) ----
+    flat = turns.flat
     h_s = student_hidden.unsqueeze(0) if flat else student_hidden
     h_t = teacher_hidden.unsqueeze(0) if flat else teacher_hidden
-    ids = torch.zeros(B, T, dtype=torch.long, device=device) if turn_ids is None else turn_ids.reshape(B, T).long()
-    keep = ids >= 0
-    if isinstance(window, tuple):
-        keep = keep & (ids >= window[0]) & (ids < window[1])
-    elif window is not None:
-        keep = keep & (ids >= window[:, :1]) & (ids < window[:, 1:])
-    target3 = None if target_ids is None else target_ids.reshape(B, T).long()
-
-    need_turns = return_stats or reduction == "turn_mean" or turn_weights is not None
-    if need_turns and num_turns is None:
-        num_turns = max(int(ids.max()) + 1 if ids.numel() else 1, 1)  # documented sync
-    if need_turns:
-        _device_check(
-            (torch.where(keep, ids, 0) < num_turns).all(),
-            f"turn_ids must be < num_turns={num_turns} for kept tokens",
-        )
-
+    keep, target3 = turns.keep, turns.target_ids
     stat_dtype = _compute_dtype(student_hidden, student_weight)
-    keep_f = keep.to(stat_dtype)
-    turn_index = torch.where(keep, ids, torch.zeros_like(ids))
-    token_weight = keep_f
-    if turn_weights is not None:
-        token_weight = keep_f * turn_weights.to(stat_dtype).gather(1, turn_index)
-    flat_turn = None
-    if need_turns:
-        flat_turn = (torch.arange(B, device=device).unsqueeze(1) * num_turns + turn_index).reshape(-1)
-
-    def per_turn_sum(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(B * num_turns, dtype=stat_dtype, device=device)
-        return out.index_add(0, flat_turn, (values * keep_f).reshape(-1)).view(B, num_turns)
-
-    coeff = _token_coefficients(keep, turn_index, token_weight, reduction, per_turn_sum)
+    coeff = turns.token_coefficients(reduction, stat_dtype)
     chunk_rows = int(chunk_size) if chunk_size is not None else torch_backend.default_chunk_rows(vocab_size)
     config = _Config(
         divergence, float(beta), float(temperature), vocab_size, chunk_rows, backend, fp32_weight_grad,
@@ -509,26 +410,7 @@ def fused_linear_turn_kl(
         h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, keep, target3, coeff, config
     )
     if reduction == "none":
-        weighted = div * token_weight
-        loss = weighted.squeeze(0) if flat else weighted
-
+        loss = turns.reduce(div, reduction)
     if not return_stats:
         return loss
-
-    def lead(x):
-        return x.squeeze(0) if flat else x
-
-    has_target = target_ids is not None
-    return TurnKLResult(
-        loss=loss,
-        kl=lead(div),
-        entropy=lead(entropy),
-        token_kept=lead(keep),
-        turn_token_count=per_turn_sum(torch.ones_like(keep_f)),
-        turn_kl_sum=per_turn_sum(div.detach()),
-        turn_entropy_sum=per_turn_sum(entropy),
-        student_logprob=lead(logp) if has_target else None,
-        teacher_logprob=lead(logq) if has_target else None,
-        turn_abs_logratio_sum=per_turn_sum((logp - logq).abs()) if has_target else None,
-        turn_neg_logprob_sum=per_turn_sum(-logp) if has_target else None,
-    )
+    return turns.result(loss, div, entropy, logp, logq)

@@ -1,0 +1,257 @@
+"""What ``fused_turn_kl`` and ``fused_linear_turn_kl`` share: argument checks for the turn
+keywords, the per-token keep mask, the reductions and the per-turn statistics.
+
+Everything here works on ``N``-sized tensors (turn ids, masks, per-token values), never on
+``N x V`` ones, and does no host synchronisation except where documented (``num_turns``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from tcod_fast.ops.turn_kl.result import DIVERGENCES, REDUCTIONS, TurnKLResult
+
+
+def shape_str(shape) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ")"
+
+
+def device_check(condition: torch.Tensor, message: str) -> None:
+    """Value checks without a host sync on accelerators (asserted asynchronously there)."""
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
+def check_int_tensor(name, x, lead_shape, device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    if tuple(x.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} must have the logits' leading shape {shape_str(lead_shape)}, got {shape_str(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+
+
+def check_options(divergence, reduction, beta, temperature) -> str:
+    """Validates the divergence keywords; returns the divergence to compute.
+
+    ``jsd`` at the endpoints is exactly TRL's special-casing: beta=1 reverse KL, beta=0 forward KL.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(beta, numbers.Real) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if not isinstance(temperature, numbers.Real) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if divergence == "jsd" and float(beta) in (0.0, 1.0):
+        return "reverse_kl" if float(beta) == 1.0 else "forward_kl"
+    return divergence
+
+
+def resolve_vocab_size(v_s: int, v_t: int, vocab_size, student_name: str, teacher_name: str, unit: str) -> int:
+    """The number of leading vocabulary entries both models share and the op uses."""
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"{student_name} has vocab {v_s} but {teacher_name} has {v_t}; pass vocab_size= to use "
+                f"the first {unit} both share (e.g. vocab_size={min(v_s, v_t)})"
+            )
+        return int(v_s)
+    if not isinstance(vocab_size, numbers.Integral) or not 1 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size must be an integer in [1, min(student vocab {v_s}, teacher vocab {v_t})], got {vocab_size!r}"
+        )
+    return int(vocab_size)
+
+
+def _validate_window(turn_window, B, device):
+    if turn_window is None:
+        return None
+    if isinstance(turn_window, torch.Tensor):
+        if turn_window.dtype.is_floating_point or turn_window.dtype == torch.bool:
+            raise TypeError(f"turn_window tensor must be integer, got dtype {turn_window.dtype}")
+        if tuple(turn_window.shape) != (B, 2):
+            raise ValueError(
+                f"turn_window tensor must be shaped (B, 2) = ({B}, 2) (one [lo, hi) per sequence), "
+                f"got {shape_str(turn_window.shape)}"
+            )
+        if turn_window.device != device:
+            raise ValueError(f"turn_window is on {turn_window.device} but the logits are on {device}")
+        device_check((turn_window[:, 0] <= turn_window[:, 1]).all(), "turn_window has a row with lo > hi (expected lo <= hi)")
+        return turn_window.to(torch.long)
+    if not (isinstance(turn_window, (tuple, list)) and len(turn_window) == 2):
+        raise TypeError(f"turn_window must be (lo, hi) or a (B, 2) integer tensor, got {turn_window!r}")
+    lo, hi = turn_window
+    if not all(isinstance(v, numbers.Integral) for v in (lo, hi)):
+        raise TypeError(f"turn_window must hold two integers (lo, hi), got {turn_window!r}")
+    if lo > hi:
+        raise ValueError(f"turn_window lo must be <= hi, got lo={lo} > hi={hi}")
+    return (int(lo), int(hi))
+
+
+@dataclass
+class TurnLayout:
+    """The prepared turn structure of a batch: which tokens are kept, their weights, their turn.
+
+    Attributes:
+        B, T: sequences and tokens per sequence (``B = 1`` for ``(N, ...)`` inputs).
+        flat: the inputs were ``(N, ...)``; per-token outputs are returned as ``(N,)``.
+        keep: ``(B, T)`` bool, the tokens that take part.
+        target_ids: ``(B, T)`` int64 or None.
+        num_turns: width of the per-turn tensors, or None when nothing needs them.
+    """
+
+    B: int
+    T: int
+    flat: bool
+    keep: torch.Tensor
+    turn_index: torch.Tensor
+    target_ids: torch.Tensor | None
+    turn_weights: torch.Tensor | None
+    num_turns: int | None
+
+    def lead(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` back to the caller's leading shape."""
+        return x.squeeze(0) if self.flat else x
+
+    def token_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``keep * turn_weight`` per token: what multiplies each token's divergence."""
+        weight = self.keep.to(dtype)
+        if self.turn_weights is not None:
+            weight = weight * self.turn_weights.to(dtype).gather(1, self.turn_index)
+        return weight
+
+    def per_turn_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of ``values`` over kept tokens per (sequence, turn): ``(B, num_turns)``."""
+        flat_turn = (torch.arange(self.B, device=values.device).unsqueeze(1) * self.num_turns + self.turn_index).reshape(-1)
+        kept_values = (values * self.keep.to(values.dtype)).reshape(-1)
+        out = torch.zeros(self.B * self.num_turns, dtype=values.dtype, device=values.device)
+        return out.index_add(0, flat_turn, kept_values).view(self.B, self.num_turns)
+
+    def token_coefficients(self, reduction: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """``d loss / d div`` per token ``(B, T)`` (None for ``"none"``).
+
+        Every scalar reduction is linear in the per-token divergence with coefficients that
+        depend only on the mask and the turn weights, so ``loss = sum(coeff * div)``.
+        """
+        weight = self.token_weight(dtype)
+        keep_f = self.keep.to(dtype)
+        if reduction == "none":
+            return None
+        if reduction == "sum":
+            return weight
+        if reduction == "mean":
+            return weight / keep_f.sum().clamp_min(1.0)
+        if reduction == "seq_mean_token_mean":
+            seq_count = keep_f.sum(1, keepdim=True)
+            num_seqs = (seq_count > 0).sum().clamp_min(1).to(dtype)
+            return weight / seq_count.clamp_min(1.0) / num_seqs
+        turn_count = self.per_turn_sum(torch.ones_like(keep_f))  # turn_mean
+        num_groups = (turn_count > 0).sum().clamp_min(1).to(dtype)
+        return weight / turn_count.gather(1, self.turn_index).clamp_min(1.0) / num_groups
+
+    def reduce(self, div: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The loss from per-token divergences ``(B, T)``; 0 (with zero gradient) if nothing is kept."""
+        if reduction == "none":
+            return self.lead(div * self.token_weight(div.dtype))
+        return (self.token_coefficients(reduction, div.dtype) * div).sum()
+
+    def result(self, loss, div, entropy, logp, logq) -> TurnKLResult:
+        """Assemble the stats object from the per-token outputs of one pass."""
+        has_target = self.target_ids is not None
+        ones = torch.ones_like(div, dtype=div.dtype)
+        return TurnKLResult(
+            loss=loss,
+            kl=self.lead(div),
+            entropy=self.lead(entropy),
+            token_kept=self.lead(self.keep),
+            turn_token_count=self.per_turn_sum(ones.detach()),
+            turn_kl_sum=self.per_turn_sum(div.detach()),
+            turn_entropy_sum=self.per_turn_sum(entropy),
+            student_logprob=self.lead(logp) if has_target else None,
+            teacher_logprob=self.lead(logq) if has_target else None,
+            turn_abs_logratio_sum=self.per_turn_sum((logp - logq).abs()) if has_target else None,
+            turn_neg_logprob_sum=self.per_turn_sum(-logp) if has_target else None,
+        )
+
+
+def prepare_turns(
+    lead_shape,
+    device: torch.device,
+    *,
+    turn_ids,
+    turn_window,
+    turn_weights,
+    target_ids,
+    vocab_size: int,
+    reduction: str,
+    return_stats: bool,
+    num_turns,
+    inputs_name: str = "the logits",
+) -> TurnLayout:
+    """Check the turn keywords against the leading shape and build the keep mask.
+
+    A token is kept iff ``turn_id >= 0 and lo <= turn_id < hi``. ``num_turns`` defaults to
+    ``turn_weights.shape[-1]``, else ``max(turn_ids) + 1`` (one host sync, only when per-turn
+    tensors are needed: pass ``num_turns`` to avoid it).
+    """
+    flat = len(lead_shape) == 1
+    B, T = (1, lead_shape[0]) if flat else (lead_shape[0], lead_shape[1])
+    if turn_ids is not None:
+        check_int_tensor("turn_ids", turn_ids, lead_shape, device)
+    if target_ids is not None:
+        check_int_tensor("target_ids", target_ids, lead_shape, device)
+        if target_ids.numel():
+            device_check(
+                ((target_ids >= 0) & (target_ids < vocab_size)).all(),
+                f"target_ids must lie in [0, vocab_size={vocab_size})",
+            )
+    window = _validate_window(turn_window, B, device)
+    if turn_weights is not None:
+        if not isinstance(turn_weights, torch.Tensor) or not turn_weights.dtype.is_floating_point:
+            raise TypeError(f"turn_weights must be a float tensor shaped (B, num_turns), got {turn_weights!r:.80}")
+        if turn_weights.dim() == 1 and flat:
+            turn_weights = turn_weights.unsqueeze(0)
+        if turn_weights.dim() != 2 or turn_weights.shape[0] != B:
+            raise ValueError(f"turn_weights must be shaped (B, num_turns) with B={B}, got {shape_str(turn_weights.shape)}")
+        if turn_weights.device != device:
+            raise ValueError(f"turn_weights is on {turn_weights.device} but {inputs_name} are on {device}")
+        if num_turns is not None and num_turns != turn_weights.shape[1]:
+            raise ValueError(f"num_turns={num_turns} but turn_weights has {turn_weights.shape[1]} turns")
+        num_turns = turn_weights.shape[1]
+    if num_turns is not None and (not isinstance(num_turns, numbers.Integral) or num_turns < 1):
+        raise ValueError(f"num_turns must be a positive integer, got {num_turns!r}")
+
+    ids = torch.zeros(B, T, dtype=torch.long, device=device) if turn_ids is None else turn_ids.reshape(B, T).long()
+    keep = ids >= 0
+    if isinstance(window, tuple):
+        keep = keep & (ids >= window[0]) & (ids < window[1])
+    elif window is not None:
+        keep = keep & (ids >= window[:, :1]) & (ids < window[:, 1:])
+    turn_index = torch.where(keep, ids, torch.zeros_like(ids))
+
+    need_turns = return_stats or reduction == "turn_mean" or turn_weights is not None
+    if need_turns:
+        if num_turns is None:
+            num_turns = max(int(ids.max()) + 1 if ids.numel() else 1, 1)  # documented sync
+        device_check((turn_index < num_turns).all(), f"turn_ids must be < num_turns={num_turns} for kept tokens")
+    return TurnLayout(
+        B=B,
+        T=T,
+        flat=flat,
+        keep=keep,
+        turn_index=turn_index,
+        target_ids=None if target_ids is None else target_ids.reshape(B, T).long(),
+        turn_weights=turn_weights,
+        num_turns=int(num_turns) if need_turns else None,
+    )
