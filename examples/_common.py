@@ -1,0 +1,35 @@
+"""Shared command line of the per-environment example scripts."""
+
+import argparse
+
+from tcod_fast.trainer.config import ALGORITHMS, load_config
+from tcod_fast.trainer.loop import train
+from tcod_fast.trainer.plots import plot_run
+
+
+def run_example(description: str, env_overrides: list[str], *, default_out: str, default_steps: int = 20) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--algorithm", default="tcod_f2b", choices=ALGORITHMS)
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--teacher", help="local Hugging Face teacher folder (default: a random tiny model)")
+    parser.add_argument("--student", help="local Hugging Face student folder (default: a random tiny model)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    overrides = [
+        f"curriculum.algorithm={args.algorithm}",
+        f"trainer.steps={args.steps}",
+        f"trainer.output_dir={args.out}",
+        *env_overrides,
+    ]
+    if args.algorithm in ("grpo", "atod", "sod"):
+        overrides.append("curriculum.episodes_per_task=4")
+    if args.teacher:
+        overrides.append(f"model.teacher_path={args.teacher}")
+    if args.student:
+        overrides.append(f"model.student_path={args.student}")
+    config = load_config(None, overrides + args.overrides)
+    run = train(config, resume=args.resume)
+    plot_run(config.trainer.output_dir)
+    print(run.last_eval)

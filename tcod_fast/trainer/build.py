@@ -1,0 +1,172 @@
+"""Building what a run needs from its config: prompter, tokenizer, models, environments.
+
+Nothing here downloads: models and tokenizers come from local folders, or are built in code
+(a word-level tokenizer learnt from the environment's own texts and random-init tiny LMs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tcod_fast.trainer.config import EnvSettings, TinyModelSpec, TrainConfig
+
+__all__ = [
+    "build_envs",
+    "build_model",
+    "build_prompter",
+    "build_tokenizer",
+    "collect_env_texts",
+    "env_task_splits",
+    "load_tokenizer",
+    "torch_dtype",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def build_prompter(env: EnvSettings):
+    """The papers' prompt for ``env.name`` with the run's layout options."""
+    from tcod_fast.envs.prompts import prompt_config_for
+    from tcod_fast.rollout import PaperPrompter
+
+    overrides = dict(
+        history_length=env.history_length,
+        think=env.think,
+        show_admissible_actions=env.show_admissible_actions,
+    )
+    if env.max_admissible_actions is not None:
+        overrides["max_admissible_actions"] = env.max_admissible_actions
+    return PaperPrompter(prompt_config_for(env.name, **overrides))
+
+
+def make_one_env(env: EnvSettings):
+    from tcod_fast.envs.registry import make_env
+
+    return make_env(env.name, **env.kwargs)
+
+
+def build_envs(env: EnvSettings, num_slots: int):
+    """``num_slots`` episode slots: in-process environments, or an ``EnvPool`` of workers."""
+    if env.pool_workers > 0:
+        from tcod_fast.envs.pool import EnvPool, PoolConfig
+        from tcod_fast.envs.registry import EnvSpec
+
+        return EnvPool(EnvSpec(env.name, dict(env.kwargs)), num_slots, PoolConfig(num_workers=env.pool_workers))
+    from tcod_fast.rollout import EnvListDriver
+
+    return EnvListDriver([make_one_env(env) for _ in range(num_slots)])
+
+
+def env_task_splits(env_settings: EnvSettings, env=None) -> dict[str, list[str]]:
+    """Task ids of the train, seen and unseen splits (train capped at ``num_train_tasks``)."""
+    env = env if env is not None else make_one_env(env_settings)
+    train = list(env.list_tasks(env_settings.train_split))
+    if env_settings.num_train_tasks is not None:
+        train = train[: env_settings.num_train_tasks]
+    if not train:
+        raise ValueError(f"env {env_settings.name!r} has no tasks in split {env_settings.train_split!r}")
+    return {
+        "train": train,
+        "seen": list(env.list_tasks(env_settings.seen_split)),
+        "unseen": list(env.list_tasks(env_settings.unseen_split)),
+    }
+
+
+def collect_env_texts(env, prompter, tasks, *, max_tasks: int | None = None) -> list[str]:
+    """Every message an expert episode of ``tasks`` shows, in both prompt layouts.
+
+    A word-level tokenizer learnt from these covers the prompts, observations and expert
+    replies; states off the expert path may still show a few unseen words (``<unk>``).
+    """
+    from tcod_fast.envs.prompts import parse_action
+    from tcod_fast.rollout import PromptState
+
+    texts: list[str] = []
+    for task in list(tasks)[: max_tasks or None]:
+        first = env.reset(task)
+        expert = env.expert_actions() or []
+        state = PromptState(first.task_text, first.observation, list(first.admissible_actions), 0, [])
+        texts.append(prompter.first_message(state))
+        texts.append(prompter.window_message(state))
+        for action in expert:
+            texts.append(prompter.expert_reply(action))
+            result = env.step(action)
+            state = PromptState(
+                first.task_text,
+                result.observation,
+                list(result.admissible_actions),
+                state.step_count + 1,
+                state.history + [(state.observation, action)],
+            )
+            texts.append(prompter.observation_message(state))
+            texts.append(prompter.window_message(state))
+            texts.extend(result.admissible_actions)
+            if result.done:
+                break
+        # A step after a wasted turn shows the wasted-turn marker in the history.
+        wasted = PromptState(first.task_text, first.observation, list(first.admissible_actions), 1, [(first.observation, None)])
+        texts.append(prompter.window_message(wasted))
+    for reply in ("no tags", "<action></action>", "<think>x</think>"):
+        texts.append(prompter.format_error_feedback(parse_action(reply, None, prompter.prompt_config)))
+    return texts
+
+
+def build_tokenizer(config: TrainConfig, prompter, *, max_tasks_per_split: int | None = None):
+    """A word-level tokenizer learnt from the environment's expert episodes (all splits;
+    ``env.vocab_tasks_per_split`` tasks of each unless ``max_tasks_per_split`` says otherwise)."""
+    if max_tasks_per_split is None:
+        max_tasks_per_split = config.env.vocab_tasks_per_split
+    from tcod_fast.tiny_models import build_word_tokenizer
+
+    env = make_one_env(config.env)
+    try:
+        splits = env_task_splits(config.env, env)
+        texts = []
+        for tasks in splits.values():
+            texts += collect_env_texts(env, prompter, tasks, max_tasks=max_tasks_per_split)
+    finally:
+        env.close()
+    return build_word_tokenizer(texts)
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from a local folder (never the hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def build_model(path: str | None, tiny: TinyModelSpec, tokenizer, *, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local folder, or the tiny random-init model of ``tiny``."""
+    if path is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model at {path} has vocab_size "
+                f"{model.config.vocab_size}"
+            )
+        return model
+    from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm
+
+    spec = TinyModelConfig(
+        architecture=tiny.architecture,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        seed=tiny.seed,
+        dtype=dtype,
+    )
+    return build_tiny_causal_lm(spec, tokenizer)

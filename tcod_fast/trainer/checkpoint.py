@@ -1,0 +1,136 @@
+"""Checkpoints written atomically, and everything needed to resume a run exactly.
+
+A checkpoint is one ``torch.save`` file ``checkpoints/step_00000012.pt`` holding the student's
+weights, the optimiser, the LR scheduler, the curriculum sampler, every RNG state (Python,
+NumPy, torch CPU and CUDA), the step to run next and the config. ``checkpoints/latest`` names
+the newest one.
+
+Atomicity: each file is written to a temporary name in the same folder, flushed and fsynced,
+then ``os.replace``d onto its final name (atomic on POSIX and Windows), and ``latest`` is
+updated the same way only after the checkpoint is in place. A crash at any moment leaves
+either the old state or the new one, never a torn file under a final name; leftover
+temporary files are ignored and cleaned on the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_torch_save",
+    "capture_rng_state",
+    "restore_rng_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Run ``write(file_object)`` into a temp file beside ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # The temp file is garbage now; the previous file under ``path`` is untouched.
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def capture_rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep: int = 2) -> Path:
+    """Write ``state`` as ``folder/step_<step>.pt`` atomically, point ``latest`` at it, and
+    delete all but the newest ``keep`` checkpoints (and stale temporary files)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:08d}.pt"
+    atomic_torch_save(state, path)
+    atomic_write_bytes(folder / "latest", (path.name + "\n").encode())
+    checkpoints = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    for old in checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]:
+        if old != path:
+            old.unlink(missing_ok=True)
+    for stale in folder.glob(_TMP_PREFIX + "*"):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names, else the highest-step one present, else ``None``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    pointer = folder / "latest"
+    if pointer.is_file():
+        candidate = folder / pointer.read_text().strip()
+        if candidate.is_file():
+            return candidate
+    checkpoints = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (on CPU)."""
+    # The file holds optimiser state, RNG tuples and plain config data, not just tensors.
+    return torch.load(Path(path), map_location="cpu", weights_only=False)

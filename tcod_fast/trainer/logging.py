@@ -1,0 +1,111 @@
+"""Metrics: one JSON line per training step (and per evaluation), optional TensorBoard.
+
+Records are flat ``{"step": s, "kind": "train" | "eval", name: value, ...}`` dicts; lists
+(e.g. ``kl_by_turn``) stay lists in JSON and are expanded to ``name/<i>`` scalars for
+TensorBoard. On resume the file is cut back to the records before the resumed step, so a
+crash between a log line and its checkpoint never leaves duplicated steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "read_metrics"]
+
+
+def _clean(value: Any):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible instead of crashing
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if hasattr(value, "item") and callable(value.item):
+        return _clean(value.item())
+    return value
+
+
+class MetricsLogger:
+    """Appends records to ``metrics.jsonl`` (and TensorBoard when asked).
+
+    Args:
+        folder: run folder.
+        jsonl: write the JSONL file.
+        tensorboard: write TensorBoard events under ``folder/tensorboard`` (needs the
+            ``tensorboard`` package; without it a warning is printed once and it is skipped).
+        enabled: False on non-zero ranks of a distributed run.
+    """
+
+    def __init__(self, folder: str | Path, *, jsonl: bool = True, tensorboard: bool = False, enabled: bool = True):
+        self.folder = Path(folder)
+        self.path = self.folder / "metrics.jsonl"
+        self.jsonl = jsonl and enabled
+        self.enabled = enabled
+        self._writer = None
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.folder / "tensorboard"))
+            except ImportError as exc:
+                print(f"[tcod-fast] TensorBoard logging is off: {exc} (pip install tensorboard)")
+        if self.jsonl:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def truncate_from(self, step: int) -> None:
+        """Drop what a run resumed at ``step`` will write again: training records of ``step``
+        and later, and evaluation records after ``step`` (the evaluation *at* ``step`` ran
+        before the checkpoint was written, so it is kept)."""
+        if not self.jsonl or not self.path.exists():
+            return
+
+        def keep(record):
+            recorded = int(record.get("step", 0))
+            return recorded <= step if record.get("kind") == "eval" else recorded < step
+
+        kept = [r for r in read_metrics(self.path) if keep(r)]
+        with open(self.path, "w") as handle:
+            for record in kept:
+                handle.write(json.dumps(record) + "\n")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = _clean(record)
+        if self.jsonl:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            step = int(record.get("step", 0))
+            prefix = record.get("kind", "train")
+            for name, value in record.items():
+                if name in ("step", "kind"):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{prefix}/{name}", value, step)
+                elif isinstance(value, list):
+                    for index, item in enumerate(value):
+                        if isinstance(item, (int, float)):
+                            self._writer.add_scalar(f"{prefix}/{name}/{index}", item, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file (only those of ``kind`` when given)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if kind is None or record.get("kind") == kind:
+                records.append(record)
+    return records

@@ -1,0 +1,1008 @@
+"""The training loop: rollout -> score -> advantages -> loss -> update -> evaluate -> log -> checkpoint.
+
+Read :func:`train` first; every stage is a function of that name below it, in that order.
+
+Where each algorithm lives (DESIGN.md §4):
+
+* *who plays which turn* (TCOD-F2B depth, TCOD-B2F prefix, Guided-OPD teacher coin): the
+  curriculum sampler's plans (``tcod_fast.curriculum``), followed by :func:`rollout`; the
+  plan's turn window masks the loss in :func:`compute_loss`.
+* *what signal trains a turn*: :func:`algorithm_coefficients`, one table:
+
+  ============  ===========================  ==========================  ============
+  algorithm     OPD coefficient              GRPO coefficient            turn weights
+  ============  ===========================  ==========================  ============
+  opd           ``loss.kl_coef``             0                           none
+  tcod_f2b      ``loss.kl_coef``             0                           none
+  tcod_b2f      ``loss.kl_coef``             0                           none
+  guided_opd    ``loss.kl_coef``             0                           none
+  atod          ``kappa(step)``              ``rho(step)``               T-DUR
+  sod           ``loss.sod_coef``            1                           SOD
+  grpo          0                            1                           none
+  ============  ===========================  ==========================  ============
+
+* *how the OPD term is estimated* (``loss.estimator``): ``full_vocab`` -- the exact reverse KL
+  over the vocabulary through ``fused_linear_turn_kl`` / ``fused_turn_kl``, weighted by the
+  turn weights; ``sampled`` -- TCOD's reference: the advantage ``kl_coef (log q - log p_old)``
+  (k1, or ``-kl_coef k3``) in a PPO clipped surrogate, summed with the GRPO advantage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tcod_fast import objectives
+from tcod_fast.curriculum import CurriculumSampler, EpisodePlan, turn_windows_tensor
+from tcod_fast.trainer import build
+from tcod_fast.trainer.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from tcod_fast.trainer.config import TrainConfig, config_to_dict, save_config
+from tcod_fast.trainer.distributed import (
+    DistContext,
+    all_reduce_gradients,
+    all_reduce_sum,
+    broadcast_parameters,
+    init_distributed,
+)
+from tcod_fast.trainer.logging import MetricsLogger
+
+__all__ = [
+    "LossCoefficients",
+    "StepBatch",
+    "TrainingRun",
+    "algorithm_coefficients",
+    "compute_advantages",
+    "compute_loss",
+    "evaluate",
+    "rollout",
+    "score",
+    "setup_run",
+    "train",
+    "train_on_batch",
+    "update",
+]
+
+#: Plans that have a teacher model play turns need a teacher generator in the rollout.
+_NEEDS_TEACHER_GENERATOR = {"guided_opd"}
+
+
+# ======================================================================================
+# the run's state
+# ======================================================================================
+@dataclass
+class TrainingRun:
+    """Everything a run holds between steps."""
+
+    config: TrainConfig
+    device: torch.device
+    dist: DistContext
+    tokenizer: Any
+    prompter: Any
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: CurriculumSampler
+    envs: Any
+    tasks: dict[str, list[str]]
+    logger: MetricsLogger
+    output_dir: Path
+    use_bf16: bool
+    next_step: int = 0
+    expert_lens: dict[str, int] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    last_eval: dict | None = None
+
+    @property
+    def max_turns(self) -> int:
+        return self.config.curriculum.max_turns
+
+
+@dataclass
+class StepBatch:
+    """One step's episodes (this process's share) with the plans that made them."""
+
+    step: int
+    plans: list[EpisodePlan]
+    trajectories: list[Any]
+
+
+@dataclass
+class LossCoefficients:
+    """The training signal of a step (see the module table)."""
+
+    opd_coef: float
+    grpo_coef: float
+    turn_weighting: str | None  # None, "tdur" or "sod"
+
+
+def _log_softmax_gather(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position, with grad; only the PPO terms need it."""
+    logits = logits.float()
+    return logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+# ======================================================================================
+# the loop
+# ======================================================================================
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after_step: int | None = None,
+    tokenizer=None,
+) -> TrainingRun:
+    """Train a student with ``config.curriculum.algorithm``; returns the finished run.
+
+    Args:
+        config: the run's configuration.
+        resume: continue from ``output_dir/checkpoints/latest`` (exactly: weights, optimiser,
+            scheduler, sampler and RNG states, and the metrics file cut back to that step).
+        stop_after_step: stop (after checkpointing) once this many steps are done; simulates
+            a pre-empted job in tests.
+        tokenizer: use this tokenizer instead of building/loading one.
+    """
+    run = setup_run(config, tokenizer=tokenizer)
+    if resume:
+        resume_from_checkpoint(run)
+    elif config.eval.at_start and config.eval.num_tasks > 0:
+        log(run, 0, evaluate(run, 0), kind="eval")
+
+    last = config.trainer.steps if stop_after_step is None else min(stop_after_step, config.trainer.steps)
+    from tqdm.auto import tqdm
+
+    steps = tqdm(
+        range(run.next_step, last),
+        desc=f"train {config.logging.run_name or config.algorithm}",
+        disable=not (config.logging.progress and run.dist.is_main),
+        initial=run.next_step,
+        total=config.trainer.steps,
+    )
+    for step in steps:
+        started = time.perf_counter()
+        batch = rollout(run, step)
+        scores = score(run, batch)
+        advantages = compute_advantages(run, batch, scores)
+        rolled = time.perf_counter()
+        train_metrics = train_on_batch(run, batch, advantages)  # loss -> update
+        trained = time.perf_counter()
+        metrics = {**scores.metrics, **train_metrics, **run.sampler.summary(step)}
+        metrics["time/rollout_s"] = rolled - started
+        metrics["time/train_s"] = trained - rolled
+        metrics["tokens_per_s"] = train_metrics["trained_tokens"] / max(trained - rolled, 1e-9)
+        log(run, step, metrics)
+        steps.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics.get('kl/trajectory_mean', 0.0):.3f}", refresh=False)
+        run.next_step = step + 1
+        cadence = config.trainer.eval_every
+        if cadence and run.next_step % cadence == 0 and run.next_step < config.trainer.steps:
+            log(run, run.next_step, evaluate(run, run.next_step), kind="eval")
+        cadence = config.trainer.checkpoint_every
+        if cadence and run.next_step % cadence == 0:
+            checkpoint(run)
+    steps.close()
+
+    if run.next_step >= config.trainer.steps:
+        if config.eval.num_tasks > 0:
+            log(run, run.next_step, evaluate(run, run.next_step), kind="eval")
+        checkpoint(run)
+        export_student(run, run.output_dir / "final")
+    elif run.next_step % max(config.trainer.checkpoint_every, 1) != 0 or not config.trainer.checkpoint_every:
+        checkpoint(run)  # stopped early: keep where it got to
+    run.logger.close()
+    return run
+
+
+# ======================================================================================
+# setup
+# ======================================================================================
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _lr_lambda(config: TrainConfig):
+    warmup = config.trainer.warmup_steps
+    total = max(config.trainer.steps, 1)
+    shape = config.trainer.lr_schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        if shape == "linear":
+            return 1.0 - progress
+        if shape == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _needs_teacher(config: TrainConfig) -> bool:
+    # GRPO trains without a teacher; one is still loaded (when configured) for the KL logs.
+    return config.algorithm != "grpo" or config.model.teacher_path is not None or config.eval.kl_by_turn
+
+
+def setup_run(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
+    """Build models, tokenizer, optimiser, scheduler, sampler, environments and logger."""
+    config.validate()
+    trainer = config.trainer
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    device = _pick_device(trainer.device)
+    context = init_distributed(device.type)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    output_dir = Path(trainer.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prompter = build.build_prompter(config.env)
+
+    if tokenizer is None:
+        tokenizer_dir = output_dir / "tokenizer"
+        if config.model.tokenizer_path is not None:
+            tokenizer = build.load_tokenizer(config.model.tokenizer_path)
+        elif config.model.student_path is not None:
+            tokenizer = build.load_tokenizer(config.model.student_path)
+        elif tokenizer_dir.is_dir():
+            tokenizer = build.load_tokenizer(tokenizer_dir)
+        else:
+            tokenizer = build.build_tokenizer(config, prompter)
+    if context.is_main:
+        tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+        save_config(config, output_dir / "config.yaml")
+
+    student = build.build_model(config.model.student_path, config.model.student_tiny, tokenizer).to(device)
+    student.train()
+    if config.model.activation_checkpointing:
+        student.gradient_checkpointing_enable()
+    broadcast_parameters(student, context)
+    teacher = None
+    if _needs_teacher(config):
+        teacher = build.build_model(
+            config.model.teacher_path,
+            config.model.teacher_tiny,
+            tokenizer,
+            dtype=build.torch_dtype(config.model.teacher_dtype),
+        ).to(device)
+        teacher.eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad],
+        lr=trainer.lr,
+        betas=tuple(trainer.betas),
+        eps=trainer.eps,
+        weight_decay=trainer.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    sampler = CurriculumSampler(config.curriculum)
+    tasks = build.env_task_splits(config.env)
+    per_rank = math.ceil(config.rollout.tasks_per_step / context.world_size) * config.curriculum.episodes_per_task
+    envs = build.build_envs(config.env, max(per_rank, min(config.eval.num_tasks, 32), 1))
+    use_bf16 = config.trainer.bf16 == "always" or (config.trainer.bf16 == "auto" and device.type == "cuda")
+    if use_bf16 and device.type != "cuda":
+        raise ValueError("trainer.bf16='always' needs a CUDA device (bf16 autocast is GPU-only here)")
+    logger = MetricsLogger(
+        output_dir,
+        jsonl=config.logging.jsonl,
+        tensorboard=config.logging.tensorboard,
+        enabled=context.is_main,
+    )
+    return TrainingRun(
+        config=config,
+        device=device,
+        dist=context,
+        tokenizer=tokenizer,
+        prompter=prompter,
+        student=student,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        envs=envs,
+        tasks=tasks,
+        logger=logger,
+        output_dir=output_dir,
+        use_bf16=use_bf16,
+    )
+
+
+def _generators(run: TrainingRun, *, for_eval: bool = False):
+    from tcod_fast.rollout import HFGenerator
+
+    student = HFGenerator(run.student, run.tokenizer)
+    teacher = None
+    if not for_eval and run.teacher is not None:
+        teacher = HFGenerator(run.teacher, run.tokenizer)
+    return student, teacher
+
+
+def _rollout_config(run: TrainingRun, *, temperature: float, seed: int, description: str):
+    from tcod_fast.rollout import RolloutConfig, SamplingParams
+
+    settings = run.config.rollout
+    return RolloutConfig(
+        context_mode=run.config.env.context_mode,
+        student_sampling=SamplingParams(
+            temperature=temperature,
+            top_p=settings.top_p,
+            max_new_tokens=settings.max_new_tokens,
+            stop_strings=("</action>",),
+        ),
+        teacher_sampling=SamplingParams(
+            temperature=settings.teacher_temperature,
+            max_new_tokens=settings.max_new_tokens,
+            stop_strings=("</action>",),
+        ),
+        seed=seed,
+        show_progress=run.config.logging.progress and run.dist.is_main,
+        progress_description=description,
+    )
+
+
+# ======================================================================================
+# 1. rollout
+# ======================================================================================
+def _step_seed(run: TrainingRun, step: int, salt: int) -> int:
+    # Every random draw of a step derives from (seed, step, rank): a resumed run replays
+    # exactly what an uninterrupted one would have drawn.
+    return int(np.random.default_rng([run.config.trainer.seed, step, run.dist.rank, salt]).integers(2**31 - 1))
+
+
+def sample_step_tasks(run: TrainingRun, step: int) -> list[str]:
+    """The step's training tasks (same on every process; without replacement within a step)."""
+    train_tasks = run.tasks["train"]
+    rng = np.random.default_rng([run.config.trainer.seed, step, 7])
+    count = run.config.rollout.tasks_per_step
+    replace = count > len(train_tasks)
+    picks = rng.choice(len(train_tasks), size=count, replace=replace)
+    return [train_tasks[int(i)] for i in picks]
+
+
+def expert_length(run: TrainingRun, task: str) -> int:
+    """Number of expert actions of ``task`` (TCOD-B2F's ``L``), cached."""
+    if task not in run.expert_lens:
+        env = build.make_one_env(run.config.env)
+        try:
+            env.reset(task)
+            run.expert_lens[task] = len(env.expert_actions() or [])
+        finally:
+            env.close()
+    return run.expert_lens[task]
+
+
+def rollout(run: TrainingRun, step: int) -> StepBatch:
+    """Plan the step's episodes with the curriculum and play this process's share."""
+    from tcod_fast.rollout import run_episodes
+
+    tasks = sample_step_tasks(run, step)
+    expert_lens = [expert_length(run, t) for t in tasks] if run.config.algorithm == "tcod_b2f" else None
+    plans = run.sampler.plan_batch(step, tasks, expert_lens)
+    # Whole GRPO groups per process: task i goes to process i % world_size.
+    plans = [p for p in plans if p.task_index % run.dist.world_size == run.dist.rank]
+    student, teacher = _generators(run)
+    if run.config.algorithm not in _NEEDS_TEACHER_GENERATOR and not any("teacher" in p.players for p in plans):
+        teacher = None
+    trajectories = run_episodes(
+        [tasks[p.task_index] for p in plans],
+        plans,
+        run.envs,
+        tokenizer=run.tokenizer,
+        prompter=run.prompter,
+        student=student,
+        teacher=teacher,
+        config=_rollout_config(
+            run, temperature=run.config.rollout.temperature, seed=_step_seed(run, step, 1), description="rollout"
+        ),
+    )
+    return StepBatch(step=step, plans=plans, trajectories=trajectories)
+
+
+# ======================================================================================
+# 2. score
+# ======================================================================================
+@dataclass
+class Scores:
+    """Per-episode outcome and the step's summary metrics."""
+
+    rewards: torch.Tensor  # (E,) 1.0 for a won episode, else 0.0 (the papers' success reward)
+    group_ids: torch.Tensor  # (E,) task index within the step: one GRPO group per task
+    metrics: dict[str, float]
+
+
+def score(run: TrainingRun, batch: StepBatch) -> Scores:
+    """Success reward per episode, plus the turn counts every run must log."""
+    trajectories = batch.trajectories
+    won = [float(t.won) for t in trajectories]
+    totals = all_reduce_sum(
+        torch.tensor(
+            [
+                len(trajectories),
+                sum(won),
+                sum(t.total_reward for t in trajectories),
+                sum(t.num_turns for t in trajectories),
+                sum(t.num_student_turns for t in trajectories),
+                sum(t.num_teacher_turns for t in trajectories),
+                sum(t.num_expert_turns for t in trajectories),
+                sum(t.num_format_errors for t in trajectories),
+            ],
+            dtype=torch.float64,
+        ),
+        run.dist,
+    ).tolist()
+    episodes = max(totals[0], 1.0)
+    metrics = {
+        "episodes": totals[0],
+        "success": totals[1] / episodes,
+        "reward_mean": totals[2] / episodes,
+        "turns/total_mean": totals[3] / episodes,
+        "turns/student_mean": totals[4] / episodes,
+        "turns/teacher_mean": totals[5] / episodes,
+        "turns/expert_mean": totals[6] / episodes,
+        "format_errors_per_episode": totals[7] / episodes,
+    }
+    return Scores(
+        rewards=torch.tensor(won, dtype=torch.float32),
+        group_ids=torch.tensor([p.task_index for p in batch.plans], dtype=torch.int64),
+        metrics=metrics,
+    )
+
+
+# ======================================================================================
+# 3. advantages
+# ======================================================================================
+def algorithm_coefficients(config: TrainConfig, sampler: CurriculumSampler, step: int) -> LossCoefficients:
+    """The module docstring's table, in code."""
+    algorithm = config.algorithm
+    if algorithm in ("opd", "tcod_f2b", "tcod_b2f", "guided_opd"):
+        return LossCoefficients(config.loss.kl_coef, 0.0, None)
+    if algorithm == "atod":
+        return LossCoefficients(sampler.atod.kappa(step), sampler.atod.rho(step), "tdur")
+    if algorithm == "sod":
+        return LossCoefficients(config.loss.sod_coef, 1.0, "sod")
+    if algorithm == "grpo":
+        return LossCoefficients(0.0, 1.0, None)
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+@dataclass
+class Advantages:
+    """Sequence-level GRPO advantages (one per episode) and the step's coefficients."""
+
+    sequence: torch.Tensor  # (E,)
+    coefficients: LossCoefficients
+
+
+def compute_advantages(run: TrainingRun, batch: StepBatch, scores: Scores) -> Advantages:
+    """GRPO's group-relative advantage per episode (0 for algorithms without a GRPO term).
+
+    Token-level OPD advantages need the teacher's and student's log-probs, which the loss
+    pass produces; they are combined in :func:`compute_loss`.
+    """
+    coefficients = algorithm_coefficients(run.config, run.sampler, batch.step)
+    if coefficients.grpo_coef != 0.0 and len(batch.trajectories):
+        sequence = objectives.grpo_advantages(scores.rewards, scores.group_ids, eps=run.config.loss.grpo_eps)
+    else:
+        sequence = torch.zeros(len(batch.trajectories))
+    return Advantages(sequence=sequence, coefficients=coefficients)
+
+
+# ======================================================================================
+# 4. loss
+# ======================================================================================
+def _trained_token_count(trajectory, plan: EpisodePlan) -> int:
+    lo, hi = plan.turn_window
+    return sum(1 for turn_id in trajectory.turn_ids if turn_id >= 0 and lo <= turn_id < hi)
+
+
+def _rows_cost(trajectory, mode: str) -> tuple[int, int]:
+    """(rows, longest row) this trajectory adds to a padded micro-batch."""
+    if mode == "append":
+        return 1, len(trajectory.token_ids)
+    lengths = [len(t.window_prompt_token_ids) + len(t.response_token_ids) for t in trajectory.turns if t.is_student]
+    return len(lengths), max(lengths, default=0)
+
+
+def micro_batches(trajectories: Sequence[Any], indices: Sequence[int], mode: str, budget: int) -> list[list[int]]:
+    """Split episode ``indices`` into groups whose padded size (rows x longest row) fits
+    ``budget`` tokens; whole episodes only (T-DUR/SOD weights are per episode)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = longest = 0
+    for index in indices:
+        extra_rows, length = _rows_cost(trajectories[index], mode)
+        new_rows, new_longest = rows + extra_rows, max(longest, length)
+        if current and new_rows * new_longest > budget:
+            groups.append(current)
+            current, new_rows, new_longest = [], extra_rows, length
+        current.append(index)
+        rows, longest = new_rows, new_longest
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclass
+class LossOutput:
+    """A micro-batch's loss (already normalised by the global token count) and its stats."""
+
+    loss: torch.Tensor
+    turn_kl_sum: torch.Tensor  # (len(indices), max_turns) per episode
+    turn_token_count: torch.Tensor
+    kl_term: float
+    ppo_term: float
+    ppo_stats: dict[str, float]
+    old_logprobs: torch.Tensor | None = None
+
+
+def _forward_hidden_or_logits(model, inputs: dict, want_hidden: bool):
+    if want_hidden:
+        return model.base_model(**inputs).last_hidden_state
+    return model(**inputs).logits
+
+
+def _can_use_fused_linear(run: TrainingRun, coefficients: LossCoefficients) -> bool:
+    setting = run.config.loss.fused_linear
+    if setting == "never" or run.config.loss.estimator != "full_vocab":
+        return False
+    simple = coefficients.grpo_coef == 0.0 and coefficients.turn_weighting is None
+    available = _fused_linear_op() is not None and all(
+        isinstance(m.get_output_embeddings(), torch.nn.Linear) and m.get_output_embeddings().bias is None
+        for m in (run.student, run.teacher)
+    )
+    if setting == "always":
+        if not available:
+            raise RuntimeError("loss.fused_linear='always' but fused_linear_turn_kl or a plain Linear LM head is missing")
+        return simple
+    return simple and available
+
+
+def _fused_linear_op():
+    try:
+        from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
+    except ImportError:
+        return None
+    return fused_linear_turn_kl
+
+
+def compute_loss(
+    run: TrainingRun,
+    trajectories: Sequence[Any],
+    plans: Sequence[EpisodePlan],
+    sequence_advantages: torch.Tensor,
+    coefficients: LossCoefficients,
+    normaliser: float,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    with_grad: bool = True,
+) -> LossOutput:
+    """Loss of one micro-batch of whole episodes.
+
+    ``normaliser`` is the number of trained tokens of the whole update across processes, so
+    the micro-batch losses sum to the token mean of the update (and the gradients, summed
+    over processes, to its gradient). Terms:
+
+    * OPD, full vocabulary: ``opd_coef * sum_t w_{k(t)} KL_t / normaliser`` through the
+      fused op;
+    * PPO surrogate (GRPO term, and the OPD term for the sampled estimator):
+      advantages ``opd_coef w_k (log q - log p_old)`` (or ``-opd_coef w_k k3``) plus
+      ``grpo_coef A_GRPO``, token-mean aggregation rescaled to the global count.
+    """
+    from tcod_fast import fused_turn_kl
+    from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
+
+    config = run.config
+    loss_settings = config.loss
+    max_turns = run.max_turns
+    batch = pack_trajectories(
+        trajectories,
+        PackingConfig(mode=config.env.context_mode, layout="padded", pad_token_id=run.tokenizer.pad_token_id),
+    ).to(run.device)
+    windows = turn_windows_tensor(plans)
+    target_turn_ids = apply_turn_windows(batch, windows)
+    # turn ids are turn indices, < max_turns; the stats tensors are (rows, max_turns)
+    target_turn_ids = torch.where(target_turn_ids < max_turns, target_turn_ids, torch.full_like(target_turn_ids, -1))
+    target_ids = batch.target_ids
+    row_episode = batch.sequence_trajectory_index.to(run.device)  # padded layout: row == sequence
+    inputs = batch.model_inputs()
+
+    sampled = loss_settings.estimator == "sampled"
+    needs_ppo = sampled or coefficients.grpo_coef != 0.0
+    use_fused_linear = not needs_ppo and _can_use_fused_linear(run, coefficients)
+    kl_needs_grad = with_grad and not sampled and coefficients.opd_coef != 0.0
+    vocab = min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None
+
+    autocast = torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16)
+    grad_context = torch.enable_grad() if with_grad else torch.no_grad()
+    with grad_context:
+        with autocast:
+            student_out = _forward_hidden_or_logits(run.student, inputs, use_fused_linear)
+        teacher_out = None
+        if run.teacher is not None:
+            with torch.no_grad(), autocast:
+                teacher_out = _forward_hidden_or_logits(run.teacher, inputs, use_fused_linear)
+
+        kl_kwargs = dict(
+            target_ids=target_ids,
+            divergence=loss_settings.divergence,
+            beta=loss_settings.jsd_beta,
+            vocab_size=vocab,
+            reduction="sum",
+            return_stats=True,
+            num_turns=max_turns,
+            backend=loss_settings.backend,
+        )
+        stats = None
+        if teacher_out is not None:
+            if use_fused_linear:
+                stats = _fused_linear_op()(
+                    student_out,
+                    run.student.get_output_embeddings().weight,
+                    teacher_out,
+                    run.teacher.get_output_embeddings().weight,
+                    target_turn_ids,
+                    **kl_kwargs,
+                )
+            else:
+                student_for_kl = student_out if kl_needs_grad else student_out.detach()
+                stats = fused_turn_kl(student_for_kl, teacher_out, target_turn_ids, **kl_kwargs)
+
+        # -- per-episode turn statistics (diagnostics, T-DUR, SOD) --------------------
+        episodes = len(trajectories)
+        zeros = torch.zeros(episodes, max_turns, device=run.device)
+
+        def per_episode(row_values):
+            return zeros.index_add(0, row_episode, row_values.float())
+
+        if stats is not None:
+            turn_kl_sum = per_episode(stats.turn_kl_sum)
+            turn_count = per_episode(stats.turn_token_count)
+        else:
+            turn_kl_sum, turn_count = zeros.clone(), zeros.clone()
+
+        row_turn_weights = None
+        if coefficients.turn_weighting is not None:
+            abs_sum = per_episode(stats.turn_abs_logratio_sum)
+            if coefficients.turn_weighting == "tdur":
+                episode_weights = objectives.tdur_weights(
+                    turn_abs_logratio_sum=abs_sum,
+                    turn_neg_logprob_sum=per_episode(stats.turn_neg_logprob_sum),
+                    turn_token_count=turn_count,
+                )
+            else:
+                episode_weights = objectives.sod_weights(
+                    turn_abs_logratio_sum=abs_sum, turn_token_count=turn_count, delta=loss_settings.sod_delta
+                )
+            row_turn_weights = episode_weights[row_episode]
+
+        trained = target_turn_ids >= 0
+        loss = torch.zeros((), device=run.device)
+        kl_term = 0.0
+        # -- OPD term, full vocabulary --------------------------------------------------
+        if not sampled and coefficients.opd_coef != 0.0 and stats is not None:
+            if row_turn_weights is None:
+                kl_sum = stats.loss
+            else:
+                token_weights = objectives.broadcast_turn_weights(row_turn_weights, target_turn_ids)
+                kl_sum = (stats.kl * token_weights).sum()
+            opd_loss = coefficients.opd_coef * kl_sum / normaliser
+            loss = loss + opd_loss
+            kl_term = float(opd_loss.detach())
+
+        # -- PPO surrogate ----------------------------------------------------------------
+        ppo_term, ppo_stats, current_old = 0.0, {}, None
+        if needs_ppo:
+            logprobs = _log_softmax_gather(student_out, target_ids)
+            logprobs = torch.where(trained, logprobs, torch.zeros_like(logprobs))
+            old = old_logprobs.to(run.device) if old_logprobs is not None else logprobs.detach()
+            current_old = old
+            row_sequence_adv = sequence_advantages.to(run.device)[row_episode]
+            if sampled:
+                if stats is None:
+                    raise ValueError("the sampled OPD estimator needs a teacher")
+                teacher_logprobs = torch.where(trained, stats.teacher_logprob, torch.zeros_like(old))
+                if loss_settings.sampled_kl == "k1":
+                    advantages = objectives.hybrid_advantages(
+                        old,
+                        teacher_logprobs,
+                        target_turn_ids,
+                        row_sequence_adv,
+                        opd_coef=coefficients.opd_coef,
+                        grpo_coef=coefficients.grpo_coef,
+                        turn_weights=row_turn_weights,
+                    )
+                else:
+                    penalty = objectives.k3_kl(old, teacher_logprobs)
+                    if row_turn_weights is not None:
+                        penalty = penalty * objectives.broadcast_turn_weights(row_turn_weights, target_turn_ids)
+                    advantages = -coefficients.opd_coef * penalty + coefficients.grpo_coef * row_sequence_adv.unsqueeze(-1)
+                    advantages = torch.where(trained, advantages, torch.zeros_like(advantages))
+            else:
+                advantages = coefficients.grpo_coef * row_sequence_adv.unsqueeze(-1).expand_as(logprobs)
+                advantages = torch.where(trained, advantages, torch.zeros_like(advantages))
+            ppo_loss, raw_stats = objectives.ppo_clipped_loss(
+                logprobs,
+                old,
+                advantages,
+                trained,
+                clip_low=loss_settings.clip_low,
+                clip_high=loss_settings.clip_high,
+                dual_clip=loss_settings.dual_clip,
+                loss_agg="token_mean",
+            )
+            # token_mean over this micro-batch -> share of the global token mean
+            local = float(trained.sum())
+            ppo_loss = ppo_loss * (local / normaliser)
+            loss = loss + ppo_loss
+            ppo_term = float(ppo_loss.detach())
+            ppo_stats = {f"ppo/{k}": float(v) * local for k, v in raw_stats.items()}
+
+    return LossOutput(
+        loss=loss,
+        turn_kl_sum=turn_kl_sum.detach(),
+        turn_token_count=turn_count.detach(),
+        kl_term=kl_term,
+        ppo_term=ppo_term,
+        ppo_stats=ppo_stats,
+        old_logprobs=current_old.detach() if current_old is not None else None,
+    )
+
+
+# ======================================================================================
+# 5. update
+# ======================================================================================
+def update(run: TrainingRun) -> dict[str, float]:
+    """Sum gradients over processes, clip, step AdamW and the LR schedule."""
+    all_reduce_gradients(run.student, run.dist)
+    max_norm = run.config.trainer.max_grad_norm
+    params = [p for p in run.student.parameters() if p.grad is not None]
+    if max_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": grad_norm, "lr": lr}
+
+
+def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -> dict[str, float]:
+    """loss -> update over the step's episodes: ``updates_per_step`` mini-batches, each
+    accumulated over token-budget micro-batches, then one optimiser step."""
+    config = run.config
+    trajectories, plans = batch.trajectories, batch.plans
+    trainable = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if _trained_token_count(t, p) > 0]
+    updates = config.trainer.updates_per_step
+    minis = [trainable[u::updates] for u in range(updates)] if updates > 1 else [trainable]
+    coefficients = advantages.coefficients
+    needs_ppo = config.loss.estimator == "sampled" or coefficients.grpo_coef != 0.0
+    mode, budget = config.env.context_mode, config.trainer.micro_batch_tokens
+
+    def parts(indices):
+        return [
+            ([trajectories[i] for i in group], [plans[i] for i in group], advantages.sequence[group], group)
+            for group in micro_batches(trajectories, indices, mode, budget)
+        ]
+
+    # PPO with several updates: log-probs of the rollout policy, before any update.
+    old_logprobs: dict[tuple[int, int], torch.Tensor] = {}
+    if needs_ppo and updates > 1:
+        for u, mini in enumerate(minis):
+            for m, (trajs, micro_plans, seq_adv, _) in enumerate(parts(mini)):
+                out = compute_loss(run, trajs, micro_plans, seq_adv, coefficients, 1.0, with_grad=False)
+                old_logprobs[(u, m)] = out.old_logprobs
+
+    episodes = len(trajectories)
+    turn_kl_sum = torch.zeros(episodes, run.max_turns)
+    turn_count = torch.zeros(episodes, run.max_turns)
+    totals = {"loss": 0.0, "loss/kl_term": 0.0, "loss/ppo_term": 0.0}
+    ppo_totals: dict[str, float] = {}
+    update_metrics: dict[str, float] = {}
+    trained_tokens = 0
+    for u, mini in enumerate(minis):
+        local_tokens = sum(_trained_token_count(trajectories[i], plans[i]) for i in mini)
+        normaliser = float(all_reduce_sum(torch.tensor([float(local_tokens)]), run.dist)[0])
+        trained_tokens += local_tokens
+        if normaliser == 0:
+            continue
+        for m, (trajs, micro_plans, seq_adv, group) in enumerate(parts(mini)):
+            out = compute_loss(
+                run, trajs, micro_plans, seq_adv, coefficients, normaliser, old_logprobs=old_logprobs.get((u, m))
+            )
+            if out.loss.requires_grad:
+                out.loss.backward()
+            index = torch.tensor(group)
+            turn_kl_sum.index_add_(0, index, out.turn_kl_sum.cpu())
+            turn_count.index_add_(0, index, out.turn_token_count.cpu())
+            totals["loss"] += float(out.loss.detach())
+            totals["loss/kl_term"] += out.kl_term
+            totals["loss/ppo_term"] += out.ppo_term
+            for key, value in out.ppo_stats.items():
+                ppo_totals[key] = ppo_totals.get(key, 0.0) + value / normaliser
+        update_metrics = update(run)
+
+    # Sum the per-process losses: each is a share of the global token mean.
+    reduced = all_reduce_sum(torch.tensor([totals["loss"], totals["loss/kl_term"], totals["loss/ppo_term"]], dtype=torch.float64), run.dist)
+    metrics = {
+        "loss": float(reduced[0]) / len(minis),
+        "loss/kl_term": float(reduced[1]) / len(minis),
+        "loss/ppo_term": float(reduced[2]) / len(minis),
+        "trained_tokens": float(all_reduce_sum(torch.tensor([float(trained_tokens)]), run.dist)[0]),
+        "opd_coef": coefficients.opd_coef,
+        "grpo_coef": coefficients.grpo_coef,
+        **update_metrics,
+        **{k: v / len(minis) for k, v in ppo_totals.items()},
+    }
+    metrics.update(kl_metrics(turn_kl_sum, turn_count, run.dist))
+    return metrics
+
+
+def kl_metrics(turn_kl_sum: torch.Tensor, turn_count: torch.Tensor, context: DistContext | None = None) -> dict:
+    """KL mean/std over episodes, per turn index (the escalation curve) and its slope.
+
+    In a distributed run the per-episode sums are gathered first so every statistic is over
+    all episodes of the step.
+    """
+    if context is not None and context.enabled:
+        import torch.distributed as dist
+
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(context.world_size)]
+        dist.all_gather(sizes, torch.tensor([turn_kl_sum.shape[0]]))
+        width = int(max(s.item() for s in sizes))
+        pad = width - turn_kl_sum.shape[0]
+        padded_kl = torch.cat([turn_kl_sum, torch.zeros(pad, turn_kl_sum.shape[1])])
+        padded_count = torch.cat([turn_count, torch.zeros(pad, turn_count.shape[1])])
+        gathered_kl = [torch.zeros_like(padded_kl) for _ in range(context.world_size)]
+        gathered_count = [torch.zeros_like(padded_count) for _ in range(context.world_size)]
+        dist.all_gather(gathered_kl, padded_kl)
+        dist.all_gather(gathered_count, padded_count)
+        turn_kl_sum, turn_count = torch.cat(gathered_kl), torch.cat(gathered_count)
+    diagnostics = objectives.turn_diagnostics(turn_kl_sum, turn_count)
+    present = diagnostics.turn_count > 0
+    last = int(present.nonzero().max()) + 1 if bool(present.any()) else 0
+    return {
+        "kl/trajectory_mean": diagnostics.trajectory_kl_mean,
+        "kl/trajectory_std": diagnostics.trajectory_kl_std,
+        "kl/escalation_slope": diagnostics.kl_escalation_slope,
+        "kl_by_turn": [float(v) for v in diagnostics.kl_per_turn[:last]],
+        "kl_by_turn_count": [int(v) for v in diagnostics.turn_count[:last]],
+    }
+
+
+# ======================================================================================
+# 6. evaluate
+# ======================================================================================
+def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "unseen")) -> dict[str, Any]:
+    """Full-depth student episodes on held-out tasks at ``eval.temperature``.
+
+    Returns per split: success rate, average turns and, with a teacher, the teacher-student
+    KL by turn index on those episodes (the escalation curve of the final policy). Runs on
+    the main process only (others wait).
+    """
+    from tcod_fast.rollout import run_episodes
+
+    results: dict[str, Any] = {"step": step}
+    if run.dist.is_main:
+        student, _ = _generators(run, for_eval=True)
+        for split in splits:
+            tasks = run.tasks[split][: run.config.eval.num_tasks]
+            if not tasks:
+                continue
+            plans = run.sampler.plan_eval_batch(tasks)
+            trajectories = run_episodes(
+                tasks,
+                plans,
+                run.envs,
+                tokenizer=run.tokenizer,
+                prompter=run.prompter,
+                student=student,
+                config=_rollout_config(
+                    run, temperature=run.config.eval.temperature, seed=run.config.eval.seed, description=f"eval {split}"
+                ),
+            )
+            results[f"success_{split}"] = float(np.mean([t.won for t in trajectories]))
+            results[f"turns_{split}"] = float(np.mean([t.num_turns for t in trajectories]))
+            if run.teacher is not None and run.config.eval.kl_by_turn:
+                for key, value in measure_kl_by_turn(run, trajectories, plans).items():
+                    results[f"{key}_{split}" if not key.startswith("kl/") else f"kl_{split}/{key[3:]}"] = value
+    run.dist.barrier()
+    run.last_eval = results
+    return results
+
+
+@torch.no_grad()
+def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Sequence[EpisodePlan]) -> dict:
+    """Teacher-student reverse KL per turn index on already played episodes (no update)."""
+    indices = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if _trained_token_count(t, p) > 0]
+    turn_kl_sum = torch.zeros(len(trajectories), run.max_turns)
+    turn_count = torch.zeros(len(trajectories), run.max_turns)
+    no_signal = LossCoefficients(run.config.loss.kl_coef, 0.0, None)
+    for group in micro_batches(trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens):
+        out = compute_loss(
+            run,
+            [trajectories[i] for i in group],
+            [plans[i] for i in group],
+            torch.zeros(len(group)),
+            no_signal,
+            1.0,
+            with_grad=False,
+        )
+        index = torch.tensor(group)
+        turn_kl_sum.index_add_(0, index, out.turn_kl_sum.cpu())
+        turn_count.index_add_(0, index, out.turn_token_count.cpu())
+    return kl_metrics(turn_kl_sum, turn_count)
+
+
+# ======================================================================================
+# 7. log
+# ======================================================================================
+def log(run: TrainingRun, step: int, metrics: dict, *, kind: str = "train") -> None:
+    record = {"step": step, "kind": kind, "algorithm": run.config.algorithm, **metrics}
+    if run.config.logging.run_name:
+        record["run"] = run.config.logging.run_name
+    run.history.append(record)
+    run.logger.log(record)
+
+
+# ======================================================================================
+# 8. checkpoint
+# ======================================================================================
+def checkpoint(run: TrainingRun) -> Path | None:
+    """Save everything needed to continue at ``run.next_step`` (main process; atomic)."""
+    path = None
+    if run.dist.is_main:
+        state = {
+            "step": run.next_step,
+            "student": run.student.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "sampler": run.sampler.state_dict(),
+            "rng": capture_rng_state(),
+            "config": config_to_dict(run.config),
+            "expert_lens": dict(run.expert_lens),
+        }
+        path = save_checkpoint(
+            run.output_dir / "checkpoints", run.next_step, state, keep=run.config.trainer.keep_checkpoints
+        )
+    run.dist.barrier()
+    return path
+
+
+def resume_from_checkpoint(run: TrainingRun, path: str | Path | None = None) -> None:
+    """Restore the newest checkpoint of the run folder (or ``path``) into ``run``."""
+    path = Path(path) if path is not None else latest_checkpoint(run.output_dir / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run.output_dir / 'checkpoints'}")
+    state = load_checkpoint(path)
+    run.student.load_state_dict(state["student"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.load_state_dict(state["sampler"])
+    restore_rng_state(state["rng"])
+    run.expert_lens.update(state.get("expert_lens", {}))
+    run.next_step = int(state["step"])
+    run.logger.truncate_from(run.next_step)
+
+
+def export_student(run: TrainingRun, folder: Path) -> None:
+    """The trained student as a Hugging Face folder (weights + tokenizer) for ``tcod-fast eval``."""
+    if run.dist.is_main:
+        run.student.save_pretrained(str(folder))
+        run.tokenizer.save_pretrained(str(folder))
+    run.dist.barrier()

@@ -1,0 +1,114 @@
+"""The tcod-fast command: every subcommand explains itself, and the quick demo runs end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tcod_fast.cli import main
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # demo and train set torch's thread count from their settings; do not leak it
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+SUBCOMMANDS = [["demo"], ["train"], ["eval"], ["bench"], ["kernel-demo"], ["envs"]]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: " ".join(c))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"tcod-fast {' '.join(command)}" in text
+    assert len(text.splitlines()) > 3
+
+
+def test_top_level_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for name in ("demo", "train", "eval", "bench", "kernel-demo", "envs"):
+        assert name in text
+
+
+def test_make_alfworld_tasks_delegates_its_help():
+    pytest.importorskip("tcod_fast.envs.alfworld")
+    out = subprocess.run(
+        [sys.executable, "-m", "tcod_fast.cli", "envs", "make-alfworld-tasks", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--out" in out.stdout
+
+
+def test_train_print_config_applies_overrides(capsys):
+    assert main(["train", "--algorithm", "tcod_b2f", "--steps", "3", "--set", "trainer.lr=2e-5", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "algorithm: tcod_b2f" in text and "steps: 3" in text and "lr: 2.0e-05" in text
+
+
+def test_train_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="trainer.lrr"):
+        main(["train", "--set", "trainer.lrr=1", "--print-config"])
+
+
+def test_kernel_demo_reports_every_backend(capsys, tmp_path):
+    assert main(["kernel-demo", "--json", str(tmp_path / "k.json")]) == 0
+    report = json.loads((tmp_path / "k.json").read_text())
+    losses = [row["loss"] for row in report["rows"]]
+    assert len(losses) >= 2  # at least the torch backend and the materialised reference
+    assert all(l == pytest.approx(losses[-1], rel=1e-4) for l in losses)  # all backends agree
+    assert "KL by turn" in capsys.readouterr().out
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    algorithms = results["algorithms"]
+    assert {"opd", "tcod_f2b", "tcod_b2f"} <= set(algorithms)
+    for name, entry in algorithms.items():
+        for key in ("success_seen", "success_unseen", "kl_escalation_slope", "final_kl"):
+            assert isinstance(entry[key], float) and math.isfinite(entry[key]), (name, key, entry[key])
+        assert 0.0 <= entry["success_seen"] <= 1.0 and 0.0 <= entry["success_unseen"] <= 1.0
+        assert entry["kl_by_turn"] and all(v >= 0 for v in entry["kl_by_turn"])
+        assert entry["steps"] == results["setup"]["settings"]["steps"]
+    table = (out / "results.md").read_text()
+    for name in algorithms:
+        assert f"| {name} |" in table
+    for png in ("training_curves.png", "kl_by_turn.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["algorithm"] for r in lines if r["kind"] == "train"} >= {"opd", "tcod_f2b", "tcod_b2f"}
+    assert all("kl_by_turn" in r for r in lines if r["kind"] == "train")
+    for name in algorithms:
+        assert (out / "runs" / name / "metrics.jsonl").exists()
+    # the numbers in the table are the run's: the OPD row shows the measured final KL
+    assert f"{algorithms['opd']['final_kl']:.4f}" in table
+    assert "| opd |" in capsys.readouterr().out
+
+
+def test_train_then_eval_from_the_command_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    tiny = [
+        "--set", "trainer.num_threads=1", "--set", "env.kwargs={max_rooms: 2}", "--set", "curriculum.max_turns=3",
+        "--set", "rollout.tasks_per_step=2", "--set", "rollout.max_new_tokens=6", "--set", "eval.num_tasks=2",
+        "--set", "logging.progress=false",
+        "--set", "model.student_tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1}",
+        "--set", "model.teacher_tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1}",
+    ]
+    assert main(["train", "--algorithm", "tcod_f2b", "--steps", "1", "--output-dir", str(run_dir), *tiny]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "training_curves.png", "final/config.json", "checkpoints/latest"):
+        assert (run_dir / name).exists(), name
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir), "--out", str(tmp_path / "eval.json"), "--set", "eval.num_tasks=2"]) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert 0.0 <= results["success_seen"] <= 1.0 and results["kl_by_turn_seen"]

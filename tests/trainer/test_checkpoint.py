@@ -1,0 +1,87 @@
+"""Checkpoints: atomic writes survive a crash mid-write; resume continues bit for bit."""
+
+import os
+
+import pytest
+import torch
+from trainer_helpers import tiny_config
+
+from tcod_fast.trainer import checkpoint as ckpt
+from tcod_fast.trainer import loop
+from tcod_fast.trainer.logging import read_metrics
+
+
+def test_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(folder, 1, {"step": 1, "weights": torch.arange(4.0)})
+    good = (folder / "step_00000001.pt").read_bytes()
+
+    real_save = torch.save
+
+    def crash_half_way(obj, handle, *args, **kwargs):
+        real_save(obj, handle, *args, **kwargs)
+        handle.seek(0)
+        handle.truncate(10)  # a torn file...
+        raise KeyboardInterrupt("simulated crash while writing")  # ...and the process dies
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(folder, 2, {"step": 2, "weights": torch.zeros(4)})
+    monkeypatch.setattr(torch, "save", real_save)
+
+    # the final name of the crashed write never appeared, the old one is intact and 'latest' points at it
+    assert not (folder / "step_00000002.pt").exists()
+    assert (folder / "step_00000001.pt").read_bytes() == good
+    latest = ckpt.latest_checkpoint(folder)
+    assert latest.name == "step_00000001.pt"
+    state = ckpt.load_checkpoint(latest)
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(4.0))
+    assert not [p for p in os.listdir(folder) if p.startswith(".tmp-")]  # the temp file was removed
+
+    # the next save works and cleans up old checkpoints beyond keep
+    ckpt.save_checkpoint(folder, 3, {"step": 3}, keep=1)
+    assert sorted(p for p in os.listdir(folder) if p.endswith(".pt")) == ["step_00000003.pt"]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(folder))["step"] == 3
+
+
+def test_a_torn_latest_pointer_falls_back_to_the_newest_file(tmp_path):
+    folder = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(folder, 4, {"step": 4})
+    (folder / "latest").write_text("step_99999999.pt\n")  # points at a file that never landed
+    assert ckpt.latest_checkpoint(folder).name == "step_00000004.pt"
+
+
+def _losses(folder):
+    return [r["loss"] for r in read_metrics(folder / "metrics.jsonl", kind="train")]
+
+
+@pytest.mark.parametrize("algorithm", ["tcod_f2b", "guided_opd"])
+def test_resume_continues_exactly(tmp_path, toy_tokenizer, algorithm):
+    """N steps straight == k steps, a fresh process state, resume, N - k steps: bitwise."""
+    extra = [f"curriculum.algorithm={algorithm}", "trainer.steps=4", "trainer.checkpoint_every=2", "eval.num_tasks=0", "trainer.lr_schedule=cosine"]
+    straight = loop.train(tiny_config(tmp_path / "straight", *extra), tokenizer=toy_tokenizer)
+
+    interrupted_dir = tmp_path / "interrupted"
+    loop.train(tiny_config(interrupted_dir, *extra), tokenizer=toy_tokenizer, stop_after_step=3)
+    # the job died after step 3's log line but before its checkpoint: keep only step 2's
+    folder = interrupted_dir / "checkpoints"
+    for path in folder.glob("step_*.pt"):
+        if path.name != "step_00000002.pt":
+            path.unlink()
+    (folder / "latest").write_text("step_00000002.pt\n")
+    assert len(_losses(interrupted_dir)) == 3
+
+    torch.manual_seed(999)  # a new process would start from other RNG states
+    resumed = loop.train(tiny_config(interrupted_dir, *extra), tokenizer=toy_tokenizer, resume=True)
+
+    assert _losses(interrupted_dir) == _losses(tmp_path / "straight")  # bitwise, steps 0..3, no duplicates
+    assert [r["step"] for r in read_metrics(interrupted_dir / "metrics.jsonl", kind="train")] == [0, 1, 2, 3]
+    for (name, a), (_, b) in zip(straight.student.named_parameters(), resumed.student.named_parameters()):
+        assert torch.equal(a, b), name
+    assert straight.sampler.state_dict() == resumed.sampler.state_dict()
+    assert straight.scheduler.state_dict()["last_epoch"] == resumed.scheduler.state_dict()["last_epoch"] == 4
+
+
+def test_resume_without_checkpoint_says_where_it_looked(tmp_path, toy_tokenizer):
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        loop.train(tiny_config(tmp_path / "empty"), tokenizer=toy_tokenizer, resume=True)
