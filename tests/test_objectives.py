@@ -378,7 +378,7 @@ def _float64_reverse_kl(student, teacher):
 )
 def test_full_vocab_kl_loss_matches_float64_with_turn_weights():
     g = torch.Generator().manual_seed(9)
-    B, T, V, n = 2, 10, 37, 3
+    B, T, V = 2, 10, 37
     student = torch.randn(B, T, V, generator=g, dtype=torch.float32, requires_grad=True)
     teacher = torch.randn(B, T, V, generator=g, dtype=torch.float32)
     ids = torch.tensor([[-1, 0, 0, 1, 1, -1, 2, 2, 2, -1], [-1, -1, 1, 1, 1, 2, -1, -1, -1, -1]])
