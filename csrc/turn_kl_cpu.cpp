@@ -1,20 +1,23 @@
 // Fused teacher-student divergence over the vocabulary, CPU, one row at a time.
 //
-// Algorithm (per row of V logits, z = logits / temperature):
-//   pass 1  streams the row in blocks of BLOCK columns. Each block is converted to float32
-//           into two small stack buffers (they stay in L1), its max is taken, the running
-//           online-softmax state (m_s, l_s, m_t, l_t and the divergence/entropy accumulators)
-//           is rescaled once per block, and the block's exp-sums are added with vectorised
-//           loops. This is the only pass that must come from DRAM.
-//   pass 2  (JSD only) recomputes log m = log((1-b) p + b q) and sums the JSD terms and
-//           KL(p||m), which the JSD gradient needs.
-//   last    writes d div / d student_logits for the row in the student's dtype. It reuses the
-//           pass-1 exponentials (kept in a per-thread row buffer, V floats for each model)
-//           rescaled by exp(block_shift - lse), so it evaluates no exp per element.
-// A row of student + teacher logits (V = 151936, fp32) is 1.2 MB and is usually still in L2/L3
-// for the second pass, so the traffic is close to 2 reads + 1 write per element.
+// Algorithm (per row of V logits x, z = x / temperature):
+//   pass 1  streams the row in blocks of BLOCK columns, reading float32 rows in place (16-bit
+//           blocks are converted into a small stack buffer that stays in L1). Per block: its
+//           max, one rescale of the running online-softmax state (m_s, l_s, m_t, l_t and the
+//           divergence/entropy accumulators), then one vectorised loop of two exponentials and
+//           the sums. It caches, per thread, what the last pass needs (reverse KL: exp(z_s -
+//           shift) and x_s - x_t; forward KL and JSD: both exponentials). This is the only pass
+//           that reads the logits from DRAM; the temperature is folded into the exponent, so it
+//           costs nothing per element.
+//   pass 2  (JSD only) sums the JSD terms and KL(p||m), which the JSD gradient needs.
+//   last    writes grad_scale * d div / d student_logits for the row in the student's dtype,
+//           from the cache alone (reverse and forward KL re-read no logits and evaluate no exp).
+//           grad_scale is the reduction's coefficient of the row, so for the usual scalar loss
+//           backward has nothing left to do.
+// The per-thread cache is two float32 rows (1.2 MB at V = 151936) and stays in L2/L3, so the
+// traffic is close to 2 reads + 1 write of the logits per element.
 // Rows run in parallel over OpenMP threads; within a row the loops are written so the compiler
-// vectorises them (no calls, selects instead of branches, a polynomial exp).
+// vectorises them (no calls, selects instead of branches, a polynomial exp2).
 //
 // Edge cases: -inf logits at the same entries of student and teacher contribute exactly 0; a
 // block that is entirely -inf never evaluates -inf - (-inf); rows that are not kept are skipped
@@ -118,27 +121,33 @@ inline float load_one(const typename Storage<D>::type* src, int64_t i) {
   return x;
 }
 
-// exp(x) for x <= 0 (all our arguments are z - max). Cephes-style range reduction and a
-// degree-6 polynomial, ~2 ulp; exactly 0 below -87.3 (so exp(-inf) == 0) and written
-// branch-free so loops calling it vectorise.
-inline float fast_exp(float x) {
-  const float xc = std::max(x, -87.3f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  const uint32_t bits = static_cast<uint32_t>(e) << 23;
+// 2^x for x <= 0 (every argument here is (z - running max) * log2(e) / temperature).
+// Round-to-nearest range reduction through the 1.5 * 2^23 "magic" add (whose low mantissa bits
+// then hold n), a degree-5 minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7,
+// fitted for this file), and the exponent n + 127 written straight into the float's bits.
+// Clamping x at -127 makes n + 127 == 0 there, i.e. a result of exactly +0.0: exp(-inf) == 0
+// and deep underflow flush to 0 without a compare. Branch-free, so loops calling it vectorise.
+inline float exp2_nonpositive(float x) {
+  const float xc = std::max(x, -127.0f);  // NaN stays NaN (std::max returns its first argument)
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float shifted = xc + kRound;
+  const float n = shifted - kRound;
+  const float f = xc - n;  // [-0.5, 0.5]
+  float poly = 1.327647129073739e-3f;
+  poly = poly * f + 9.675541892647743e-3f;
+  poly = poly * f + 5.550713092088699e-2f;
+  poly = poly * f + 2.4022120237350464e-1f;
+  poly = poly * f + 6.931469440460205e-1f;
+  poly = poly * f + 1.0000001192092896f;
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits + 127u) << 23;  // the low 9 bits of `shifted` are n mod 512
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : poly * scale;
+  return poly * scale;
 }
+
+constexpr float LOG2E = 1.44269504088896341f;
 
 // log(x) for x in [1, 2] (used as log1p of a value in [0, 1]); Cephes logf polynomial.
 inline float log_1_to_2(float x) {
@@ -178,76 +187,111 @@ inline float log_mixture(float log_p, float log_q, float log_1m_beta, float log_
   const float b = log_q + log_beta;
   const float hi = std::max(a, b);
   const float lo = std::min(a, b);
-  return hi + log_1_to_2(1.0f + fast_exp(lo - hi));
+  return hi + log_1_to_2(1.0f + exp2_nonpositive((lo - hi) * LOG2E));
 }
 
-// Scratch a thread needs for one row: the pass-1 exponentials of both rows and each block's
-// shift, so the gradient pass rescales them instead of evaluating exp again.
+// Scratch a thread needs for one row: two float32 rows of V cached by pass 1 and each block's
+// shift, so the last pass never evaluates exp and (reverse and forward KL) never re-reads the
+// logits:
+//   reverse KL  first = exp(z_s - shift_s[block]),  second = s - t (raw logits)
+//   forward KL  first = exp(z_s - shift_s[block]),  second = exp(z_t - shift_t[block])
+//   JSD         as forward KL
 inline int64_t scratch_floats(int64_t vocab) {
   const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
   return 2 * vocab + 2 * blocks;
 }
 
+// A block of logits as float32: the row itself for float32 storage, else converted into `buf`.
+template <int D>
+inline const float* block_as_float(const typename Storage<D>::type* src, float* buf, int64_t n) {
+  if constexpr (D == F32) {
+    return src;
+  } else {
+    load_block<D>(src, buf, n, 1.0f);
+    return buf;
+  }
+}
+
+// Work is done in raw logit units: with z = x / temperature, exp(z - max z) is
+// 2^((x - max x) * log2(e) / temperature), so the temperature costs nothing per element and
+// float32 rows are read in place. Accumulators are kept relative to the running max:
+//   l   = sum exp(z - m)            ent = sum exp(z_s - m_s) (x_s - m_s)
+//   div = sum exp(z_s - m_s) (x_s - x_t)  (reverse)   or  sum exp(z_t - m_t) (x_t - x_s)  (forward)
 template <int SD, int TD, int DIV>
 void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>::type* t,
                  typename Storage<SD>::type* grad, int64_t vocab, int64_t grad_cols, int64_t target,
-                 float beta, float inv_temp, float* scratch, RowOut& out) {
-  alignas(64) float zs[BLOCK];
-  alignas(64) float zt[BLOCK];
+                 float beta, float inv_temp, float grad_scale, float* scratch, RowOut& out) {
+  alignas(64) float buf_s[BLOCK];
+  alignas(64) float buf_t[BLOCK];
   const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
-  float* es_row = scratch;               // exp(z_s - shift_s[block])
-  float* et_row = scratch + vocab;       // exp(z_t - shift_t[block])
+  float* first_row = scratch;
+  float* second_row = scratch + vocab;
   float* block_shift_s = scratch + 2 * vocab;
   float* block_shift_t = block_shift_s + blocks;
+  const float c = inv_temp * LOG2E;
 
   float m_s = NEG_INF, l_s = 0.f, m_t = NEG_INF, l_t = 0.f;
-  float acc_div = 0.f;  // reverse: sum e_s (z_s - z_t); forward: sum e_t (z_t - z_s)
-  float acc_ent = 0.f;  // sum e_s z_s
+  float acc_div = 0.f, acc_ent = 0.f;
 
   // ---- pass 1: online softmax statistics, one block at a time ----
   for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
     const int64_t n = std::min(BLOCK, vocab - v0);
-    load_block<SD>(s + v0, zs, n, inv_temp);
-    load_block<TD>(t + v0, zt, n, inv_temp);
+    const float* xs = block_as_float<SD>(s + v0, buf_s, n);
+    const float* xt = block_as_float<TD>(t + v0, buf_t, n);
     float bmax_s = NEG_INF, bmax_t = NEG_INF;
 #pragma omp simd reduction(max : bmax_s, bmax_t)
     for (int64_t i = 0; i < n; ++i) {
-      bmax_s = std::max(bmax_s, zs[i]);
-      bmax_t = std::max(bmax_t, zt[i]);
+      bmax_s = std::max(bmax_s, xs[i]);
+      bmax_t = std::max(bmax_t, xt[i]);
     }
     const float new_ms = std::max(m_s, bmax_s);
     const float new_mt = std::max(m_t, bmax_t);
-    // A running max of -inf means everything so far was -inf: nothing to rescale, and using 0
-    // as the shift keeps exp(-inf - shift) == 0 instead of exp(nan).
-    const float shift_s = new_ms == NEG_INF ? 0.f : new_ms;
-    const float shift_t = new_mt == NEG_INF ? 0.f : new_mt;
-    // NaN marks "everything so far was -inf": the cached exponentials of the block are all 0
-    block_shift_s[v0 / BLOCK] = new_ms == NEG_INF ? NAN : shift_s;
-    block_shift_t[v0 / BLOCK] = new_mt == NEG_INF ? NAN : shift_t;
-    float* es_block = es_row + v0;
-    float* et_block = et_row + v0;
-    const float scale_s = m_s == NEG_INF ? 0.f : std::exp(m_s - shift_s);
-    const float scale_t = m_t == NEG_INF ? 0.f : std::exp(m_t - shift_t);
-    l_s *= scale_s;
-    acc_ent *= scale_s;
-    l_t *= scale_t;
-    acc_div *= (DIV == FORWARD_KL) ? scale_t : scale_s;
-    m_s = new_ms;
-    m_t = new_mt;
+    if (new_ms != m_s) {  // rescale to the new max (m_s == -inf: nothing accumulated yet)
+      if (m_s != NEG_INF) {
+        const float scale = std::exp((m_s - new_ms) * inv_temp);
+        acc_ent = scale * (acc_ent + (m_s - new_ms) * l_s);
+        l_s *= scale;
+        if (DIV == REVERSE_KL) acc_div *= scale;
+      }
+      m_s = new_ms;
+    }
+    if (new_mt != m_t) {
+      if (m_t != NEG_INF) {
+        const float scale = std::exp((m_t - new_mt) * inv_temp);
+        l_t *= scale;
+        if (DIV == FORWARD_KL) acc_div *= scale;
+      }
+      m_t = new_mt;
+    }
+    // A running max of -inf means everything so far was -inf: the shift 0 keeps
+    // exp(-inf - shift) == 0 instead of exp(nan); NaN marks such a block for the last pass.
+    const float shift_s = m_s == NEG_INF ? 0.f : m_s;
+    const float shift_t = m_t == NEG_INF ? 0.f : m_t;
+    block_shift_s[v0 / BLOCK] = m_s == NEG_INF ? NAN : shift_s;
+    block_shift_t[v0 / BLOCK] = m_t == NEG_INF ? NAN : shift_t;
+    float* first = first_row + v0;
+    float* second = second_row + v0;
 
     float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
 #pragma omp simd reduction(+ : sum_s, sum_t, sum_div, sum_ent)
     for (int64_t i = 0; i < n; ++i) {
-      const float es = fast_exp(zs[i] - shift_s);
-      const float et = fast_exp(zt[i] - shift_t);
-      es_block[i] = es;
-      et_block[i] = et;
+      const float ds = xs[i] - shift_s;  // <= 0 (or -inf)
+      const float dt = xt[i] - shift_t;
+      const float es = exp2_nonpositive(ds * c);
+      const float et = exp2_nonpositive(dt * c);
+      first[i] = es;
       sum_s += es;
       sum_t += et;
       // selects, not branches: where the weight is 0 the other operand may be -inf
-      sum_ent += es > 0.f ? es * zs[i] : 0.f;
-      if (DIV == REVERSE_KL) sum_div += es > 0.f ? es * (zs[i] - zt[i]) : 0.f;
-      if (DIV == FORWARD_KL) sum_div += et > 0.f ? et * (zt[i] - zs[i]) : 0.f;
+      sum_ent += es > 0.f ? es * ds : 0.f;
+      if (DIV == REVERSE_KL) {
+        const float diff = xs[i] - xt[i];
+        second[i] = diff;
+        sum_div += es > 0.f ? es * diff : 0.f;
+      } else {
+        second[i] = et;
+        if (DIV == FORWARD_KL) sum_div += et > 0.f ? et * (xt[i] - xs[i]) : 0.f;
+      }
     }
     l_s += sum_s;
     l_t += sum_t;
@@ -255,9 +299,10 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     acc_ent += sum_ent;
   }
 
-  const float lse_s = m_s + std::log(l_s);
-  const float lse_t = m_t + std::log(l_t);
-  out.entropy = lse_s - acc_ent / l_s;
+  // log-normalisers in z units: lse = m / temperature + log(l)
+  const float lse_s = m_s * inv_temp + std::log(l_s);
+  const float lse_t = m_t * inv_temp + std::log(l_t);
+  out.entropy = std::log(l_s) - inv_temp * acc_ent / l_s;
   if (target >= 0) {
     out.logp_target = load_one<SD>(s, target) * inv_temp - lse_s;
     out.logq_target = load_one<TD>(t, target) * inv_temp - lse_t;
@@ -266,21 +311,27 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   float div = 0.f, kl_p_m = 0.f;
   const float log_1m_beta = std::log1p(-beta);
   const float log_beta = std::log(beta);
-  if (DIV == REVERSE_KL) div = acc_div / l_s - lse_s + lse_t;
-  if (DIV == FORWARD_KL) div = acc_div / l_t - lse_t + lse_s;
+  if (DIV == REVERSE_KL) div = inv_temp * acc_div / l_s - lse_s + lse_t;
+  if (DIV == FORWARD_KL) div = inv_temp * acc_div / l_t - lse_t + lse_s;
   if (DIV == JSD) {
     // ---- pass 2 (JSD only): the divergence and KL(p||m) need the final log-normalisers ----
     float sum_q = 0.f, sum_p = 0.f;
     for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
       const int64_t n = std::min(BLOCK, vocab - v0);
-      load_block<SD>(s + v0, zs, n, inv_temp);
-      load_block<TD>(t + v0, zt, n, inv_temp);
+      const float* xs = block_as_float<SD>(s + v0, buf_s, n);
+      const float* xt = block_as_float<TD>(t + v0, buf_t, n);
+      const float shift_s = block_shift_s[v0 / BLOCK];
+      const float shift_t = block_shift_t[v0 / BLOCK];
+      const float to_p = std::isnan(shift_s) ? 0.f : std::exp(shift_s * inv_temp - lse_s);
+      const float to_q = std::isnan(shift_t) ? 0.f : std::exp(shift_t * inv_temp - lse_t);
+      const float* es = first_row + v0;
+      const float* et = second_row + v0;
 #pragma omp simd reduction(+ : sum_q, sum_p)
       for (int64_t i = 0; i < n; ++i) {
-        const float log_p = zs[i] - lse_s;
-        const float log_q = zt[i] - lse_t;
-        const float p = fast_exp(log_p);
-        const float q = fast_exp(log_q);
+        const float log_p = xs[i] * inv_temp - lse_s;
+        const float log_q = xt[i] * inv_temp - lse_t;
+        const float p = es[i] * to_p;
+        const float q = et[i] * to_q;
         const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
         sum_p += p > 0.f ? p * (log_p - log_m) : 0.f;
         sum_q += q > 0.f ? q * (log_q - log_m) : 0.f;
@@ -292,44 +343,56 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   out.div = div;
 
   if (grad == nullptr) return;
-  // ---- last pass: d div / d student_logits, written in the student's dtype ----
-  // p and q come from the cached pass-1 exponentials times exp(shift - lse) <= 1: no exp
-  // per element here.
-  alignas(64) float g[BLOCK];
+  // ---- last pass: grad_scale * d div / d student_logits, in the student's dtype ----
+  // p (and q) come from the cached pass-1 exponentials times exp(shift - lse) <= 1.
+  alignas(64) float g_buf[BLOCK];
+  const float lse_gap = lse_s - lse_t;
   for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
     const int64_t n = std::min(BLOCK, vocab - v0);
     const float shift_s = block_shift_s[v0 / BLOCK];
     const float shift_t = block_shift_t[v0 / BLOCK];
-    const float to_p = std::isnan(shift_s) ? 0.f : std::exp(shift_s - lse_s);
-    const float to_q = std::isnan(shift_t) ? 0.f : std::exp(shift_t - lse_t);
-    const float* es_block = es_row + v0;
-    const float* et_block = et_row + v0;
-    load_block<SD>(s + v0, zs, n, inv_temp);
-    if (DIV != FORWARD_KL) load_block<TD>(t + v0, zt, n, inv_temp);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float p = es_block[i] * to_p;
-      float gi;
-      if (DIV == REVERSE_KL) {
-        const float log_ratio = (zs[i] - zt[i]) - (lse_s - lse_t);
-        gi = p > 0.f ? p * (log_ratio - div) * inv_temp : 0.f;
-      } else if (DIV == FORWARD_KL) {
-        gi = (p - et_block[i] * to_q) * inv_temp;
-      } else {
-        const float log_p = zs[i] - lse_s;
-        const float log_q = zt[i] - lse_t;
-        const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
-        gi = p > 0.f ? (1.f - beta) * p * (log_p - log_m - kl_p_m) * inv_temp : 0.f;
-      }
-      g[i] = gi;
+    // d/dx = (1/temperature) d/dz, folded into the per-block factor with the caller's scale
+    const float to_p = std::isnan(shift_s) ? 0.f : std::exp(shift_s * inv_temp - lse_s) * inv_temp * grad_scale;
+    const float to_q = std::isnan(shift_t) ? 0.f : std::exp(shift_t * inv_temp - lse_t) * inv_temp * grad_scale;
+    const float* first = first_row + v0;
+    const float* second = second_row + v0;
+    float* g;
+    if constexpr (SD == F32) {
+      g = grad + v0;
+    } else {
+      g = g_buf;
     }
-    store_block<SD>(g, grad + v0, n);
+    if (DIV == REVERSE_KL) {
+      const float shift_log_ratio = lse_gap + div;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float p_scaled = first[i] * to_p;
+        const float centred = second[i] * inv_temp - shift_log_ratio;  // log p - log q - div
+        g[i] = p_scaled > 0.f ? p_scaled * centred : 0.f;
+      }
+    } else if (DIV == FORWARD_KL) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) g[i] = first[i] * to_p - second[i] * to_q;
+    } else {
+      const float* xs = block_as_float<SD>(s + v0, buf_s, n);
+      const float* xt = block_as_float<TD>(t + v0, buf_t, n);
+      const float jsd_scale = 1.f - beta;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float log_p = xs[i] * inv_temp - lse_s;
+        const float log_q = xt[i] * inv_temp - lse_t;
+        const float p_scaled = first[i] * to_p;
+        const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
+        g[i] = p_scaled > 0.f ? jsd_scale * p_scaled * (log_p - log_m - kl_p_m) : 0.f;
+      }
+    }
+    if constexpr (SD != F32) store_block<SD>(g_buf, grad + v0, n);
   }
   zero_fill<SD>(grad + vocab, grad_cols - vocab);
 }
 
 struct Args {
-  int64_t student, teacher, grad, keep, target;
+  int64_t student, teacher, grad, keep, target, grad_scale;
   int64_t rows_b, rows_t;
   int64_t s_sb, s_st, t_sb, t_st, g_sb, g_st;
   int64_t vocab, grad_cols;
@@ -348,6 +411,7 @@ void run_rows(const Args& a) {
   S* grad = reinterpret_cast<S*>(a.grad);
   const bool* keep = reinterpret_cast<const bool*>(a.keep);
   const int64_t* target = reinterpret_cast<const int64_t*>(a.target);
+  const float* grad_scale = reinterpret_cast<const float*>(a.grad_scale);
   float* out_div = reinterpret_cast<float*>(a.out_div);
   float* out_ent = reinterpret_cast<float*>(a.out_ent);
   float* out_logp = reinterpret_cast<float*>(a.out_logp);
@@ -364,8 +428,9 @@ void run_rows(const Args& a) {
       RowOut out{0.f, 0.f, 0.f, 0.f};
       if (keep[row]) {
         const int64_t tgt = target ? target[row] : -1;
+        const float scale = grad_scale ? grad_scale[row] : 1.f;
         process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st,
-                                 grad_row, a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scratch.data(), out);
+                                 grad_row, a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, scratch.data(), out);
       } else if (grad_row) {
         zero_fill<SD>(grad_row, a.grad_cols);
       }
@@ -398,12 +463,13 @@ void dispatch_teacher(const Args& a, int teacher_dtype) {
 }
 
 void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int teacher_dtype,
-                     int64_t grad, int64_t keep, int64_t target, int64_t rows_b, int64_t rows_t,
+                     int64_t grad, int64_t keep, int64_t target, int64_t grad_scale, int64_t rows_b,
+                     int64_t rows_t,
                      int64_t s_sb, int64_t s_st, int64_t t_sb, int64_t t_st, int64_t g_sb,
                      int64_t g_st, int64_t vocab, int64_t grad_cols, int divergence, double beta,
                      double inv_temp, int64_t out_div, int64_t out_ent, int64_t out_logp,
                      int64_t out_logq, int num_threads) {
-  Args a{student, teacher, grad, keep, target, rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st,
+  Args a{student, teacher, grad, keep, target, grad_scale, rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st,
          vocab, grad_cols, divergence, static_cast<float>(beta), static_cast<float>(inv_temp),
          out_div, out_ent, out_logp, out_logq, std::max(1, num_threads)};
   py::gil_scoped_release release;
@@ -415,10 +481,49 @@ void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int te
   }
 }
 
+// grad[b, t, :] *= factor[b, t] for rows whose factor is not exactly 1 (backward's rescale when
+// the upstream gradient differs from the scale the forward pass already applied).
+template <int D>
+void scale_rows_impl(int64_t grad_ptr, int64_t factor_ptr, int64_t rows_b, int64_t rows_t, int64_t g_sb,
+                     int64_t g_st, int64_t cols, int num_threads) {
+  using S = typename Storage<D>::type;
+  S* grad = reinterpret_cast<S*>(grad_ptr);
+  const float* factor = reinterpret_cast<const float*>(factor_ptr);
+  const int64_t n_rows = rows_b * rows_t;
+#pragma omp parallel num_threads(num_threads)
+  {
+    alignas(64) float buf[BLOCK];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t row = 0; row < n_rows; ++row) {
+      const float f = factor[row];
+      if (f == 1.f) continue;
+      S* g = grad + (row / rows_t) * g_sb + (row % rows_t) * g_st;
+      for (int64_t v0 = 0; v0 < cols; v0 += BLOCK) {
+        const int64_t n = std::min(BLOCK, cols - v0);
+        load_block<D>(g + v0, buf, n, f);
+        store_block<D>(buf, g + v0, n);
+      }
+    }
+  }
+}
+
+void scale_rows(int64_t grad, int grad_dtype, int64_t factor, int64_t rows_b, int64_t rows_t, int64_t g_sb,
+                int64_t g_st, int64_t cols, int num_threads) {
+  py::gil_scoped_release release;
+  num_threads = std::max(1, num_threads);
+  switch (grad_dtype) {
+    case F32: return scale_rows_impl<F32>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+    case BF16: return scale_rows_impl<BF16>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+    case F16: return scale_rows_impl<F16>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+    default: throw std::invalid_argument("grad dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tcod-fast native CPU kernels";
   m.def("turn_kl_forward", &turn_kl_forward,
         "Fused divergence/entropy/gradient over rows of student and teacher logits (raw pointers).");
+  m.def("scale_rows", &scale_rows, "grad[b, t, :] *= factor[b, t], skipping rows whose factor is 1 (raw pointers).");
 }

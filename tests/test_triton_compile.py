@@ -25,20 +25,31 @@ for student, teacher in [("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "bf16")]:
     for divergence in (0, 1, 2):
         signature = {
             "s_ptr": "*" + student, "t_ptr": "*" + teacher, "g_ptr": "*" + student,
-            "keep_ptr": "*i1", "target_ptr": "*i64",
+            "keep_ptr": "*i1", "target_ptr": "*i64", "scale_ptr": "*fp32",
             "div_ptr": "*fp32", "ent_ptr": "*fp32", "logp_ptr": "*fp32", "logq_ptr": "*fp32",
             **scalars,
-            "DIVERGENCE": "constexpr", "HAS_TARGET": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr",
+            "DIVERGENCE": "constexpr", "HAS_TARGET": "constexpr", "WRITE_GRAD": "constexpr",
+            "HAS_SCALE": "constexpr", "BLOCK_V": "constexpr",
         }
         source = ASTSource(
             fn=triton_backend._turn_kl_row_kernel, signature=signature,
-            constexprs={"DIVERGENCE": divergence, "HAS_TARGET": True, "WRITE_GRAD": True,
+            constexprs={"DIVERGENCE": divergence, "HAS_TARGET": True, "WRITE_GRAD": True, "HAS_SCALE": True,
                         "BLOCK_V": triton_backend.DEFAULT_BLOCK_V},
         )
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
         assert ".target sm_90" in compiled.asm["ptx"], "PTX not for sm_90"
         assert len(compiled.asm["cubin"]) > 0, "empty cubin"
         print("compiled", student, teacher, divergence, flush=True)
+for dtype in ("bf16", "fp16", "fp32"):
+    source = ASTSource(
+        fn=triton_backend._scale_rows_kernel,
+        signature={"g_ptr": "*" + dtype, "factor_ptr": "*fp32", "rows_t": "i64", "g_sb": "i64", "g_st": "i64",
+                   "cols": "i64", "BLOCK_V": "constexpr"},
+        constexprs={"BLOCK_V": triton_backend.DEFAULT_BLOCK_V},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert len(compiled.asm["cubin"]) > 0, "empty cubin"
+    print("compiled scale_rows", dtype, flush=True)
 """
 
 
@@ -46,4 +57,4 @@ def test_triton_kernel_compiles_to_sm90_cubin():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"Triton compile for sm_90 failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    assert proc.stdout.count("compiled") == 9
+    assert proc.stdout.count("compiled") == 12

@@ -237,6 +237,54 @@ def test_inplace_gradient_matches(backend):
     torch.testing.assert_close(logits.detach(), expected_grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "turn_mean", "none"])
+def test_gradient_when_upstream_differs_from_the_reduction(backend, reduction):
+    """The op writes its gradient pre-multiplied by the reduction's coefficients; any other
+    upstream gradient (a scaled loss, a second use of the per-token ``kl``, a zero turn weight)
+    must still give the exact gradient."""
+    B, T, V = 3, 5, 301 if backend != "triton" else 131
+    student, teacher, turn_ids, _ = _make_inputs(B, T, V, torch.float32, n_turns=3)
+    turn_weights = torch.rand(B, 3, device=DEVICE) + 0.5
+    turn_weights[1, 0] = 0.0  # kept tokens whose coefficient in the loss is exactly 0
+    token_w = torch.randn(B, T, device=DEVICE)
+    kwargs = dict(turn_weights=turn_weights, reduction=reduction, temperature=1.3, return_stats=True)
+
+    def total(result):
+        loss = result.loss.sum() if reduction == "none" else result.loss
+        return 2.5 * loss + (result.kl * token_w).sum()
+
+    (grad,) = torch.autograd.grad(total(fused_turn_kl(student, teacher, turn_ids, backend=backend, **kwargs)), student)
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = turn_kl_reference(ref_student, teacher.double(), turn_ids, **kwargs)
+    (ref_grad,) = torch.autograd.grad(total(ref), ref_student)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double() / scale, ref_grad / scale, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_grad_rows_matches_multiplication(backend, dtype):
+    """``scale_grad_rows_`` (backward's rescale) on strided rows, with some factors exactly 1."""
+    from tcod_fast.ops.turn_kl.api import _scale_grad_rows_
+
+    B, T, V = 2, 6, 1037 if backend != "triton" else 203
+    storage = torch.randn(B, T + 3, V + 5, device=DEVICE).to(dtype)
+    grad = storage[:, 1 : T + 1, :V]  # row strides of a bigger buffer, contiguous last dim
+    factor = torch.randn(B, T, device=DEVICE)
+    factor[0, 1] = factor[1, 4] = 1.0
+    factor[1, 0] = 0.0
+    expected = (grad.float() * factor[..., None]).to(dtype)
+    untouched = storage.clone()
+    _scale_grad_rows_(grad, factor, backend)
+    # one rounding of the float32 product: exact, except that the Triton interpreter's cast to
+    # bfloat16 may round the other way (1 ulp)
+    exact = not (backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu")
+    torch.testing.assert_close(grad, expected, rtol=0 if exact else 2**-7, atol=0)
+    torch.testing.assert_close(storage[:, 0], untouched[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(storage[..., V:], untouched[..., V:], rtol=0, atol=0)
+
+
 def test_gradient_matches_finite_differences_float64():
     """Directional derivatives of the loss in float64 (torch backend) against central differences.
 

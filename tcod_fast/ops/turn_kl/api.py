@@ -7,8 +7,11 @@ Layers, top to bottom:
    backend.
 2. ``_FusedTurnKL`` (autograd) calls the ``torch.library`` custom op
    ``tcod_fast::turn_kl_forward`` which streams the logits once and returns per-token
-   divergence, entropy, sampled-token log-probs and the gradient of each token's divergence.
-   Backward only scales that stored gradient by the incoming per-token grad, in place.
+   divergence, entropy, sampled-token log-probs and the gradient of each token's divergence,
+   already multiplied by the token's coefficient in the reduction (the upstream gradient a
+   plain ``loss.backward()`` will bring). Backward compares the incoming per-token gradient
+   with that scale and rescales, in place, only the rows where they differ
+   (``tcod_fast::scale_grad_rows_``): for the usual scalar loss it touches nothing ``N x V``.
 3. Reductions, turn weights and per-(sequence, turn) statistics (``turns.py``, shared with
    ``fused_linear_turn_kl``) are plain torch ops on ``N``-sized vectors.
 """
@@ -25,14 +28,16 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # --------------------------------------------------------------------------------------------
 # custom op: the one pass over the logits
 # --------------------------------------------------------------------------------------------
-def _run_backend(backend, student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad):
+def _run_backend(
+    backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, grad
+):
     if backend == "native":
         impl = native_backend.forward
     elif backend == "triton":
         impl = triton_backend.forward
     else:
         impl = torch_backend.forward
-    return impl(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad)
+    return impl(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale)
 
 
 def _stat_dtype(student: torch.Tensor) -> torch.dtype:
@@ -46,6 +51,7 @@ def _turn_kl_forward(
     teacher: torch.Tensor,
     keep: torch.Tensor,
     target_ids: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
     divergence: str,
     beta: float,
     temperature: float,
@@ -53,16 +59,18 @@ def _turn_kl_forward(
     compute_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (div, entropy, logp_target, logq_target) and d div/d student (or an empty grad)."""
+    """Per-token (div, entropy, logp_target, logq_target) and grad_scale * d div/d student (or an empty grad)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
-    outs = _run_backend(backend, student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad)
+    outs = _run_backend(
+        backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, grad
+    )
     if grad is None:
         grad = student.new_empty(0)
     return (*outs, grad)
 
 
 @_turn_kl_forward.register_fake
-def _(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, compute_grad, backend):
+def _(student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, compute_grad, backend):
     outs = tuple(keep.new_empty(keep.shape, dtype=_stat_dtype(student)) for _ in range(4))
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
     return (*outs, grad)
@@ -74,6 +82,7 @@ def _turn_kl_forward_inplace(
     teacher: torch.Tensor,
     keep: torch.Tensor,
     target_ids: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
     divergence: str,
     beta: float,
     temperature: float,
@@ -81,32 +90,57 @@ def _turn_kl_forward_inplace(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like ``turn_kl_forward`` but overwrites ``student`` with the gradient (saves one N x V buffer)."""
-    return tuple(_run_backend(backend, student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, student))
+    return tuple(
+        _run_backend(
+            backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, student
+        )
+    )
 
 
 @_turn_kl_forward_inplace.register_fake
-def _(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, backend):
+def _(student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, backend):
     return tuple(keep.new_empty(keep.shape, dtype=_stat_dtype(student)) for _ in range(4))
+
+
+@torch.library.custom_op("tcod_fast::scale_grad_rows_", mutates_args=("grad",))
+def _scale_grad_rows_(grad: torch.Tensor, factor: torch.Tensor, backend: str) -> None:
+    """``grad[b, t, :] *= factor[b, t]`` in place; the native and Triton kernels skip rows whose
+    factor is exactly 1, so an upstream gradient equal to the forward's scale costs no N x V pass."""
+    if backend == "native" and grad.dtype in native_backend.SUPPORTED_DTYPES:
+        native_backend.scale_rows_(grad, factor)
+    elif backend == "triton" and grad.dtype != torch.float64:
+        triton_backend.scale_rows_(grad, factor)
+    else:
+        grad.mul_(factor.to(grad.dtype if grad.dtype == torch.float64 else torch.float32).unsqueeze(-1))
+
+
+@_scale_grad_rows_.register_fake
+def _(grad, factor, backend):
+    return None
 
 
 class _FusedTurnKL(torch.autograd.Function):
     """Differentiable per-token divergence; the gradient is computed in forward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, backend, inplace):
+    def forward(
+        ctx, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, backend, inplace
+    ):
         compute_grad = ctx.needs_input_grad[0]
         if inplace and compute_grad:
             div, entropy, logp, logq = torch.ops.tcod_fast.turn_kl_forward_inplace(
-                student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, backend
+                student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, backend
             )
             grad = student
         else:
             div, entropy, logp, logq, grad = torch.ops.tcod_fast.turn_kl_forward(
-                student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, compute_grad, backend
+                student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size,
+                compute_grad, backend,
             )
         ctx.mark_non_differentiable(entropy, logp, logq)
         if compute_grad:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad, grad_scale)
+        ctx.backend = backend
         ctx.backward_done = False
         return div, entropy, logp, logq
 
@@ -118,11 +152,14 @@ class _FusedTurnKL(torch.autograd.Function):
                 "(do not use retain_graph=True through it)"
             )
         ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        # In place: the stored gradient is the op's own buffer (or the student logits the user
-        # gave up with inplace=True), so no second N x V tensor is ever allocated.
-        grad.mul_(grad_div.unsqueeze(-1))  # float32 scale: computed in float32, rounded once
-        return grad, None, None, None, None, None, None, None, None, None
+        grad, grad_scale = ctx.saved_tensors
+        # The stored gradient already carries grad_scale (the reduction's coefficients); rows
+        # whose upstream gradient equals it (factor exactly 1) are left as they are. In place:
+        # the stored gradient is the op's own buffer (or the student logits the user gave up
+        # with inplace=True), so no second N x V tensor is ever allocated.
+        factor = grad_div if grad_scale is None else grad_div / grad_scale
+        torch.ops.tcod_fast.scale_grad_rows_(grad, factor, ctx.backend)
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +312,17 @@ def fused_turn_kl(
         student3 = student3.contiguous()
     if teacher3.stride(-1) != 1:
         teacher3 = teacher3.contiguous()
+    # The reduction's coefficient of each token (0 where dropped): the gradient is written
+    # already multiplied by it (1 where it is 0, so a per-token use of `kl` still gets its own).
+    coeff = None if reduction == "none" else turns.token_coefficients(reduction, torch.float32)
+    grad_scale = None if coeff is None else torch.where(coeff != 0, coeff, torch.ones_like(coeff))
     div, entropy, logp, logq = _FusedTurnKL.apply(
-        student3, teacher3, turns.keep, turns.target_ids, divergence, float(beta), float(temperature), vocab_size,
-        backend, inplace,
+        student3, teacher3, turns.keep, turns.target_ids, grad_scale, divergence, float(beta), float(temperature),
+        vocab_size, backend, inplace,
     )
 
     # ---- weights, reductions and per-turn statistics: N-sized ----
-    loss = turns.reduce(div, reduction)
+    loss = turns.reduce(div, reduction, coeff)
     if not return_stats:
         return loss
     return turns.result(loss, div, entropy, logp, logq)

@@ -97,7 +97,7 @@ def is_available() -> bool:
         return False
 
 
-def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad):
+def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None):
     """See ``torch_backend`` for the contract. CPU tensors only."""
     module = load()
     B, T = keep.shape
@@ -107,13 +107,29 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
     grad_ptr, g_sb, g_st, grad_cols = 0, 0, 0, 0
     if grad is not None:
         grad_ptr, (g_sb, g_st, _), grad_cols = grad.data_ptr(), grad.stride(), grad.shape[-1]
+    scale = None if grad_scale is None or grad is None else grad_scale.to(torch.float32).contiguous()
     module.turn_kl_forward(
         student.data_ptr(), _DTYPE_CODES[student.dtype],
         teacher.data_ptr(), _DTYPE_CODES[teacher.dtype],
         grad_ptr, keep.data_ptr(), 0 if target is None else target.data_ptr(),
+        0 if scale is None else scale.data_ptr(),
         B, T,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g_sb, g_st,
         vocab_size, grad_cols, _DIVERGENCE_CODES[divergence], float(beta), 1.0 / temperature,
         *(o.data_ptr() for o in outs), torch.get_num_threads(),
     )
     return tuple(outs)
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """``grad[b, t, :] *= factor[b, t]`` in place, skipping rows whose factor is exactly 1.
+
+    grad ``(B, T, V)`` float32/bfloat16/float16 with a contiguous last dim; factor ``(B, T)``.
+    """
+    module = load()
+    B, T, V = grad.shape
+    factor = factor.to(torch.float32).contiguous()
+    module.scale_rows(
+        grad.data_ptr(), _DTYPE_CODES[grad.dtype], factor.data_ptr(), B, T, grad.stride(0), grad.stride(1), V,
+        torch.get_num_threads(),
+    )

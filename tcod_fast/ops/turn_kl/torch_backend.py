@@ -5,13 +5,15 @@ of them), so memory stays bounded however many tokens there are; it is the porta
 and the readable statement of what the native and Triton kernels compute.
 
 Backend contract (shared by all three backends):
-    forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad)
+    forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad,
+            grad_scale=None)
         student ``(B, T, V_s)``, teacher ``(B, T, V_t)`` (last dim contiguous, any row strides),
         keep ``(B, T)`` bool, target_ids ``(B, T)`` int64 or None, grad ``(B, T, V_s)`` in the
         student's dtype or None (may alias ``student`` for the in-place mode).
     returns ``(div, entropy, logp_target, logq_target)``, each ``(B, T)`` float32, 0 at rows
     that are not kept. When ``grad`` is given it receives ``d div / d student`` per row (0 at
-    dropped rows and at columns >= vocab_size).
+    dropped rows and at columns >= vocab_size), multiplied per row by ``grad_scale`` ``(B, T)``
+    when it is given (the reduction's coefficients, so backward usually has nothing to do).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def _row_view(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad):
+def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     B, T = keep.shape
@@ -100,6 +102,7 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
     outs = [torch.zeros(N, dtype=compute_dtype, device=student.device) for _ in range(4)]
     div_out, ent_out, logp_out, logq_out = outs
     tgt_rows = None if target_ids is None else target_ids.reshape(N, 1)
+    scale_rows = None if grad_scale is None else grad_scale.reshape(N).to(compute_dtype)
     step = _chunk_rows(vocab_size)
     for start in range(0, N, step):
         stop = min(N, start + step)
@@ -118,6 +121,8 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
             logq_out[start:stop] = torch.where(k, z_t.gather(1, tgt).squeeze(1) - lse_t, zero)
         if grad is not None:
             g = torch.where(k[:, None], g, zero)
+            if scale_rows is not None:
+                g = g.mul_(scale_rows[start:stop, None])
             if grad_rows is not None:
                 grad_rows[start:stop, :vocab_size] = g
                 grad_rows[start:stop, vocab_size:] = 0

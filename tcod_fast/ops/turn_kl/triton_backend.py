@@ -50,12 +50,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _turn_kl_row_kernel(
-        s_ptr, t_ptr, g_ptr, keep_ptr, target_ptr,
+        s_ptr, t_ptr, g_ptr, keep_ptr, target_ptr, scale_ptr,
         div_ptr, ent_ptr, logp_ptr, logq_ptr,
         rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st,
         vocab, grad_cols, inv_temp, beta, log_1m_beta, log_beta,
         DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         b = row // rows_t
@@ -129,6 +129,10 @@ if HAS_TRITON:
                 tl.store(logq_ptr + row, tl.load(t_row + tgt).to(tl.float32) * inv_temp - lse_t)
 
             if WRITE_GRAD:
+                # d/dx = (1/temperature) d/dz, times the caller's per-row scale
+                grad_factor = inv_temp
+                if HAS_SCALE:
+                    grad_factor = inv_temp * tl.load(scale_ptr + row)
                 for v0 in range(0, grad_cols, BLOCK_V):
                     offs = v0 + cols
                     in_vocab = offs < vocab
@@ -136,12 +140,12 @@ if HAS_TRITON:
                     log_q = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_t
                     p = tl.exp(log_p)
                     if DIVERGENCE == 0:
-                        g = tl.where(p > 0, p * (log_p - log_q - div) * inv_temp, 0.0)
+                        g = tl.where(p > 0, p * (log_p - log_q - div) * grad_factor, 0.0)
                     elif DIVERGENCE == 1:
-                        g = (p - tl.exp(log_q)) * inv_temp
+                        g = (p - tl.exp(log_q)) * grad_factor
                     else:
                         log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
-                        g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m) * inv_temp, 0.0)
+                        g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m) * grad_factor, 0.0)
                     g = tl.where(in_vocab, g, 0.0)
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < grad_cols)
         else:
@@ -157,13 +161,28 @@ if HAS_TRITON:
                     tl.store(g_row + offs, zeros.to(g_ptr.dtype.element_ty), mask=offs < grad_cols)
 
 
+    @triton.jit
+    def _scale_rows_kernel(g_ptr, factor_ptr, rows_t, g_sb, g_st, cols, BLOCK_V: tl.constexpr):
+        """grad[b, t, block] *= factor[b, t]; rows whose factor is exactly 1 cost one load."""
+        row = tl.program_id(0).to(tl.int64)
+        factor = tl.load(factor_ptr + row)
+        if factor != 1.0:
+            g_row = g_ptr + (row // rows_t) * g_sb + (row % rows_t) * g_st
+            offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+            in_row = offs < cols
+            g = tl.load(g_row + offs, mask=in_row, other=0.0).to(tl.float32)
+            tl.store(g_row + offs, (g * factor).to(g_ptr.dtype.element_ty), mask=in_row)
+
+
 def is_available(device: torch.device) -> bool:
     if not HAS_TRITON:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
-def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, block_v=None):
+def forward(
+    student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None, block_v=None
+):
     """See ``torch_backend`` for the contract."""
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package (pip install 'tcod-fast[triton]')")
@@ -175,17 +194,34 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
     if block_v is None:
         block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(vocab_size, 16)))
     target = target_ids if target_ids is not None else keep  # dummy pointer when unused
+    has_scale = grad_scale is not None and grad is not None
+    scale = grad_scale.to(torch.float32).contiguous() if has_scale else outs[0]  # dummy when unused
     g = grad if grad is not None else student
     g_sb, g_st, grad_cols = (grad.stride(0), grad.stride(1), grad.shape[-1]) if grad is not None else (0, 0, 0)
     log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
     log_beta = math.log(beta) if beta > 0.0 else float("-inf")
     if B * T > 0:
         _turn_kl_row_kernel[(B * T,)](
-            student, teacher, g, keep, target, *outs,
+            student, teacher, g, keep, target, scale, *outs,
             T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g_sb, g_st,
             vocab_size, grad_cols, 1.0 / temperature, float(beta), log_1m_beta, log_beta,
             DIVERGENCE=_DIVERGENCE_CODES[divergence], HAS_TARGET=target_ids is not None,
-            WRITE_GRAD=grad is not None, BLOCK_V=block_v,
+            WRITE_GRAD=grad is not None, HAS_SCALE=has_scale, BLOCK_V=block_v,
             num_warps=8 if block_v >= 2048 else 4,
         )
     return tuple(outs)
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor, block_v: int | None = None) -> None:
+    """``grad[b, t, :] *= factor[b, t]`` in place; rows whose factor is exactly 1 are not touched.
+
+    grad ``(B, T, V)`` with a contiguous last dim (any row strides); factor ``(B, T)``.
+    """
+    B, T, V = grad.shape
+    if B * T == 0 or V == 0:
+        return
+    if block_v is None:
+        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(V, 16)))
+    factor = factor.to(torch.float32).contiguous()
+    grid = (B * T, triton.cdiv(V, block_v))
+    _scale_rows_kernel[grid](grad, factor, T, grad.stride(0), grad.stride(1), V, BLOCK_V=block_v)

@@ -160,11 +160,16 @@ class TurnLayout:
         num_groups = (turn_count > 0).sum().clamp_min(1).to(dtype)
         return weight / turn_count.gather(1, self.turn_index).clamp_min(1.0) / num_groups
 
-    def reduce(self, div: torch.Tensor, reduction: str) -> torch.Tensor:
-        """The loss from per-token divergences ``(B, T)``; 0 (with zero gradient) if nothing is kept."""
+    def reduce(self, div: torch.Tensor, reduction: str, coefficients: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss from per-token divergences ``(B, T)``; 0 (with zero gradient) if nothing is kept.
+
+        ``coefficients``: ``token_coefficients(reduction, ...)`` when the caller already has them.
+        """
         if reduction == "none":
             return self.lead(div * self.token_weight(div.dtype))
-        return (self.token_coefficients(reduction, div.dtype) * div).sum()
+        if coefficients is None:
+            coefficients = self.token_coefficients(reduction, div.dtype)
+        return (coefficients.to(div.dtype) * div).sum()
 
     def result(self, loss, div, entropy, logp, logq) -> TurnKLResult:
         """Assemble the stats object from the per-token outputs of one pass."""
