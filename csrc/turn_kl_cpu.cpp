@@ -39,6 +39,9 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace py = pybind11;
 
@@ -121,18 +124,17 @@ inline float load_one(const typename Storage<D>::type* src, int64_t i) {
   return x;
 }
 
-// 2^x for x <= 0 (every argument here is (z - running max) * log2(e) / temperature).
-// Round-to-nearest range reduction through the 1.5 * 2^23 "magic" add (whose low mantissa bits
-// then hold n), a degree-5 minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7,
-// fitted for this file), and the exponent n + 127 written straight into the float's bits.
-// Clamping x at -127 makes n + 127 == 0 there, i.e. a result of exactly +0.0: exp(-inf) == 0
-// and deep underflow flush to 0 without a compare. Branch-free, so loops calling it vectorise.
-inline float exp2_nonpositive(float x) {
-  const float xc = std::max(x, -127.0f);  // NaN stays NaN (std::max returns its first argument)
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-  const float shifted = xc + kRound;
-  const float n = shifted - kRound;
-  const float f = xc - n;  // [-0.5, 0.5]
+// 2^x for x in [-127, ~0] (callers clamp; every argument here is a logit minus its running max
+// in base-2 units). Round-to-nearest range reduction through a "magic" add of 1.5 * 2^23 + 127,
+// after which the low mantissa bits of the sum hold n + 127; a degree-5 minimax polynomial for
+// 2^f on [-1/2, 1/2] (relative error 2.3e-7, fitted for this file); and n + 127 shifted
+// straight into the exponent field. At x = -127 that field is 0, i.e. the result is exactly
+// +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare. Branch-free, so
+// loops calling it vectorise.
+inline float exp2_clamped(float x) {
+  constexpr float kRound = 12583039.0f;  // 1.5 * 2^23 + 127
+  const float shifted = x + kRound;
+  const float f = x - (shifted - kRound);  // x - n, in [-0.5, 0.5]
   float poly = 1.327647129073739e-3f;
   poly = poly * f + 9.675541892647743e-3f;
   poly = poly * f + 5.550713092088699e-2f;
@@ -141,13 +143,23 @@ inline float exp2_nonpositive(float x) {
   poly = poly * f + 1.0000001192092896f;
   uint32_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits + 127u) << 23;  // the low 9 bits of `shifted` are n mod 512
+  bits <<= 23;  // (n + 127) mod 512 into the exponent field; the sign bit ends up 0
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return poly * scale;
 }
 
+constexpr float EXP2_FLOOR = -127.0f;
+
+// max(x, -127) that keeps NaN, written so that it is one vmaxps (whose second operand is
+// returned when either is NaN); std::max compiles to a compare and a blend.
+inline float clamp_exp2_arg(float x) { return EXP2_FLOOR > x ? EXP2_FLOOR : x; }
+
+// 2^x for x <= 0 (or NaN, which stays NaN).
+inline float exp2_nonpositive(float x) { return exp2_clamped(clamp_exp2_arg(x)); }
+
 constexpr float LOG2E = 1.44269504088896341f;
+constexpr double LN2 = 0.693147180559945309417;
 
 // log(x) for x in [1, 2] (used as log1p of a value in [0, 1]); Cephes logf polynomial.
 inline float log_1_to_2(float x) {
@@ -201,6 +213,27 @@ inline int64_t scratch_floats(int64_t vocab) {
   return 2 * vocab + 2 * blocks;
 }
 
+// max of x[0..n): explicit 8-wide vectors with two accumulators (GCC vector extensions, any
+// target), because compilers leave a float max reduction scalar unless math is relaxed.
+inline float block_max(const float* x, int64_t n) {
+  typedef float v8f __attribute__((vector_size(32)));
+  const v8f lowest = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+  v8f acc0 = lowest, acc1 = lowest;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a, b;
+    std::memcpy(&a, x + i, sizeof(a));
+    std::memcpy(&b, x + i + 8, sizeof(b));
+    acc0 = a > acc0 ? a : acc0;
+    acc1 = b > acc1 ? b : acc1;
+  }
+  acc0 = acc1 > acc0 ? acc1 : acc0;
+  float m = NEG_INF;
+  for (int k = 0; k < 8; ++k) m = std::max(m, acc0[k]);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
 // A block of logits as float32: the row itself for float32 storage, else converted into `buf`.
 template <int D>
 inline const float* block_as_float(const typename Storage<D>::type* src, float* buf, int64_t n) {
@@ -212,11 +245,14 @@ inline const float* block_as_float(const typename Storage<D>::type* src, float* 
   }
 }
 
-// Work is done in raw logit units: with z = x / temperature, exp(z - max z) is
-// 2^((x - max x) * log2(e) / temperature), so the temperature costs nothing per element and
-// float32 rows are read in place. Accumulators are kept relative to the running max:
-//   l   = sum exp(z - m)            ent = sum exp(z_s - m_s) (x_s - m_s)
-//   div = sum exp(z_s - m_s) (x_s - x_t)  (reverse)   or  sum exp(z_t - m_t) (x_t - x_s)  (forward)
+// Work is done in base-2 units of the raw logits x: with z = x / temperature and
+// c = log2(e) / temperature, exp(z - max z) = 2^(x c - m2) where m2 = fl(max x * c) is the
+// running shift (a float, so every later use of it is exact). One FMA per element gives the
+// exponent; the temperature costs nothing and float32 rows are read in place. Accumulators are
+// relative to the running shift:
+//   l   = sum 2^t                     with t = x c - m2 clamped at -127 (t of -inf is -127, 2^t = 0)
+//   ent = sum 2^t_s t_s               (entropy = log l_s - ln2 ent / l_s)
+//   div = sum 2^t_s (x_s - x_t)       (reverse)   or  sum 2^t_t (x_t - x_s)   (forward)
 template <int SD, int TD, int DIV>
 void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>::type* t,
                  typename Storage<SD>::type* grad, int64_t vocab, int64_t grad_cols, int64_t target,
@@ -226,11 +262,11 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
   float* first_row = scratch;
   float* second_row = scratch + vocab;
-  float* block_shift_s = scratch + 2 * vocab;
+  float* block_shift_s = scratch + 2 * vocab;  // m2 of the block, NaN while the row was all -inf
   float* block_shift_t = block_shift_s + blocks;
   const float c = inv_temp * LOG2E;
 
-  float m_s = NEG_INF, l_s = 0.f, m_t = NEG_INF, l_t = 0.f;
+  float m_s = NEG_INF, m2_s = 0.f, l_s = 0.f, m_t = NEG_INF, m2_t = 0.f, l_t = 0.f;
   float acc_div = 0.f, acc_ent = 0.f;
 
   // ---- pass 1: online softmax statistics, one block at a time ----
@@ -238,52 +274,49 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     const int64_t n = std::min(BLOCK, vocab - v0);
     const float* xs = block_as_float<SD>(s + v0, buf_s, n);
     const float* xt = block_as_float<TD>(t + v0, buf_t, n);
-    float bmax_s = NEG_INF, bmax_t = NEG_INF;
-#pragma omp simd reduction(max : bmax_s, bmax_t)
-    for (int64_t i = 0; i < n; ++i) {
-      bmax_s = std::max(bmax_s, xs[i]);
-      bmax_t = std::max(bmax_t, xt[i]);
-    }
-    const float new_ms = std::max(m_s, bmax_s);
-    const float new_mt = std::max(m_t, bmax_t);
-    if (new_ms != m_s) {  // rescale to the new max (m_s == -inf: nothing accumulated yet)
+    const float new_ms = std::max(m_s, block_max(xs, n));
+    const float new_mt = std::max(m_t, block_max(xt, n));
+    // A running max of -inf means everything so far was -inf: nothing to rescale, and the
+    // shift 0 keeps -inf * c - shift == -inf instead of nan.
+    if (new_ms != m_s && new_ms != NEG_INF) {
+      const float new_m2 = new_ms * c;
       if (m_s != NEG_INF) {
-        const float scale = std::exp((m_s - new_ms) * inv_temp);
-        acc_ent = scale * (acc_ent + (m_s - new_ms) * l_s);
+        const float gap = m2_s - new_m2;  // <= 0
+        const float scale = std::exp2(gap);
+        acc_ent = scale * (acc_ent + gap * l_s);
         l_s *= scale;
         if (DIV == REVERSE_KL) acc_div *= scale;
       }
       m_s = new_ms;
+      m2_s = new_m2;
     }
-    if (new_mt != m_t) {
+    if (new_mt != m_t && new_mt != NEG_INF) {
+      const float new_m2 = new_mt * c;
       if (m_t != NEG_INF) {
-        const float scale = std::exp((m_t - new_mt) * inv_temp);
+        const float scale = std::exp2(m2_t - new_m2);
         l_t *= scale;
         if (DIV == FORWARD_KL) acc_div *= scale;
       }
       m_t = new_mt;
+      m2_t = new_m2;
     }
-    // A running max of -inf means everything so far was -inf: the shift 0 keeps
-    // exp(-inf - shift) == 0 instead of exp(nan); NaN marks such a block for the last pass.
-    const float shift_s = m_s == NEG_INF ? 0.f : m_s;
-    const float shift_t = m_t == NEG_INF ? 0.f : m_t;
-    block_shift_s[v0 / BLOCK] = m_s == NEG_INF ? NAN : shift_s;
-    block_shift_t[v0 / BLOCK] = m_t == NEG_INF ? NAN : shift_t;
+    block_shift_s[v0 / BLOCK] = m_s == NEG_INF ? NAN : m2_s;
+    block_shift_t[v0 / BLOCK] = m_t == NEG_INF ? NAN : m2_t;
     float* first = first_row + v0;
     float* second = second_row + v0;
 
     float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
 #pragma omp simd reduction(+ : sum_s, sum_t, sum_div, sum_ent)
     for (int64_t i = 0; i < n; ++i) {
-      const float ds = xs[i] - shift_s;  // <= 0 (or -inf)
-      const float dt = xt[i] - shift_t;
-      const float es = exp2_nonpositive(ds * c);
-      const float et = exp2_nonpositive(dt * c);
+      const float ts = clamp_exp2_arg(xs[i] * c - m2_s);  // one FMA and a max
+      const float tt = clamp_exp2_arg(xt[i] * c - m2_t);
+      const float es = exp2_clamped(ts);
+      const float et = exp2_clamped(tt);
       first[i] = es;
       sum_s += es;
       sum_t += et;
-      // selects, not branches: where the weight is 0 the other operand may be -inf
-      sum_ent += es > 0.f ? es * ds : 0.f;
+      sum_ent += es * ts;  // ts is finite (clamped), so 0 where es == 0
+      // selects, not branches: where the weight is 0 the difference may be nan or inf
       if (DIV == REVERSE_KL) {
         const float diff = xs[i] - xt[i];
         second[i] = diff;
@@ -299,10 +332,13 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     acc_ent += sum_ent;
   }
 
-  // log-normalisers in z units: lse = m / temperature + log(l)
-  const float lse_s = m_s * inv_temp + std::log(l_s);
-  const float lse_t = m_t * inv_temp + std::log(l_t);
-  out.entropy = std::log(l_s) - inv_temp * acc_ent / l_s;
+  // log-normalisers in z units: lse = m2 ln2 + log(l), and their gap, in double
+  const double log_l_s = std::log(static_cast<double>(l_s));
+  const double log_l_t = std::log(static_cast<double>(l_t));
+  const double lse_gap_d = (static_cast<double>(m2_s) - m2_t) * LN2 + (log_l_s - log_l_t);
+  const float lse_s = static_cast<float>(m2_s * LN2 + log_l_s);
+  const float lse_t = static_cast<float>(m2_t * LN2 + log_l_t);
+  out.entropy = static_cast<float>(log_l_s - LN2 * acc_ent / l_s);
   if (target >= 0) {
     out.logp_target = load_one<SD>(s, target) * inv_temp - lse_s;
     out.logq_target = load_one<TD>(t, target) * inv_temp - lse_t;
@@ -311,8 +347,8 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   float div = 0.f, kl_p_m = 0.f;
   const float log_1m_beta = std::log1p(-beta);
   const float log_beta = std::log(beta);
-  if (DIV == REVERSE_KL) div = inv_temp * acc_div / l_s - lse_s + lse_t;
-  if (DIV == FORWARD_KL) div = inv_temp * acc_div / l_t - lse_t + lse_s;
+  if (DIV == REVERSE_KL) div = static_cast<float>(static_cast<double>(inv_temp) * acc_div / l_s - lse_gap_d);
+  if (DIV == FORWARD_KL) div = static_cast<float>(static_cast<double>(inv_temp) * acc_div / l_t + lse_gap_d);
   if (DIV == JSD) {
     // ---- pass 2 (JSD only): the divergence and KL(p||m) need the final log-normalisers ----
     float sum_q = 0.f, sum_p = 0.f;
@@ -322,8 +358,8 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       const float* xt = block_as_float<TD>(t + v0, buf_t, n);
       const float shift_s = block_shift_s[v0 / BLOCK];
       const float shift_t = block_shift_t[v0 / BLOCK];
-      const float to_p = std::isnan(shift_s) ? 0.f : std::exp(shift_s * inv_temp - lse_s);
-      const float to_q = std::isnan(shift_t) ? 0.f : std::exp(shift_t * inv_temp - lse_t);
+      const float to_p = std::isnan(shift_s) ? 0.f : std::exp2(shift_s - m2_s) / l_s;
+      const float to_q = std::isnan(shift_t) ? 0.f : std::exp2(shift_t - m2_t) / l_t;
       const float* es = first_row + v0;
       const float* et = second_row + v0;
 #pragma omp simd reduction(+ : sum_q, sum_p)
@@ -344,16 +380,16 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
 
   if (grad == nullptr) return;
   // ---- last pass: grad_scale * d div / d student_logits, in the student's dtype ----
-  // p (and q) come from the cached pass-1 exponentials times exp(shift - lse) <= 1.
+  // p (and q) come from the cached pass-1 exponentials times 2^(block shift - final shift) / l.
   alignas(64) float g_buf[BLOCK];
-  const float lse_gap = lse_s - lse_t;
+  const float centre = static_cast<float>(lse_gap_d + div);  // log p - log q - div = diff / T - centre
   for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
     const int64_t n = std::min(BLOCK, vocab - v0);
     const float shift_s = block_shift_s[v0 / BLOCK];
     const float shift_t = block_shift_t[v0 / BLOCK];
     // d/dx = (1/temperature) d/dz, folded into the per-block factor with the caller's scale
-    const float to_p = std::isnan(shift_s) ? 0.f : std::exp(shift_s * inv_temp - lse_s) * inv_temp * grad_scale;
-    const float to_q = std::isnan(shift_t) ? 0.f : std::exp(shift_t * inv_temp - lse_t) * inv_temp * grad_scale;
+    const float to_p = std::isnan(shift_s) ? 0.f : std::exp2(shift_s - m2_s) / l_s * inv_temp * grad_scale;
+    const float to_q = std::isnan(shift_t) ? 0.f : std::exp2(shift_t - m2_t) / l_t * inv_temp * grad_scale;
     const float* first = first_row + v0;
     const float* second = second_row + v0;
     float* g;
@@ -363,11 +399,12 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       g = g_buf;
     }
     if (DIV == REVERSE_KL) {
-      const float shift_log_ratio = lse_gap + div;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
+        // both operands of the select computed unconditionally: a conditional read of second[i]
+        // becomes a masked load, which is slow on some x86 cores
         const float p_scaled = first[i] * to_p;
-        const float centred = second[i] * inv_temp - shift_log_ratio;  // log p - log q - div
+        const float centred = second[i] * inv_temp - centre;
         g[i] = p_scaled > 0.f ? p_scaled * centred : 0.f;
       }
     } else if (DIV == FORWARD_KL) {
@@ -519,11 +556,33 @@ void scale_rows(int64_t grad, int grad_dtype, int64_t factor, int64_t rows_b, in
   }
 }
 
+// Ask the kernel to back the 2 MiB-aligned interior of a fresh buffer with transparent huge
+// pages. The gradient is the op's one large allocation and is written exactly once, so its
+// cost is mostly first-touch page faults: with 4 KiB pages that is one fault per 4 KiB (about
+// 0.07 s for a 311 MB gradient on a 2-core VM, more than the write itself); with huge pages one
+// per 2 MiB. Only whole huge pages inside the buffer are advised, so no neighbouring
+// allocation is affected. Advice only: returns false (and changes nothing) where unsupported.
+bool advise_huge_pages(int64_t ptr, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t huge = uintptr_t{2} << 20;
+  const uintptr_t begin = (static_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (static_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(nbytes)) & ~(huge - 1);
+  if (end <= begin) return false;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)ptr;
+  (void)nbytes;
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tcod-fast native CPU kernels";
   m.def("turn_kl_forward", &turn_kl_forward,
         "Fused divergence/entropy/gradient over rows of student and teacher logits (raw pointers).");
+  m.def("advise_huge_pages", &advise_huge_pages,
+        "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of [ptr, ptr + nbytes); advice only.");
   m.def("scale_rows", &scale_rows, "grad[b, t, :] *= factor[b, t], skipping rows whose factor is 1 (raw pointers).");
 }

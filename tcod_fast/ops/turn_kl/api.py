@@ -60,7 +60,11 @@ def _turn_kl_forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (div, entropy, logp_target, logq_target) and grad_scale * d div/d student (or an empty grad)."""
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+    grad = None
+    if compute_grad and backend == "native":
+        grad = native_backend.new_gradient(student)
+    elif compute_grad:
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     outs = _run_backend(
         backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, grad
     )

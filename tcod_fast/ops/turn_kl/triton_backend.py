@@ -3,8 +3,10 @@
 Per row (``z = logits / temperature``):
 
 * pass 1 streams the row in ``BLOCK_V`` columns with the online-softmax recurrence: running
-  maxima ``m_s, m_t``, sums ``l_s, l_t``, and the divergence/entropy accumulators, all rescaled
-  once per block by ``exp(m_old - m_new)``. Accumulation is float32 whatever the input dtype.
+  maxima ``m_s, m_t`` of the raw logits, sums ``l_s, l_t``, and the divergence/entropy
+  accumulators, all rescaled once per block by ``exp((m_old - m_new) / T)``. The temperature
+  only ever multiplies differences from the running max, so logits far from 0 keep their
+  absolute precision. Accumulation is float32 whatever the input dtype.
 * pass 2 (JSD only) sums the JSD terms and ``KL(p||m)``, which its gradient needs.
 * the last pass writes ``d div / d student_logits`` in the logits' dtype.
 
@@ -67,53 +69,61 @@ if HAS_TRITON:
         keep = tl.load(keep_ptr + row)
 
         if keep != 0:
+            # Raw logits x throughout; the temperature multiplies only differences from the
+            # running max, (x - m) / T, so logits far from 0 lose no absolute precision.
             m_s = float("-inf")
             m_t = float("-inf")
             l_s = 0.0
             l_t = 0.0
-            acc_div = 0.0
-            acc_ent = 0.0
+            acc_div = 0.0  # reverse: sum es (x_s - x_t); forward: sum et (x_t - x_s)
+            acc_ent = 0.0  # sum es (x_s - shift_s)
             for v0 in range(0, vocab, BLOCK_V):
                 offs = v0 + cols
                 in_vocab = offs < vocab
-                zs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp
-                zt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp
-                new_ms = tl.maximum(m_s, tl.max(zs, axis=0))
-                new_mt = tl.maximum(m_t, tl.max(zt, axis=0))
+                xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                new_ms = tl.maximum(m_s, tl.max(xs, axis=0))
+                new_mt = tl.maximum(m_t, tl.max(xt, axis=0))
                 # shift 0 while everything so far is -inf: exp(-inf - 0) = 0, never -inf - (-inf)
                 shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
                 shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
-                scale_s = tl.exp(m_s - shift_s)
-                scale_t = tl.exp(m_t - shift_t)
-                es = tl.exp(zs - shift_s)
-                et = tl.exp(zt - shift_t)
+                scale_s = tl.exp((m_s - shift_s) * inv_temp)
+                scale_t = tl.exp((m_t - shift_t) * inv_temp)
+                es = tl.exp((xs - shift_s) * inv_temp)
+                et = tl.exp((xt - shift_t) * inv_temp)
+                # moving the shift from m_s to shift_s adds (m_s - shift_s) to every term so far
+                moved = tl.where(m_s == float("-inf"), 0.0, (m_s - shift_s) * l_s)
+                acc_ent = (acc_ent + moved) * scale_s + tl.sum(tl.where(es > 0, es * (xs - shift_s), 0.0), axis=0)
                 l_s = l_s * scale_s + tl.sum(es, axis=0)
                 l_t = l_t * scale_t + tl.sum(et, axis=0)
-                acc_ent = acc_ent * scale_s + tl.sum(tl.where(es > 0, es * zs, 0.0), axis=0)
                 if DIVERGENCE == 0:
-                    acc_div = acc_div * scale_s + tl.sum(tl.where(es > 0, es * (zs - zt), 0.0), axis=0)
+                    acc_div = acc_div * scale_s + tl.sum(tl.where(es > 0, es * (xs - xt), 0.0), axis=0)
                 if DIVERGENCE == 1:
-                    acc_div = acc_div * scale_t + tl.sum(tl.where(et > 0, et * (zt - zs), 0.0), axis=0)
+                    acc_div = acc_div * scale_t + tl.sum(tl.where(et > 0, et * (xt - xs), 0.0), axis=0)
                 m_s = new_ms
                 m_t = new_mt
 
-            lse_s = m_s + tl.log(l_s)
-            lse_t = m_t + tl.log(l_t)
-            entropy = lse_s - acc_ent / l_s
+            log_l_s = tl.log(l_s)
+            log_l_t = tl.log(l_t)
+            # log p = (x_s - m_s) / T - log l_s; lse_s - lse_t = (m_s - m_t) / T + log l_s - log l_t
+            lse_gap = (m_s - m_t) * inv_temp + (log_l_s - log_l_t)
+            entropy = log_l_s - inv_temp * acc_ent / l_s
             div = 0.0
             kl_p_m = 0.0
             if DIVERGENCE == 0:
-                div = acc_div / l_s - lse_s + lse_t
+                div = inv_temp * acc_div / l_s - lse_gap
             if DIVERGENCE == 1:
-                div = acc_div / l_t - lse_t + lse_s
+                div = inv_temp * acc_div / l_t + lse_gap
             if DIVERGENCE == 2:
                 sum_p = 0.0
                 sum_q = 0.0
                 for v0 in range(0, vocab, BLOCK_V):
                     offs = v0 + cols
                     in_vocab = offs < vocab
-                    log_p = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_s
-                    log_q = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_t
+                    xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                    xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                    log_p = (xs - m_s) * inv_temp - log_l_s
+                    log_q = (xt - m_t) * inv_temp - log_l_t
                     p = tl.exp(log_p)
                     q = tl.exp(log_q)
                     log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
@@ -125,25 +135,28 @@ if HAS_TRITON:
             tl.store(ent_ptr + row, entropy)
             if HAS_TARGET:
                 tgt = tl.load(target_ptr + row)
-                tl.store(logp_ptr + row, tl.load(s_row + tgt).to(tl.float32) * inv_temp - lse_s)
-                tl.store(logq_ptr + row, tl.load(t_row + tgt).to(tl.float32) * inv_temp - lse_t)
+                tl.store(logp_ptr + row, (tl.load(s_row + tgt).to(tl.float32) - m_s) * inv_temp - log_l_s)
+                tl.store(logq_ptr + row, (tl.load(t_row + tgt).to(tl.float32) - m_t) * inv_temp - log_l_t)
 
             if WRITE_GRAD:
                 # d/dx = (1/temperature) d/dz, times the caller's per-row scale
                 grad_factor = inv_temp
                 if HAS_SCALE:
                     grad_factor = inv_temp * tl.load(scale_ptr + row)
+                centre = lse_gap + div  # reverse KL: log p - log q - div = (x_s - x_t) / T - centre
                 for v0 in range(0, grad_cols, BLOCK_V):
                     offs = v0 + cols
                     in_vocab = offs < vocab
-                    log_p = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_s
-                    log_q = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temp - lse_t
+                    xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                    xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                    log_p = (xs - m_s) * inv_temp - log_l_s
                     p = tl.exp(log_p)
                     if DIVERGENCE == 0:
-                        g = tl.where(p > 0, p * (log_p - log_q - div) * grad_factor, 0.0)
+                        g = tl.where(p > 0, p * ((xs - xt) * inv_temp - centre) * grad_factor, 0.0)
                     elif DIVERGENCE == 1:
-                        g = (p - tl.exp(log_q)) * grad_factor
+                        g = (p - tl.exp((xt - m_t) * inv_temp - log_l_t)) * grad_factor
                     else:
+                        log_q = (xt - m_t) * inv_temp - log_l_t
                         log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
                         g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m) * grad_factor, 0.0)
                     g = tl.where(in_vocab, g, 0.0)
