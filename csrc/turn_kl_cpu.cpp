@@ -245,6 +245,39 @@ inline const float* block_as_float(const typename Storage<D>::type* src, float* 
   }
 }
 
+struct BlockSums {
+  float s = 0.f, t = 0.f, div = 0.f, ent = 0.f;
+};
+
+// Pass 1's vectorised loop over one block: both exponentials, their sums, the divergence and
+// (ENTROPY) entropy sums, and the cache the last pass reads (see scratch_floats).
+template <int DIV, bool ENTROPY>
+inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c, float m2_s, float m2_t,
+                            float* first, float* second) {
+  float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
+#pragma omp simd reduction(+ : sum_s, sum_t, sum_div, sum_ent)
+  for (int64_t i = 0; i < n; ++i) {
+    const float ts = clamp_exp2_arg(xs[i] * c - m2_s);  // one FMA and a max
+    const float tt = clamp_exp2_arg(xt[i] * c - m2_t);
+    const float es = exp2_clamped(ts);
+    const float et = exp2_clamped(tt);
+    first[i] = es;
+    sum_s += es;
+    sum_t += et;
+    if (ENTROPY) sum_ent += es * ts;  // ts is finite (clamped), so 0 where es == 0
+    // selects, not branches: where the weight is 0 the difference may be nan or inf
+    if (DIV == REVERSE_KL) {
+      const float diff = xs[i] - xt[i];
+      second[i] = diff;
+      sum_div += es > 0.f ? es * diff : 0.f;
+    } else {
+      second[i] = et;
+      if (DIV == FORWARD_KL) sum_div += et > 0.f ? et * (xt[i] - xs[i]) : 0.f;
+    }
+  }
+  return BlockSums{sum_s, sum_t, sum_div, sum_ent};
+}
+
 // Work is done in base-2 units of the raw logits x: with z = x / temperature and
 // c = log2(e) / temperature, exp(z - max z) = 2^(x c - m2) where m2 = fl(max x * c) is the
 // running shift (a float, so every later use of it is exact). One FMA per element gives the
@@ -256,7 +289,7 @@ inline const float* block_as_float(const typename Storage<D>::type* src, float* 
 template <int SD, int TD, int DIV>
 void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>::type* t,
                  typename Storage<SD>::type* grad, int64_t vocab, int64_t grad_cols, int64_t target,
-                 float beta, float inv_temp, float grad_scale, float* scratch, RowOut& out) {
+                 float beta, float inv_temp, float grad_scale, bool want_entropy, float* scratch, RowOut& out) {
   alignas(64) float buf_s[BLOCK];
   alignas(64) float buf_t[BLOCK];
   const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
@@ -305,31 +338,16 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     float* first = first_row + v0;
     float* second = second_row + v0;
 
-    float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
-#pragma omp simd reduction(+ : sum_s, sum_t, sum_div, sum_ent)
-    for (int64_t i = 0; i < n; ++i) {
-      const float ts = clamp_exp2_arg(xs[i] * c - m2_s);  // one FMA and a max
-      const float tt = clamp_exp2_arg(xt[i] * c - m2_t);
-      const float es = exp2_clamped(ts);
-      const float et = exp2_clamped(tt);
-      first[i] = es;
-      sum_s += es;
-      sum_t += et;
-      sum_ent += es * ts;  // ts is finite (clamped), so 0 where es == 0
-      // selects, not branches: where the weight is 0 the difference may be nan or inf
-      if (DIV == REVERSE_KL) {
-        const float diff = xs[i] - xt[i];
-        second[i] = diff;
-        sum_div += es > 0.f ? es * diff : 0.f;
-      } else {
-        second[i] = et;
-        if (DIV == FORWARD_KL) sum_div += et > 0.f ? et * (xt[i] - xs[i]) : 0.f;
-      }
+    BlockSums sums;
+    if (want_entropy) {
+      sums = block_sums<DIV, true>(xs, xt, n, c, m2_s, m2_t, first, second);
+    } else {
+      sums = block_sums<DIV, false>(xs, xt, n, c, m2_s, m2_t, first, second);
     }
-    l_s += sum_s;
-    l_t += sum_t;
-    acc_div += sum_div;
-    acc_ent += sum_ent;
+    l_s += sums.s;
+    l_t += sums.t;
+    acc_div += sums.div;
+    acc_ent += sums.ent;
   }
 
   // log-normalisers in z units: lse = m2 ln2 + log(l), and their gap, in double
@@ -467,12 +485,13 @@ void run_rows(const Args& a) {
         const int64_t tgt = target ? target[row] : -1;
         const float scale = grad_scale ? grad_scale[row] : 1.f;
         process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st,
-                                 grad_row, a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, scratch.data(), out);
+                                 grad_row, a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, out_ent != nullptr,
+                                 scratch.data(), out);
       } else if (grad_row) {
         zero_fill<SD>(grad_row, a.grad_cols);
       }
       out_div[row] = out.div;
-      out_ent[row] = out.entropy;
+      if (out_ent) out_ent[row] = out.entropy;
       out_logp[row] = out.logp_target;
       out_logq[row] = out.logq_target;
     }

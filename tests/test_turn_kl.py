@@ -250,6 +250,19 @@ def test_mixed_precision_teacher(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_loss_matches_the_stats_path(backend):
+    """Without ``return_stats`` a backend may skip the entropy; the loss and gradient are the same."""
+    student, teacher, turn_ids, _ = _make_inputs(2, 4, 333, torch.float32)
+    plain = fused_turn_kl(student, teacher, turn_ids, backend=backend)
+    (plain_grad,) = torch.autograd.grad(plain, student)
+    stats = fused_turn_kl(student, teacher, turn_ids, backend=backend, return_stats=True)
+    (stats_grad,) = torch.autograd.grad(stats.loss, student)
+    torch.testing.assert_close(plain, stats.loss, rtol=0, atol=0)
+    torch.testing.assert_close(plain_grad, stats_grad, rtol=0, atol=0)
+    assert float(stats.entropy.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_gradient_matches(backend):
     student, teacher, turn_ids, _ = _make_inputs(2, 4, 300, torch.float32)
     expected_loss = fused_turn_kl(student, teacher, turn_ids, backend=backend)
