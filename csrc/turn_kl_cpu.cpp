@@ -473,27 +473,44 @@ void run_rows(const Args& a) {
   float* out_logq = reinterpret_cast<float*>(a.out_logq);
   const int64_t n_rows = a.rows_b * a.rows_t;
 
+  // Rows in memory order: kept ones first, then dropped ones (which only get zeros). Each
+  // thread takes one contiguous share of each list (static schedule), which balances the real
+  // work whatever the mask, and keeps each thread's gradient rows together in memory: a fresh
+  // gradient's pages (2 MiB with huge pages) are then faulted in and zeroed by one thread
+  // instead of two threads contending for the same page.
+  std::vector<int64_t> order(static_cast<size_t>(n_rows));
+  int64_t n_kept = 0;
+  for (int64_t row = 0; row < n_rows; ++row) n_kept += keep[row] ? 1 : 0;
+  for (int64_t row = 0, k = 0, d = n_kept; row < n_rows; ++row) order[keep[row] ? k++ : d++] = row;
+
 #pragma omp parallel num_threads(a.num_threads)
   {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats(a.vocab)));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t row = 0; row < n_rows; ++row) {
+#pragma omp for schedule(static) nowait
+    for (int64_t k = 0; k < n_kept; ++k) {
+      const int64_t row = order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
       S* grad_row = grad ? grad + b * a.g_sb + t * a.g_st : nullptr;
       RowOut out{0.f, 0.f, 0.f, 0.f};
-      if (keep[row]) {
-        const int64_t tgt = target ? target[row] : -1;
-        const float scale = grad_scale ? grad_scale[row] : 1.f;
-        process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st,
-                                 grad_row, a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, out_ent != nullptr,
-                                 scratch.data(), out);
-      } else if (grad_row) {
-        zero_fill<SD>(grad_row, a.grad_cols);
-      }
+      const int64_t tgt = target ? target[row] : -1;
+      const float scale = grad_scale ? grad_scale[row] : 1.f;
+      process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st, grad_row,
+                               a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, out_ent != nullptr,
+                               scratch.data(), out);
       out_div[row] = out.div;
       if (out_ent) out_ent[row] = out.entropy;
       out_logp[row] = out.logp_target;
       out_logq[row] = out.logq_target;
+    }
+#pragma omp for schedule(static)
+    for (int64_t k = n_kept; k < n_rows; ++k) {
+      const int64_t row = order[k];
+      const int64_t b = row / a.rows_t, t = row % a.rows_t;
+      if (grad) zero_fill<SD>(grad + b * a.g_sb + t * a.g_st, a.grad_cols);
+      out_div[row] = 0.f;
+      if (out_ent) out_ent[row] = 0.f;
+      out_logp[row] = 0.f;
+      out_logq[row] = 0.f;
     }
   }
 }

@@ -214,9 +214,13 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
         scale_s, scale_t = torch.exp(m_s - shift_s), torch.exp(m_t - shift_t)
         e_s = torch.exp(z_s - shift_s[:, None])
         e_t = torch.exp(z_t - shift_t[:, None])
+        # entropy accumulator relative to the running shift, sum e_s (z_s - shift_s), so logits far
+        # from 0 do not cancel: moving the shift adds (m_old - shift) * l_s
+        moved = torch.where(torch.isneginf(m_s), torch.zeros_like(l_s), (m_s - shift_s) * l_s)
+        ent_block = _masked(lambda: e_s * (z_s - shift_s[:, None]), lambda: e_s > 0, guard).sum(1)
+        acc_ent = (acc_ent + moved) * scale_s + ent_block
         l_s = l_s * scale_s + e_s.sum(1)
         l_t = l_t * scale_t + e_t.sum(1)
-        acc_ent = acc_ent * scale_s + _masked(lambda: e_s * z_s, lambda: e_s > 0, guard).sum(1)
         if divergence == "reverse_kl":
             acc_div = acc_div * scale_s + _masked(lambda: e_s * (z_s - z_t), lambda: e_s > 0, guard).sum(1)
         elif divergence == "forward_kl":
@@ -225,7 +229,7 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
 
     lse_s = m_s + torch.log(l_s)
     lse_t = m_t + torch.log(l_t)
-    entropy = lse_s - acc_ent / l_s
+    entropy = torch.log(l_s) - acc_ent / l_s
     kl_p_m = None
     if divergence == "reverse_kl":
         div = acc_div / l_s - lse_s + lse_t

@@ -131,9 +131,13 @@ if HAS_TRITON:
             scale_t = tl.exp(m_t - shift_t)
             es = tl.exp(zs - shift_s[:, None])
             et = tl.exp(zt - shift_t[:, None])
+            # entropy accumulator relative to the running shift, sum es (z_s - shift_s), so logits
+            # far from 0 do not cancel: moving the shift adds (m_old - shift) * l_s
+            moved = tl.where(m_s == float("-inf"), 0.0, (m_s - shift_s) * l_s)
+            ent_block = tl.sum(tl.where(es > 0, es * (zs - shift_s[:, None]), 0.0), axis=1)
+            acc_ent = (acc_ent + moved) * scale_s + ent_block
             l_s = l_s * scale_s + tl.sum(es, axis=1)
             l_t = l_t * scale_t + tl.sum(et, axis=1)
-            acc_ent = acc_ent * scale_s + tl.sum(tl.where(es > 0, es * zs, 0.0), axis=1)
             if DIVERGENCE == 0:
                 acc_div = acc_div * scale_s + tl.sum(tl.where(es > 0, es * (zs - zt), 0.0), axis=1)
             if DIVERGENCE == 1:
@@ -142,7 +146,7 @@ if HAS_TRITON:
             m_t = new_mt
         lse_s = m_s + tl.log(l_s)
         lse_t = m_t + tl.log(l_t)
-        entropy = lse_s - acc_ent / l_s
+        entropy = tl.log(l_s) - acc_ent / l_s
         div = tl.zeros((BLOCK_M,), tl.float32)
         kl_p_m = tl.zeros((BLOCK_M,), tl.float32)
         if DIVERGENCE == 0:
