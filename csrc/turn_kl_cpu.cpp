@@ -473,20 +473,23 @@ void run_rows(const Args& a) {
   float* out_logq = reinterpret_cast<float*>(a.out_logq);
   const int64_t n_rows = a.rows_b * a.rows_t;
 
-  // Rows in memory order: kept ones first, then dropped ones (which only get zeros). Each
-  // thread takes one contiguous share of each list (static schedule), which balances the real
-  // work whatever the mask, and keeps each thread's gradient rows together in memory: a fresh
-  // gradient's pages (2 MiB with huge pages) are then faulted in and zeroed by one thread
-  // instead of two threads contending for the same page.
+  // Rows in memory order: kept ones first, then dropped ones (which only get zeros). Threads
+  // take chunks of about 1/8 of their share of the kept rows: the real work is balanced whatever
+  // the mask, a thread stalled by page faults is helped by the other, and each thread's
+  // gradient rows are mostly contiguous, so a fresh gradient's 2 MiB pages are faulted in and
+  // zeroed by one thread rather than shared by two (measured at N=512, V=151936 on 2 cores with
+  // a fresh huge-page gradient: 0.154 s, against 0.165 s and outliers of 0.35 s with one row
+  // per chunk).
   std::vector<int64_t> order(static_cast<size_t>(n_rows));
   int64_t n_kept = 0;
   for (int64_t row = 0; row < n_rows; ++row) n_kept += keep[row] ? 1 : 0;
   for (int64_t row = 0, k = 0, d = n_kept; row < n_rows; ++row) order[keep[row] ? k++ : d++] = row;
 
+  const int64_t chunk = std::max<int64_t>(1, n_kept / (8 * static_cast<int64_t>(a.num_threads)));
 #pragma omp parallel num_threads(a.num_threads)
   {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats(a.vocab)));
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t k = 0; k < n_kept; ++k) {
       const int64_t row = order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
