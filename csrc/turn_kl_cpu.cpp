@@ -17,7 +17,10 @@
 // The per-thread cache is two float32 rows (1.2 MB at V = 151936) and stays in L2/L3, so the
 // traffic is close to 2 reads + 1 write of the logits per element.
 // Rows run in parallel over OpenMP threads; within a row the loops are written so the compiler
-// vectorises them (no calls, selects instead of branches, a polynomial exp2).
+// vectorises them (no calls, selects instead of branches, a polynomial exp2). The reverse-KL
+// statistics loop, the hot one, also has an AVX2/FMA version with two independent vector chains
+// per iteration (about 10% faster on Zen 1); the portable loop handles block tails and other
+// targets, and the tests cover both (vocabulary sizes leave ragged tails).
 //
 // Edge cases: -inf logits at the same entries of student and teacher contribute exactly 0; a
 // block that is entirely -inf never evaluates -inf - (-inf); rows that are not kept are skipped
@@ -38,9 +41,6 @@
 #endif
 #if defined(__x86_64__)
 #include <immintrin.h>
-#endif
-#if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 namespace py = pybind11;
@@ -249,14 +249,91 @@ struct BlockSums {
   float s = 0.f, t = 0.f, div = 0.f, ent = 0.f;
 };
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The reverse-KL block loop written with AVX2 intrinsics, two vectors per iteration with
+// separate accumulators: the portable loop above compiles to one 8-wide chain whose polynomial
+// latency the out-of-order window cannot hide on every core. Same arithmetic as
+// exp2_clamped/clamp_exp2_arg; returns how many leading elements it handled (a multiple of 16).
+inline __m256 exp2_clamped_avx2(__m256 x) {
+  const __m256 round = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  const __m256 shifted = _mm256_add_ps(x, round);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, round));
+  __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.327647129073739e-3f), f, _mm256_set1_ps(9.675541892647743e-3f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(5.550713092088699e-2f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(2.4022120237350464e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(6.931469440460205e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.0000001192092896f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+}
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+template <bool ENTROPY>
+inline int64_t reverse_kl_block_avx2(const float* xs, const float* xt, int64_t n, float c, float m2_s, float m2_t,
+                                     float* first, float* second, BlockSums& sums) {
+  const __m256 vc = _mm256_set1_ps(c), vm2_s = _mm256_set1_ps(m2_s), vm2_t = _mm256_set1_ps(m2_t);
+  const __m256 floor = _mm256_set1_ps(EXP2_FLOOR), zero = _mm256_setzero_ps();
+  __m256 s0 = zero, s1 = zero, t0 = zero, t1 = zero, d0 = zero, d1 = zero, e0 = zero, e1 = zero;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 xs0 = _mm256_loadu_ps(xs + i), xs1 = _mm256_loadu_ps(xs + i + 8);
+    const __m256 xt0 = _mm256_loadu_ps(xt + i), xt1 = _mm256_loadu_ps(xt + i + 8);
+    // max(floor, x): the second operand is returned when either is NaN, so NaN stays NaN
+    const __m256 ts0 = _mm256_max_ps(floor, _mm256_fmsub_ps(xs0, vc, vm2_s));
+    const __m256 ts1 = _mm256_max_ps(floor, _mm256_fmsub_ps(xs1, vc, vm2_s));
+    const __m256 tt0 = _mm256_max_ps(floor, _mm256_fmsub_ps(xt0, vc, vm2_t));
+    const __m256 tt1 = _mm256_max_ps(floor, _mm256_fmsub_ps(xt1, vc, vm2_t));
+    const __m256 es0 = exp2_clamped_avx2(ts0), es1 = exp2_clamped_avx2(ts1);
+    const __m256 et0 = exp2_clamped_avx2(tt0), et1 = exp2_clamped_avx2(tt1);
+    const __m256 diff0 = _mm256_sub_ps(xs0, xt0), diff1 = _mm256_sub_ps(xs1, xt1);
+    _mm256_storeu_ps(first + i, es0);
+    _mm256_storeu_ps(first + i + 8, es1);
+    _mm256_storeu_ps(second + i, diff0);
+    _mm256_storeu_ps(second + i + 8, diff1);
+    s0 = _mm256_add_ps(s0, es0);
+    s1 = _mm256_add_ps(s1, es1);
+    t0 = _mm256_add_ps(t0, et0);
+    t1 = _mm256_add_ps(t1, et1);
+    if (ENTROPY) {
+      e0 = _mm256_fmadd_ps(es0, ts0, e0);
+      e1 = _mm256_fmadd_ps(es1, ts1, e1);
+    }
+    // es > 0 ? es * diff : 0 (diff may be nan or inf where es == 0)
+    d0 = _mm256_add_ps(d0, _mm256_and_ps(_mm256_cmp_ps(es0, zero, _CMP_GT_OQ), _mm256_mul_ps(es0, diff0)));
+    d1 = _mm256_add_ps(d1, _mm256_and_ps(_mm256_cmp_ps(es1, zero, _CMP_GT_OQ), _mm256_mul_ps(es1, diff1)));
+  }
+  sums.s = horizontal_sum(_mm256_add_ps(s0, s1));
+  sums.t = horizontal_sum(_mm256_add_ps(t0, t1));
+  sums.div = horizontal_sum(_mm256_add_ps(d0, d1));
+  sums.ent = horizontal_sum(_mm256_add_ps(e0, e1));
+  return i;
+}
+#endif
+
 // Pass 1's vectorised loop over one block: both exponentials, their sums, the divergence and
 // (ENTROPY) entropy sums, and the cache the last pass reads (see scratch_floats).
 template <int DIV, bool ENTROPY>
 inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c, float m2_s, float m2_t,
                             float* first, float* second) {
   float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
+  int64_t start = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (DIV == REVERSE_KL) {
+    BlockSums head;
+    start = reverse_kl_block_avx2<ENTROPY>(xs, xt, n, c, m2_s, m2_t, first, second, head);
+    sum_s = head.s;
+    sum_t = head.t;
+    sum_div = head.div;
+    sum_ent = head.ent;
+  }
+#endif
 #pragma omp simd reduction(+ : sum_s, sum_t, sum_div, sum_ent)
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = start; i < n; ++i) {
     const float ts = clamp_exp2_arg(xs[i] * c - m2_s);  // one FMA and a max
     const float tt = clamp_exp2_arg(xt[i] * c - m2_t);
     const float es = exp2_clamped(ts);
@@ -475,11 +552,8 @@ void run_rows(const Args& a) {
 
   // Rows in memory order: kept ones first, then dropped ones (which only get zeros). Threads
   // take chunks of about 1/8 of their share of the kept rows: the real work is balanced whatever
-  // the mask, a thread stalled by page faults is helped by the other, and each thread's
-  // gradient rows are mostly contiguous, so a fresh gradient's 2 MiB pages are faulted in and
-  // zeroed by one thread rather than shared by two (measured at N=512, V=151936 on 2 cores with
-  // a fresh huge-page gradient: 0.154 s, against 0.165 s and outliers of 0.35 s with one row
-  // per chunk).
+  // the mask, a thread stalled by page faults (a fresh gradient is mostly first-touch faults) is
+  // helped by the other, and each thread's gradient rows stay mostly contiguous.
   std::vector<int64_t> order(static_cast<size_t>(n_rows));
   int64_t n_kept = 0;
   for (int64_t row = 0; row < n_rows; ++row) n_kept += keep[row] ? 1 : 0;
@@ -595,33 +669,11 @@ void scale_rows(int64_t grad, int grad_dtype, int64_t factor, int64_t rows_b, in
   }
 }
 
-// Ask the kernel to back the 2 MiB-aligned interior of a fresh buffer with transparent huge
-// pages. The gradient is the op's one large allocation and is written exactly once, so its
-// cost is mostly first-touch page faults: with 4 KiB pages that is one fault per 4 KiB (about
-// 0.07 s for a 311 MB gradient on a 2-core VM, more than the write itself); with huge pages one
-// per 2 MiB. Only whole huge pages inside the buffer are advised, so no neighbouring
-// allocation is affected. Advice only: returns false (and changes nothing) where unsupported.
-bool advise_huge_pages(int64_t ptr, int64_t nbytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t{2} << 20;
-  const uintptr_t begin = (static_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (static_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(nbytes)) & ~(huge - 1);
-  if (end <= begin) return false;
-  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
-#else
-  (void)ptr;
-  (void)nbytes;
-  return false;
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tcod-fast native CPU kernels";
   m.def("turn_kl_forward", &turn_kl_forward,
         "Fused divergence/entropy/gradient over rows of student and teacher logits (raw pointers).");
-  m.def("advise_huge_pages", &advise_huge_pages,
-        "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of [ptr, ptr + nbytes); advice only.");
   m.def("scale_rows", &scale_rows, "grad[b, t, :] *= factor[b, t], skipping rows whose factor is 1 (raw pointers).");
 }

@@ -63,11 +63,7 @@ def _turn_kl_forward(
     """Per-token (div, entropy, logp_target, logq_target) and grad_scale * d div/d student (or an empty grad).
 
     ``need_entropy=False`` lets a backend return zeros for the entropy instead of computing it."""
-    grad = None
-    if compute_grad and backend == "native":
-        grad = native_backend.new_gradient(student)
-    elif compute_grad:
-        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
     outs = _run_backend(
         backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, grad,
         need_entropy,
