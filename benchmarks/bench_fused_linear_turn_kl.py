@@ -224,7 +224,7 @@ def _dump(records, interleaved):
         "comparison on a shared, loaded machine; time ratios use these); extra peak = rise of the "
         "process RSS high-water mark during one forward+backward in a fresh process, student "
         "gradients included",
-        "machine_load_note": "2 shared cores; other jobs were running, so absolute times are noisy",
+        "load_average_1_5_15_min_at_write": list(os.getloadavg()),
         "cases": cases,
     }
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
