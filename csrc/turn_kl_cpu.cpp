@@ -131,16 +131,17 @@ inline float load_one(const typename Storage<D>::type* src, int64_t i) {
 // straight into the exponent field. At x = -127 that field is 0, i.e. the result is exactly
 // +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare. Branch-free, so
 // loops calling it vectorise.
+constexpr float EXP2_ROUND = 12583039.0f;  // 1.5 * 2^23 + 127
+// 2^f ~ sum_k EXP2_POLY[k] f^k on [-1/2, 1/2], highest degree first (Horner order)
+constexpr float EXP2_POLY[6] = {1.327647129073739e-3f, 9.675541892647743e-3f, 5.550713092088699e-2f,
+                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
+
 inline float exp2_clamped(float x) {
-  constexpr float kRound = 12583039.0f;  // 1.5 * 2^23 + 127
-  const float shifted = x + kRound;
-  const float f = x - (shifted - kRound);  // x - n, in [-0.5, 0.5]
-  float poly = 1.327647129073739e-3f;
-  poly = poly * f + 9.675541892647743e-3f;
-  poly = poly * f + 5.550713092088699e-2f;
-  poly = poly * f + 2.4022120237350464e-1f;
-  poly = poly * f + 6.931469440460205e-1f;
-  poly = poly * f + 1.0000001192092896f;
+  const float shifted = x + EXP2_ROUND;
+  const float f = x - (shifted - EXP2_ROUND);  // x - n, in [-0.5, 0.5]
+  float poly = EXP2_POLY[0];
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = poly * f + EXP2_POLY[k];
   uint32_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
   bits <<= 23;  // (n + 127) mod 512 into the exponent field; the sign bit ends up 0
@@ -255,14 +256,12 @@ struct BlockSums {
 // latency the out-of-order window cannot hide on every core. Same arithmetic as
 // exp2_clamped/clamp_exp2_arg; returns how many leading elements it handled (a multiple of 16).
 inline __m256 exp2_clamped_avx2(__m256 x) {
-  const __m256 round = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  const __m256 round = _mm256_set1_ps(EXP2_ROUND);
   const __m256 shifted = _mm256_add_ps(x, round);
   const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, round));
-  __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.327647129073739e-3f), f, _mm256_set1_ps(9.675541892647743e-3f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(5.550713092088699e-2f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(2.4022120237350464e-1f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(6.931469440460205e-1f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.0000001192092896f));
+  __m256 poly = _mm256_set1_ps(EXP2_POLY[0]);
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(EXP2_POLY[k]));
   const __m256i bits = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
   return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
 }
