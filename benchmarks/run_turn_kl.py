@@ -4,6 +4,10 @@ CPU (default):  python benchmarks/run_turn_kl.py --out benchmarks/results/cpu_tu
                 N=512, V=151936, fp32: fused native vs torch eager vs torch.compile of eager,
                 forward+backward median time, ratios, and peak extra memory (fresh process
                 per implementation, see memory_probe.py).
+                With MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 in the environment,
+                glibc keeps freed memory, so no implementation pays first-touch page faults for
+                its N x V tensors (what a caching allocator gives; it favours eager, which
+                allocates five of them).
 GPU:            python benchmarks/run_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 \
                     --out benchmarks/results/h100_turn_kl.json
                 adds Liger-Kernel's JSD (beta=1) as a peer, the measured device-copy bandwidth
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -161,6 +166,10 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "N": args.rows, "V": args.vocab, "dtype": args.dtype,
         "gradient_bytes": args.rows * args.vocab * elem,
+        # glibc's allocator settings change what a fresh N x V tensor costs (first-touch page
+        # faults); recorded so runs with and without MALLOC_MMAP_MAX_=0 are never mixed up
+        "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "load_average_1_5_15_min_at_write": list(os.getloadavg()),
         "results": results,
         "speedup_of_fused": {},
     }
