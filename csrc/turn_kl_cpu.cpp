@@ -9,9 +9,10 @@
 //           shift) and x_s - x_t; forward KL and JSD: both exponentials). This is the only pass
 //           that reads the logits from DRAM; the temperature is folded into the exponent, so it
 //           costs nothing per element.
-//   pass 2  (JSD only) sums the JSD terms and KL(p||m), which the JSD gradient needs.
+//   pass 2  (JSD only) sums the JSD terms and KL(p||m), which the JSD gradient needs, and
+//           leaves each element's log p - log m in the cache.
 //   last    writes grad_scale * d div / d student_logits for the row in the student's dtype,
-//           from the cache alone (reverse and forward KL re-read no logits and evaluate no exp).
+//           from the cache alone (it re-reads no logits and evaluates no exp or log).
 //           grad_scale is the reduction's coefficient of the row, so for the usual scalar loss
 //           backward has nothing left to do.
 // The per-thread cache is two float32 rows (1.2 MB at V = 151936) and stays in L2/L3, so the
@@ -209,7 +210,7 @@ inline float log_mixture(float log_p, float log_q, float log_1m_beta, float log_
 // logits:
 //   reverse KL  first = exp(z_s - shift_s[block]),  second = s - t (raw logits)
 //   forward KL  first = exp(z_s - shift_s[block]),  second = exp(z_t - shift_t[block])
-//   JSD         as forward KL
+//   JSD         as forward KL; pass 2 then overwrites second with log p - log m
 inline int64_t scratch_floats(int64_t vocab) {
   const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
   return 2 * vocab + 2 * blocks;
@@ -483,15 +484,17 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       const float to_p = std::isnan(shift_s) ? 0.f : std::exp2(shift_s - m2_s) / l_s;
       const float to_q = std::isnan(shift_t) ? 0.f : std::exp2(shift_t - m2_t) / l_t;
       const float* es = first_row + v0;
-      const float* et = second_row + v0;
+      float* et_then_ratio = second_row + v0;  // read as exp(z_t - shift), left as log p - log m
 #pragma omp simd reduction(+ : sum_q, sum_p)
       for (int64_t i = 0; i < n; ++i) {
         const float log_p = xs[i] * inv_temp - lse_s;
         const float log_q = xt[i] * inv_temp - lse_t;
         const float p = es[i] * to_p;
-        const float q = et[i] * to_q;
+        const float q = et_then_ratio[i] * to_q;
         const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
-        sum_p += p > 0.f ? p * (log_p - log_m) : 0.f;
+        const float log_ratio = log_p - log_m;
+        et_then_ratio[i] = log_ratio;  // the gradient's per-element term, so the last pass needs no log
+        sum_p += p > 0.f ? p * log_ratio : 0.f;
         sum_q += q > 0.f ? q * (log_q - log_m) : 0.f;
       }
     }
@@ -533,16 +536,13 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) g[i] = first[i] * to_p - second[i] * to_q;
     } else {
-      const float* xs = block_as_float<SD>(s + v0, buf_s, n);
-      const float* xt = block_as_float<TD>(t + v0, buf_t, n);
+      // second = log p - log m, left there by pass 2
       const float jsd_scale = 1.f - beta;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
-        const float log_p = xs[i] * inv_temp - lse_s;
-        const float log_q = xt[i] * inv_temp - lse_t;
         const float p_scaled = first[i] * to_p;
-        const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
-        g[i] = p_scaled > 0.f ? jsd_scale * p_scaled * (log_p - log_m - kl_p_m) : 0.f;
+        const float centred = second[i] - kl_p_m;
+        g[i] = p_scaled > 0.f ? jsd_scale * p_scaled * centred : 0.f;
       }
     }
     if constexpr (SD != F32) store_block<SD>(g_buf, grad + v0, n);
