@@ -20,7 +20,7 @@
 // Rows run in parallel over OpenMP threads; within a row the loops are written so the compiler
 // vectorises them (no calls, selects instead of branches, a polynomial exp2). The statistics
 // loop, the hot one, also has an AVX2/FMA version with two independent vector chains per
-// iteration and an unmasked divergence sum (about 20% faster on Zen 1); the portable loop
+// iteration and an unmasked divergence sum (15-20% faster on Zen 1); the portable loop
 // handles block tails and other targets, and the tests cover both (vocabulary sizes leave
 // ragged tails, and tests/test_native_portable_build.py builds the kernel without AVX).
 //
