@@ -76,7 +76,8 @@ class EpisodePlan:
             turns at or past ``len(players)`` are ``"stop"``. Each entry is one of
             ``"student"`` (sampled and trained, turn id ``k``), ``"teacher"`` (teacher
             model acts, turn id -1), ``"expert"`` (stored expert action ``k`` replayed,
-            turn id -1) or ``"stop"`` (end the episode before this turn).
+            turn id -1; only as a prefix, since the stored actions are planned from the
+            reset state) or ``"stop"`` (end the episode before this turn).
         turn_window: ``(lo, hi)``; the loss keeps tokens with ``lo <= turn_id < hi``.
         algorithm: name of the algorithm that made the plan (one of :data:`ALGORITHMS`).
         task_index: index of the task in the list given to the sampler; episodes of the
@@ -109,6 +110,16 @@ class EpisodePlan:
         unknown = sorted(set(self.players) - set(PLAYERS))
         if unknown:
             raise ValueError(f"players must be among {PLAYERS}, got {unknown}")
+        # Environments plan their expert actions from the reset state, so an expert turn is only
+        # meaningful while nobody else has moved yet.
+        first_other = next((k for k, who in enumerate(self.players) if who != "expert"), len(self.players))
+        late_expert = next((k for k in range(first_other, len(self.players)) if self.players[k] == "expert"), None)
+        if late_expert is not None:
+            raise ValueError(
+                f"expert turns must form a prefix of players (the stored expert actions are planned from "
+                f"the reset state), but turn {late_expert} is 'expert' after turn {first_other} was "
+                f"{self.players[first_other]!r}: players={self.players}"
+            )
 
     def player(self, turn_index: int) -> str:
         """Player of turn ``turn_index``: "student", "teacher", "expert" or "stop"."""

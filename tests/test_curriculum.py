@@ -147,6 +147,13 @@ def test_episode_plan_player_and_turn_ids():
     assert plan.num_student_turns == 3
     with pytest.raises(ValueError, match="players must be among"):
         EpisodePlan(max_turns=2, players=("student", "robot"), turn_window=(0, 2))
+    # expert actions are planned from the reset state: an expert turn after anyone else's is refused
+    with pytest.raises(ValueError, match=r"turn 2 is 'expert' after turn 1 was 'student'"):
+        EpisodePlan(max_turns=4, players=("expert", "student", "expert"), turn_window=(0, 4))
+    with pytest.raises(ValueError, match=r"turn 1 is 'expert' after turn 0 was 'teacher'"):
+        EpisodePlan(max_turns=4, players=("teacher", "expert"), turn_window=(0, 4))
+    EpisodePlan(max_turns=4, players=("expert", "expert", "teacher", "student"), turn_window=(0, 4))
+    EpisodePlan(max_turns=4, players=("expert", "stop"), turn_window=(0, 4))
     with pytest.raises(ValueError, match="max_turns"):
         EpisodePlan(max_turns=1, players=("student", "student"), turn_window=(0, 1))
 
