@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_report import cpu_model
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "cpu_fused_linear.json"
 VARIANTS = ("fused", "unfused", "eager")
@@ -168,16 +168,6 @@ if "pytest" in sys.modules:
         _INTERLEAVED[size] = times
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
 
 def _dump(records, interleaved):
     cases = []
@@ -214,7 +204,7 @@ def _dump(records, interleaved):
         "command": " ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]]) if "pytest" in sys.modules
         else " ".join(sys.argv),
         "env": {k: v for k, v in os.environ.items() if k.startswith("FLK_BENCH_")},
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

@@ -21,15 +21,12 @@ A peer that fails (missing package, out of memory) is recorded with its error, n
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from run_report import report_header, write_report
 
 from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
 from tcod_fast.ops.fused_linear_turn_kl.reference import fused_linear_turn_kl_reference
@@ -175,10 +172,7 @@ def main(argv=None) -> dict:
     if args.impls:
         impls = {k: v for k, v in impls.items() if k in args.impls}
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        **report_header(args.device),
         "V": args.vocab,
         "dtype": args.dtype,
         "cases": [],
@@ -220,9 +214,7 @@ def main(argv=None) -> dict:
                       entry["gradient_relative_error"], flush=True)
             del input_sets
             report["cases"].append(case)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     return report
 
 

@@ -22,12 +22,11 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from run_report import report_header, write_report
 
 from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
 
@@ -177,10 +176,7 @@ def main(argv=None) -> dict:
                     times.append(seconds)
             step_s[loss_kind] = statistics.median(times) if times else None
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **report_header(args.device),
         "dtype": args.dtype,
         "shapes": shapes,
         "activation_checkpointing": not args.no_checkpointing,
@@ -193,9 +189,7 @@ def main(argv=None) -> dict:
         "trials": trials,
     }
     print(json.dumps({k: v for k, v in report.items() if k not in ("trials", "shapes")}, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     return report
 
 

@@ -19,29 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from run_report import report_header, write_report  # noqa: E402
 from turn_kl_impls import forward_backward, implementations  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def time_cpu(impl, pairs, repeats):
@@ -159,11 +148,8 @@ def main(argv=None) -> dict:
     elem = torch.finfo(dtype).bits // 8
     fused_name = "fused-native" if args.device == "cpu" else "fused-triton"
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
+        **report_header(args.device),
         "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "N": args.rows, "V": args.vocab, "dtype": args.dtype,
         "gradient_bytes": args.rows * args.vocab * elem,
         # glibc's allocator settings change what a fresh N x V tensor costs (first-touch page
@@ -185,9 +171,7 @@ def main(argv=None) -> dict:
             report["device_copy_bytes_per_s"] = bandwidth
             report["fused_fraction_of_copy_bandwidth"] = floor_bytes / fused / bandwidth
     print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     return report
 
 
