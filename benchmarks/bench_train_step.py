@@ -32,7 +32,7 @@ import torch
 from tcod_fast import fused_turn_kl
 from tcod_fast.rollout import PackingConfig, pack_trajectories
 from tcod_fast.trainer import build, sft
-from tcod_fast.trainer.demo import _base_config, demo_settings
+from tcod_fast.trainer.demo import base_config, demo_settings
 from tcod_fast.trainer.config import TinyModelSpec
 
 
@@ -71,8 +71,8 @@ def _step(kind, student, teacher, optimizer, batch):
 
 
 def measure(vocab_pad: int, repeats: int, episodes: int) -> dict:
-    settings = demo_settings(quick=False)
-    config = _base_config(settings, Path("/tmp/unused"))
+    settings = demo_settings("default")
+    config = base_config(settings, Path("/tmp/unused"))
     prompter = build.build_prompter(config.env)
     tokenizer = build.build_tokenizer(config, prompter)
     splits = build.env_task_splits(config.env)

@@ -49,24 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="built-in CPU demo: SFT teacher, then OPD vs TCOD students, results table and plots",
-        description="Build a tokenizer in code, train a small teacher by supervised learning on the toy "
-        "key-and-door game's expert trajectories, distil fresh smaller students with vanilla OPD, TCOD-F2B, "
-        "TCOD-B2F (others with --algorithms), evaluate them at full depth on held-out seen/unseen tasks, and write "
-        "results.json, results.md, PNG plots and metrics JSONL into --out. Needs nothing downloaded; about "
-        "10 minutes on 2 CPU cores (measured: 8.5 min on a shared 2-core machine; --quick: under a minute).",
+        help="built-in CPU demo: two teachers, students distilled with OPD, TCOD, GRPO over seeds; results and plots",
+        description="Train two small teachers in the key-and-door game (robust: supervised on expert episodes, then "
+        "DAgger rounds; narrow: the expert's own episodes only), warm-start one smaller student per seed, distil it "
+        "with OPD, TCOD-F2B, TCOD-B2F and GRPO from the robust teacher and OPD, TCOD-F2B, TCOD-B2F from the narrow "
+        "one, evaluate on held-out seen and unseen tasks, test the KL-escalation claim over seeds, and write "
+        "results.json, results.md, metrics.jsonl and PNG plots into --out. Needs nothing downloaded; about 15 "
+        "minutes on 2 CPU cores (--quick: about 3, --full: every algorithm and 5 seeds, up to an hour).",
     )
     demo.add_argument("--out", default="tcod-demo", metavar="DIR", help="results folder (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="small, fast settings (CI): fewer tasks, steps and epochs")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    demo.add_argument(
-        "--algorithms",
-        metavar="A,B,...",
-        help="comma-separated algorithms to distil with (default: opd,tcod_f2b,tcod_b2f; any of "
-        + ", ".join(_ALGORITHMS)
-        + ")",
-    )
-    demo.add_argument("--threads", type=int, help="torch CPU threads (default: 1, best for tiny models on shared cores)")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small, fast settings (CI): 2 seeds, fewer steps and tasks")
+    size.add_argument("--full", action="store_true", help="every algorithm of the trainer, 5 seeds, more steps")
+    demo.add_argument("--seed", type=int, default=0, help="base seed; the student seeds are SEED, SEED+1, ... (default: 0)")
+    demo.add_argument("--workers", type=int, help="worker processes, one torch thread each (default: 2)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar and per-run lines")
+    for teacher in ("robust", "narrow"):
+        demo.add_argument(
+            f"--{teacher}", metavar="ALGOS",
+            help=f"comma-separated algorithms distilled from the {teacher} teacher instead of the preset's; "
+            "ALGO@DIVERGENCE picks the OPD divergence (reverse_kl, forward_kl, jsd), e.g. opd,opd@reverse_kl",
+        )  # fmt: skip
 
     train = commands.add_parser(
         "train",
@@ -148,19 +151,33 @@ def _add_bench_arguments(parser, *, batch, seq, vocab, turns, repeats) -> None:
 def _cmd_demo(args) -> int:
     from tcod_fast.trainer.demo import demo_settings, run_demo
 
-    settings = demo_settings(args.quick)
-    if args.algorithms:
-        chosen = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
-        unknown = [a for a in chosen if a not in _ALGORITHMS]
-        if unknown:
-            raise SystemExit(f"tcod-fast demo: unknown algorithm(s) {unknown}; choose from {_ALGORITHMS}")
-        settings.algorithms = chosen
-    if args.threads:
-        settings.num_threads = args.threads
-    results = run_demo(args.out, quick=args.quick, settings=settings, progress=not args.no_progress)
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"tcod-fast demo: --workers must be >= 1, got {args.workers}")
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    settings = demo_settings(preset, seed=args.seed, workers=args.workers)
+    for teacher in ("robust", "narrow"):
+        listed = getattr(args, teacher)
+        if listed is not None:
+            setattr(settings, f"{teacher}_algorithms", _demo_algorithms(f"--{teacher}", listed))
+    results = run_demo(args.out, settings=settings, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())
-    print(f"results in {Path(args.out).resolve()} (total {results['timings_s']['total_s']:.0f} s)")
+    print(f"results in {Path(args.out).resolve()} (total {results['setup']['wall_seconds']:.0f} s)")
     return 0
+
+
+def _demo_algorithms(flag: str, listed: str) -> tuple[str, ...]:
+    from tcod_fast.curriculum import ALGORITHMS
+
+    divergences = ("reverse_kl", "forward_kl", "jsd")
+    names = tuple(name.strip() for name in listed.split(",") if name.strip())
+    for name in names:
+        algorithm, _, divergence = name.partition("@")
+        if algorithm not in ALGORITHMS or (divergence and divergence not in divergences):
+            raise SystemExit(
+                f"tcod-fast demo: {flag} takes algorithms from {', '.join(ALGORITHMS)}, each optionally "
+                f"@{'/'.join(divergences)}; got {name!r}"
+            )
+    return names
 
 
 def _train_config(args):

@@ -56,7 +56,7 @@ __all__ = [
     "turn_windows_tensor",
 ]
 
-PLAYERS = ("student", "teacher", "expert", "stop")
+PLAYERS = ("student", "teacher", "expert", "random", "stop")
 ALGORITHMS = ("opd", "tcod_f2b", "tcod_b2f", "guided_opd", "atod", "sod", "grpo")
 
 
@@ -77,7 +77,8 @@ class EpisodePlan:
             ``"student"`` (sampled and trained, turn id ``k``), ``"teacher"`` (teacher
             model acts, turn id -1), ``"expert"`` (stored expert action ``k`` replayed,
             turn id -1; only as a prefix, since the stored actions are planned from the
-            reset state) or ``"stop"`` (end the episode before this turn).
+            reset state), ``"random"`` (a uniformly random admissible action, turn id -1;
+            exploration noise) or ``"stop"`` (end the episode before this turn).
         turn_window: ``(lo, hi)``; the loss keeps tokens with ``lo <= turn_id < hi``.
         algorithm: name of the algorithm that made the plan (one of :data:`ALGORITHMS`).
         task_index: index of the task in the list given to the sampler; episodes of the

@@ -103,6 +103,8 @@ def _worker_main(conn: Connection, env_factory: EnvFactory) -> None:
                 payload = env.step(argument)
             elif op == "expert":
                 payload = env.expert_actions()
+            elif op == "expert_action":
+                payload = _current_expert_action(env)
             elif op == "list_tasks":
                 payload = env.list_tasks(argument)
             else:
@@ -117,6 +119,10 @@ def _worker_main(conn: Connection, env_factory: EnvFactory) -> None:
     for env in envs.values():
         _close_quietly(env)
     conn.close()
+
+
+def _current_expert_action(env: Any) -> str | None:
+    return env.expert_action() if hasattr(env, "expert_action") else None
 
 
 def _close_quietly(env: Env | None) -> None:
@@ -227,6 +233,14 @@ class EnvPool:
 
     def expert_actions_many(self, slots: Sequence[int] | None = None) -> list[list[str] | None | EnvError]:
         """The expert's actions for the current episode of each slot (all slots by default)."""
+        return self._ask_expert("expert", slots)
+
+    def expert_action_many(self, slots: Sequence[int] | None = None) -> list[str | None | EnvError]:
+        """The current-state expert's next action in each slot (all slots by default);
+        ``None`` where the env has no ``expert_action`` or its episode is over."""
+        return self._ask_expert("expert_action", slots)
+
+    def _ask_expert(self, op: str, slots: Sequence[int] | None) -> list:
         slots = list(range(self.num_slots)) if slots is None else list(slots)
         results: dict[int, Any] = {}
         commands = {}
@@ -237,7 +251,7 @@ class EnvPool:
             if state.error is not None:
                 results[slot] = state.error
             else:
-                commands[slot] = ("expert", None)
+                commands[slot] = (op, None)
         results.update(self._run(commands, self.config.step_timeout_s))
         return [results[slot] for slot in slots]
 
@@ -330,6 +344,8 @@ class EnvPool:
                     results[slot] = env.reset(argument)
                 elif op == "step":
                     results[slot] = env.step(argument)
+                elif op == "expert_action":
+                    results[slot] = _current_expert_action(env)
                 else:
                     results[slot] = env.expert_actions()
                 self._record(slot, op, argument, results[slot])

@@ -1,17 +1,28 @@
 """A small deterministic pure-Python text game, for tests and CPU demos without Java.
 
-*Key and door*: a few rooms in a row, a key hidden in a closed container in one of them,
-and a locked vault door at the end of the row. The goal is to take the gem in the vault.
-The expert walks to the key, opens the container, takes the key, walks to the door,
-unlocks it, opens it, enters the vault and takes the gem: 6 to 10 actions.
+*Key and door*: a few rooms in a row from west to east, a key in a closed container in one
+of them, and a locked vault door in the east-most room. The goal is to take the gem in the
+vault: walk to the key, open its container, take the key, walk to the door, unlock it, open
+it, go east into the vault and take the gem.
 
 Wrong choices are possible and costly: a decoy key of another colour lies in a second
 container, and trying the wrong key jams the lock, which loses the episode. Actions not
-in the admissible list waste a turn. The engine's own step limit also ends the episode.
+in the admissible list waste a turn, and so do ``look`` and ``inventory`` (the observation
+already says everything); a few wasted turns in a row lose the episode. The engine's own
+step limit also ends it.
 
-Splits: ``train`` and ``valid_seen`` draw containers and colours from the same vocabulary
-(different task seeds); ``valid_unseen`` uses containers and colours never seen in
-``train``, in the spirit of ALFWorld's unseen split.
+**Markov observations.** Every observation describes the whole state the right next action
+depends on: the room, its exits, the door's state when it is here, every container here
+with what it holds once opened, which key opens the door, where that key is (its container,
+its room and the direction to walk) or, once carried, where the door is, and what the
+agent carries. So the expert's next action is a function of the observation text alone, and
+:meth:`KeyDoorEnv.expert_action` gives it from *any* state, on or off the expert's path
+(what DAgger-style teachers are trained on).
+
+Splits: ``train`` and ``valid_seen`` draw the key's (container, colour) pairing from the same
+set, with different task seeds; ``valid_unseen`` uses pairings never used in ``train`` and one
+more room than any training layout can have, so its episodes are longer. Every word of
+every split also occurs in training texts, so a tokenizer learnt from them spells it.
 
 :class:`FaultInjectingEnv` wraps any env factory and raises, hangs or kills its own
 process at a chosen step of chosen tasks; it exists to test the worker pool.
@@ -30,11 +41,16 @@ from typing import Any
 
 from tcod_fast.envs.base import SPLITS, Env, EnvObservation, EnvStep
 
-_ROOM_NAMES = ("hall", "kitchen", "library", "study", "pantry", "gallery", "workshop")
-_SEEN_CONTAINERS = ("drawer", "cabinet", "box", "crate")
-_UNSEEN_CONTAINERS = ("chest", "locker")
-_SEEN_COLOURS = ("red", "blue", "green")
-_UNSEEN_COLOURS = ("silver", "golden")
+_ROOM_NAMES = ("hall", "kitchen", "library", "study", "pantry", "gallery", "workshop", "cellar")
+_CONTAINERS = ("drawer", "cabinet", "box", "crate", "chest", "locker")
+_COLOURS = ("red", "blue", "green", "silver", "golden")
+_TASK_TEXT = "take the gem from the vault."
+
+
+def is_held_out_pairing(container: str, colour: str) -> bool:
+    """Key (container, colour) pairings reserved for ``valid_unseen`` (a third of them;
+    every container and colour also occurs in pairings used for training)."""
+    return (_CONTAINERS.index(container) + _COLOURS.index(colour)) % 3 == 0
 
 
 @dataclass
@@ -43,27 +59,73 @@ class KeyDoorConfig:
 
     Attributes:
         num_tasks: tasks per split, keyed by split name.
-        min_rooms / max_rooms: rooms in the row before the vault (the door is in the last).
+        min_rooms / max_rooms: rooms in the row of ``train`` and ``valid_seen`` layouts (the
+            door is in the east-most room).
+        unseen_extra_rooms: ``valid_unseen`` layouts have ``max_rooms`` to
+            ``max_rooms + unseen_extra_rooms`` rooms.
         max_steps: the episode is lost after this many steps without a win.
+        max_idle_steps: the episode is lost after this many steps in a row that change
+            nothing (an inadmissible action, ``look``, ``inventory``); 0 never ends it so.
     """
 
     num_tasks: dict[str, int] = field(default_factory=lambda: {"train": 64, "valid_seen": 16, "valid_unseen": 16})
     min_rooms: int = 2
     max_rooms: int = 4
+    unseen_extra_rooms: int = 1
     max_steps: int = 30
+    max_idle_steps: int = 3
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_rooms <= self.max_rooms <= len(_ROOM_NAMES) - self.unseen_extra_rooms:
+            raise ValueError(
+                f"rooms must satisfy 2 <= min_rooms <= max_rooms <= {len(_ROOM_NAMES)} - unseen_extra_rooms, "
+                f"got min_rooms={self.min_rooms}, max_rooms={self.max_rooms}, unseen_extra_rooms={self.unseen_extra_rooms}"
+            )
+        if self.unseen_extra_rooms < 0 or self.max_steps < 1 or self.max_idle_steps < 0:
+            raise ValueError(
+                "unseen_extra_rooms and max_idle_steps must be >= 0 and max_steps >= 1, got "
+                f"{self.unseen_extra_rooms}, {self.max_idle_steps} and {self.max_steps}"
+            )
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Layout:
-    """Where things are in one task: rooms in walking order, then key and decoy places."""
+    """Where things are in one task; rooms are listed west to east."""
 
-    rooms: list[str]
+    rooms: tuple[str, ...]
+    start_room: int
     key_room: int
     key_container: str
     key_colour: str
     decoy_room: int
     decoy_container: str
     decoy_colour: str
+
+    @property
+    def door_room(self) -> int:
+        return len(self.rooms) - 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.key_colour} key"
+
+    @property
+    def decoy(self) -> str:
+        return f"{self.decoy_colour} key"
+
+
+@dataclass
+class _State:
+    """The mutable part of an episode."""
+
+    room: int
+    in_vault: bool = False
+    opened: set[tuple[int, str]] = field(default_factory=set)
+    carried: set[str] = field(default_factory=set)
+    door: str = "locked"  # locked -> unlocked -> open; or jammed
+    steps: int = 0
+    idle_steps: int = 0  # steps in a row that changed nothing
+    over: bool = False
 
 
 def _layout_for(task: str, config: KeyDoorConfig) -> _Layout:
@@ -78,22 +140,33 @@ def _layout_for(task: str, config: KeyDoorConfig) -> _Layout:
     # machine and Python run (unlike hash()).
     rng = random.Random(f"keydoor:{split}:{index}")
     unseen = split == "valid_unseen"
-    containers = _UNSEEN_CONTAINERS + _SEEN_CONTAINERS[:1] if unseen else _SEEN_CONTAINERS
-    colours = _UNSEEN_COLOURS if unseen else _SEEN_COLOURS
-    num_rooms = rng.randint(config.min_rooms, config.max_rooms)
-    rooms = rng.sample(_ROOM_NAMES, num_rooms)
-    key_container, decoy_container = rng.sample(containers, 2)
-    key_colour, decoy_colour = rng.sample(colours, 2)
-    # The key is never in the first room, so the expert always has to walk.
-    key_room = rng.randint(1, num_rooms - 1)
-    decoy_room = rng.randint(0, num_rooms - 1)
-    return _Layout(rooms, key_room, key_container, key_colour, decoy_room, decoy_container, decoy_colour)
+    if unseen:
+        num_rooms = rng.randint(config.max_rooms, config.max_rooms + config.unseen_extra_rooms)
+    else:
+        num_rooms = rng.randint(config.min_rooms, config.max_rooms)
+    rooms = tuple(rng.sample(_ROOM_NAMES, num_rooms))
+    pairings = [(c, k) for c in _CONTAINERS for k in _COLOURS if is_held_out_pairing(c, k) == unseen]
+    key_container, key_colour = rng.choice(pairings)
+    decoy_container, decoy_colour = rng.choice(
+        [(c, k) for c, k in pairings if c != key_container and k != key_colour]
+    )
+    start_room = rng.randrange(num_rooms)
+    # The key is never where the agent starts, so every episode has to walk.
+    key_room = rng.choice([r for r in range(num_rooms) if r != start_room])
+    decoy_room = rng.randrange(num_rooms)
+    return _Layout(rooms, start_room, key_room, key_container, key_colour, decoy_room, decoy_container, decoy_colour)
+
+
+def _direction(from_room: int, to_room: int) -> str:
+    return "here" if to_room == from_room else ("to the east" if to_room > from_room else "to the west")
 
 
 class KeyDoorEnv:
     """The key-and-door game behind the :class:`~tcod_fast.envs.base.Env` protocol.
 
     Task ids are ``"keydoor/<split>/<index>"``. Reward is 1.0 on the winning step, else 0.
+    Besides the protocol it offers :meth:`expert_action`, the expert's action from the
+    current state.
     """
 
     name = "toy"
@@ -101,11 +174,12 @@ class KeyDoorEnv:
     def __init__(self, config: KeyDoorConfig | None = None):
         self.config = config or KeyDoorConfig()
         self._layout: _Layout | None = None
+        self._state: _State | None = None
         self._task = ""
 
     @property
     def layout(self) -> _Layout | None:
-        """The current task's hidden layout (rooms, key and decoy places); for tests and debugging."""
+        """The current task's layout (rooms west to east, key and decoy places); for tests."""
         return self._layout
 
     # -- protocol -------------------------------------------------------------------
@@ -116,20 +190,14 @@ class KeyDoorEnv:
         return [f"keydoor/{split}/{i}" for i in range(self.config.num_tasks[split])]
 
     def reset(self, task: str) -> EnvObservation:
-        """Start ``task`` in its first room with nothing in hand."""
+        """Start ``task`` in its start room with nothing in hand."""
         self._layout = _layout_for(task, self.config)
         self._task = task
-        self._room = 0
-        self._opened: set[tuple[int, str]] = set()
-        self._taken: set[str] = set()
-        self._door = "locked"  # locked -> unlocked -> open; or jammed
-        self._in_vault = False
-        self._steps = 0
-        self._over = False
+        self._state = _State(room=self._layout.start_room)
         return EnvObservation(
             observation=self._describe(),
             admissible_actions=self._admissible(),
-            task_text="take the gem from the vault.",
+            task_text=_TASK_TEXT,
             info={"task": task},
         )
 
@@ -137,77 +205,97 @@ class KeyDoorEnv:
         """Play one action; unknown or inadmissible actions change nothing but cost a step."""
         if self._layout is None:
             raise RuntimeError("KeyDoorEnv.step called before reset")
-        if self._over:
+        state, layout = self._state, self._layout
+        if state.over:
             return EnvStep("The game is over.", 0.0, True, False, [], {"task": self._task})
-        self._steps += 1
+        state.steps += 1
         action = " ".join(action.strip().lower().split())
         info: dict[str, Any] = {"task": self._task, "invalid_action": False}
         won = lost = False
         if action not in self._admissible():
-            observation = "Nothing happens."
+            feedback = "Nothing happens."
             info["invalid_action"] = True
-        elif action.startswith("go to "):
-            target = action[len("go to ") :]
-            if target == "vault":
-                self._in_vault = True
+        elif action == "go east":
+            if state.room == layout.door_room:
+                state.in_vault = True
+                feedback = "You walk through the vault door."
             else:
-                self._in_vault = False
-                self._room = self._layout.rooms.index(target)
-            observation = self._describe()
-        elif action.startswith("open ") and action != "open vault door":
+                state.room += 1
+                feedback = "You go east."
+        elif action == "go west":
+            if state.in_vault:
+                state.in_vault = False
+                feedback = "You leave the vault."
+            else:
+                state.room -= 1
+                feedback = "You go west."
+        elif action == "open door":
+            state.door = "open"
+            feedback = "The vault door swings open."
+        elif action.startswith("open "):
             container = action[len("open ") :]
-            self._opened.add((self._room, container))
-            inside = self._items_in(self._room, container)
-            observation = f"You open the {container}. " + (
-                f"Inside you see a {inside[0]}." if inside else "It is empty."
-            )
+            state.opened.add((state.room, container))
+            inside = self._items_in(state.room, container)
+            feedback = f"You open the {container}. " + (f"Inside is a {inside[0]}." if inside else "It is empty.")
+        elif action == "take gem":
+            feedback = "You take the gem. You won!"
+            won = True
         elif action.startswith("take "):
             item = action[len("take ") :]
-            if item == "gem":
-                observation = "You take the gem. You won!"
-                won = True
+            state.carried.add(item)
+            feedback = f"You take the {item}."
+        elif action.startswith("unlock door with "):
+            key = action[len("unlock door with ") :]
+            if key == layout.key:
+                state.door = "unlocked"
+                feedback = "The lock clicks open."
             else:
-                self._taken.add(item)
-                observation = f"You take the {item}."
-        elif action.startswith("unlock vault door with "):
-            key = action[len("unlock vault door with ") :]
-            if key == f"{self._layout.key_colour} key":
-                self._door = "unlocked"
-                observation = "The lock clicks open."
-            else:
-                self._door = "jammed"
+                state.door = "jammed"
                 lost = True
-                observation = f"The {key} breaks in the lock. The vault door is jammed for good. You lost."
-        elif action == "open vault door":
-            self._door = "open"
-            observation = "The vault door swings open."
-        elif action == "look":
-            observation = self._describe()
-        else:  # inventory
-            observation = "You carry: " + (", ".join(sorted(self._taken)) or "nothing") + "."
-        out_of_steps = not won and not lost and self._steps >= self.config.max_steps
-        if out_of_steps:
-            observation += " You ran out of time."
-        self._over = won or lost or out_of_steps
-        info["steps"] = self._steps
+                feedback = f"The {key} breaks in the lock. The vault door is jammed for good. You lost."
+        else:  # look, inventory: the description below says it all
+            feedback = ""
+        idle = info["invalid_action"] or action in ("look", "inventory")
+        state.idle_steps = state.idle_steps + 1 if idle else 0
+        stalled = not won and not lost and 0 < self.config.max_idle_steps <= state.idle_steps
+        out_of_steps = not won and not lost and state.steps >= self.config.max_steps
+        state.over = won or lost or stalled or out_of_steps
+        if won or lost:
+            observation = feedback
+        else:
+            observation = " ".join(part for part in (feedback, self._describe()) if part)
+            if stalled:
+                observation += f" {state.idle_steps} steps in a row changed nothing. You lost."
+            elif out_of_steps:
+                observation += " You ran out of time."
+        info["steps"] = state.steps
         return EnvStep(
             observation=observation,
             reward=1.0 if won else 0.0,
-            done=self._over,
+            done=state.over,
             won=won,
-            admissible_actions=[] if self._over else self._admissible(),
+            admissible_actions=[] if state.over else self._admissible(),
             info=info,
         )
+
+    def expert_action(self) -> str | None:
+        """The expert's next action from the current state (on or off its own path);
+        ``None`` before a reset or once the episode is over."""
+        if self._state is None or self._state.over:
+            return None
+        return _expert_action(self._layout, self._state)
 
     def expert_actions(self) -> list[str] | None:
         """The shortest winning action list from the reset state of the current task."""
         if self._layout is None:
             return None
         layout = self._layout
-        actions = [f"go to {layout.rooms[r]}" for r in range(1, layout.key_room + 1)]
-        actions += [f"open {layout.key_container}", f"take {layout.key_colour} key"]
-        actions += [f"go to {layout.rooms[r]}" for r in range(layout.key_room + 1, len(layout.rooms))]
-        actions += [f"unlock vault door with {layout.key_colour} key", "open vault door", "go to vault", "take gem"]
+        state = _State(room=layout.start_room)
+        actions = []
+        while not actions or actions[-1] != "take gem":
+            action = _expert_action(layout, state)
+            _apply_expert_action(layout, state, action)
+            actions.append(action)
         return actions
 
     def close(self) -> None:
@@ -224,54 +312,107 @@ class KeyDoorEnv:
         return sorted(found)
 
     def _items_in(self, room: int, container: str) -> list[str]:
-        layout = self._layout
+        layout, state = self._layout, self._state
         items = []
         if room == layout.key_room and container == layout.key_container:
-            items.append(f"{layout.key_colour} key")
+            items.append(layout.key)
         if room == layout.decoy_room and container == layout.decoy_container:
-            items.append(f"{layout.decoy_colour} key")
-        return [item for item in items if item not in self._taken]
+            items.append(layout.decoy)
+        return [item for item in items if item not in state.carried]
 
-    def _neighbours(self) -> list[str]:
-        layout = self._layout
-        if self._in_vault:
-            return [layout.rooms[-1]]
-        names = [layout.rooms[r] for r in (self._room - 1, self._room + 1) if 0 <= r < len(layout.rooms)]
-        if self._room == len(layout.rooms) - 1 and self._door == "open":
-            names.append("vault")
-        return names
+    def _exits(self) -> list[str]:
+        layout, state = self._layout, self._state
+        if state.in_vault:
+            return ["west"]
+        exits = []
+        if state.room < layout.door_room or state.door == "open":
+            exits.append("east")
+        if state.room > 0:
+            exits.append("west")
+        return exits
 
     def _describe(self) -> str:
-        layout = self._layout
-        if self._in_vault:
-            return "You are in the vault. A gem glitters on a pedestal."
-        parts = [f"You are in the {layout.rooms[self._room]}."]
-        for container in self._containers_in(self._room):
-            state = "open" if (self._room, container) in self._opened else "closed"
-            parts.append(f"There is a {container} here ({state}).")
-        if self._room == len(layout.rooms) - 1:
-            parts.append(f"A vault door with a {layout.key_colour}-rimmed lock is here ({self._door}).")
-        parts.append("Exits: " + ", ".join(self._neighbours()) + ".")
+        layout, state = self._layout, self._state
+        if state.in_vault:
+            parts = ["You are in the vault. A gem glitters on a pedestal."]
+        else:
+            parts = [f"You are in the {layout.rooms[state.room]}."]
+            if state.room == layout.door_room:
+                parts.append(f"The vault door is here ({state.door}).")
+            for container in self._containers_in(state.room):
+                if (state.room, container) not in state.opened:
+                    parts.append(f"There is a {container} here (closed).")
+                else:
+                    inside = self._items_in(state.room, container)
+                    parts.append(f"There is a {container} here (open, " + (f"holding a {inside[0]})." if inside else "empty)."))
+        parts.append("Exits: " + ", ".join(self._exits()) + ".")
+        parts.append(f"The vault door opens with the {layout.key}.")
+        if layout.key in state.carried:
+            if not state.in_vault and state.room != layout.door_room:
+                parts.append(f"The vault door is in the {layout.rooms[layout.door_room]}, to the east.")
+        else:
+            where = _direction(state.room, layout.key_room)
+            parts.append(
+                f"The {layout.key} is in the {layout.key_container} of the {layout.rooms[layout.key_room]}, {where}."
+            )
+        parts.append("You carry " + (" and ".join(f"the {item}" for item in sorted(state.carried)) or "nothing") + ".")
         return " ".join(parts)
 
     def _admissible(self) -> list[str]:
-        actions = [f"go to {name}" for name in self._neighbours()]
-        if self._in_vault:
+        layout, state = self._layout, self._state
+        actions = [f"go {exit_}" for exit_ in self._exits()]
+        if state.in_vault:
             actions.append("take gem")
         else:
-            for container in self._containers_in(self._room):
-                if (self._room, container) in self._opened:
-                    actions += [f"take {item}" for item in self._items_in(self._room, container)]
+            for container in self._containers_in(state.room):
+                if (state.room, container) in state.opened:
+                    actions += [f"take {item}" for item in self._items_in(state.room, container)]
                 else:
                     actions.append(f"open {container}")
-            if self._room == len(self._layout.rooms) - 1:
-                if self._door == "locked":
-                    keys = sorted(item for item in self._taken if item.endswith(" key"))
-                    actions += [f"unlock vault door with {key}" for key in keys]
-                elif self._door == "unlocked":
-                    actions.append("open vault door")
+            if state.room == layout.door_room:
+                if state.door == "locked":
+                    keys = sorted(item for item in state.carried if item.endswith(" key"))
+                    actions += [f"unlock door with {key}" for key in keys]
+                elif state.door == "unlocked":
+                    actions.append("open door")
         actions += ["look", "inventory"]
         return sorted(actions)
+
+
+def _expert_action(layout: _Layout, state: _State) -> str:
+    """The shortest way to the gem from ``state``: every branch reads a fact the
+    observation states (the door's state, the key's container, room and direction, the
+    carried keys)."""
+    if state.in_vault:
+        return "take gem"
+    if layout.key in state.carried:
+        if state.room != layout.door_room:
+            return "go east"
+        return {"locked": f"unlock door with {layout.key}", "unlocked": "open door"}.get(state.door, "go east")
+    if state.room != layout.key_room:
+        return "go east" if layout.key_room > state.room else "go west"
+    if (state.room, layout.key_container) in state.opened:
+        return f"take {layout.key}"
+    return f"open {layout.key_container}"
+
+
+def _apply_expert_action(layout: _Layout, state: _State, action: str) -> None:
+    """The state change of an expert action (never a losing one), for planning."""
+    if action == "go east":
+        if state.room == layout.door_room:
+            state.in_vault = True
+        else:
+            state.room += 1
+    elif action == "go west":
+        state.room -= 1
+    elif action == "open door":
+        state.door = "open"
+    elif action.startswith("open "):
+        state.opened.add((state.room, action[len("open ") :]))
+    elif action.startswith("unlock door with "):
+        state.door = "unlocked"
+    elif action.startswith("take ") and action != "take gem":
+        state.carried.add(action[len("take ") :])
 
 
 def make_key_door_env(**config_kwargs: Any) -> KeyDoorEnv:
@@ -355,6 +496,10 @@ class FaultInjectingEnv:
     def expert_actions(self) -> list[str] | None:
         """The wrapped env's expert."""
         return self._env().expert_actions()
+
+    def expert_action(self) -> str | None:
+        """The wrapped env's current-state expert, when it has one."""
+        return getattr(self._env(), "expert_action", lambda: None)()
 
     def close(self) -> None:
         """Close the wrapped env."""

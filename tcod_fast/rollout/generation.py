@@ -4,16 +4,16 @@ Prompts go in as token ids (never text) so the rollout controls tokenization at 
 boundaries exactly; responses come out as the token ids the model sampled, cut after
 the first eos or stop string, plus their decoded text.
 
-* :class:`HFGenerator` wraps a Hugging Face causal LM's ``generate`` (CPU or GPU),
-  batched across episodes with left padding.
+* :class:`HFGenerator` samples from a Hugging Face causal LM (CPU or GPU), batched
+  across episodes with left padding and a KV cache.
 * :class:`VLLMGenerator` wraps ``vllm.LLM`` when vLLM is importable; otherwise building
   it raises ``ImportError`` saying so (:func:`vllm_unavailable_reason`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -28,6 +28,7 @@ __all__ = [
     "HFGenerator",
     "VLLMGenerator",
     "vllm_unavailable_reason",
+    "sample_next_tokens",
     "truncate_at_stop",
 ]
 
@@ -142,32 +143,73 @@ def _stop_tail_tokens(stop_strings: Sequence[str]) -> int:
     return max((len(s) for s in stop_strings), default=0) + 1
 
 
-class _StopStringCriteria:
-    """Per-sequence stopping on stop strings for ``model.generate`` (bool tensor (B,))."""
+class _StopStringWatch:
+    """Which rows have just completed a stop string, checking only rows whose newest token
+    can end one (its text holds the last character of a stop string)."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int):
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
-        self.prompt_length = prompt_length
+        self.last_chars = {s[-1] for s in self.stop_strings if s}
         self.tail_tokens = _stop_tail_tokens(stop_strings)
+        self._can_end: dict[int, bool] = {}
 
-    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_length :]
-        tails = generated[:, -self.tail_tokens :].tolist()
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
-        flags = [any(stop in text for stop in self.stop_strings) for text in texts]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+    def _token_can_end(self, token: int) -> bool:
+        known = self._can_end.get(token)
+        if known is None:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+            # A token that decodes to a partial character alone may complete one in context.
+            known = "\ufffd" in text or any(c in text for c in self.last_chars)
+            self._can_end[token] = known
+        return known
+
+    def __call__(self, rows: list[list[int]], live: list[int]) -> list[int]:
+        """Indices of ``live`` rows whose generated ids now contain a stop string."""
+        hits = []
+        for row in live:
+            ids = rows[row]
+            if ids and self._token_can_end(ids[-1]):
+                text = self.tokenizer.decode(ids[-self.tail_tokens :], skip_special_tokens=False)
+                if any(stop in text for stop in self.stop_strings):
+                    hits.append(row)
+        return hits
+
+
+def sample_next_tokens(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One token per row of ``logits (B, V)``: greedy at temperature 0, else a draw from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and
+    then to the smallest set whose probability reaches ``top_p`` (the usual order)."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / params.temperature
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = scores.topk(params.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cumulative - sorted_scores.softmax(-1)) >= params.top_p
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
 
 
 @dataclass
 class HFGenerator:
-    """Batched generation with a Hugging Face causal LM's ``generate``.
+    """Batched sampling with a Hugging Face causal LM: one prefill of the left-padded
+    prompts, then one cached forward per new token.
+
+    The loop is written here rather than through ``model.generate``: for the small models of
+    tests and CPU demos, ``generate``'s per-token bookkeeping costs more than the model
+    itself, and the sampling distribution must be exactly the one :class:`SamplingParams`
+    states (never a checkpoint's ``generation_config``). Greedy decoding equals
+    ``model.generate(do_sample=False)`` token for token (tested).
 
     Attributes:
-        model: a ``PreTrainedModel`` with ``generate`` (student or teacher).
+        model: a Hugging Face causal LM (student or teacher).
         tokenizer: its tokenizer (pad id used for left padding).
         eos_token_ids: ids that end a response; default ``(tokenizer.eos_token_id,)``.
-        max_batch_size: prompts per ``generate`` call (memory bound); ``None`` = all.
+        max_batch_size: prompts per forward (memory bound); ``None`` = all.
         max_context_tokens: prompt + response limit; default the model's
             ``max_position_embeddings``.
     """
@@ -206,80 +248,78 @@ class HFGenerator:
                 raise ValueError(f"prompt {index} is empty; generation needs at least one token")
         chunk = self.max_batch_size or len(prompts)
         outputs: list[GenerationOutput] = []
-        with torch.random.fork_rng(devices=self._rng_devices()), self._clean_generation_state():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            for start in range(0, len(prompts), chunk):
-                outputs.extend(self._generate_chunk(prompts[start : start + chunk], params))
-        return outputs
-
-    @contextlib.contextmanager
-    def _clean_generation_state(self):
-        """Eval mode, and the model's own generation defaults set aside for the call.
-
-        A checkpoint's ``generation_config`` (say ``top_k=20, repetition_penalty=1.05``)
-        would silently reshape the sampling distribution; on-policy losses assume it
-        is exactly what :class:`SamplingParams` says, so only pad/eos are kept.
-        """
-        from transformers import GenerationConfig
-
-        model = self.model
-        saved_config, was_training = model.generation_config, model.training
-        model.generation_config = GenerationConfig(
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=list(self._eos),
-            bos_token_id=None,
-        )
-        model.eval()
+        was_training = self.model.training
+        self.model.eval()
         try:
-            yield
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                for start in range(0, len(prompts), chunk):
+                    outputs.extend(self._generate_chunk(prompts[start : start + chunk], params))
         finally:
-            model.generation_config = saved_config
-            model.train(was_training)
+            self.model.train(was_training)
+        return outputs
 
     def _rng_devices(self) -> list:
         device = next(self.model.parameters()).device
         return [device] if device.type == "cuda" else []
 
+    def _forward_keywords(self) -> tuple[str, dict]:
+        """The KV-cache keyword of this model's forward (transformers 5 says ``cache``,
+        4.x ``past_key_values``) and, where supported, ``logits_to_keep=1`` (only the last
+        position's logits are sampled from)."""
+        parameters = inspect.signature(self.model.forward).parameters
+        cache_key = "cache" if "cache" in parameters else "past_key_values"
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        return cache_key, extra
+
     def _generate_chunk(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[GenerationOutput]:
-        from transformers import StoppingCriteriaList
-
         device = next(self.model.parameters()).device
         longest = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.int64)
+        input_ids = torch.full((len(prompts), longest), self.tokenizer.pad_token_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(prompts), longest), dtype=torch.int64)
         for row, prompt in enumerate(prompts):
-            # Left padding keeps every prompt's last token at the same column, where
-            # generation continues.
+            # Left padding keeps every prompt's last token in the same column.
             input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.int64)
             attention_mask[row, longest - len(prompt) :] = 1
-        sampling = {"do_sample": False}
-        if params.temperature > 0:
-            sampling = {
-                "do_sample": True,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                # 0 disables top-k; None would let transformers apply its default 50.
-                "top_k": params.top_k,
-            }
-        stopping = StoppingCriteriaList()
-        if params.stop_strings:
-            stopping.append(_StopStringCriteria(self.tokenizer, params.stop_strings, longest))
-        sequences = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=list(self._eos),
-            pad_token_id=pad,
-            stopping_criteria=stopping,
-            **sampling,
+        attention_mask = attention_mask.to(device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache_key, extra = self._forward_keywords()
+        out = self.model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra
         )
-        new_tokens = sequences[:, longest:].tolist()
+        last_position = positions[:, -1]
+        eos = torch.tensor(self._eos, device=device)
+        watch = _StopStringWatch(self.tokenizer, params.stop_strings) if params.stop_strings else None
+        generated: list[list[int]] = [[] for _ in prompts]
+        live = list(range(len(prompts)))
+        for step in range(params.max_new_tokens):
+            tokens = sample_next_tokens(out.logits[:, -1, :], params)
+            values = tokens.tolist()
+            for row in live:
+                generated[row].append(values[row])
+            ended = set(torch.isin(tokens, eos).nonzero().flatten().tolist())
+            if watch is not None:
+                ended.update(watch(generated, live))
+            live = [row for row in live if row not in ended]
+            if not live or step + 1 == params.max_new_tokens:
+                break
+            # Finished rows keep being fed (their extra tokens are never kept) so the batch
+            # and its cache stay rectangular.
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+            last_position = last_position + 1
+            out = self.model(
+                input_ids=tokens.unsqueeze(-1),
+                attention_mask=attention_mask,
+                position_ids=last_position.unsqueeze(-1),
+                use_cache=True,
+                **{cache_key: getattr(out, cache_key)},
+                **extra,
+            )
         results = []
-        for row in new_tokens:
+        for row in generated:
             kept, reason = truncate_at_stop(row, self.tokenizer, self._eos, params.stop_strings)
             results.append(
                 GenerationOutput(

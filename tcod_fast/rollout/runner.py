@@ -8,6 +8,8 @@ its plan ``plan.player(k)``:
 * ``"teacher"``: the teacher generator samples a reply; turn id ``-1``;
 * ``"expert"``: the ``k``-th expert action (``env.expert_actions()[k]``) is written as a
   reply by the prompter and tokenized; turn id ``-1``;
+* ``"random"``: a uniformly random admissible action, written and tokenized like an
+  expert reply (seeded); turn id ``-1``. DAgger-style data collection uses it as noise;
 * ``"stop"``: the episode ends before turn ``k`` (TCOD-F2B truncation);
 
 and an episode also ends when the environment says done, after ``plan.max_turns``
@@ -20,6 +22,10 @@ stepped, and the agent is shown the prompter's feedback instead of an observatio
 reply with an action but a format flaw (say, no ``<think>`` block) is played and its
 format error recorded.
 
+With ``RolloutConfig.record_expert_labels`` every turn also records what the environment's
+current-state expert (``env.expert_action()``, where the env has one) would have played in
+that turn's state, whoever played it: the labels of DAgger-style supervised data.
+
 Tokenization is done segment by segment (each chat marker, message and reply is
 encoded on its own and the ids concatenated), generated replies are stored exactly as
 the token ids the model sampled, and the generator is always fed those same ids. The
@@ -30,6 +36,7 @@ it sampled from.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,6 +45,7 @@ from tcod_fast.rollout.generation import GenerationOutput, Generator, SamplingPa
 from tcod_fast.rollout.trajectory import (
     NOT_TRAINED,
     PLAYER_EXPERT,
+    PLAYER_RANDOM,
     PLAYER_STOP,
     PLAYER_STUDENT,
     PLAYER_TEACHER,
@@ -133,7 +141,8 @@ class PaperPrompter:
         system_prompt: optional system message (the papers put everything in the user
             message, so ``None`` by default).
         expert_reply_template: how a replayed expert action is written as a reply; the
-            reasoning block is left empty rather than inventing reasoning.
+            reasoning block is left empty rather than inventing reasoning. Without
+            ``prompt_config.think`` the reply is the action block alone.
         wasted_turn_action: what the history shows as the action of a wasted turn.
     """
 
@@ -194,6 +203,8 @@ class PaperPrompter:
 
     def expert_reply(self, action: str) -> str:
         """An expert action written as a well-formed reply."""
+        if not self.prompt_config.think:
+            return f"<action>{action}</action>"
         return self.expert_reply_template.format(action=action)
 
     def format_error_feedback(self, parsed) -> str:
@@ -219,6 +230,8 @@ class RolloutConfig:
             ``None`` samples from the global RNG.
         show_progress: show a tqdm bar of finished episodes.
         progress_description: the bar's label.
+        record_expert_labels: ask the environment's current-state expert for its action in
+            every turn's state (``TurnRecord.expert_label``; ``None`` where the env has none).
     """
 
     context_mode: str = "append"
@@ -230,6 +243,7 @@ class RolloutConfig:
     seed: int | None = 0
     show_progress: bool = True
     progress_description: str = "rollout"
+    record_expert_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.context_mode not in CONTEXT_MODES:
@@ -279,6 +293,13 @@ class EnvListDriver:
 
     def expert_actions_many(self, slots: Sequence[int]) -> list:
         return [self._call(slot, "expert_actions") for slot in slots]
+
+    def expert_action_many(self, slots: Sequence[int]) -> list:
+        """The current-state expert's action per slot (``None`` where the env has none)."""
+        return [
+            self._call(slot, "expert_action") if hasattr(self.envs[slot], "expert_action") else None
+            for slot in slots
+        ]
 
 
 def _is_env_error(result: Any) -> bool:
@@ -373,7 +394,7 @@ def _turn_seed(
 ) -> int | None:
     if base_seed is None:
         return None
-    player_code = {PLAYER_STUDENT: 1, PLAYER_TEACHER: 2}.get(player, 3)
+    player_code = {PLAYER_STUDENT: 1, PLAYER_TEACHER: 2, PLAYER_RANDOM: 4}.get(player, 3)
     # Distinct, deterministic seeds per (batch, turn, player); large odd multipliers keep
     # neighbouring combinations apart.
     return (base_seed * 1_000_003 + episode_batch * 10_007 + turn_index * 101 + player_code) % (
@@ -519,6 +540,7 @@ class _WaveRunner:
             PLAYER_STUDENT: [],
             PLAYER_TEACHER: [],
             PLAYER_EXPERT: [],
+            PLAYER_RANDOM: [],
         }
         for episode in live:
             if turn_index >= episode.plan.max_turns:
@@ -531,7 +553,7 @@ class _WaveRunner:
             if player not in by_player:
                 raise ValueError(
                     f"plan.player({turn_index}) returned {player!r}; expected one of "
-                    f"{(PLAYER_STUDENT, PLAYER_TEACHER, PLAYER_EXPERT, PLAYER_STOP)}"
+                    f"{(PLAYER_STUDENT, PLAYER_TEACHER, PLAYER_EXPERT, PLAYER_RANDOM, PLAYER_STOP)}"
                 )
             by_player[player].append(episode)
 
@@ -547,6 +569,7 @@ class _WaveRunner:
         window_prompts = {
             id(e): self._window_prompt_ids(e) for group in by_player.values() for e in group
         }
+        labels = self._expert_labels([e for group in by_player.values() for e in group])
         replies: dict[int, tuple[str, GenerationOutput]] = {}
         for player in (PLAYER_STUDENT, PLAYER_TEACHER):
             group = by_player[player]
@@ -562,6 +585,8 @@ class _WaveRunner:
             ):
                 if output is not None:
                     replies[id(episode)] = (PLAYER_EXPERT, output)
+        for episode in by_player[PLAYER_RANDOM]:
+            replies[id(episode)] = (PLAYER_RANDOM, self._random_reply(episode, turn_index))
 
         playing = [e for e in live if id(e) in replies]
         actions: list[str | None] = [None] * self.driver.num_slots
@@ -585,7 +610,23 @@ class _WaveRunner:
                 parse,
                 step_results[episode.slot] if parse.action is not None else None,
                 window_prompts[id(episode)],
+                labels.get(id(episode)),
             )
+
+    def _expert_labels(self, episodes: list[_Episode]) -> dict[int, str | None]:
+        if not self.config.record_expert_labels or not episodes:
+            return {}
+        results = self.driver.expert_action_many([e.slot for e in episodes])
+        return {id(e): (None if _is_env_error(r) else r) for e, r in zip(episodes, results)}
+
+    def _random_reply(self, episode: _Episode, turn_index: int) -> GenerationOutput:
+        seed = _turn_seed(self.config.seed, self.wave, turn_index, PLAYER_RANDOM)
+        rng = random.Random(f"{seed}:{episode.slot}") if seed is not None else random
+        action = rng.choice(episode.admissible_actions) if episode.admissible_actions else "look"
+        ids = self.encode(self.prompter.expert_reply(action)) + self.end_of_reply_ids
+        return GenerationOutput(
+            token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=False), finish_reason="random"
+        )
 
     def _generate(self, player: str, group: list[_Episode], window_prompts: dict, turn_index: int):
         generator = self.generators[player]
@@ -657,6 +698,7 @@ class _WaveRunner:
         parse: Any,
         step_result: Any,
         window_prompt: list[int],
+        expert_label: str | None = None,
     ) -> None:
         action, format_error = parse.action, parse.format_error
         response_start = len(episode.token_ids)
@@ -693,6 +735,7 @@ class _WaveRunner:
                 window_prompt_token_ids=window_prompt,
                 env_error=env_error,
                 info=info,
+                expert_label=expert_label,
             )
         )
         episode.history.append((seen_observation, action))

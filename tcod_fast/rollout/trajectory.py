@@ -28,6 +28,7 @@ __all__ = [
     "PLAYER_STUDENT",
     "PLAYER_TEACHER",
     "PLAYER_EXPERT",
+    "PLAYER_RANDOM",
     "PLAYER_STOP",
     "NOT_TRAINED",
     "TurnRecord",
@@ -38,6 +39,8 @@ __all__ = [
 PLAYER_STUDENT = "student"
 PLAYER_TEACHER = "teacher"
 PLAYER_EXPERT = "expert"
+#: Plays a uniformly random admissible action (exploration noise for DAgger-style data).
+PLAYER_RANDOM = "random"
 PLAYER_STOP = "stop"
 #: Turn id of every token the loss ignores.
 NOT_TRAINED = -1
@@ -59,7 +62,7 @@ class TurnRecord:
 
     Attributes:
         turn_index: index ``k`` of the turn in the episode, counting every player.
-        player: ``"student"``, ``"teacher"`` or ``"expert"``.
+        player: ``"student"``, ``"teacher"``, ``"expert"`` or ``"random"``.
         response_token_ids: the response as generated (student/teacher), or the
             tokenized expert reply; ends with the eos id when the model emitted it.
         response_text: ``tokenizer.decode(response_token_ids, skip_special_tokens=False)``.
@@ -79,6 +82,8 @@ class TurnRecord:
             built, so both packing modes are available whatever mode generated).
         env_error: the environment failure on this turn's step, else ``None``.
         info: the environment step's ``info`` dict.
+        expert_label: the action the environment's current-state expert would play in
+            this turn's state (``RolloutConfig.record_expert_labels``), else ``None``.
     """
 
     turn_index: int
@@ -96,6 +101,7 @@ class TurnRecord:
     window_prompt_token_ids: list[int]
     env_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    expert_label: str | None = None
 
     @property
     def is_student(self) -> bool:

@@ -41,6 +41,7 @@ def build_prompter(env: EnvSettings):
         history_length=env.history_length,
         think=env.think,
         show_admissible_actions=env.show_admissible_actions,
+        style=env.prompt_style,
     )
     if env.max_admissible_actions is not None:
         overrides["max_admissible_actions"] = env.max_admissible_actions

@@ -109,6 +109,8 @@ class EnvSettings:
         think: ask for ``<think></think>`` before the action.
         show_admissible_actions: list admissible actions in the prompt.
         max_admissible_actions: cap on the listed actions.
+        prompt_style: ``paper`` (the papers' prompt template) or ``compact`` (the same facts
+            in four short lines; about half the tokens, for tiny CPU models).
         vocab_tasks_per_split: how many tasks per split the in-code tokenizer plays with the
             expert to learn its vocabulary (each costs a full expert episode: keep it small
             for slow engines such as ScienceWorld).
@@ -126,6 +128,7 @@ class EnvSettings:
     think: bool = False
     show_admissible_actions: bool = True
     max_admissible_actions: int | None = None
+    prompt_style: str = "paper"
     vocab_tasks_per_split: int = 200
 
 
@@ -242,6 +245,10 @@ class EvalSettings:
         temperature: sampling temperature (0.4 in the papers).
         seed: sampling seed, fixed so evaluations are comparable across steps and runs.
         kl_by_turn: also measure the teacher-student KL by turn on the eval episodes.
+        kl_by_turn_splits: the splits (``seen``, ``unseen``) whose episodes the KL is
+            measured on.
+        kl_by_turn_final_only: measure the KL at the final evaluation only (evaluations
+            along the way then report success and turns, at a fraction of the cost).
         at_start: evaluate before the first step too.
     """
 
@@ -249,6 +256,8 @@ class EvalSettings:
     temperature: float = 0.4
     seed: int = 12345
     kl_by_turn: bool = True
+    kl_by_turn_splits: tuple[str, ...] = ("seen", "unseen")
+    kl_by_turn_final_only: bool = False
     at_start: bool = False
 
 
@@ -261,12 +270,16 @@ class LoggingSettings:
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
         progress: tqdm bars for rollouts, training and evaluation.
         run_name: label of the run in logs and plots (default: the algorithm).
+        tags: extra keys written into every metrics record (they may override
+            ``algorithm``, e.g. ``{"algorithm": None, "evaluates": "teacher"}`` for a run that
+            only evaluates a teacher).
     """
 
     jsonl: bool = True
     tensorboard: bool = False
     progress: bool = True
     run_name: str | None = None
+    tags: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -297,6 +310,7 @@ class TrainConfig:
             (self.trainer.bf16 in ("auto", "always", "never"), f"trainer.bf16 must be auto/always/never, got {self.trainer.bf16!r}"),
             (self.model.teacher_dtype in ("float32", "bfloat16", "float16"), f"model.teacher_dtype must be float32/bfloat16/float16, got {self.model.teacher_dtype!r}"),
             (self.env.context_mode in ("append", "window"), f"env.context_mode must be 'append' or 'window', got {self.env.context_mode!r}"),
+            (self.env.prompt_style in ("paper", "compact"), f"env.prompt_style must be 'paper' or 'compact', got {self.env.prompt_style!r}"),
             (self.trainer.steps >= 0, f"trainer.steps must be >= 0, got {self.trainer.steps}"),
             (self.trainer.updates_per_step >= 1, f"trainer.updates_per_step must be >= 1, got {self.trainer.updates_per_step}"),
             (self.trainer.micro_batch_tokens >= 1, f"trainer.micro_batch_tokens must be >= 1, got {self.trainer.micro_batch_tokens}"),

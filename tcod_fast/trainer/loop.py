@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "compute_advantages",
     "compute_loss",
     "evaluate",
+    "evaluate_model",
     "rollout",
     "score",
     "setup_run",
@@ -205,6 +207,16 @@ def train(
     return run
 
 
+def evaluate_model(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
+    """Evaluate ``config.model.student_path`` as it is (no training step, nothing saved but
+    the metrics): one evaluation record, also in ``run.last_eval``."""
+    run = setup_run(config, tokenizer=tokenizer)
+    if config.eval.num_tasks > 0:
+        log(run, 0, evaluate(run, 0), kind="eval")
+    run.logger.close()
+    return run
+
+
 # ======================================================================================
 # setup
 # ======================================================================================
@@ -236,7 +248,8 @@ def _lr_lambda(config: TrainConfig):
 
 def _needs_teacher(config: TrainConfig) -> bool:
     # GRPO trains without a teacher; one is still loaded (when configured) for the KL logs.
-    return config.algorithm != "grpo" or config.model.teacher_path is not None or config.eval.kl_by_turn
+    trains_with_teacher = config.algorithm != "grpo" and config.trainer.steps > 0
+    return trains_with_teacher or config.model.teacher_path is not None or config.eval.kl_by_turn
 
 
 def setup_run(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
@@ -590,6 +603,7 @@ def compute_loss(
     *,
     old_logprobs: torch.Tensor | None = None,
     with_grad: bool = True,
+    divergence: str | None = None,
 ) -> LossOutput:
     """Loss of one micro-batch of whole episodes.
 
@@ -602,6 +616,9 @@ def compute_loss(
     * PPO surrogate (GRPO term, and the OPD term for the sampled estimator):
       advantages ``opd_coef w_k (log q - log p_old)`` (or ``-opd_coef w_k k3``) plus
       ``grpo_coef A_GRPO``, token-mean aggregation rescaled to the global count.
+
+    ``divergence`` overrides ``config.loss.divergence`` (evaluation always measures the
+    reverse KL, whatever the training loss uses).
     """
     from tcod_fast import fused_turn_kl
     from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
@@ -639,7 +656,7 @@ def compute_loss(
 
         kl_kwargs = dict(
             target_ids=target_ids,
-            divergence=loss_settings.divergence,
+            divergence=divergence or loss_settings.divergence,
             beta=loss_settings.jsd_beta,
             vocab_size=vocab,
             reduction="sum",
@@ -767,7 +784,8 @@ def compute_loss(
 # 5. update
 # ======================================================================================
 def update(run: TrainingRun) -> dict[str, float]:
-    """Sum gradients over processes, clip, step AdamW and the LR schedule."""
+    """Sum gradients over processes, clip and step AdamW (the LR schedule moves once per
+    training step, in :func:`train_on_batch`)."""
     all_reduce_gradients(run.student, run.dist)
     max_norm = run.config.trainer.max_grad_norm
     params = [p for p in run.student.parameters() if p.grad is not None]
@@ -777,7 +795,6 @@ def update(run: TrainingRun) -> dict[str, float]:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
-    run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "lr": lr}
 
@@ -836,6 +853,11 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
             for key, value in out.ppo_stats.items():
                 ppo_totals[key] = ppo_totals.get(key, 0.0) + value / normaliser
         update_metrics = update(run)
+    # The schedule is a function of the training step, whatever the number of updates in it
+    # (a step with nothing to train, hence no optimizer step, still advances it).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
 
     # Sum the per-process losses: each is a share of the global token mean.
     reduced = all_reduce_sum(torch.tensor([totals["loss"], totals["loss/kl_term"], totals["loss/ppo_term"]], dtype=torch.float64), run.dist)
@@ -918,7 +940,14 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
             )
             results[f"success_{split}"] = float(np.mean([t.won for t in trajectories]))
             results[f"turns_{split}"] = float(np.mean([t.num_turns for t in trajectories]))
-            if run.teacher is not None and run.config.eval.kl_by_turn:
+            settings = run.config.eval
+            final = step >= run.config.trainer.steps
+            if (
+                run.teacher is not None
+                and settings.kl_by_turn
+                and split in settings.kl_by_turn_splits
+                and (final or not settings.kl_by_turn_final_only)
+            ):
                 for key, value in measure_kl_by_turn(run, trajectories, plans).items():
                     results[f"{key}_{split}" if not key.startswith("kl/") else f"kl_{split}/{key[3:]}"] = value
     run.dist.barrier()
@@ -928,7 +957,8 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
 
 @torch.no_grad()
 def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Sequence[EpisodePlan]) -> dict:
-    """Teacher-student reverse KL per turn index on already played episodes (no update)."""
+    """Teacher-student reverse KL(student || teacher) per turn index on already played
+    episodes (no update), whatever divergence the training loss uses."""
     indices = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if _trained_token_count(t, p) > 0]
     turn_kl_sum = torch.zeros(len(trajectories), run.max_turns)
     turn_count = torch.zeros(len(trajectories), run.max_turns)
@@ -942,6 +972,7 @@ def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Seq
             no_signal,
             1.0,
             with_grad=False,
+            divergence="reverse_kl",
         )
         index = torch.tensor(group)
         turn_kl_sum.index_add_(0, index, out.turn_kl_sum.cpu())
@@ -953,9 +984,11 @@ def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Seq
 # 7. log
 # ======================================================================================
 def log(run: TrainingRun, step: int, metrics: dict, *, kind: str = "train") -> None:
-    record = {"step": step, "kind": kind, "algorithm": run.config.algorithm, **metrics}
+    record = {"step": step, "kind": kind, "algorithm": run.config.algorithm}
     if run.config.logging.run_name:
         record["run"] = run.config.logging.run_name
+    record.update(run.config.logging.tags)
+    record.update(metrics)
     run.history.append(record)
     run.logger.log(record)
 

@@ -1,8 +1,9 @@
 """PNG plots with matplotlib's Agg backend (no display needed).
 
-* ``training_curves.png``: training success and trajectory KL per step, one line per algorithm;
+* ``training_curves.png``: training success and trajectory KL per step, one line per run;
 * ``kl_by_turn.png``: the teacher-student KL at each turn index of the final evaluation
-  episodes, one line per algorithm (TCOD's escalation curve).
+  episodes (TCOD's escalation curve);
+* :func:`plot_demo`: the built-in demo's plots over seeds.
 """
 
 from __future__ import annotations
@@ -60,25 +61,116 @@ def plot_kl_by_turn(curves: dict[str, list[float]], path: str | Path, *, title: 
     return path
 
 
+def _mean_band(series: list[list[float]]):
+    """Per-index mean, min and max over the series that reach that index."""
+    length = max((len(s) for s in series), default=0)
+    means, lows, highs = [], [], []
+    for k in range(length):
+        values = [s[k] for s in series if len(s) > k and s[k] is not None]
+        means.append(sum(values) / len(values))
+        lows.append(min(values))
+        highs.append(max(values))
+    return means, lows, highs
+
+
+def _eval_curve(run: dict, split: str, start: float | None) -> tuple[list[int], list[float]]:
+    evals = [r for r in run["history"] if r.get("kind") == "eval"]
+    steps = [r["step"] for r in evals]
+    values = [r.get(f"success_{split}") for r in evals]
+    if start is not None and (not steps or steps[0] != 0):
+        steps, values = [0] + steps, [start] + values
+    return steps, values
+
+
 def plot_demo(out: str | Path, results: dict) -> list[Path]:
-    """The demo's plots from its ``results.json`` content."""
+    """The demo's plots from its ``results.json`` content:
+
+    * ``success_vs_step.png``: evaluation success against training step per algorithm (mean
+      over seeds, band = min to max), seen and unseen tasks, one column per teacher, the
+      teacher's own success as a dashed line;
+    * ``kl_by_turn.png``: final KL by turn index per algorithm (mean over seeds, band = min
+      to max), one panel per teacher;
+    * ``b2f_training.png``: TCOD-B2F's training episodes: success, and the turns per episode
+      played by the expert (the prefix) and by the student.
+    """
+    plt = _pyplot()
     out = Path(out)
-    training = {
-        name: {
-            "step": list(range(len(entry.get("train_kl_by_step", [])))),
-            "success": entry.get("train_success_by_step", []),
-            "kl": entry.get("train_kl_by_step", []),
-        }
-        for name, entry in results["algorithms"].items()
-    }
-    kl_curves = {name: entry.get("kl_by_turn", []) for name, entry in results["algorithms"].items()}
-    initial = results.get("reference", {}).get("student_init", {}).get("kl_by_turn")
-    if initial:
-        kl_curves = {"student before distillation": initial, **kl_curves}
-    return [
-        plot_training_curves(training, out / "training_curves.png"),
-        plot_kl_by_turn(kl_curves, out / "kl_by_turn.png", title="KL by turn index (held-out seen tasks, final students)"),
-    ]
+    headline, runs = results["headline"], results["runs"]
+    teachers = [t for t in ("robust", "narrow") if headline.get(t)]
+    inits = results["setup"].get("student_init_evals", {})
+    paths = []
+
+    fig, axes = plt.subplots(2, len(teachers), figsize=(6 * len(teachers), 7.5), squeeze=False)
+    for column, teacher in enumerate(teachers):
+        for row, split in enumerate(("seen", "unseen")):
+            ax = axes[row][column]
+            for algorithm in headline[teacher]:
+                chosen = [r for r in runs if r["teacher"] == teacher and r["algorithm"] == algorithm]
+                curves = [
+                    _eval_curve(r, split, (inits.get(f"seed{r['seed']}") or {}).get(f"success_{split}")) for r in chosen
+                ]
+                if not curves:
+                    continue
+                steps = max((c[0] for c in curves), key=len)
+                mean, low, high = _mean_band([c[1] for c in curves])
+                line = ax.plot(steps[: len(mean)], mean, marker=".", label=algorithm)[0]
+                ax.fill_between(steps[: len(mean)], low, high, color=line.get_color(), alpha=0.15)
+            ax.axhline(headline["teacher"][teacher][f"success_{split}"], color="black", linestyle="--", label=f"{teacher} teacher")
+            ax.set(xlabel="training step", ylabel=f"success, {split} tasks", title=f"{teacher} teacher: {split} tasks", ylim=(-0.03, 1.03))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "success_vs_step.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4), squeeze=False)
+    for column, teacher in enumerate(teachers):
+        ax = axes[0][column]
+        if teacher == "robust" and headline["student_init"].get("kl_by_turn"):
+            values = headline["student_init"]["kl_by_turn"]
+            ax.plot(range(len(values)), values, color="grey", marker="o", label="student before distillation")
+        for algorithm in headline[teacher]:
+            curves = [r["kl_by_turn"] for r in runs if r["teacher"] == teacher and r["algorithm"] == algorithm]
+            if not any(curves):
+                continue
+            mean, low, high = _mean_band(curves)
+            line = ax.plot(range(len(mean)), mean, marker="o", label=algorithm)[0]
+            ax.fill_between(range(len(mean)), low, high, color=line.get_color(), alpha=0.15)
+        ax.set(xlabel="turn index", ylabel="reverse KL per student token", title=f"KL(student || {teacher} teacher) by turn")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "kl_by_turn.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    b2f_teachers = [t for t in teachers if "tcod_b2f" in headline[t]]
+    if b2f_teachers:
+        fig, axes = plt.subplots(2, len(b2f_teachers), figsize=(6 * len(b2f_teachers), 6.5), squeeze=False, sharex=True)
+        for column, teacher in enumerate(b2f_teachers):
+            chosen = [r for r in runs if r["teacher"] == teacher and r["algorithm"] == "tcod_b2f"]
+            trains = [[x for x in r["history"] if x.get("kind") == "train"] for r in chosen]
+            success, low, high = _mean_band([[x["success"] for x in t] for t in trains])
+            expert, _, _ = _mean_band([[x["turns/expert_mean"] for x in t] for t in trains])
+            student, _, _ = _mean_band([[x["turns/student_mean"] for x in t] for t in trains])
+            steps = list(range(len(success)))
+            ax = axes[0][column]
+            ax.plot(steps, success, color="tab:green", label="training episodes won")
+            ax.fill_between(steps, low, high, color="tab:green", alpha=0.15)
+            ax.set(ylabel="success (training episodes)", title=f"TCOD-B2F, {teacher} teacher", ylim=(-0.03, 1.03))
+            ax = axes[1][column]
+            ax.stackplot(steps, expert, student, labels=["turns played by the expert (prefix)", "turns played by the student"], alpha=0.6)
+            ax.set(xlabel="training step", ylabel="turns per training episode")
+            for ax in axes[:, column]:
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "b2f_training.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

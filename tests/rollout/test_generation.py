@@ -173,3 +173,51 @@ def test_model_generation_defaults_do_not_leak_into_sampling(tokenizer):
     polluted = HFGenerator(polluted_model, tokenizer).generate(prompts, params)
     assert [o.token_ids for o in polluted] == [o.token_ids for o in clean]
     assert polluted_model.training and polluted_model.generation_config.top_k == 1, "state restored"
+
+
+def test_greedy_equals_model_generate(generator, tokenizer):
+    """The hand-written KV-cache loop decodes greedily exactly as ``model.generate`` does,
+    left padding included."""
+    prompts = [encode(tokenizer, t) for t in TEXTS]
+    ours = generator.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
+    model = generator.model
+    for prompt, output in zip(prompts, ours):
+        reference = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+            max_new_tokens=8, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+        if tokenizer.eos_token_id in reference:
+            reference = reference[: reference.index(tokenizer.eos_token_id) + 1]
+        assert output.token_ids == reference
+
+
+def test_first_token_is_drawn_from_the_stated_distribution(generator, tokenizer):
+    """Temperature, top-k and top-p shape the draw exactly: the empirical distribution of
+    the first token over many seeds matches the truncated, renormalised softmax."""
+    prompt = encode(tokenizer, TEXTS[0])
+    params = SamplingParams(temperature=0.7, top_k=8, top_p=0.8, max_new_tokens=1)
+    with torch.no_grad():
+        logits = generator.model(torch.tensor([prompt])).logits[0, -1].double() / params.temperature
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)[: params.top_k]
+    top_k_probs = probs[order] / probs[order].sum()  # top-p acts on the renormalised top-k
+    kept, mass = [], 0.0
+    for token, p in zip(order.tolist(), top_k_probs.tolist()):
+        if mass >= params.top_p:
+            break
+        kept.append(token)
+        mass += p
+    expected = torch.zeros_like(probs)
+    expected[kept] = probs[kept] / probs[kept].sum()
+
+    draws = 3000
+    batch = [prompt] * 100
+    counts = torch.zeros_like(probs)
+    for seed in range(draws // len(batch)):
+        outputs = generator.generate(batch, SamplingParams(**{**params.__dict__, "seed": seed}))
+        for output in outputs:
+            counts[output.token_ids[0]] += 1
+    empirical = counts / draws
+    assert len(kept) < params.top_k  # top-p did cut something here
+    assert set(counts.nonzero().flatten().tolist()) <= set(kept)  # nothing outside top-k / top-p
+    assert (empirical - expected).abs().max() < 0.04  # ~4 standard errors at n = 3000

@@ -5,7 +5,7 @@ import pytest
 from tcod_fast.curriculum import EpisodePlan
 from tcod_fast.envs.base import EnvError
 from tcod_fast.envs.prompts import PromptConfig
-from tcod_fast.envs.toy import FaultInjectingEnv, KeyDoorEnv, make_key_door_env
+from tcod_fast.envs.toy import FaultInjectingEnv, KeyDoorConfig, KeyDoorEnv, make_key_door_env
 from tcod_fast.rollout import (
     GenerationOutput,
     HFGenerator,
@@ -223,7 +223,7 @@ def test_window_prompt_shows_the_history(tokenizer):
     traj = run_episodes(
         TASKS[:1],
         [plan(["student"] * 4)],
-        [KeyDoorEnv()],
+        [KeyDoorEnv(KeyDoorConfig(max_idle_steps=0))],  # four looks in a row must not lose
         tokenizer=tokenizer,
         prompter=PROMPTER,
         student=ScriptedGenerator(tokenizer, replies),
@@ -459,3 +459,47 @@ def test_a_worker_process_dying_ends_only_its_episode(tokenizer, student):
     expert_env.reset(TASKS[0])
     assert [t.action for t in trajs[0].turns] == expert_env.expert_actions()[:4]
     assert all(t.env_error is None and t.observation for t in trajs[0].turns)
+
+
+@pytest.mark.parametrize("through_pool", [False, True])
+def test_random_player_and_expert_labels(tokenizer, through_pool):
+    """Random turns play seeded admissible actions written as expert replies; with
+    record_expert_labels every turn records the current-state expert's action, off the
+    expert's path too, and following those labels from there wins."""
+    from tcod_fast.envs.pool import EnvPool, PoolConfig
+
+    def run(seed):
+        plans = [plan(["random"] * 3)] * 2
+        kwargs = dict(tokenizer=tokenizer, prompter=PROMPTER, student=None, config=config(seed=seed, record_expert_labels=True))
+        if through_pool:
+            with EnvPool(make_key_door_env, num_slots=2, config=PoolConfig(num_workers=1)) as pool:
+                return run_episodes(TASKS[:2], plans, pool, **kwargs)
+        return run_episodes(TASKS[:2], plans, [KeyDoorEnv(), KeyDoorEnv()], **kwargs)
+
+    trajs = run(5)
+    assert [[t.action for t in traj.turns] for traj in trajs] == [[t.action for t in traj.turns] for traj in run(5)]
+    assert any(
+        [[t.action for t in traj.turns] for traj in trajs] != [[t.action for t in traj.turns] for traj in run(s)]
+        for s in (6, 7)
+    )
+    for task, traj in zip(TASKS[:2], trajs):
+        env = KeyDoorEnv()
+        observation = env.reset(task)
+        admissible = observation.admissible_actions
+        for turn in traj.turns:
+            assert turn.player == "random" and turn.action in admissible
+            assert turn.expert_label == env.expert_action()  # the label of the state it was played in
+            assert f"<action>{turn.action}</action>" in turn.response_text
+            step = env.step(turn.action)
+            admissible = step.admissible_actions
+            if step.done:
+                break
+        assert traj.num_trained_tokens == 0
+
+
+def test_expert_labels_are_none_when_not_asked(tokenizer):
+    traj = run_episodes(
+        TASKS[:1], [plan(["expert"] * 2)], [KeyDoorEnv()], tokenizer=tokenizer, prompter=PROMPTER, student=None,
+        config=config(),
+    )[0]  # fmt: skip
+    assert [t.expert_label for t in traj.turns] == [None, None]
