@@ -578,8 +578,8 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
         const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
         const float log_ratio = log_p - log_m;
         et_then_ratio[i] = log_ratio;  // the gradient's per-element term, so the last pass needs no log
-        sum_p += p > 0.f ? p * log_ratio : 0.f;
-        sum_q += q > 0.f ? q * (log_q - log_m) : 0.f;
+        sum_p += p != 0.f ? p * log_ratio : 0.f;  // != 0: a NaN row stays NaN
+        sum_q += q != 0.f ? q * (log_q - log_m) : 0.f;
       }
     }
     kl_p_m = sum_p;
@@ -620,10 +620,11 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         // both operands of the select computed unconditionally: a conditional read of second[i]
-        // becomes a masked load, which is slow on some x86 cores
+        // becomes a masked load, which is slow on some x86 cores. `!= 0`, not `> 0`: grad_scale
+        // carries the token's turn weight, which may be negative.
         const float p_scaled = first[i] * to_p;
         const float centred = second[i] * inv_temp + offset;
-        g[i] = p_scaled > 0.f ? p_scaled * centred : 0.f;
+        g[i] = p_scaled != 0.f ? p_scaled * centred : 0.f;
       }
     } else if (DIV == FORWARD_KL) {
       // g = p - q (scaled) and its sum; explicit vectors: GCC's `omp simd reduction` version of
@@ -653,8 +654,8 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       int64_t i = 0;
       for (; i + 16 <= n; i += 16) {
         const v8f p0 = load8(first + i) * jsd_to_p, p1 = load8(first + i + 8) * jsd_to_p;
-        const v8f g0 = p0 > 0.f ? p0 * (load8(second + i) - kl_p_m) : zero;
-        const v8f g1 = p1 > 0.f ? p1 * (load8(second + i + 8) - kl_p_m) : zero;
+        const v8f g0 = p0 != 0.f ? p0 * (load8(second + i) - kl_p_m) : zero;
+        const v8f g1 = p1 != 0.f ? p1 * (load8(second + i + 8) - kl_p_m) : zero;
         store8(g + i, g0);
         store8(g + i + 8, g1);
         acc0 += g0;
@@ -663,7 +664,7 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       sum_g += sum8(acc0 + acc1);
       for (; i < n; ++i) {
         const float p_scaled = first[i] * jsd_to_p;
-        const float gi = p_scaled > 0.f ? p_scaled * (second[i] - kl_p_m) : 0.f;
+        const float gi = p_scaled != 0.f ? p_scaled * (second[i] - kl_p_m) : 0.f;
         g[i] = gi;
         sum_g += gi;
       }

@@ -61,3 +61,13 @@ def test_baseline_x86_64_build_matches_the_native_build(tmp_path):
                 torch.testing.assert_close(
                     a.float(), b.float(), rtol=rtol, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}"
                 )
+    # extreme ranges: logits at 1e8 (one-hot after scaling) and a few nats apart at an offset
+    x, y = torch.randn(B, T, V), torch.randn(B, T, V)
+    for student, teacher, temperature in [(x * 1e8, y * 1e8, 1e-6), (x * 3e-6 + 1e8, y * 3e-6 - 2e8, 1e-6)]:
+        for divergence in (0, 1, 2):
+            ours = _run(portable, student, teacher, keep, divergence, temperature)
+            theirs = _run(native, student, teacher, keep, divergence, temperature)
+            for name, a, b in zip(["divergence", "entropy", "gradient"], ours, theirs):
+                assert torch.isfinite(a).all(), name
+                scale = b.abs().amax(-1, keepdim=True) + (1 / temperature if name == "gradient" else 1.0)
+                torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -98,7 +98,7 @@ if HAS_TRITON:
                 new_shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
                 # a new student argmax in this block: the teacher's logit there is the new centre
                 moved_arg = block_ms > m_s
-                block_arg = v0 + tl.argmax(xs, axis=0)
+                block_arg = v0 + tl.argmax(tl.where(xs == xs, xs, float("-inf")), axis=0)  # NaN: any index
                 xt_at = tl.load(t_row + block_arg, mask=block_arg < vocab, other=0.0).to(tl.float32)
                 # teacher -inf at a: the KL is +inf anyway; any finite centre will do
                 xt_at = tl.where(tl.abs(xt_at) < float("inf"), xt_at, 0.0)
@@ -153,8 +153,8 @@ if HAS_TRITON:
                     p = tl.exp(log_p)
                     q = tl.exp(log_q)
                     log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
-                    sum_p += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
-                    sum_q += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
+                    sum_p += tl.sum(tl.where(p != 0, p * (log_p - log_m), 0.0), axis=0)
+                    sum_q += tl.sum(tl.where(q != 0, q * (log_q - log_m), 0.0), axis=0)
                 kl_p_m = sum_p
                 div = beta * sum_q + (1.0 - beta) * sum_p
             tl.store(div_ptr + row, div)
