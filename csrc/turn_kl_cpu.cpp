@@ -315,7 +315,7 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
 }
 
-template <int DIV, bool ENTROPY>
+template <int DIV, bool ENTROPY, bool SHARED_ANCHOR>
 inline int64_t block_sums_avx2(const float* xs, const float* xt, int64_t n, float c, BlockAnchors anchor,
                                float* first, float* second, BlockSums& sums) {
   const __m256 vc = _mm256_set1_ps(c), va_s = _mm256_set1_ps(anchor.s), va_t = _mm256_set1_ps(anchor.t);
@@ -355,8 +355,9 @@ inline int64_t block_sums_avx2(const float* xs, const float* xt, int64_t n, floa
     // non-finite; that is checked once below instead of masking every element (a compare and
     // an and per vector, ~7% of this loop on Zen 1).
     if (DIV == REVERSE_KL) {
-      const __m256 u0 = _mm256_sub_ps(as0, _mm256_sub_ps(xt0, va_div));
-      const __m256 u1 = _mm256_sub_ps(as1, _mm256_sub_ps(xt1, va_div));
+      // SHARED_ANCHOR: the teacher's exponentials are anchored at B too, so x_t - B is at
+      const __m256 u0 = _mm256_sub_ps(as0, SHARED_ANCHOR ? at0 : _mm256_sub_ps(xt0, va_div));
+      const __m256 u1 = _mm256_sub_ps(as1, SHARED_ANCHOR ? at1 : _mm256_sub_ps(xt1, va_div));
       _mm256_storeu_ps(second + i, u0);
       _mm256_storeu_ps(second + i + 8, u1);
       sum_div = _mm256_fmadd_ps(es0, u0, _mm256_fmadd_ps(es1, u1, sum_div));
@@ -391,7 +392,7 @@ inline int64_t block_sums_avx2(const float* xs, const float* xt, int64_t n, floa
 
 // Pass 1's vectorised loop over one block: both exponentials, their sums, the divergence and
 // (ENTROPY) entropy sums, and the cache the last pass reads (see scratch_floats).
-template <int DIV, bool ENTROPY>
+template <int DIV, bool ENTROPY, bool SHARED_ANCHOR>
 inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c, BlockAnchors anchor, float* first,
                             float* second) {
   float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
@@ -399,7 +400,7 @@ inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c
 #if defined(__AVX2__) && defined(__FMA__)
   {
     BlockSums head;
-    start = block_sums_avx2<DIV, ENTROPY>(xs, xt, n, c, anchor, first, second, head);
+    start = block_sums_avx2<DIV, ENTROPY, SHARED_ANCHOR>(xs, xt, n, c, anchor, first, second, head);
     sum_s = head.s;
     sum_t = head.t;
     sum_div = head.div;
@@ -420,7 +421,7 @@ inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c
     if (ENTROPY) sum_ent += es * ts;  // ts is finite (clamped), so 0 where es == 0
     // selects, not branches: where the weight is 0 the difference may be nan or inf
     if (DIV == REVERSE_KL) {
-      const float u = as - (xt[i] - anchor.div);
+      const float u = as - (SHARED_ANCHOR ? at : xt[i] - anchor.div);
       second[i] = u;
       sum_div += es > 0.f ? es * u : 0.f;
     } else {
@@ -517,6 +518,17 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       max_t = block_max_t;
       anchor.t = block_max_t;
     }
+    if (DIV == REVERSE_KL && max_t != NEG_INF) {
+      // The teacher's exponentials only feed l_t, so any anchor at most ~64 binary orders below
+      // the teacher's max keeps them exact and in range (2^64 per term at most). Anchoring them
+      // at B when it is that close makes x_t - B, which u needs anyway, their argument too:
+      // one subtraction per element less in the common case of a teacher near the student.
+      const float wanted = (max_t - anchor.div) * c <= 64.f ? anchor.div : max_t;
+      if (wanted != anchor.t) {
+        l_t *= std::exp2((anchor.t - wanted) * c);  // <= 2^64 by the rule above
+        anchor.t = wanted;
+      }
+    }
     block_anchor_s[v0 / BLOCK] = max_s == NEG_INF ? NAN : anchor.s;
     block_anchor_t[v0 / BLOCK] = max_t == NEG_INF ? NAN : anchor.t;
     block_anchor_div[v0 / BLOCK] = anchor.div;
@@ -524,10 +536,13 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     float* second = second_row + v0;
 
     BlockSums sums;
+    const bool shared = DIV == REVERSE_KL && anchor.t == anchor.div;
     if (want_entropy) {
-      sums = block_sums<DIV, true>(xs, xt, n, c, anchor, first, second);
+      sums = shared ? block_sums<DIV, true, true>(xs, xt, n, c, anchor, first, second)
+                    : block_sums<DIV, true, false>(xs, xt, n, c, anchor, first, second);
     } else {
-      sums = block_sums<DIV, false>(xs, xt, n, c, anchor, first, second);
+      sums = shared ? block_sums<DIV, false, true>(xs, xt, n, c, anchor, first, second)
+                    : block_sums<DIV, false, false>(xs, xt, n, c, anchor, first, second);
     }
     l_s += sums.s;
     l_t += sums.t;
@@ -551,7 +566,7 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   const float log_1m_beta = std::log1p(-beta);
   const float log_beta = std::log(beta);
   if (DIV == REVERSE_KL) {
-    const double centre_gap = static_cast<double>(anchor.t) - anchor.div;  // A_t - B >= 0
+    const double centre_gap = static_cast<double>(anchor.t) - anchor.div;  // teacher anchor - B, >= 0
     div = static_cast<float>(inv_temp_d * (static_cast<double>(mean_u) + centre_gap) + (log_l_t - log_l_s));
   }
   if (DIV == FORWARD_KL) div = static_cast<float>(inv_temp_d * (static_cast<double>(acc_div) / l_t) + (log_l_s - log_l_t));
