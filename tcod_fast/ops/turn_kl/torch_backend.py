@@ -66,9 +66,13 @@ def _rows_forward(x_s, x_t, divergence, beta, inv_temp, want_grad):
     anchor_s, at_s = _anchor(x_s)
     anchor_t, at_t = _anchor(x_t)
     a_s = x_s - anchor_s
-    a_t = x_t - anchor_t
-    log_p = torch.log_softmax(a_s * inv_temp, dim=-1)  # one fused kernel
-    log_q = torch.log_softmax(a_t * inv_temp, dim=-1)
+    u = None
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        x_t_at = x_t.gather(-1, at_s)
+        centre = torch.where(torch.isfinite(x_t_at), x_t_at, torch.zeros_like(x_t_at))  # B; teacher -inf at a: +inf KL
+        u = (x_t - centre).neg_().add_(a_s)  # (x_s - max x_s) - (x_t - B), before a_s is scaled in place
+    log_p = torch.log_softmax(a_s.mul_(inv_temp), dim=-1)  # one fused kernel
+    log_q = torch.log_softmax((x_t - anchor_t).mul_(inv_temp), dim=-1)
     p = log_p.exp()
     p_absent = p == 0  # -inf logits (and underflow): they contribute exactly 0
     # entropy = -sum p log p; p * log_p is 0 * -inf = nan where p == 0, hence the fill
@@ -81,9 +85,6 @@ def _rows_forward(x_s, x_t, divergence, beta, inv_temp, want_grad):
     if divergence == "reverse_kl":
         log_l_s = -log_p.gather(-1, at_s)  # log_softmax at the max is exactly 0 - log l
         log_l_t = -log_q.gather(-1, at_t)
-        x_t_at = x_t.gather(-1, at_s)
-        centre = torch.where(torch.isfinite(x_t_at), x_t_at, torch.zeros_like(x_t_at))  # B; teacher -inf at a: +inf KL
-        u = a_s - (x_t - centre)
         mean_u = (p * u).masked_fill_(p_absent, 0.0).sum(-1, keepdim=True)
         div = ((mean_u + (anchor_t - centre)) * inv_temp + (log_l_t - log_l_s)).squeeze(-1)
         if want_grad:
