@@ -82,13 +82,14 @@ inline float load_one(const typename Storage<D>::type* src, int64_t i) {
   return x;
 }
 
-// 2^x for x in [-127, 0] (callers clamp; every argument here is (logit - its running max) times
-// log2(e) / temperature, <= 0 by construction, see process_row). Round-to-nearest range reduction through a "magic" add of 1.5 * 2^23 + 127,
-// after which the low mantissa bits of the sum hold n + 127; a degree-5 minimax polynomial for
-// 2^f on [-1/2, 1/2] (relative error 2.3e-7, fitted for this file); and n + 127 shifted
-// straight into the exponent field. At x = -127 that field is 0, i.e. the result is exactly
-// +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare. Branch-free, so
-// loops calling it vectorise.
+// 2^x for x in [-127, 64] (callers clamp below; every argument here is (logit - its anchor) times
+// log2(e) / temperature: <= 0 when the anchor is the running max, up to +64 for reverse KL's
+// teacher, see process_row). Round-to-nearest range reduction through a "magic" add of
+// 1.5 * 2^23 + 127, after which the low mantissa bits of the sum hold n + 127; a degree-5
+// minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7, fitted for this file); and
+// n + 127 shifted straight into the exponent field. At x = -127 that field is 0, i.e. the result
+// is exactly +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare.
+// Branch-free, so loops calling it vectorise.
 constexpr float EXP2_ROUND = 12583039.0f;  // 1.5 * 2^23 + 127
 // 2^f ~ sum_k EXP2_POLY[k] f^k on [-1/2, 1/2], highest degree first (Horner order)
 constexpr float EXP2_POLY[6] = {1.327647129073739e-3f, 9.675541892647743e-3f, 5.550713092088699e-2f,
@@ -523,7 +524,9 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     const double centre_gap = static_cast<double>(anchor.t) - anchor.div;  // teacher anchor - B, >= 0
     div = static_cast<float>(inv_temp_d * (static_cast<double>(mean_u) + centre_gap) + (log_l_t - log_l_s));
   }
-  if (DIV == FORWARD_KL) div = static_cast<float>(inv_temp_d * (static_cast<double>(acc_div) / l_t) + (log_l_s - log_l_t));
+  if (DIV == FORWARD_KL) {
+    div = static_cast<float>(inv_temp_d * (static_cast<double>(acc_div) / l_t) + (log_l_s - log_l_t));
+  }
   if (DIV == JSD) {
     // ---- pass 2 (JSD only): the divergence and KL(p||m) need the final log-normalisers ----
     const float log_l_s_f = static_cast<float>(log_l_s), log_l_t_f = static_cast<float>(log_l_t);

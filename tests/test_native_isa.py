@@ -97,6 +97,7 @@ def _isa_in_subprocess(value):
 def test_environment_variable_forces_the_instruction_set():
     assert _isa_in_subprocess("portable") == "isa portable"
     assert _isa_in_subprocess("auto") == f"isa {native_backend.available_isas()[-1]}"
-    assert _isa_in_subprocess("sse9").startswith("error TCOD_FAST_NATIVE_ISA must be one of ('auto', 'portable', 'avx2'), got 'sse9'")
+    expected = "error TCOD_FAST_NATIVE_ISA must be one of ('auto', 'portable', 'avx2'), got 'sse9'"
+    assert _isa_in_subprocess("sse9").startswith(expected)
     if "avx2" not in native_backend.available_isas():
         assert "this CPU runs only ['portable']" in _isa_in_subprocess("avx2")
