@@ -95,8 +95,8 @@ def _isa_in_subprocess(value):
 
 
 def test_environment_variable_forces_the_instruction_set():
+    # (each call starts a Python with torch: "auto" is the in-process default tested above)
     assert _isa_in_subprocess("portable") == "isa portable"
-    assert _isa_in_subprocess("auto") == f"isa {native_backend.available_isas()[-1]}"
     expected = "error TCOD_FAST_NATIVE_ISA must be one of ('auto', 'portable', 'avx2'), got 'sse9'"
     assert _isa_in_subprocess("sse9").startswith(expected)
     if "avx2" not in native_backend.available_isas():
