@@ -449,7 +449,9 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
     log_q[k_valid] = NEG_INF_D;
   }
   const Terms terms = sparse_terms<DIV>(log_pi, log_q, outcomes, prm.beta, coef);
-  out.div = static_cast<float>(terms.div);
+  // a NaN logit the divergence depends on is reported, never hidden by the pi > 0 tests
+  const bool nan_row = std::isnan(lse_k) || (prm.tail == BUCKET && std::isnan(L));
+  out.div = nan_row ? NAN : static_cast<float>(terms.div);
 
   // ---- statistics: entropy of the full student distribution, sampled-token log-probs ----
   if (prm.want_entropy) {

@@ -157,6 +157,9 @@ def rows_forward(z, ids, logq, divergence, beta, tail, tail_eps, need_normaliser
         log_pi = torch.cat([torch.where(valid, z_k - lse_k_safe[:, None], z_k), minus_inf], 1)
         log_q = torch.cat([torch.where(valid, logq - lse_q_safe[:, None], logq), minus_inf], 1)
     D, coef, per_p, per_ratio = sparse_terms(log_pi, log_q, divergence, beta)
+    # a NaN logit the divergence depends on is reported, never hidden by the pi > 0 masks
+    nan_row = torch.isnan(lse_k) | (torch.isnan(L) if tail == "bucket" else torch.zeros_like(lse_k, dtype=torch.bool))
+    D = torch.where(nan_row, torch.full_like(D, math.nan), D)
 
     entropy = torch.zeros(R, dtype=torch.float64, device=z.device)
     logp_target = torch.zeros_like(entropy)

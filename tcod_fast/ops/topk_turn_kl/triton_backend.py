@@ -11,8 +11,8 @@ Per row (raw student logits x, ``z = x / temperature``, S the row's valid top-k 
   (``K + blocks`` scalar steps per row, not ``K x V`` comparisons) and masked to ``-inf``, so the
   tail mass is a sum over the complement itself, never ``1 - sum``. The temperature multiplies
   only differences from a maximum, so logits far from 0 keep their absolute precision.
-* row: ``L``, the outcome log-probabilities, the divergence and its gradient coefficients (float32
-  scalars and one ``BLOCK_K`` vector).
+* row: ``L``, the outcome log-probabilities, the divergence and its gradient coefficients, in
+  float64 (scalars and one ``BLOCK_K`` vector: the coefficients are differences of nearby logs).
 * last pass: writes ``grad_scale * d div / d x`` in the logits' dtype; every complement column
   is ``exp((x - m) / T)`` times one row factor; the S columns are skipped by the block stores
   (same pointer walk) and written by one scatter, so no two stores touch the same address.
@@ -107,8 +107,6 @@ if HAS_TRITON:
             lq_k = tl.load(lq_ptr + row * K + ks, mask=valid, other=float("-inf")).to(tl.float32)
             k_valid = tl.sum(valid.to(tl.int32), axis=0)
             max_k = tl.max(x_k, axis=0)
-            safe_max_k = tl.where(max_k == float("-inf"), 0.0, max_k)
-            sum_k = tl.sum(tl.exp((x_k - safe_max_k) * inv_temp), axis=0)
             x_target = 0.0
             if HAS_TARGET:
                 tgt = tl.load(target_ptr + row)
@@ -134,37 +132,49 @@ if HAS_TRITON:
                     l_c = l_c * scale + tl.sum(e, axis=0)
                     m_c = new_m
 
-            # ---- the row, in units relative to a reference max (x - ref) / T ----
-            ref = tl.maximum(m_c, max_k)
+            # ---- the row, in float64 (K values and scalars: the divergence and the gradient
+            # coefficients are differences of nearby logs), relative to a reference max ----
+            f64 = tl.float64
+            it = tl.cast(inv_temp, f64)
+            m_c64 = tl.cast(m_c, f64)
+            l_c64 = tl.cast(l_c, f64)
+            x_k64 = x_k.to(f64)
+            lq_k64 = lq_k.to(f64)
+            max_k64 = tl.cast(max_k, f64)
+            safe_max_k64 = tl.where(max_k64 == float("-inf"), 0.0, max_k64)
+            sum_k64 = tl.sum(tl.exp((x_k64 - safe_max_k64) * it), axis=0)
+            ref = tl.maximum(m_c64, max_k64)
             ref = tl.where(ref == float("-inf"), 0.0, ref)
-            safe_m_c = tl.where(m_c == float("-inf"), 0.0, m_c)
-            shift_c = (safe_m_c - ref) * inv_temp
-            lse_c = tl.where(l_c > 0, shift_c + tl.log(l_c), float("-inf"))
-            lse_k = (safe_max_k - ref) * inv_temp + tl.log(sum_k)  # -inf when S is empty / all -inf
+            safe_m_c = tl.where(m_c64 == float("-inf"), 0.0, m_c64)
+            shift_c = (safe_m_c - ref) * it
+            # NaN logits make l_c NaN (whether or not the max propagated them): keep it NaN
+            lse_c = tl.where(l_c64 > 0, shift_c + tl.log(l_c64), tl.where(l_c64 == 0, float("-inf"), float("nan")))
+            lse_k = (safe_max_k64 - ref) * it + tl.log(sum_k64)  # -inf when S is empty / all -inf
             L = _logaddexp(lse_c, lse_k)
-            log_p_k = tl.where(valid, (x_k - ref) * inv_temp - L, float("-inf"))
+            log_p_k = tl.where(valid, (x_k64 - ref) * it - L, float("-inf"))
 
             if BUCKET:
                 log_pi_k = log_p_k
                 log_pi_t = lse_c - L
-                q_sum = tl.sum(tl.where(valid, tl.exp(lq_k), 0.0), axis=0)
-                log_q_k = lq_k
-                log_q_t = tl.where(k_valid < vocab, tl.log(tl.maximum(1.0 - q_sum, tail_eps)), float("-inf"))
+                q_sum = tl.sum(tl.where(valid, tl.exp(lq_k64), 0.0), axis=0)
+                log_q_k = lq_k64
+                floor = tl.cast(tail_eps, f64)
+                log_q_t = tl.where(k_valid < vocab, tl.log(tl.maximum(1.0 - q_sum, floor)), float("-inf"))
             else:
-                log_pi_k = tl.where(valid, (x_k - safe_max_k) * inv_temp - tl.log(sum_k), float("-inf"))
-                max_q = tl.max(lq_k, axis=0)
+                log_pi_k = tl.where(valid, (x_k64 - safe_max_k64) * it - tl.log(sum_k64), float("-inf"))
+                max_q = tl.max(lq_k64, axis=0)
                 safe_max_q = tl.where(max_q == float("-inf"), 0.0, max_q)
-                lse_q = safe_max_q + tl.log(tl.sum(tl.exp(lq_k - safe_max_q), axis=0))
-                log_q_k = tl.where(valid, lq_k - lse_q, float("-inf"))
-                log_pi_t = float("-inf")
-                log_q_t = float("-inf")
+                lse_q = safe_max_q + tl.log(tl.sum(tl.exp(lq_k64 - safe_max_q), axis=0))
+                log_q_k = tl.where(valid, lq_k64 - lse_q, float("-inf"))
+                log_pi_t = tl.cast(float("-inf"), f64)
+                log_q_t = tl.cast(float("-inf"), f64)
 
             # ---- divergence over the outcomes, and its gradient coefficients ----
             pi_k = tl.exp(log_pi_k)
             q_k = tl.exp(log_q_k)
             pi_t = tl.exp(log_pi_t)
             q_t = tl.exp(log_q_t)
-            per_ratio = 0.0
+            per_ratio = tl.cast(0.0, f64)
             if DIVERGENCE == 0:
                 r_k = tl.where(pi_k > 0, log_pi_k - log_q_k, 0.0)
                 r_t = tl.where(pi_t > 0, log_pi_t - log_q_t, 0.0)
@@ -179,57 +189,66 @@ if HAS_TRITON:
                 per_p = q_total
                 per_ratio = q_t
             else:
-                log_m_k = _logaddexp(log_pi_k + log_1m_beta, log_q_k + log_beta)
-                log_m_t = _logaddexp(log_pi_t + log_1m_beta, log_q_t + log_beta)
+                b64 = tl.cast(beta, f64)
+                log_1m_b = tl.cast(log_1m_beta, f64)
+                log_b = tl.cast(log_beta, f64)
+                log_m_k = _logaddexp(log_pi_k + log_1m_b, log_q_k + log_b)
+                log_m_t = _logaddexp(log_pi_t + log_1m_b, log_q_t + log_b)
                 rho_k = tl.where(pi_k > 0, log_pi_k - log_m_k, 0.0)
                 rho_t = tl.where(pi_t > 0, log_pi_t - log_m_t, 0.0)
                 kl_pm = tl.sum(tl.where(pi_k > 0, pi_k * rho_k, 0.0), axis=0) + tl.where(pi_t > 0, pi_t * rho_t, 0.0)
                 kl_qm = tl.sum(tl.where(q_k > 0, q_k * (log_q_k - log_m_k), 0.0), axis=0) + tl.where(
                     q_t > 0, q_t * (log_q_t - log_m_t), 0.0
                 )
-                div = beta * kl_qm + (1.0 - beta) * kl_pm
-                coef_k = tl.where(pi_k > 0, (1.0 - beta) * pi_k * (rho_k - kl_pm), 0.0)
-                per_p = tl.where(pi_t > 0, (1.0 - beta) * (rho_t - kl_pm), 0.0)
-            tl.store(div_ptr + row, div)
+                div = b64 * kl_qm + (1.0 - b64) * kl_pm
+                coef_k = tl.where(pi_k > 0, (1.0 - b64) * pi_k * (rho_k - kl_pm), 0.0)
+                per_p = tl.where(pi_t > 0, (1.0 - b64) * (rho_t - kl_pm), 0.0)
+            # a NaN logit the divergence depends on is reported, never hidden by the pi > 0 masks
+            # (tested on lse_c itself: tl.maximum ignores NaN, so L may not carry it)
+            nan_row = lse_k != lse_k
+            if BUCKET:
+                nan_row = nan_row | (lse_c != lse_c)
+            tl.store(div_ptr + row, tl.where(nan_row, float("nan"), div).to(tl.float32))
 
             # ---- statistics: full-vocabulary entropy, sampled-token log-probs ----
-            entropy = 0.0
+            entropy = tl.cast(0.0, f64)
             if NEED_NORMALISER:
                 p_k = tl.exp(log_p_k)
                 ent_k = tl.sum(tl.where(p_k > 0, p_k * log_p_k, 0.0), axis=0)
                 ent_c = tl.where(
-                    l_c > 0, tl.exp(shift_c - L) * (inv_temp * acc_ent + (shift_c - L) * l_c), 0.0
+                    l_c64 > 0, tl.exp(shift_c - L) * (it * tl.cast(acc_ent, f64) + (shift_c - L) * l_c64), 0.0
                 )
                 entropy = -(ent_k + ent_c)
-            tl.store(ent_ptr + row, entropy)
+            tl.store(ent_ptr + row, entropy.to(tl.float32))
             if HAS_TARGET:
-                tl.store(logp_ptr + row, (x_target - ref) * inv_temp - L)
+                tl.store(logp_ptr + row, ((tl.cast(x_target, f64) - ref) * it - L).to(tl.float32))
                 hit = valid & (ids == tgt)
                 found = tl.sum(tl.where(hit, lq_k, 0.0), axis=0)
                 tl.store(logq_ptr + row, tl.where(tl.sum(hit.to(tl.int32), axis=0) > 0, found, float("nan")))
 
             if WRITE_GRAD:
-                to_x = inv_temp  # d/dx = (1/T) d/dz, times the caller's per-row scale
+                to_x = it  # d/dx = (1/T) d/dz, times the caller's per-row scale
                 if HAS_SCALE:
-                    to_x = inv_temp * tl.load(scale_ptr + row)
+                    to_x = it * tl.cast(tl.load(scale_ptr + row), f64)
                 # complement column v: p_v per_p - (p_v / P_tail) per_ratio, with
                 # p_v = exp((x_v - m_c) / T) exp(shift_c - L) and p_v / P_tail = exp((x_v - m_c) / T) / l_c
                 row_factor = tl.where(
-                    l_c > 0, (tl.exp(shift_c - L) * per_p - per_ratio / tl.where(l_c > 0, l_c, 1.0)) * to_x, 0.0
-                )
+                    l_c64 > 0, (tl.exp(shift_c - L) * per_p - per_ratio / tl.where(l_c64 > 0, l_c64, 1.0)) * to_x, 0.0
+                ).to(tl.float32)
                 if not BUCKET:
                     row_factor = 0.0
+                safe_m_c32 = tl.where(m_c == float("-inf"), 0.0, m_c)
                 ptr = tl.program_id(0) * 0
                 for v0 in range(0, vocab, BLOCK_V):
                     offs = v0 + cols
                     in_topk, ptr = _topk_mask(ids_row, K, ptr, offs, v0 + BLOCK_V, PAD)
                     in_vocab = offs < vocab
                     xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                    e = tl.exp((xs - safe_m_c) * inv_temp)
+                    e = tl.exp((xs - safe_m_c32) * inv_temp)
                     g = tl.where(e > 0, e * row_factor, 0.0)  # 0 * inf stays 0 (an infinite divergence)
                     # S columns are left to the scatter below: no two stores to one address
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=in_vocab & (in_topk == 0))
-                tl.store(g_row + ids, (coef_k * to_x).to(g_ptr.dtype.element_ty), mask=valid)
+                tl.store(g_row + ids, (coef_k * to_x).to(tl.float32).to(g_ptr.dtype.element_ty), mask=valid)
         else:
             tl.store(div_ptr + row, 0.0)
             tl.store(ent_ptr + row, 0.0)
@@ -259,7 +278,9 @@ def forward(
         block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(V, 16)))
     topk_ids = topk_ids.to(torch.int32).contiguous()
     topk_logprobs = topk_logprobs.to(torch.float32).contiguous()
-    target = target_ids if target_ids is not None else keep  # dummy pointer when unused
+    # read as flat rows: a strided view (e.g. ids[..., 0]) must not reach the kernel
+    target = target_ids.contiguous() if target_ids is not None else keep  # dummy pointer when unused
+    keep = keep.contiguous()
     has_scale = grad_scale is not None and grad is not None
     scale = grad_scale.to(torch.float32).contiguous() if has_scale else outs[0]  # dummy when unused
     g = grad if grad is not None else student
