@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from topk_helpers import DIVERGENCES, TAILS, backends
+from topk_helpers import DEVICE, DIVERGENCES, TAILS, backends
 
 from tcod_fast import fused_linear_topk_turn_kl, fused_linear_topk_turn_kl_reference, fused_topk_turn_kl
 from tcod_fast.ops.topk_turn_kl import fused_linear, triton_backend
@@ -24,11 +24,11 @@ def small_blocks(monkeypatch):
         monkeypatch.setattr(triton_backend, "DEFAULT_BLOCK_V", 64)
 
 
-def _make(B, T, H, V, K, dtype=torch.float32, *, bias=True, mask="partial", flat=False):
+def _make(B, T, H, V, K, dtype=torch.float32, *, bias=True, mask="partial", flat=False, device=DEVICE):
     lead = (B * T,) if flat else (B, T)
-    hidden = torch.randn(*lead, H).to(dtype).requires_grad_(True)
-    weight = (torch.randn(V, H) * 2.5 / math.sqrt(H)).to(dtype).requires_grad_(True)
-    b = torch.randn(V).to(dtype).requires_grad_(True) if bias else None
+    hidden = torch.randn(*lead, H).to(dtype).to(device).requires_grad_(True)
+    weight = (torch.randn(V, H) * 2.5 / math.sqrt(H)).to(dtype).to(device).requires_grad_(True)
+    b = torch.randn(V).to(dtype).to(device).requires_grad_(True) if bias else None
     logprobs, ids = torch.log_softmax(torch.randn(*lead, V) * 3, -1).topk(K, -1)
     ids = torch.where(torch.rand(*lead, K) < 0.25, torch.full_like(ids, -1), ids)
     if mask == "all":
@@ -37,7 +37,7 @@ def _make(B, T, H, V, K, dtype=torch.float32, *, bias=True, mask="partial", flat
         turn_ids = torch.randint(-1, 3, lead)
         turn_ids.view(-1)[0] = 0
     target_ids = torch.randint(0, V, lead)
-    return hidden, weight, b, ids, logprobs, turn_ids, target_ids
+    return (hidden, weight, b, *(x.to(device) for x in (ids, logprobs, turn_ids, target_ids)))
 
 
 def _compare(backend, hidden, weight, bias, ids, logprobs, turn_ids, tol, **kwargs):
@@ -99,7 +99,7 @@ def test_all_tokens_masked_gives_zero(backend):
 
 
 def test_equals_the_logits_op_on_materialised_logits():
-    hidden, weight, bias, ids, logprobs, turn_ids, target_ids = _make(3, 4, 32, 500, 8, flat=True)
+    hidden, weight, bias, ids, logprobs, turn_ids, target_ids = _make(3, 4, 32, 500, 8, flat=True, device="cpu")
     kwargs = dict(tail="bucket", divergence="jsd", beta=0.7, target_ids=target_ids, return_stats=True)
     ours = fused_linear_topk_turn_kl(hidden, weight, ids, logprobs, turn_ids, student_bias=bias, **kwargs)
     logits = (hidden @ weight.t() + bias).detach().requires_grad_(True)
@@ -135,7 +135,7 @@ def test_strided_hidden_states_and_a_second_use_of_kl():
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager"])
 def test_torch_compile_fullgraph(compile_backend):
-    hidden, weight, bias, ids, logprobs, turn_ids, _ = _make(2, 5, 8, 64, 4)
+    hidden, weight, bias, ids, logprobs, turn_ids, _ = _make(2, 5, 8, 64, 4, device="cpu")
 
     def loss_fn(h, w, b, i, lp, t):
         return fused_linear_topk_turn_kl(h * 1.0, w, i, lp, t, student_bias=b, reduction="turn_mean", num_turns=3)

@@ -314,7 +314,8 @@ def test_ids_and_logprobs_of_dropped_rows_are_not_read():
 
 
 def test_plain_loss_matches_the_stats_path():
-    student, ids, logprobs, turn_ids, _ = make_inputs(2, 4, 333, 5)
+    student, ids, logprobs, turn_ids, _ = (x.detach().cpu() for x in make_inputs(2, 4, 333, 5))
+    student.requires_grad_(True)
     for backend in ["torch", "native"]:
         plain = fused_topk_turn_kl(student, ids, logprobs, turn_ids, backend=backend)
         (plain_grad,) = torch.autograd.grad(plain, student)
