@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--k", type=int, nargs="+", default=[20, 64], help="teacher top-k sizes, one case each")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per case (CPU)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds per case (CPU)")
     parser.add_argument("--impls", nargs="*", help="subset of implementations to run")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory probe, fresh process
@@ -186,6 +187,7 @@ def main(argv=None) -> dict:
     cases = [run_case(args, dtype, k) for k in args.k]
     report = {
         **report_header(args.device),
+        "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_flags": _cpu_flags() if args.device == "cpu" else None,
         "N": args.rows, "V": args.vocab, "dtype": args.dtype, "loss": "token-mean reverse KL, tail bucket",

@@ -19,7 +19,6 @@ float64 (the torch backend's row math on float64 logits; the exact values from f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
