@@ -133,7 +133,7 @@ def test_strided_hidden_states_and_a_second_use_of_kl():
     assert float(g_h[:, -1].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager"])
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend):
     hidden, weight, bias, ids, logprobs, turn_ids, _ = _make(2, 5, 8, 64, 4, device="cpu")
 
