@@ -3,13 +3,14 @@
 Extra memory: one float32 row of V per thread (the cached exponentials), never N x V.
 
 Built on first use with ninja through ``torch.utils.cpp_extension`` like ``fused_turn_kl``'s
-kernel (same source lookup and CPU tag, its own extension name) and cached under
+kernel (same source lookup; built with -march=native, so its cache name carries a CPU tag) and cached under
 ``TORCH_EXTENSIONS_DIR``. If the build fails the op falls back to the ``torch`` backend and warns
 once. See ``torch_backend`` for the backend contract.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import threading
@@ -17,7 +18,7 @@ import warnings
 
 import torch
 
-from tcod_fast.ops.turn_kl.native_backend import _cpu_tag, _source_dir
+from tcod_fast.ops.turn_kl.native_backend import _source_dir
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
@@ -29,6 +30,20 @@ _lock = threading.Lock()
 _module = None
 _error: str | None = None
 _warned = False
+
+
+def _cpu_tag() -> str:
+    """Builds use -march=native, so a cache must never be shared between different CPUs."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
 
 
 def build_flags(portable: bool = False) -> list[str]:
