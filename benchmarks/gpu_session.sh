@@ -18,6 +18,9 @@
 #                            against the GEMM floor, peak memory, gradient error vs float64
 #   max_trajectory.json      longest trajectory one training step fits, fused-linear vs
 #                            materialised-logits loss, Qwen2.5-1.5B/7B-shaped random models
+#   topk_turn_kl_8192_bf16.json  fused_topk_turn_kl (Triton) vs the TRL-style sparse loss (eager and
+#                            torch.compile) vs fused_turn_kl with full teacher logits, K in {20, 64},
+#                            bytes/s against 3*N*V*e and the device-copy bandwidth
 #   bench.log                everything the benchmarks printed
 #
 # Needs: torch with CUDA, triton, pytest, pytest-benchmark, ninja and g++ (the native CPU kernel
@@ -46,13 +49,14 @@ cat "$out/gpu.txt"
 
 status=0
 python3 -m pytest -q tests/test_turn_kl.py tests/test_turn_kl_errors.py tests/test_fused_linear_turn_kl.py \
-    tests/test_triton_compile.py 2>&1 | tee "$out/tests.log" | tail -5 || status=1
+    tests/test_triton_compile.py tests/ops/topk_turn_kl 2>&1 | tee "$out/tests.log" | tail -5 || status=1
 
 {
     python3 benchmarks/run_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 --out "$out/turn_kl_8192_bf16.json"
     python3 -m pytest -q benchmarks/bench_turn_kl.py --benchmark-json="$out/turn_kl_suite.json"
     python3 benchmarks/run_fused_linear.py --device cuda --out "$out/fused_linear.json"
     python3 benchmarks/run_max_trajectory.py --device cuda --out "$out/max_trajectory.json"
+    python3 benchmarks/run_topk_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 --out "$out/topk_turn_kl_8192_bf16.json"
 } >"$out/bench.log" 2>&1 || status=1
 tail -40 "$out/bench.log"
 exit $status

@@ -90,6 +90,13 @@ def memory_cuda(impl, pairs):
     return peak
 
 
+def _native_isa():
+    """The compiled copy of the native kernels that ran ("avx2" or "portable"), or None."""
+    from tcod_fast.ops.turn_kl import native_backend
+
+    return native_backend.isa() if native_backend.is_available() else None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -156,6 +163,7 @@ def main(argv=None) -> dict:
         # faults); recorded so runs with and without MALLOC_MMAP_MAX_=0 are never mixed up
         "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "load_average_1_5_15_min_at_write": list(os.getloadavg()),
+        "native_isa": _native_isa() if args.device == "cpu" else None,
         "results": results,
         "speedup_of_fused": {},
     }

@@ -7,6 +7,11 @@ Public kernel API (see each function's docstring for shapes, dtypes and reductio
 * :func:`fused_linear_turn_kl` -- the same from hidden states and LM-head weights, never
   materialising the logits.
 * :func:`turn_kl_reference` -- the float64 reference both are tested against.
+* :func:`fused_topk_turn_kl` -- the same divergences to a sparse teacher: only its top-k
+  log-probs per token, as an inference server (vLLM, SGLang) returns them.
+* :func:`fused_linear_topk_turn_kl` -- that from hidden states and the LM head, never
+  materialising the logits.
+* :func:`topk_turn_kl_reference` -- their float64 reference.
 
 Submodules: ``curriculum``, ``objectives``, ``envs``, ``rollout``, ``trainer``.
 
@@ -22,6 +27,10 @@ _LAZY = {
     "TurnKLResult": "tcod_fast.ops.turn_kl",
     "fused_linear_turn_kl": "tcod_fast.ops.fused_linear_turn_kl",
     "fused_linear_turn_kl_reference": "tcod_fast.ops.fused_linear_turn_kl",
+    "fused_topk_turn_kl": "tcod_fast.ops.topk_turn_kl",
+    "fused_linear_topk_turn_kl": "tcod_fast.ops.topk_turn_kl",
+    "topk_turn_kl_reference": "tcod_fast.ops.topk_turn_kl",
+    "fused_linear_topk_turn_kl_reference": "tcod_fast.ops.topk_turn_kl",
 }
 
 __all__ = list(_LAZY)

@@ -309,7 +309,12 @@ def _cmd_bench(args) -> int:
             print(f"  {backend:>12}: unavailable ({type(exc).__name__}: {exc})")
             continue
         per_turn = (result.turn_kl_sum.sum(0) / result.turn_token_count.sum(0).clamp_min(1)).tolist()
-        rows.append({"backend": backend, "loss": float(result.loss.detach()), "kl_by_turn": per_turn, "seconds": seconds})
+        row = {"backend": backend, "loss": float(result.loss.detach()), "kl_by_turn": per_turn, "seconds": seconds}
+        if backend == "native":
+            from tcod_fast.ops.turn_kl import native_backend
+
+            row["isa"] = native_backend.isa()  # which compiled copy of the kernels ran
+        rows.append(row)
 
     def reference():
         logits = student.detach().clone().requires_grad_(True)
@@ -321,7 +326,8 @@ def _cmd_bench(args) -> int:
     rows.append({"backend": "materialised log-softmax (torch eager)", "loss": float(loss.detach()), "kl_by_turn": None, "seconds": seconds})
     for row in rows:
         turns = ", ".join(f"{v:.4f}" for v in row["kl_by_turn"]) if row["kl_by_turn"] else "-"
-        print(f"  {row['backend']:>12}: loss {row['loss']:.6f}  fwd+bwd {row['seconds'] * 1e3:8.2f} ms  KL by turn [{turns}]")
+        name = f"{row['backend']} ({row['isa']})" if "isa" in row else row["backend"]
+        print(f"  {name:>12}: loss {row['loss']:.6f}  fwd+bwd {row['seconds'] * 1e3:8.2f} ms  KL by turn [{turns}]")
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": [B, T, V], "dtype": args.dtype, "device": str(device), "rows": rows}, indent=2) + "\n")
     return 0

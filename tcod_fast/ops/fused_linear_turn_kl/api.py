@@ -108,7 +108,7 @@ def _fused_linear_forward(
     if dh_kept is not None:
         dh = torch.zeros(B * T, student_hidden.shape[-1], dtype=dtype, device=device)
         dh[kept_rows] = dh_kept
-        dh = dh.view(B, T, -1)
+        dh = dh.view(B, T, student_hidden.shape[-1])  # explicit: B * T may be 0
     return (
         scatter(div), scatter(entropy), scatter(logp), scatter(logq), dh,
         empty() if weight_grad is None else weight_grad,
@@ -364,7 +364,13 @@ def fused_linear_turn_kl(
     Notes:
         A host sync gathers the kept rows (``nonzero``). Teacher tensors get no gradient even
         if they require one. ``-inf`` bias entries shared by student and teacher contribute 0; a
-        teacher ``-inf`` under student mass is a true ``+inf`` reverse KL.
+        teacher ``-inf`` under student mass is a true ``+inf`` reverse KL. Edge inputs behave as
+        in :func:`tcod_fast.fused_turn_kl`: exact at any logit scale and temperature wherever the
+        float32 logits ``h @ W.T + b`` are (the matmul's own rounding is the only extra error);
+        a weight with no rows (``V = 0``) is an error; an empty batch gives loss 0 and zero
+        gradients; NaN or inf ``turn_weights`` are an error (negative ones are allowed); a NaN
+        in a kept row (hidden state or weight) makes the loss NaN, that row's ``dh`` NaN and,
+        as autograd would, ``dW`` and ``db`` NaN.
     """
     # ---- validation: everything is checked before any compute ----
     if not isinstance(student_hidden, torch.Tensor):

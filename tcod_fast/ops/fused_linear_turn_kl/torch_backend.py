@@ -30,6 +30,8 @@ plus the outputs the caller asks for: ``dh`` (``n_kept x H_s``), the float32 ``d
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tcod_fast.ops.turn_kl import native_backend as logits_native
@@ -47,6 +49,7 @@ DEFAULT_VOCAB_BLOCK = 4096
 DEFAULT_MODE = "slab"
 MODES = ("slab", "stream")
 _MIN_ROWS, _MAX_ROWS = 16, 1024
+_LOG_2 = math.log(2.0)
 
 
 def default_chunk_rows(vocab_size: int) -> int:
@@ -187,6 +190,9 @@ def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
 
 
 def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale, grads):
+    """The streaming mode; the units and centring are the logits kernels' (``torch_backend`` of
+    ``fused_turn_kl``): raw logits relative to the running maxima before the temperature scales
+    them, reverse KL centred on the teacher's logit at the student's argmax."""
     dtype = heads.dtype
     inv_temp = 1.0 / temperature
     h_s = heads.rows(heads.h_s, rows)
@@ -194,47 +200,61 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
     R = h_s.shape[0]
     guard = heads.may_have_inf
 
-    def student_block(v0, v1):
-        return heads.logits_block(h_s, heads.w_s, heads.b_s, v0, v1, inv_temp)
+    def student_block(v0, v1):  # raw logits: the temperature is applied after the shift
+        return heads.logits_block(h_s, heads.w_s, heads.b_s, v0, v1)
 
     def teacher_block(v0, v1):
-        return heads.logits_block(h_t, heads.w_t, heads.b_t, v0, v1, inv_temp)
+        return heads.logits_block(h_t, heads.w_t, heads.b_t, v0, v1)
 
     m_s = torch.full((R,), float("-inf"), dtype=dtype, device=h_s.device)
     m_t = m_s.clone()
+    shift_s = torch.zeros(R, dtype=dtype, device=h_s.device)
+    shift_t, centre = shift_s.clone(), shift_s.clone()
+    arg_s = torch.zeros(R, dtype=torch.long, device=h_s.device)
     l_s = torch.zeros(R, dtype=dtype, device=h_s.device)
     l_t, acc_div, acc_ent = l_s.clone(), l_s.clone(), l_s.clone()
 
     # ---- sweep 1: online softmax over the vocabulary blocks ----
     for v0, v1 in heads.blocks:
         z_s, z_t = student_block(v0, v1), teacher_block(v0, v1)
-        new_ms = torch.maximum(m_s, z_s.amax(1))
+        block_ms, block_arg = z_s.max(1)
+        new_ms = torch.maximum(m_s, block_ms)
         new_mt = torch.maximum(m_t, z_t.amax(1))
-        shift_s, shift_t = _shift(new_ms), _shift(new_mt)
-        scale_s, scale_t = torch.exp(m_s - shift_s), torch.exp(m_t - shift_t)
-        e_s = torch.exp(z_s - shift_s[:, None])
-        e_t = torch.exp(z_t - shift_t[:, None])
-        # entropy accumulator relative to the running shift, sum e_s (z_s - shift_s), so logits far
-        # from 0 do not cancel: moving the shift adds (m_old - shift) * l_s
-        moved = torch.where(torch.isneginf(m_s), torch.zeros_like(l_s), (m_s - shift_s) * l_s)
-        ent_block = _masked(lambda: e_s * (z_s - shift_s[:, None]), lambda: e_s > 0, guard).sum(1)
-        acc_ent = (acc_ent + moved) * scale_s + ent_block
+        new_shift_s, new_shift_t = _shift(new_ms), _shift(new_mt)
+        moved_arg = block_ms > m_s
+        x_t_at = z_t.gather(1, block_arg[:, None]).squeeze(1)
+        new_centre = torch.where(moved_arg, torch.where(torch.isfinite(x_t_at), x_t_at, 0.0), centre)
+        arg_s = torch.where(moved_arg, block_arg + v0, arg_s)
+        moved_s, moved_t = shift_s - new_shift_s, shift_t - new_shift_t  # raw units, <= 0 once finite
+        scale_s = torch.exp((m_s - new_shift_s) * inv_temp)  # 0 while the row was all -inf
+        scale_t = torch.exp((m_t - new_shift_t) * inv_temp)
+        a_s = z_s - new_shift_s[:, None]
+        a_t = z_t - new_shift_t[:, None]
+        e_s = torch.exp(a_s * inv_temp)
+        e_t = torch.exp(a_t * inv_temp)
+        keep_s = scale_s > 0
+        ent_block = _masked(lambda: e_s * a_s, lambda: e_s > 0, guard).sum(1)
+        acc_ent = torch.where(keep_s, (acc_ent + moved_s * l_s) * scale_s, 0.0) + ent_block
+        if divergence == "reverse_kl":
+            u = a_s - (z_t - new_centre[:, None])
+            acc_div = torch.where(keep_s, (acc_div + l_s * (moved_s - (centre - new_centre))) * scale_s, 0.0)
+            acc_div = acc_div + _masked(lambda: e_s * u, lambda: e_s > 0, guard).sum(1)
+        elif divergence == "forward_kl":
+            acc_div = acc_div - l_t * moved_s
+            acc_div = torch.where(scale_t > 0, (acc_div + l_t * moved_t) * scale_t, 0.0)
+            acc_div = acc_div + _masked(lambda: e_t * (a_t - a_s), lambda: e_t > 0, guard).sum(1)
         l_s = l_s * scale_s + e_s.sum(1)
         l_t = l_t * scale_t + e_t.sum(1)
-        if divergence == "reverse_kl":
-            acc_div = acc_div * scale_s + _masked(lambda: e_s * (z_s - z_t), lambda: e_s > 0, guard).sum(1)
-        elif divergence == "forward_kl":
-            acc_div = acc_div * scale_t + _masked(lambda: e_t * (z_t - z_s), lambda: e_t > 0, guard).sum(1)
-        m_s, m_t = new_ms, new_mt
+        m_s, m_t, shift_s, shift_t, centre = new_ms, new_mt, new_shift_s, new_shift_t, new_centre
 
-    lse_s = m_s + torch.log(l_s)
-    lse_t = m_t + torch.log(l_t)
-    entropy = torch.log(l_s) - acc_ent / l_s
+    log_l_s, log_l_t = torch.log(l_s), torch.log(l_t)
+    entropy = log_l_s - inv_temp * acc_ent / l_s
     kl_p_m = None
+    mean_u = acc_div / l_s
     if divergence == "reverse_kl":
-        div = acc_div / l_s - lse_s + lse_t
+        div = (mean_u + (shift_t - centre)) * inv_temp + (log_l_t - log_l_s)
     elif divergence == "forward_kl":
-        div = acc_div / l_t - lse_t + lse_s
+        div = acc_div / l_t * inv_temp + (log_l_s - log_l_t)
     else:
         # ---- sweep 1b (JSD): the mixture needs both normalisers ----
         log_1m_beta = torch.log1p(torch.tensor(-beta, dtype=dtype)).to(h_s.device)
@@ -242,8 +262,8 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
         sum_p = torch.zeros_like(l_s)
         sum_q = torch.zeros_like(l_s)
         for v0, v1 in heads.blocks:
-            log_p = student_block(v0, v1).sub_(lse_s[:, None])
-            log_q = teacher_block(v0, v1).sub_(lse_t[:, None])
+            log_p = (student_block(v0, v1) - shift_s[:, None]).mul_(inv_temp).sub_(log_l_s[:, None])
+            log_q = (teacher_block(v0, v1) - shift_t[:, None]).mul_(inv_temp).sub_(log_l_t[:, None])
             p, q = log_p.exp(), log_q.exp()
             log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
             # p or q may underflow to 0 with finite logits (0 * finite = 0); only -inf needs the guard
@@ -261,35 +281,61 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
             z_a = z_a + heads.b_s[targets].to(dtype)
         if heads.b_t is not None:
             zt_a = zt_a + heads.b_t[targets].to(dtype)
-        logp_target = z_a * inv_temp - lse_s
-        logq_target = zt_a * inv_temp - lse_t
+        logp_target = (z_a - shift_s) * inv_temp - log_l_s
+        logq_target = (zt_a - shift_t) * inv_temp - log_l_t
 
     # ---- sweep 2: recompute each block, form G, contract it into dh / dW / db ----
     if row_scale is not None:
         dh, dw, db = grads
         scale = (row_scale.to(dtype) * inv_temp)[:, None]
         dh_chunk = dh.zero_() if dh is not None else None
+        row_is_nan = torch.isnan(div)[:, None]
+        sum_g = torch.zeros_like(l_s)
         for v0, v1 in heads.blocks:
-            log_p = student_block(v0, v1).sub_(lse_s[:, None])
+            a_s = student_block(v0, v1).sub_(shift_s[:, None])
             z_t = teacher_block(v0, v1)
-            p = torch.exp(log_p)
+            p = torch.exp(a_s * inv_temp - log_l_s[:, None])
             if divergence == "reverse_kl":
-                # d KL(p||q) / d z_s = p (log p - log q - KL), with log q = z_t - lse_t
-                g = _masked(lambda: z_t.sub_((lse_t - div)[:, None]).neg_().add_(log_p).mul_(p), lambda: p > 0, guard)
+                # d KL / d z_s = p (u - mean_u) / T, with u = (x_s - m_s) - (x_t - B)
+                g = _masked(
+                    lambda: a_s.sub_(z_t.sub_(centre[:, None])).sub_(mean_u[:, None]).mul_(inv_temp).mul_(p),
+                    lambda: p > 0, guard,
+                )
             elif divergence == "forward_kl":
-                g = p.sub_(z_t.sub_(lse_t[:, None]).exp_())
+                g = p.sub_(z_t.sub_(shift_t[:, None]).mul_(inv_temp).sub_(log_l_t[:, None]).exp_())
             else:
-                log_m = _log_mixture(log_p, z_t.sub_(lse_t[:, None]), log_1m_beta, log_beta)
+                log_p = a_s * inv_temp - log_l_s[:, None]
+                log_q = z_t.sub_(shift_t[:, None]).mul_(inv_temp).sub_(log_l_t[:, None])
+                log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
                 g = _masked(lambda: (1.0 - beta) * p * (log_p - log_m - kl_p_m[:, None]), lambda: p > 0, guard)
-            g.mul_(scale)
+            g = g.mul_(scale).masked_fill_(row_is_nan, float("nan"))
+            if divergence != "reverse_kl":
+                sum_g += g.sum(1)
             if dh_chunk is not None:
                 heads.hidden_grad(g, dh_chunk, v0, v1)
             if dw is not None:
                 dw[v0:v1].addmm_(g.t(), h_s.to(dw.dtype))
             if db is not None:
                 db[v0:v1] += g.sum(0).to(db.dtype)
+        if divergence != "reverse_kl":
+            _fix_argmax_rank1(heads, h_s, arg_s, log_l_s, sum_g, dh_chunk, dw, db)
     zero = torch.zeros_like(div)
     return div, entropy, (zero if logp_target is None else logp_target), (zero if logq_target is None else logq_target)
+
+
+def _fix_argmax_rank1(heads, h_s, arg_s, log_l_s, sum_g, dh, dw, db):
+    """Forward KL and JSD: where ``p_a > 1/2`` at the student's argmax ``a``, replace ``G[r, a]`` by
+    ``-sum_{v != a} G[r, v]`` (the two cancel there in the one-hot limit; every row of ``G`` sums
+    to 0), i.e. add ``delta = -sum_v G[r, v]`` to ``G[r, a]``: a rank-1 update of the contracted
+    gradients, since ``G`` itself is never stored."""
+    peaked = (log_l_s < _LOG_2) & torch.isfinite(sum_g)  # p_a = 1 / l_s
+    delta = torch.where(peaked, -sum_g, torch.zeros_like(sum_g))
+    if dh is not None:
+        dh.add_(delta[:, None] * heads.w_s[arg_s].to(dh.dtype))
+    if dw is not None:
+        dw.index_add_(0, arg_s, (delta[:, None] * h_s).to(dw.dtype))
+    if db is not None:
+        db.index_add_(0, arg_s, delta.to(db.dtype))
 
 
 def forward(

@@ -44,6 +44,8 @@ _DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_V = 128
 DEFAULT_BLOCK_K = 64
+# per-row statistics the stats kernel leaves for the gradient kernel (see _stats_kernel)
+ROW_STATS = 7
 
 
 def interpreter_enabled() -> bool:
@@ -98,19 +100,25 @@ if HAS_TRITON:
     @triton.jit
     def _stats_kernel(
         hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows_ptr,
-        div_ptr, ent_ptr, lse_s_ptr, lse_t_ptr, klpm_ptr,
+        div_ptr, ent_ptr, row_ptr, arg_ptr,
         n_rows, rows_t, hs_sb, hs_st, ht_sb, ht_st, ws_sv, wt_sv, hidden_s, hidden_t,
         vocab, inv_temp, beta, log_1m_beta, log_beta,
         HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DIVERGENCE: tl.constexpr,
         DOT_FP32_S: tl.constexpr, DOT_FP32_T: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        """Per row: div, entropy, the student's argmax, and ROW_STATS = 7 floats in ``row_ptr``
+        (shift_s, shift_t, log l_s, log l_t, centre B, mean_p(u), KL(p||m)) for the gradient."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_rows
         hs_rows, ht_rows = _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st)
         offs_v0 = tl.arange(0, BLOCK_V)
         m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        shift_s = tl.zeros((BLOCK_M,), tl.float32)  # the running max, 0 while it is -inf
+        shift_t = tl.zeros((BLOCK_M,), tl.float32)
+        centre = tl.zeros((BLOCK_M,), tl.float32)  # the teacher's logit at the student's argmax
+        arg_s = tl.zeros((BLOCK_M,), tl.int32)
         l_s = tl.zeros((BLOCK_M,), tl.float32)
         l_t = tl.zeros((BLOCK_M,), tl.float32)
         acc_div = tl.zeros((BLOCK_M,), tl.float32)
@@ -118,66 +126,91 @@ if HAS_TRITON:
         for v0 in range(0, vocab, BLOCK_V):
             offs_v = v0 + offs_v0
             v_mask = offs_v < vocab
-            zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, inv_temp,
+            # raw logits: the temperature multiplies only differences from the running maxima, so
+            # logits 1e14 apart after scaling keep their float32 precision (see fused_turn_kl)
+            zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
                               HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
-            zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, inv_temp,
+            zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
                               HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
-            new_ms = tl.maximum(m_s, tl.max(zs, axis=1))
+            block_ms = tl.max(zs, axis=1)
+            block_arg = tl.argmax(tl.where(zs == zs, zs, float("-inf")), axis=1)  # NaN rows: any index
+            new_ms = tl.maximum(m_s, block_ms)
             new_mt = tl.maximum(m_t, tl.max(zt, axis=1))
-            # shift by 0 while everything so far is -inf: never -inf - (-inf)
-            shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
-            shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
-            scale_s = tl.exp(m_s - shift_s)
-            scale_t = tl.exp(m_t - shift_t)
-            es = tl.exp(zs - shift_s[:, None])
-            et = tl.exp(zt - shift_t[:, None])
-            # entropy accumulator relative to the running shift, sum es (z_s - shift_s), so logits
-            # far from 0 do not cancel: moving the shift adds (m_old - shift) * l_s
-            moved = tl.where(m_s == float("-inf"), 0.0, (m_s - shift_s) * l_s)
-            ent_block = tl.sum(tl.where(es > 0, es * (zs - shift_s[:, None]), 0.0), axis=1)
-            acc_ent = (acc_ent + moved) * scale_s + ent_block
+            new_shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
+            new_shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
+            moved_arg = block_ms > m_s
+            xt_at = tl.sum(tl.where(offs_v0[None, :] == block_arg[:, None], zt, 0.0), axis=1)
+            xt_at = tl.where(tl.abs(xt_at) < float("inf"), xt_at, 0.0)  # teacher -inf at a: +inf KL anyway
+            new_centre = tl.where(moved_arg, xt_at, centre)
+            arg_s = tl.where(moved_arg, v0 + block_arg, arg_s)
+            moved_s = shift_s - new_shift_s
+            moved_t = shift_t - new_shift_t
+            scale_s = tl.exp((m_s - new_shift_s) * inv_temp)  # 0 while the row was all -inf
+            scale_t = tl.exp((m_t - new_shift_t) * inv_temp)
+            a_s = zs - new_shift_s[:, None]
+            a_t = zt - new_shift_t[:, None]
+            es = tl.exp(a_s * inv_temp)
+            et = tl.exp(a_t * inv_temp)
+            acc_ent = tl.where(scale_s > 0, (acc_ent + moved_s * l_s) * scale_s, 0.0)
+            acc_ent += tl.sum(tl.where(es > 0, es * a_s, 0.0), axis=1)
+            if DIVERGENCE == 0:
+                u = a_s - (zt - new_centre[:, None])
+                acc_div = tl.where(scale_s > 0, (acc_div + l_s * (moved_s - (centre - new_centre))) * scale_s, 0.0)
+                acc_div += tl.sum(tl.where(es > 0, es * u, 0.0), axis=1)
+            if DIVERGENCE == 1:
+                acc_div = acc_div - l_t * moved_s
+                acc_div = tl.where(scale_t > 0, (acc_div + l_t * moved_t) * scale_t, 0.0)
+                acc_div += tl.sum(tl.where(et > 0, et * (a_t - a_s), 0.0), axis=1)
             l_s = l_s * scale_s + tl.sum(es, axis=1)
             l_t = l_t * scale_t + tl.sum(et, axis=1)
-            if DIVERGENCE == 0:
-                acc_div = acc_div * scale_s + tl.sum(tl.where(es > 0, es * (zs - zt), 0.0), axis=1)
-            if DIVERGENCE == 1:
-                acc_div = acc_div * scale_t + tl.sum(tl.where(et > 0, et * (zt - zs), 0.0), axis=1)
             m_s = new_ms
             m_t = new_mt
-        lse_s = m_s + tl.log(l_s)
-        lse_t = m_t + tl.log(l_t)
-        entropy = tl.log(l_s) - acc_ent / l_s
+            shift_s = new_shift_s
+            shift_t = new_shift_t
+            centre = new_centre
+        log_l_s = tl.log(l_s)
+        log_l_t = tl.log(l_t)
+        entropy = log_l_s - inv_temp * acc_ent / l_s
+        mean_u = acc_div / l_s
         div = tl.zeros((BLOCK_M,), tl.float32)
         kl_p_m = tl.zeros((BLOCK_M,), tl.float32)
         if DIVERGENCE == 0:
-            div = acc_div / l_s - lse_s + lse_t
+            div = (mean_u + (shift_t - centre)) * inv_temp + (log_l_t - log_l_s)
         if DIVERGENCE == 1:
-            div = acc_div / l_t - lse_t + lse_s
+            div = acc_div / l_t * inv_temp + (log_l_s - log_l_t)
         if DIVERGENCE == 2:
             sum_q = tl.zeros((BLOCK_M,), tl.float32)
             for v0 in range(0, vocab, BLOCK_V):
                 offs_v = v0 + offs_v0
                 v_mask = offs_v < vocab
-                log_p = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, inv_temp,
-                                     HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K) - lse_s[:, None]
-                log_q = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, inv_temp,
-                                     HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K) - lse_t[:, None]
+                zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
+                                  HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
+                zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
+                                  HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+                log_p = (zs - shift_s[:, None]) * inv_temp - log_l_s[:, None]
+                log_q = (zt - shift_t[:, None]) * inv_temp - log_l_t[:, None]
                 p = tl.exp(log_p)
                 q = tl.exp(log_q)
                 log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
-                kl_p_m += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=1)
-                sum_q += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=1)
+                kl_p_m += tl.sum(tl.where(p != 0, p * (log_p - log_m), 0.0), axis=1)
+                sum_q += tl.sum(tl.where(q != 0, q * (log_q - log_m), 0.0), axis=1)
             div = beta * sum_q + (1.0 - beta) * kl_p_m
         tl.store(div_ptr + offs_m, div, mask=m_mask)
         tl.store(ent_ptr + offs_m, entropy, mask=m_mask)
-        tl.store(lse_s_ptr + offs_m, lse_s, mask=m_mask)
-        tl.store(lse_t_ptr + offs_m, lse_t, mask=m_mask)
-        tl.store(klpm_ptr + offs_m, kl_p_m, mask=m_mask)
+        tl.store(arg_ptr + offs_m, arg_s, mask=m_mask)
+        stats = row_ptr + offs_m.to(tl.int64) * 7  # ROW_STATS floats per row
+        tl.store(stats + 0, shift_s, mask=m_mask)
+        tl.store(stats + 1, shift_t, mask=m_mask)
+        tl.store(stats + 2, log_l_s, mask=m_mask)
+        tl.store(stats + 3, log_l_t, mask=m_mask)
+        tl.store(stats + 4, centre, mask=m_mask)
+        tl.store(stats + 5, mean_u, mask=m_mask)
+        tl.store(stats + 6, kl_p_m, mask=m_mask)
 
     @triton.jit
     def _grad_kernel(
         hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows_ptr,
-        div_ptr, lse_s_ptr, lse_t_ptr, klpm_ptr, scale_ptr, dh_ptr, dw_ptr, db_ptr,
+        div_ptr, row_ptr, scale_ptr, sumg_ptr, dh_ptr, dw_ptr, db_ptr,
         n_rows, rows_t, hs_sb, hs_st, ht_sb, ht_st, ws_sv, wt_sv, hidden_s, hidden_t,
         vocab, inv_temp, beta, log_1m_beta, log_beta,
         HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DIVERGENCE: tl.constexpr,
@@ -190,24 +223,36 @@ if HAS_TRITON:
         m_mask = offs_m < n_rows
         v_mask = offs_v < vocab
         hs_rows, ht_rows = _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st)
-        lse_s = tl.load(lse_s_ptr + offs_m, mask=m_mask, other=0.0)
-        lse_t = tl.load(lse_t_ptr + offs_m, mask=m_mask, other=0.0)
+        stats = row_ptr + offs_m.to(tl.int64) * 7  # ROW_STATS floats per row
+        shift_s = tl.load(stats + 0, mask=m_mask, other=0.0)
+        shift_t = tl.load(stats + 1, mask=m_mask, other=0.0)
+        log_l_s = tl.load(stats + 2, mask=m_mask, other=0.0)
+        log_l_t = tl.load(stats + 3, mask=m_mask, other=0.0)
         row_scale = tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0) * inv_temp
-        log_p = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, inv_temp,
-                             HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K) - lse_s[:, None]
-        log_q = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, inv_temp,
-                             HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K) - lse_t[:, None]
+        zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
+                          HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
+        zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
+                          HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+        a_s = zs - shift_s[:, None]
+        log_p = a_s * inv_temp - log_l_s[:, None]
         p = tl.exp(log_p)
         if DIVERGENCE == 0:
-            div = tl.load(div_ptr + offs_m, mask=m_mask, other=0.0)
-            g = tl.where(p > 0, p * (log_p - log_q - div[:, None]), 0.0)
+            centre = tl.load(stats + 4, mask=m_mask, other=0.0)
+            mean_u = tl.load(stats + 5, mask=m_mask, other=0.0)
+            u = a_s - (zt - centre[:, None])
+            g = tl.where(p > 0, p * ((u - mean_u[:, None]) * inv_temp), 0.0)
         elif DIVERGENCE == 1:
-            g = p - tl.exp(log_q)
+            g = p - tl.exp((zt - shift_t[:, None]) * inv_temp - log_l_t[:, None])
         else:
-            kl_p_m = tl.load(klpm_ptr + offs_m, mask=m_mask, other=0.0)
+            kl_p_m = tl.load(stats + 6, mask=m_mask, other=0.0)
+            log_q = (zt - shift_t[:, None]) * inv_temp - log_l_t[:, None]
             log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
             g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m[:, None]), 0.0)
+        div = tl.load(div_ptr + offs_m, mask=m_mask, other=0.0)
+        g = tl.where((div != div)[:, None], float("nan"), g)  # a NaN row: a NaN gradient row
         g = tl.where(m_mask[:, None] & v_mask[None, :], g * row_scale[:, None], 0.0)
+        if DIVERGENCE != 0:  # for the argmax fix of forward KL and JSD (see forward)
+            tl.atomic_add(sumg_ptr + offs_m, tl.sum(g, axis=1), mask=m_mask)
 
         if WANT_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask)
@@ -261,7 +306,9 @@ def forward(
     h_t = teacher_hidden if teacher_hidden.stride(-1) == 1 else teacher_hidden.contiguous()
     w_s = student_weight if student_weight.stride(-1) == 1 else student_weight.contiguous()
     w_t = teacher_weight if teacher_weight.stride(-1) == 1 else teacher_weight.contiguous()
-    div, entropy, lse_s, lse_t, kl_p_m = (torch.zeros(n_kept, dtype=torch.float32, device=device) for _ in range(5))
+    div, entropy = (torch.zeros(n_kept, dtype=torch.float32, device=device) for _ in range(2))
+    row_stats = torch.zeros(n_kept, ROW_STATS, dtype=torch.float32, device=device)
+    argmax_s = torch.zeros(n_kept, dtype=torch.int32, device=device)
     rows = kept_rows.contiguous()
     inv_temp = 1.0 / temperature
     log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
@@ -280,7 +327,7 @@ def forward(
     )
     if n_kept:
         _stats_kernel[(triton.cdiv(n_kept, block_m),)](
-            h_s, w_s, b_s, h_t, w_t, b_t, rows, div, entropy, lse_s, lse_t, kl_p_m, *common, **flags,
+            h_s, w_s, b_s, h_t, w_t, b_t, rows, div, entropy, row_stats, argmax_s, *common, **flags,
         )
 
     dh = None
@@ -289,35 +336,52 @@ def forward(
         scale = row_scale.to(torch.float32).contiguous()
         want_dw = weight_grad is not None
         want_db = bias_grad is not None
+        sum_g = torch.zeros(n_kept, dtype=torch.float32, device=device)
         # atomics need float32 targets; the caller's buffers are float32 (float64 never comes here)
         if n_kept and (dh is not None or want_dw or want_db):
             grid = (triton.cdiv(n_kept, block_m), triton.cdiv(vocab_size, block_v))
             _grad_kernel[grid](
-                h_s, w_s, b_s, h_t, w_t, b_t, rows, div, lse_s, lse_t, kl_p_m, scale,
+                h_s, w_s, b_s, h_t, w_t, b_t, rows, div, row_stats, scale, sum_g,
                 dh if dh is not None else div, weight_grad if want_dw else div, bias_grad if want_db else div,
                 *common, WANT_DH=dh is not None, WANT_DW=want_dw, WANT_DB=want_db, **flags,
             )
+            if divergence != "reverse_kl":
+                # Forward KL and JSD gradients cancel at the student's argmax a when p_a ~ 1; where
+                # p_a = 1 / l_s > 1/2, G[r, a] becomes -sum_{v != a} G[r, v] (rows of G sum to 0),
+                # i.e. G[r, a] += -sum_v G[r, v]: a rank-1 update of the contracted gradients.
+                delta = torch.where((row_stats[:, 2] < math.log(2.0)) & torch.isfinite(sum_g), -sum_g, 0.0)
+                arg = argmax_s.long()
+                if dh is not None:
+                    dh.add_(delta[:, None] * w_s[arg].float())
+                if want_dw or want_db:
+                    h_rows = h_s[rows // T, rows % T].float()
+                    if want_dw:
+                        weight_grad.index_add_(0, arg, delta[:, None] * h_rows)
+                    if want_db:
+                        bias_grad.index_add_(0, arg, delta)
 
     logp = torch.zeros(n_kept, dtype=torch.float32, device=device)
     logq = torch.zeros(n_kept, dtype=torch.float32, device=device)
     if target_ids is not None and n_kept:
         logp, logq = _target_logprobs(h_s, w_s, student_bias, h_t, w_t, teacher_bias, rows, target_ids, inv_temp,
-                                      lse_s, lse_t)
+                                      row_stats)
     return div, entropy, logp, logq, dh
 
 
-def _target_logprobs(h_s, w_s, b_s, h_t, w_t, b_t, rows, target_ids, inv_temp, lse_s, lse_t, chunk=4096):
+def _target_logprobs(h_s, w_s, b_s, h_t, w_t, b_t, rows, target_ids, inv_temp, row_stats, chunk=4096):
     """``log p(a)``, ``log q(a)`` as row dot products with the sampled tokens' weight rows."""
     T = h_s.shape[1]
-    logp = torch.empty_like(lse_s)
-    logq = torch.empty_like(lse_t)
+    shift_s, shift_t, log_l_s, log_l_t = row_stats[:, 0], row_stats[:, 1], row_stats[:, 2], row_stats[:, 3]
+    logp = torch.empty_like(shift_s)
+    logq = torch.empty_like(shift_t)
     for start in range(0, rows.shape[0], chunk):
         r = rows[start:start + chunk]
+        part = slice(start, start + chunk)
         tgt = target_ids[r]
         hs = h_s[r // T, r % T].float()
         ht = h_t[r // T, r % T].float()
         z_a = (hs * w_s[tgt].float()).sum(1) + (b_s[tgt].float() if b_s is not None else 0.0)
         zt_a = (ht * w_t[tgt].float()).sum(1) + (b_t[tgt].float() if b_t is not None else 0.0)
-        logp[start:start + chunk] = z_a * inv_temp - lse_s[start:start + chunk]
-        logq[start:start + chunk] = zt_a * inv_temp - lse_t[start:start + chunk]
+        logp[part] = (z_a - shift_s[part]) * inv_temp - log_l_s[part]
+        logq[part] = (zt_a - shift_t[part]) * inv_temp - log_l_t[part]
     return logp, logq

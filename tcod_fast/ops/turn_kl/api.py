@@ -213,6 +213,47 @@ def _resolve_backend(backend, device, dtype):
     return backend
 
 
+def _rows_overlap(x: torch.Tensor) -> bool:
+    """True when two elements of ``x`` may share memory (an expanded or overlapping view).
+
+    Sufficient test on the strides: ordered by stride, each dimension must step past everything
+    the smaller ones span (exotic interleaved layouts are conservatively reported too)."""
+    span = 1
+    for stride, size in sorted((x.stride(d), x.shape[d]) for d in range(x.dim()) if x.shape[d] > 1):
+        if stride < span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def _memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the memory ranges of ``a`` and ``b`` intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def extent(x):
+        start = x.data_ptr()
+        return start, start + (1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride()))) * x.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_inplace_target(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """``inplace=True`` overwrites ``student`` row by row while rows are still being read."""
+    if _rows_overlap(student):
+        raise ValueError(
+            "inplace=True writes the gradient over student_logits, but its rows share memory (an expanded "
+            f"or overlapping view with strides {tuple(student.stride())} for shape {shape_str(student.shape)}); "
+            "pass logits that own their memory, or inplace=False"
+        )
+    if _memory_overlaps(student, teacher):
+        raise ValueError(
+            "inplace=True writes the gradient over student_logits, but student_logits and teacher_logits "
+            "share memory; pass separate tensors, or inplace=False"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
@@ -252,7 +293,9 @@ def fused_turn_kl(
             sequence. A token is kept iff ``turn_id >= 0 and lo <= turn_id < hi``.
         turn_weights: ``(B, num_turns)`` float (``(num_turns,)`` allowed for ``(N, V)`` input);
             each kept token's loss is multiplied by its turn's weight (T-DUR / SOD weights).
-            Turn weights do not change the normalising token counts of the reductions.
+            Turn weights do not change the normalising token counts of the reductions. They must
+            be finite (NaN or inf is an error); negative weights are allowed (the loss is linear
+            in them).
         target_ids: integer tensor with the leading shape: sampled tokens; their student and
             teacher log-probs are returned in the stats.
         divergence: ``"reverse_kl"`` KL(p_student || q_teacher) (default), ``"forward_kl"``
@@ -260,6 +303,8 @@ def fused_turn_kl(
             ``beta*KL(q||m) + (1-beta)*KL(p||m)``, ``m = (1-beta) p + beta q``, with ``beta=1``
             giving reverse KL and ``beta=0`` forward KL exactly as TRL does.
         temperature: both logits are divided by it (no ``temperature**2`` factor is applied).
+            Any value in ``[1e-37, 1e37]`` (outside it ``1/temperature`` is no normal float32:
+            an error).
         vocab_size: use only the first ``vocab_size`` columns of each (padded vocabularies, e.g.
             a 152064-column teacher and a 151936-column student). Without it, differing last
             dimensions are an error. Student columns past it get zero gradient.
@@ -273,7 +318,9 @@ def fused_turn_kl(
         num_turns: width of the per-turn statistics. Defaults to ``turn_weights.shape[-1]``, else
             ``max(turn_ids) + 1`` (a device sync; pass it to avoid one on GPU).
         inplace: write the gradient over ``student_logits`` instead of a new buffer (the logits
-            are destroyed; saves one ``tokens x vocab`` allocation).
+            are destroyed; saves one ``tokens x vocab`` allocation). An error when rows of
+            ``student_logits`` share memory (an expanded or overlapping view) or when it shares
+            memory with ``teacher_logits``.
         backend: ``"auto"`` (Triton on CUDA, native C++ on CPU, torch otherwise), ``"triton"``,
             ``"native"`` or ``"torch"``.
 
@@ -281,9 +328,17 @@ def fused_turn_kl(
         The loss (float32; per-token for ``reduction="none"``), or a ``TurnKLResult``.
 
     Notes:
+        Exact (float32 accumulation, relative error ~1e-6) at any logit scale and temperature:
+        logits are taken relative to their row maxima before the temperature divides them, so
+        scaled logits 1e14 apart give the one-hot answer, a finite difference of scaled logits.
         ``-inf`` logits at the same entries of student and teacher contribute exactly 0. A
         teacher ``-inf`` where the student has mass is a true ``+inf`` reverse KL (and a
         student ``-inf`` under teacher mass a ``+inf`` forward KL); it is reported, not hidden.
+        A NaN logit in a kept row makes that row's divergence, and so the loss, NaN, and its
+        whole gradient row NaN (autograd's answer on the float64 reference); rows that are not
+        kept never leak NaN. An empty vocabulary (``V = 0``) is an error; an empty batch
+        (``B``, ``T`` or ``N`` = 0) gives loss 0 (an empty tensor for ``"none"``) and
+        zero-size gradients, for every reduction and backend.
     """
     # ---- validation: everything is checked before any kernel runs ----
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
@@ -323,6 +378,8 @@ def fused_turn_kl(
         student3 = student3.contiguous()
     if teacher3.stride(-1) != 1:
         teacher3 = teacher3.contiguous()
+    if inplace:
+        check_inplace_target(student3, teacher3)
     # The reduction's coefficient of each token (0 where dropped): the gradient is written
     # already multiplied by it (1 where it is 0, so a per-token use of `kl` still gets its own).
     coeff = None if reduction == "none" else turns.token_coefficients(reduction, torch.float32)

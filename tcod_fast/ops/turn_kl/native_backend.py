@@ -5,12 +5,19 @@ Extra memory: two float32 rows of V per thread (the cached pass-1 exponentials),
 The extension is compiled on first use with ninja through ``torch.utils.cpp_extension`` and
 cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later imports load the
 cached build in milliseconds. It includes no torch headers (only pybind11), so a cold build
-takes about 30 s on two cores.
+takes about 60 s on two cores.
 If the build fails the op falls back to the ``torch`` backend and warns once.
+
+Instruction sets: on x86-64 the build targets baseline x86-64 and holds two copies of the
+kernels, a portable one and an AVX2/FMA one; the best the CPU runs is chosen when the extension
+loads (:func:`isa` says which). ``TCOD_FAST_NATIVE_ISA=portable`` (or ``avx2``, or ``auto``, the
+default) forces one; a value the CPU cannot run is an error. One cached build serves every
+x86-64 machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -37,18 +44,25 @@ def _source_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "csrc"
 
 
-def _cpu_tag() -> str:
-    """Builds use -march=native, so a cache must never be shared between different CPUs."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
+ISA_ENV = "TCOD_FAST_NATIVE_ISA"
+ISA_CHOICES = ("auto", "portable", "avx2")
+
+
+def _build_tag() -> str:
+    """The build targets the architecture's baseline, so one cache serves every CPU of it."""
+    return hashlib.sha1(platform.machine().encode()).hexdigest()[:10]
+
+
+def _apply_isa_env(module) -> None:
+    requested = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if requested not in ISA_CHOICES:
+        raise RuntimeError(f"{ISA_ENV} must be one of {ISA_CHOICES}, got {requested!r}")
+    if requested == "auto":
+        return
+    supported = list(module.supported_isas())
+    if requested not in supported:
+        raise RuntimeError(f"{ISA_ENV}={requested} but this CPU runs only {supported}")
+    module.set_isa(requested)
 
 
 def load(verbose: bool = False):
@@ -67,10 +81,12 @@ def load(verbose: bool = False):
             raise RuntimeError(_error)
         flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
         if platform.machine() in ("x86_64", "AMD64"):
-            flags += ["-march=native", "-mprefer-vector-width=256"]
+            # baseline x86-64: the AVX2 copy of the kernels is compiled with a target pragma and
+            # chosen at run time (csrc/turn_kl_cpu.cpp)
+            flags += ["-march=x86-64", "-mtune=generic"]
         try:
-            _module = cpp_extension.load(
-                name=f"tcod_fast_native_{_cpu_tag()}",
+            module = cpp_extension.load(
+                name=f"tcod_fast_native_{_build_tag()}",
                 sources=[str(source)],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
@@ -79,7 +95,35 @@ def load(verbose: bool = False):
         except Exception as exc:  # compiler missing, headers missing, ...
             _error = f"building the native CPU kernel failed: {type(exc).__name__}: {exc}"
             raise RuntimeError(_error) from exc
+        try:
+            _apply_isa_env(module)
+        except RuntimeError as exc:
+            _error = str(exc)
+            raise
+        _module = module
         return _module
+
+
+def isa() -> str:
+    """The instruction set the native kernels run with: ``"avx2"`` or ``"portable"``."""
+    return load().isa()
+
+
+def available_isas() -> list[str]:
+    """The instruction sets this CPU can run the native kernels with (best last)."""
+    return list(load().supported_isas())
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the native kernels with instruction set ``name`` inside the block (tests, benchmarks)."""
+    module = load()
+    previous = module.isa()
+    module.set_isa(name)
+    try:
+        yield
+    finally:
+        module.set_isa(previous)
 
 
 def is_available() -> bool:

@@ -16,9 +16,10 @@ from tcod_fast.ops.turn_kl.result import TurnKLResult
 def _xlogy_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """``weight * (log_a - log_b)`` with the convention ``0 * anything = 0``.
 
-    The unselected branch is fed finite values so autograd never multiplies 0 by inf.
+    The unselected branch is fed finite values so autograd never multiplies 0 by inf. A NaN
+    weight (a NaN logit in the row) counts as present, so the row's value is NaN, not 0.
     """
-    present = weight > 0
+    present = weight != 0
     safe_a = torch.where(present, log_a, torch.zeros_like(log_a))
     safe_b = torch.where(present, log_b, torch.zeros_like(log_b))
     return torch.where(present, weight * (safe_a - safe_b), torch.zeros_like(weight))
@@ -53,7 +54,7 @@ def divergence_per_row(
     elif divergence == "jsd":
         # TRL's generalised JSD: m = (1 - beta) p + beta q, beta*KL(q||m) + (1-beta)*KL(p||m).
         m = (1.0 - beta) * p + beta * q
-        log_m = torch.where(m > 0, m, torch.ones_like(m)).log()
+        log_m = torch.where(m != 0, m, torch.ones_like(m)).log()
         value = beta * _xlogy_ratio(q, log_q, log_m).sum(-1) + (1.0 - beta) * _xlogy_ratio(
             p, log_p, log_m
         ).sum(-1)

@@ -32,21 +32,47 @@ def _chunk_rows(vocab_size: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * vocab_size))
 
 
-def _log_normaliser(z: torch.Tensor, log_softmax: torch.Tensor) -> torch.Tensor:
-    """``logsumexp(z)`` per row, read off at the row's max, where both are finite."""
-    z_max, at = z.max(dim=-1, keepdim=True)
-    return z_max - log_softmax.gather(-1, at)
+def _anchor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max of raw logits ``(R, 1)`` (0 for an all ``-inf`` row, NaN for a row with NaN) and its
+    first index."""
+    x_max, at = x.max(dim=-1, keepdim=True)  # propagates NaN: a NaN row stays NaN throughout
+    return torch.where(x_max == float("-inf"), torch.zeros_like(x_max), x_max), at
 
 
-def _rows_forward(z_s, z_t, divergence, beta, inv_temp, want_grad):
-    """Divergence, entropy and gradient for a chunk of rows of already-scaled logits (float32).
+def _fix_argmax(grad: torch.Tensor, p: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Where ``p_a > 1/2``, set ``g_a = -sum_{v != a} g_v`` (every row gradient sums to 0).
 
-    In-place where it is safe, so a chunk costs a handful of ``chunk x V`` temporaries.
+    Forward KL and JSD gradients cancel at the student's argmax ``a`` when ``p_a ~ 1`` (``p_a - q_a``
+    with both near 1); the sum of the other entries is then the accurate value."""
+    g_a = grad.gather(-1, at)
+    others = grad.sum(-1, keepdim=True) - g_a
+    peaked = (p.gather(-1, at) > 0.5) & torch.isfinite(others)
+    return grad.scatter_(-1, at, torch.where(peaked, -others, g_a))
+
+
+def _rows_forward(x_s, x_t, divergence, beta, inv_temp, want_grad):
+    """Divergence, entropy, log-softmaxes and gradient for a chunk of rows of raw logits.
+
+    Units: every logit is taken relative to its row max in raw units *before* the temperature
+    scales it, ``z - max z = (x - max x) / T``; scaling first would round away the gaps between
+    large logits (at ``|x / T| ~ 1e14`` one float32 ulp is ~1e7). Reverse KL also centres its
+    log-ratio on the teacher's logit ``B`` at the student's argmax ``a``:
+    ``u = (x_s - max x_s) - (x_t - B)``, ``u_a = 0``, so
+    ``KL = (mean_p(u) + max x_t - B) / T + log l_t - log l_s`` and its gradient
+    ``p (u - mean_p(u)) / T^2`` are exact even when the softmax is one-hot (the KL is then the
+    finite difference ``(max x_t - x_t[a]) / T``). Returns ``(div, entropy, log_p, log_q, grad)``;
+    ``grad`` is d div / d x (temperature included).
     """
-    log_p = torch.log_softmax(z_s, dim=-1)  # one fused kernel; logsumexp is several passes
-    log_q = torch.log_softmax(z_t, dim=-1)
-    lse_s = _log_normaliser(z_s, log_p)
-    lse_t = _log_normaliser(z_t, log_q)
+    anchor_s, at_s = _anchor(x_s)
+    anchor_t, at_t = _anchor(x_t)
+    a_s = x_s - anchor_s
+    u = None
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        x_t_at = x_t.gather(-1, at_s)
+        centre = torch.where(torch.isfinite(x_t_at), x_t_at, torch.zeros_like(x_t_at))  # B; teacher -inf at a: +inf KL
+        u = (x_t - centre).neg_().add_(a_s)  # (x_s - max x_s) - (x_t - B), before a_s is scaled in place
+    log_p = torch.log_softmax(a_s.mul_(inv_temp), dim=-1)  # one fused kernel
+    log_q = torch.log_softmax((x_t - anchor_t).mul_(inv_temp), dim=-1)
     p = log_p.exp()
     p_absent = p == 0  # -inf logits (and underflow): they contribute exactly 0
     # entropy = -sum p log p; p * log_p is 0 * -inf = nan where p == 0, hence the fill
@@ -57,15 +83,17 @@ def _rows_forward(z_s, z_t, divergence, beta, inv_temp, want_grad):
         divergence = "forward_kl"
     grad = None
     if divergence == "reverse_kl":
-        log_ratio = log_p - log_q
-        div = (p * log_ratio).masked_fill_(p_absent, 0.0).sum(-1)
+        log_l_s = -log_p.gather(-1, at_s)  # log_softmax at the max is exactly 0 - log l
+        log_l_t = -log_q.gather(-1, at_t)
+        mean_u = (p * u).masked_fill_(p_absent, 0.0).sum(-1, keepdim=True)
+        div = ((mean_u + (anchor_t - centre)) * inv_temp + (log_l_t - log_l_s)).squeeze(-1)
         if want_grad:
-            grad = log_ratio.sub_(div[:, None]).mul_(p).masked_fill_(p_absent, 0.0).mul_(inv_temp)
+            grad = u.sub_(mean_u).mul_(p).masked_fill_(p_absent, 0.0).mul_(inv_temp * inv_temp)
     elif divergence == "forward_kl":
         q = log_q.exp()
         div = (q * (log_q - log_p)).masked_fill_(q == 0, 0.0).sum(-1)
         if want_grad:
-            grad = p.sub_(q).mul_(inv_temp)
+            grad = _fix_argmax((p - q).mul_(inv_temp), p, at_s)
     else:
         q = log_q.exp()
         # m = (1-beta) p + beta q, computed in log space so it never underflows before p or q do.
@@ -76,7 +104,11 @@ def _rows_forward(z_s, z_t, divergence, beta, inv_temp, want_grad):
         div = beta * q_term.sum(-1) + (1.0 - beta) * kl_p_m
         if want_grad:
             grad = p_log_ratio.sub_(kl_p_m[:, None]).mul_(p).masked_fill_(p_absent, 0.0).mul_((1.0 - beta) * inv_temp)
-    return div, entropy, lse_s.squeeze(-1), lse_t.squeeze(-1), grad
+            grad = _fix_argmax(grad, p, at_s)
+    if grad is not None:
+        # a NaN logit anywhere in a row: NaN divergence and a NaN gradient row (autograd's answer)
+        grad = grad.masked_fill_(torch.isnan(div)[:, None], float("nan"))
+    return div, entropy, log_p, log_q, grad
 
 
 def _row_view(x: torch.Tensor) -> torch.Tensor | None:
@@ -106,19 +138,17 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
     step = _chunk_rows(vocab_size)
     for start in range(0, N, step):
         stop = min(N, start + step)
-        z_s = s_rows[start:stop, :vocab_size].to(compute_dtype)
-        z_t = t_rows[start:stop, :vocab_size].to(compute_dtype)
-        if inv_temp != 1.0:
-            z_s, z_t = z_s * inv_temp, z_t * inv_temp
-        div, ent, lse_s, lse_t, g = _rows_forward(z_s, z_t, divergence, beta, inv_temp, grad is not None)
+        x_s = s_rows[start:stop, :vocab_size].to(compute_dtype)
+        x_t = t_rows[start:stop, :vocab_size].to(compute_dtype)
+        div, ent, log_p, log_q, g = _rows_forward(x_s, x_t, divergence, beta, inv_temp, grad is not None)
         k = keep_rows[start:stop]
         zero = torch.zeros((), dtype=div.dtype, device=div.device)
         div_out[start:stop] = torch.where(k, div, zero)
         ent_out[start:stop] = torch.where(k, ent, zero)
         if tgt_rows is not None:
             tgt = tgt_rows[start:stop]
-            logp_out[start:stop] = torch.where(k, z_s.gather(1, tgt).squeeze(1) - lse_s, zero)
-            logq_out[start:stop] = torch.where(k, z_t.gather(1, tgt).squeeze(1) - lse_t, zero)
+            logp_out[start:stop] = torch.where(k, log_p.gather(1, tgt).squeeze(1), zero)
+            logq_out[start:stop] = torch.where(k, log_q.gather(1, tgt).squeeze(1), zero)
         if grad is not None:
             g = torch.where(k[:, None], g, zero)
             if scale_rows is not None:

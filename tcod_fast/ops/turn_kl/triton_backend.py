@@ -5,8 +5,9 @@ Per row (``z = logits / temperature``):
 * pass 1 streams the row in ``BLOCK_V`` columns with the online-softmax recurrence: running
   maxima ``m_s, m_t`` of the raw logits, sums ``l_s, l_t``, and the divergence/entropy
   accumulators, all rescaled once per block by ``exp((m_old - m_new) / T)``. The temperature
-  only ever multiplies differences from the running max, so logits far from 0 keep their
-  absolute precision. Accumulation is float32 whatever the input dtype.
+  only ever multiplies differences from the running max (and reverse KL's log-ratio is centred
+  on the student's argmax, see the kernel), so the result is exact at any logit scale and
+  temperature. Accumulation is float32 whatever the input dtype.
 * pass 2 (JSD only) sums the JSD terms and ``KL(p||m)``, which its gradient needs.
 * the last pass writes ``d div / d student_logits`` in the logits' dtype.
 
@@ -69,51 +70,76 @@ if HAS_TRITON:
         keep = tl.load(keep_ptr + row)
 
         if keep != 0:
-            # Raw logits x throughout; the temperature multiplies only differences from the
-            # running max, (x - m) / T, so logits far from 0 lose no absolute precision.
+            # Raw logits x throughout, taken relative to the running maxima (the anchors) before
+            # the temperature scales them, (x - m) / T: logits far from 0, or 1e14 apart after
+            # scaling, keep their absolute precision. Reverse KL centres its log-ratio on B, the
+            # teacher's logit at the student's argmax a: u = (x_s - m_s) - (x_t - B), u_a = 0, so
+            # KL = (mean_p(u) + m_t - B) / T + log l_t - log l_s and the gradient
+            # p (u - mean_p(u)) / T^2 are exact even for a one-hot softmax.
             m_s = float("-inf")
             m_t = float("-inf")
+            shift_s = 0.0  # anchors: the running max, 0 while it is -inf (never -inf - (-inf))
+            shift_t = 0.0
+            centre = 0.0  # B
+            arg_s = 0
             l_s = 0.0
             l_t = 0.0
-            acc_div = 0.0  # reverse: sum es (x_s - x_t); forward: sum et (x_t - x_s)
+            acc_div = 0.0  # reverse: sum es u; forward: sum et ((x_t - m_t) - (x_s - m_s))
             acc_ent = 0.0  # sum es (x_s - shift_s)
             for v0 in range(0, vocab, BLOCK_V):
                 offs = v0 + cols
                 in_vocab = offs < vocab
                 xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
                 xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                new_ms = tl.maximum(m_s, tl.max(xs, axis=0))
+                block_ms = tl.max(xs, axis=0)
+                new_ms = tl.maximum(m_s, block_ms)
                 new_mt = tl.maximum(m_t, tl.max(xt, axis=0))
-                # shift 0 while everything so far is -inf: exp(-inf - 0) = 0, never -inf - (-inf)
-                shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
-                shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
-                scale_s = tl.exp((m_s - shift_s) * inv_temp)
-                scale_t = tl.exp((m_t - shift_t) * inv_temp)
-                es = tl.exp((xs - shift_s) * inv_temp)
-                et = tl.exp((xt - shift_t) * inv_temp)
-                # moving the shift from m_s to shift_s adds (m_s - shift_s) to every term so far
-                moved = tl.where(m_s == float("-inf"), 0.0, (m_s - shift_s) * l_s)
-                acc_ent = (acc_ent + moved) * scale_s + tl.sum(tl.where(es > 0, es * (xs - shift_s), 0.0), axis=0)
+                new_shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
+                new_shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
+                # a new student argmax in this block: the teacher's logit there is the new centre
+                moved_arg = block_ms > m_s
+                block_arg = v0 + tl.argmax(tl.where(xs == xs, xs, float("-inf")), axis=0)  # NaN: any index
+                xt_at = tl.load(t_row + block_arg, mask=block_arg < vocab, other=0.0).to(tl.float32)
+                # teacher -inf at a: the KL is +inf anyway; any finite centre will do
+                xt_at = tl.where(tl.abs(xt_at) < float("inf"), xt_at, 0.0)
+                new_centre = tl.where(moved_arg, xt_at, centre)
+                arg_s = tl.where(moved_arg, block_arg, arg_s)
+                moved_s = shift_s - new_shift_s  # <= 0, raw units
+                moved_t = shift_t - new_shift_t
+                scale_s = tl.exp((m_s - new_shift_s) * inv_temp)  # 0 while the row was all -inf
+                scale_t = tl.exp((m_t - new_shift_t) * inv_temp)
+                es = tl.exp((xs - new_shift_s) * inv_temp)
+                et = tl.exp((xt - new_shift_t) * inv_temp)
+                # moving the anchor adds moved_s to every term of acc_ent so far
+                acc_ent = tl.where(scale_s > 0, (acc_ent + moved_s * l_s) * scale_s, 0.0) + tl.sum(
+                    tl.where(es > 0, es * (xs - new_shift_s), 0.0), axis=0
+                )
+                if DIVERGENCE == 0:
+                    u = (xs - new_shift_s) - (xt - new_centre)
+                    acc_div = tl.where(scale_s > 0, (acc_div + l_s * (moved_s - (centre - new_centre))) * scale_s, 0.0)
+                    acc_div += tl.sum(tl.where(es > 0, es * u, 0.0), axis=0)
+                if DIVERGENCE == 1:
+                    acc_div = acc_div - l_t * moved_s
+                    acc_div = tl.where(scale_t > 0, (acc_div + l_t * moved_t) * scale_t, 0.0)
+                    acc_div += tl.sum(tl.where(et > 0, et * ((xt - new_shift_t) - (xs - new_shift_s)), 0.0), axis=0)
                 l_s = l_s * scale_s + tl.sum(es, axis=0)
                 l_t = l_t * scale_t + tl.sum(et, axis=0)
-                if DIVERGENCE == 0:
-                    acc_div = acc_div * scale_s + tl.sum(tl.where(es > 0, es * (xs - xt), 0.0), axis=0)
-                if DIVERGENCE == 1:
-                    acc_div = acc_div * scale_t + tl.sum(tl.where(et > 0, et * (xt - xs), 0.0), axis=0)
                 m_s = new_ms
                 m_t = new_mt
+                shift_s = new_shift_s
+                shift_t = new_shift_t
+                centre = new_centre
 
             log_l_s = tl.log(l_s)
             log_l_t = tl.log(l_t)
-            # log p = (x_s - m_s) / T - log l_s; lse_s - lse_t = (m_s - m_t) / T + log l_s - log l_t
-            lse_gap = (m_s - m_t) * inv_temp + (log_l_s - log_l_t)
             entropy = log_l_s - inv_temp * acc_ent / l_s
             div = 0.0
             kl_p_m = 0.0
+            mean_u = acc_div / l_s
             if DIVERGENCE == 0:
-                div = inv_temp * acc_div / l_s - lse_gap
+                div = (mean_u + (shift_t - centre)) * inv_temp + (log_l_t - log_l_s)
             if DIVERGENCE == 1:
-                div = inv_temp * acc_div / l_t + lse_gap
+                div = inv_temp * acc_div / l_t + (log_l_s - log_l_t)
             if DIVERGENCE == 2:
                 sum_p = 0.0
                 sum_q = 0.0
@@ -122,45 +148,59 @@ if HAS_TRITON:
                     in_vocab = offs < vocab
                     xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
                     xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                    log_p = (xs - m_s) * inv_temp - log_l_s
-                    log_q = (xt - m_t) * inv_temp - log_l_t
+                    log_p = (xs - shift_s) * inv_temp - log_l_s
+                    log_q = (xt - shift_t) * inv_temp - log_l_t
                     p = tl.exp(log_p)
                     q = tl.exp(log_q)
                     log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
-                    sum_p += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
-                    sum_q += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
+                    sum_p += tl.sum(tl.where(p != 0, p * (log_p - log_m), 0.0), axis=0)
+                    sum_q += tl.sum(tl.where(q != 0, q * (log_q - log_m), 0.0), axis=0)
                 kl_p_m = sum_p
                 div = beta * sum_q + (1.0 - beta) * sum_p
             tl.store(div_ptr + row, div)
             tl.store(ent_ptr + row, entropy)
             if HAS_TARGET:
                 tgt = tl.load(target_ptr + row)
-                tl.store(logp_ptr + row, (tl.load(s_row + tgt).to(tl.float32) - m_s) * inv_temp - log_l_s)
-                tl.store(logq_ptr + row, (tl.load(t_row + tgt).to(tl.float32) - m_t) * inv_temp - log_l_t)
+                tl.store(logp_ptr + row, (tl.load(s_row + tgt).to(tl.float32) - shift_s) * inv_temp - log_l_s)
+                tl.store(logq_ptr + row, (tl.load(t_row + tgt).to(tl.float32) - shift_t) * inv_temp - log_l_t)
 
             if WRITE_GRAD:
                 # d/dx = (1/temperature) d/dz, times the caller's per-row scale
                 grad_factor = inv_temp
                 if HAS_SCALE:
                     grad_factor = inv_temp * tl.load(scale_ptr + row)
-                centre = lse_gap + div  # reverse KL: log p - log q - div = (x_s - x_t) / T - centre
+                row_is_nan = div != div  # a NaN logit in the row: a NaN gradient row (autograd's answer)
+                sum_g = 0.0  # forward KL and JSD: see the argmax fix below
+                g_at_arg = 0.0
                 for v0 in range(0, grad_cols, BLOCK_V):
                     offs = v0 + cols
                     in_vocab = offs < vocab
                     xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
                     xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                    log_p = (xs - m_s) * inv_temp - log_l_s
+                    log_p = (xs - shift_s) * inv_temp - log_l_s
                     p = tl.exp(log_p)
                     if DIVERGENCE == 0:
-                        g = tl.where(p > 0, p * ((xs - xt) * inv_temp - centre) * grad_factor, 0.0)
+                        u = (xs - shift_s) - (xt - centre)
+                        g = tl.where(p > 0, p * ((u - mean_u) * inv_temp) * grad_factor, 0.0)
                     elif DIVERGENCE == 1:
-                        g = (p - tl.exp((xt - m_t) * inv_temp - log_l_t)) * grad_factor
+                        g = (p - tl.exp((xt - shift_t) * inv_temp - log_l_t)) * grad_factor
                     else:
-                        log_q = (xt - m_t) * inv_temp - log_l_t
+                        log_q = (xt - shift_t) * inv_temp - log_l_t
                         log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
                         g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m) * grad_factor, 0.0)
+                    g = tl.where(row_is_nan, float("nan"), g)
                     g = tl.where(in_vocab, g, 0.0)
+                    sum_g += tl.sum(g, axis=0)
+                    g_at_arg += tl.sum(tl.where(offs == arg_s, g, 0.0), axis=0)
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < grad_cols)
+                if DIVERGENCE != 0:
+                    # p - q and p (log p - log m - KL(p||m)) cancel at the student's argmax a when
+                    # p_a ~ 1; every row gradient sums to 0, so -sum_{v != a} g_v is then the
+                    # accurate g_a (used when p_a = 1 / l_s > 1/2)
+                    others = sum_g - g_at_arg
+                    if (l_s < 2.0) & (tl.abs(others) < float("inf")):
+                        tl.debug_barrier()  # the block stores above are visible before this one
+                        tl.store(g_row + arg_s, (-others).to(g_ptr.dtype.element_ty))
         else:
             tl.store(div_ptr + row, 0.0)
             tl.store(ent_ptr + row, 0.0)

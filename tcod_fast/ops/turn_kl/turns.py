@@ -40,6 +40,11 @@ def check_int_tensor(name, x, lead_shape, device) -> None:
         raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
 
 
+# The kernels work in float32 with 1/temperature and log2(e)/temperature as factors; inside this
+# range both are finite, normal float32 numbers (and the results exact, see the kernels' notes).
+TEMPERATURE_RANGE = (1e-37, 1e37)
+
+
 def check_options(divergence, reduction, beta, temperature) -> str:
     """Validates the divergence keywords; returns the divergence to compute.
 
@@ -53,13 +58,21 @@ def check_options(divergence, reduction, beta, temperature) -> str:
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     if not isinstance(temperature, numbers.Real) or not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= temperature <= hi:
+        raise ValueError(
+            f"temperature must lie in [{lo:g}, {hi:g}] (1/temperature must be a normal float32), got {temperature!r}"
+        )
     if divergence == "jsd" and float(beta) in (0.0, 1.0):
         return "reverse_kl" if float(beta) == 1.0 else "forward_kl"
     return divergence
 
 
 def resolve_vocab_size(v_s: int, v_t: int, vocab_size, student_name: str, teacher_name: str, unit: str) -> int:
-    """The number of leading vocabulary entries both models share and the op uses."""
+    """The number of leading vocabulary entries both models share and the op uses (>= 1)."""
+    for name, v in ((student_name, v_s), (teacher_name, v_t)):
+        if v == 0:
+            raise ValueError(f"{name} has an empty vocabulary (0 {unit}); expected at least 1")
     if vocab_size is None:
         if v_s != v_t:
             raise ValueError(
@@ -233,6 +246,9 @@ def prepare_turns(
             raise ValueError(f"turn_weights is on {turn_weights.device} but {inputs_name} are on {device}")
         if num_turns is not None and num_turns != turn_weights.shape[1]:
             raise ValueError(f"num_turns={num_turns} but turn_weights has {turn_weights.shape[1]} turns")
+        if turn_weights.numel():
+            # negative weights are allowed (the loss is linear in them); NaN/inf would poison it
+            device_check(torch.isfinite(turn_weights).all(), "turn_weights must be finite, got NaN or inf entries")
         num_turns = turn_weights.shape[1]
     if num_turns is not None and (not isinstance(num_turns, numbers.Integral) or num_turns < 1):
         raise ValueError(f"num_turns must be a positive integer, got {num_turns!r}")

@@ -1,0 +1,797 @@
+// The CPU kernels of turn_kl_cpu.cpp, compiled twice into one extension: once for any x86-64 (or
+// other) CPU and once, on x86-64, for AVX2 + FMA + F16C (see turn_kl_cpu.cpp). Deliberately
+// without include guard or includes: turn_kl_cpu.cpp includes it inside one namespace per
+// instruction set, with TCOD_FAST_AVX2 set to 0 or 1 and the matching `#pragma GCC target`.
+//
+// TCOD_FAST_AVX2 selects the hand-vectorised AVX2/FMA statistics loop and the F16C half-float
+// conversions; the portable loops are auto-vectorised for whatever the surrounding target allows.
+constexpr int64_t BLOCK = 512;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+
+enum Divergence : int { REVERSE_KL = 0, FORWARD_KL = 1, JSD = 2 };
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// Storage types. Both 16-bit formats are plain uint16_t in memory; the dtype code (a template
+// parameter) picks the conversion. Every compute loop below works on float32 block buffers,
+// so it vectorises the same way whatever the input dtype.
+template <int D> struct Storage { using type = uint16_t; };
+template <> struct Storage<F32> { using type = float; };
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  // round to nearest even; NaN stays NaN (quiet bit set)
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// dst[i] = float(src[i]) * scale for one block
+template <int D>
+inline void load_block(const typename Storage<D>::type* src, float* dst, int64_t n, float scale) {
+  if constexpr (D == F32) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+  } else if constexpr (D == BF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]) * scale;
+  } else {
+    int64_t i = 0;
+#if TCOD_FAST_AVX2
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), vscale));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[i]) * scale;
+  }
+}
+
+template <int D>
+inline void store_block(const float* src, typename Storage<D>::type* dst, int64_t n) {
+  if constexpr (D == F32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (D == BF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
+  } else {
+    int64_t i = 0;
+#if TCOD_FAST_AVX2
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    }
+#endif
+    for (; i < n; ++i) reinterpret_cast<_Float16*>(dst)[i] = static_cast<_Float16>(src[i]);
+  }
+}
+
+template <int D>
+inline float load_one(const typename Storage<D>::type* src, int64_t i) {
+  float x;
+  load_block<D>(src + i, &x, 1, 1.0f);
+  return x;
+}
+
+// 2^x for x in [-127, 64] (callers clamp below; every argument here is (logit - its anchor) times
+// log2(e) / temperature: <= 0 when the anchor is the running max, up to +64 for reverse KL's
+// teacher, see process_row). Round-to-nearest range reduction through a "magic" add of
+// 1.5 * 2^23 + 127, after which the low mantissa bits of the sum hold n + 127; a degree-5
+// minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7, fitted for this file); and
+// n + 127 shifted straight into the exponent field. At x = -127 that field is 0, i.e. the result
+// is exactly +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare.
+// Branch-free, so loops calling it vectorise.
+constexpr float EXP2_ROUND = 12583039.0f;  // 1.5 * 2^23 + 127
+// 2^f ~ sum_k EXP2_POLY[k] f^k on [-1/2, 1/2], highest degree first (Horner order)
+constexpr float EXP2_POLY[6] = {1.327647129073739e-3f, 9.675541892647743e-3f, 5.550713092088699e-2f,
+                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
+
+inline float exp2_clamped(float x) {
+  const float shifted = x + EXP2_ROUND;
+  const float f = x - (shifted - EXP2_ROUND);  // x - n, in [-0.5, 0.5]
+  float poly = EXP2_POLY[0];
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = poly * f + EXP2_POLY[k];
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits <<= 23;  // (n + 127) mod 512 into the exponent field; the sign bit ends up 0
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return poly * scale;
+}
+
+constexpr float EXP2_FLOOR = -127.0f;
+
+// max(x, -127) that keeps NaN, written so that it is one vmaxps (whose second operand is
+// returned when either is NaN); std::max compiles to a compare and a blend.
+inline float clamp_exp2_arg(float x) { return EXP2_FLOOR > x ? EXP2_FLOOR : x; }
+
+// 2^x for x <= 0 (or NaN, which stays NaN).
+inline float exp2_nonpositive(float x) { return exp2_clamped(clamp_exp2_arg(x)); }
+
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr double LN2 = 0.693147180559945309417;
+
+// log(x) for x in [1, 2] (used as log1p of a value in [0, 1]); Cephes logf polynomial.
+inline float log_1_to_2(float x) {
+  // write x = 2^e * m with m in [sqrt(1/2), sqrt(2))
+  const bool big = x > 1.41421356237f;
+  const float m = big ? x * 0.5f : x;
+  const float e = big ? 1.0f : 0.0f;
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+
+template <int D>
+inline void zero_fill(typename Storage<D>::type* dst, int64_t n) {
+  if (n > 0) std::memset(dst, 0, n * sizeof(typename Storage<D>::type));  // 0 bits == +0.0
+}
+
+template <int D>
+inline void nan_fill(typename Storage<D>::type* dst, int64_t n) {
+  if constexpr (D == F32) {
+    std::fill(dst, dst + n, std::numeric_limits<float>::quiet_NaN());
+  } else {
+    std::fill(dst, dst + n, static_cast<uint16_t>(D == BF16 ? 0x7fc0u : 0x7e00u));  // quiet NaN bits
+  }
+}
+
+struct RowOut {
+  float div, entropy, logp_target, logq_target;
+};
+
+// Per-element JSD pieces: log m = logaddexp(log p + log(1-b), log q + log b).
+inline float log_mixture(float log_p, float log_q, float log_1m_beta, float log_beta) {
+  const float a = log_p + log_1m_beta;
+  const float b = log_q + log_beta;
+  const float hi = std::max(a, b);
+  const float lo = std::min(a, b);
+  return hi + log_1_to_2(1.0f + exp2_nonpositive((lo - hi) * LOG2E));
+}
+
+// Scratch a thread needs for one row: two float32 rows of V cached by pass 1 and, per block,
+// the anchors its cached values are relative to (see process_row), so the last pass never
+// evaluates exp and (reverse and forward KL) never re-reads the logits:
+//   reverse KL  first = 2^((x_s - A) c),  second = u = (x_s - A) - (x_t - B)
+//   forward KL  first = 2^((x_s - A) c),  second = 2^((x_t - A_t) c)
+//   JSD         as forward KL; pass 2 then overwrites second with log p - log m
+inline int64_t scratch_floats(int64_t vocab) {
+  const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
+  return 2 * vocab + 3 * blocks;
+}
+
+// 8-wide GCC vector helpers (any target; AVX registers where available)
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f load8(const float* x) {
+  v8f v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+inline void store8(float* x, v8f v) { std::memcpy(x, &v, sizeof(v)); }
+inline float sum8(v8f v) {
+  float s = 0.f;
+  for (int k = 0; k < 8; ++k) s += v[k];
+  return s;
+}
+
+// max of x[0..n): explicit 8-wide vectors with two accumulators (GCC vector extensions, any
+// target), because compilers leave a float max reduction scalar unless math is relaxed. NaN
+// entries are ignored (a NaN row is reported through its sums instead).
+inline float block_max(const float* x, int64_t n) {
+  const v8f lowest = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+  v8f acc0 = lowest, acc1 = lowest;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a, b;
+    std::memcpy(&a, x + i, sizeof(a));
+    std::memcpy(&b, x + i + 8, sizeof(b));
+    acc0 = a > acc0 ? a : acc0;
+    acc1 = b > acc1 ? b : acc1;
+  }
+  acc0 = acc1 > acc0 ? acc1 : acc0;
+  float m = NEG_INF;
+  for (int k = 0; k < 8; ++k) m = std::max(m, acc0[k]);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// index of the first x[i] == value in x[0..n) (value is the block's max, so it is there)
+inline int64_t first_index_of(const float* x, int64_t n, float value) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] == value) return i;
+  }
+  return 0;
+}
+
+// A block of logits as float32: the row itself for float32 storage, else converted into `buf`.
+template <int D>
+inline const float* block_as_float(const typename Storage<D>::type* src, float* buf, int64_t n) {
+  if constexpr (D == F32) {
+    return src;
+  } else {
+    load_block<D>(src, buf, n, 1.0f);
+    return buf;
+  }
+}
+
+struct BlockSums {
+  float s = 0.f, t = 0.f, div = 0.f, ent = 0.f;
+};
+
+// The anchors of pass 1 (raw logit units): every cached value and accumulator is relative to
+// them. `s` is the student's running max, `t` the teacher's, `div` the teacher's logit at the
+// student's running argmax (reverse KL centres its log-ratio there, see process_row).
+struct BlockAnchors {
+  float s, t, div;
+};
+
+#if TCOD_FAST_AVX2
+// Pass 1's block loop written with AVX2 intrinsics, two vectors per iteration, i.e. two
+// independent exponential chains: the portable loop below compiles to one 8-wide chain whose
+// polynomial latency the out-of-order window cannot hide on every core. Same arithmetic as
+// exp2_clamped/clamp_exp2_arg and the same cache layout as the portable loop; returns how many
+// leading elements it handled (a multiple of 16).
+inline __m256 exp2_clamped_avx2(__m256 x) {
+  const __m256 round = _mm256_set1_ps(EXP2_ROUND);
+  const __m256 shifted = _mm256_add_ps(x, round);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, round));
+  __m256 poly = _mm256_set1_ps(EXP2_POLY[0]);
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(EXP2_POLY[k]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+}
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+template <int DIV, bool ENTROPY, bool SHARED_ANCHOR>
+inline int64_t block_sums_avx2(const float* xs, const float* xt, int64_t n, float c, BlockAnchors anchor,
+                               float* first, float* second, BlockSums& sums) {
+  const __m256 vc = _mm256_set1_ps(c), va_s = _mm256_set1_ps(anchor.s), va_t = _mm256_set1_ps(anchor.t);
+  const __m256 va_div = _mm256_set1_ps(anchor.div);
+  const __m256 floor = _mm256_set1_ps(EXP2_FLOOR), zero = _mm256_setzero_ps();
+  // one accumulator per sum (two chains of exponentials feed each): with two per sum the 16
+  // ymm registers overflow and the accumulators round-trip through the stack every iteration
+  __m256 sum_s = zero, sum_t = zero, sum_div = zero, e0 = zero, e1 = zero;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    // 1 KiB ahead: the hardware prefetcher alone leaves this compute-heavy stream waiting on
+    // DRAM (measured: pass 1 at N=512, V=151936, 2 threads, 0.085 s -> 0.073 s)
+    _mm_prefetch(reinterpret_cast<const char*>(xs + i + 256), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(xt + i + 256), _MM_HINT_T0);
+    const __m256 xs0 = _mm256_loadu_ps(xs + i), xs1 = _mm256_loadu_ps(xs + i + 8);
+    const __m256 xt0 = _mm256_loadu_ps(xt + i), xt1 = _mm256_loadu_ps(xt + i + 8);
+    // x - anchor <= 0 in raw units first, then the scale: see process_row for why not one FMA
+    const __m256 as0 = _mm256_sub_ps(xs0, va_s), as1 = _mm256_sub_ps(xs1, va_s);
+    const __m256 at0 = _mm256_sub_ps(xt0, va_t), at1 = _mm256_sub_ps(xt1, va_t);
+    // max(floor, x): the second operand is returned when either is NaN, so NaN stays NaN
+    const __m256 ts0 = _mm256_max_ps(floor, _mm256_mul_ps(as0, vc));
+    const __m256 ts1 = _mm256_max_ps(floor, _mm256_mul_ps(as1, vc));
+    const __m256 tt0 = _mm256_max_ps(floor, _mm256_mul_ps(at0, vc));
+    const __m256 tt1 = _mm256_max_ps(floor, _mm256_mul_ps(at1, vc));
+    const __m256 es0 = exp2_clamped_avx2(ts0), es1 = exp2_clamped_avx2(ts1);
+    const __m256 et0 = exp2_clamped_avx2(tt0), et1 = exp2_clamped_avx2(tt1);
+    _mm256_storeu_ps(first + i, es0);
+    _mm256_storeu_ps(first + i + 8, es1);
+    sum_s = _mm256_add_ps(sum_s, _mm256_add_ps(es0, es1));
+    sum_t = _mm256_add_ps(sum_t, _mm256_add_ps(et0, et1));
+    if (ENTROPY) {
+      e0 = _mm256_fmadd_ps(es0, ts0, e0);
+      e1 = _mm256_fmadd_ps(es1, ts1, e1);
+    }
+    // The divergence term is a plain product: where the weight is 0 the term should be 0, but
+    // the logit difference may be inf or nan there (-inf logits), which makes the block's sum
+    // non-finite; that is checked once below instead of masking every element (a compare and
+    // an and per vector, ~7% of this loop on Zen 1).
+    if (DIV == REVERSE_KL) {
+      // SHARED_ANCHOR: the teacher's exponentials are anchored at B too, so x_t - B is at
+      const __m256 u0 = _mm256_sub_ps(as0, SHARED_ANCHOR ? at0 : _mm256_sub_ps(xt0, va_div));
+      const __m256 u1 = _mm256_sub_ps(as1, SHARED_ANCHOR ? at1 : _mm256_sub_ps(xt1, va_div));
+      _mm256_storeu_ps(second + i, u0);
+      _mm256_storeu_ps(second + i + 8, u1);
+      sum_div = _mm256_fmadd_ps(es0, u0, _mm256_fmadd_ps(es1, u1, sum_div));
+    } else {
+      _mm256_storeu_ps(second + i, et0);
+      _mm256_storeu_ps(second + i + 8, et1);
+      if (DIV == FORWARD_KL) {
+        sum_div = _mm256_fmadd_ps(et0, _mm256_sub_ps(at0, as0), _mm256_fmadd_ps(et1, _mm256_sub_ps(at1, as1), sum_div));
+      }
+    }
+  }
+  sums.s = horizontal_sum(sum_s);
+  sums.t = horizontal_sum(sum_t);
+  sums.div = horizontal_sum(sum_div);
+  sums.ent = horizontal_sum(_mm256_add_ps(e0, e1));
+  if (!std::isfinite(sums.div)) {
+    // non-finite logits in this block: redo the sum with the weight > 0 mask, which gives
+    // exactly the portable loop's answer (+inf where the other model has -inf under the
+    // weight's mass, nan for nan logits, finite for -inf entries on both sides)
+    float masked = 0.f;
+    for (int64_t k = 0; k < i; ++k) {
+      if (DIV == REVERSE_KL) masked += first[k] > 0.f ? first[k] * second[k] : 0.f;
+      if (DIV == FORWARD_KL) {
+        masked += second[k] > 0.f ? second[k] * ((xt[k] - anchor.t) - (xs[k] - anchor.s)) : 0.f;
+      }
+    }
+    sums.div = masked;
+  }
+  return i;
+}
+#endif
+
+// Pass 1's vectorised loop over one block: both exponentials, their sums, the divergence and
+// (ENTROPY) entropy sums, and the cache the last pass reads (see scratch_floats).
+template <int DIV, bool ENTROPY, bool SHARED_ANCHOR>
+inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c, BlockAnchors anchor, float* first,
+                            float* second) {
+  float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
+  int64_t start = 0;
+#if TCOD_FAST_AVX2
+  {
+    BlockSums head;
+    start = block_sums_avx2<DIV, ENTROPY, SHARED_ANCHOR>(xs, xt, n, c, anchor, first, second, head);
+    sum_s = head.s;
+    sum_t = head.t;
+    sum_div = head.div;
+    sum_ent = head.ent;
+  }
+#endif
+#pragma omp simd reduction(+ : sum_s, sum_t, sum_div, sum_ent)
+  for (int64_t i = start; i < n; ++i) {
+    const float as = xs[i] - anchor.s;  // <= 0 (or -inf, or nan)
+    const float at = xt[i] - anchor.t;
+    const float ts = clamp_exp2_arg(as * c);
+    const float tt = clamp_exp2_arg(at * c);
+    const float es = exp2_clamped(ts);
+    const float et = exp2_clamped(tt);
+    first[i] = es;
+    sum_s += es;
+    sum_t += et;
+    if (ENTROPY) sum_ent += es * ts;  // ts is finite (clamped), so 0 where es == 0
+    // selects, not branches: where the weight is 0 the difference may be nan or inf
+    if (DIV == REVERSE_KL) {
+      const float u = as - (SHARED_ANCHOR ? at : xt[i] - anchor.div);
+      second[i] = u;
+      sum_div += es > 0.f ? es * u : 0.f;
+    } else {
+      second[i] = et;
+      if (DIV == FORWARD_KL) sum_div += et > 0.f ? et * (at - as) : 0.f;
+    }
+  }
+  return BlockSums{sum_s, sum_t, sum_div, sum_ent};
+}
+
+// Units and anchors. With z = x / temperature and c = log2(e) / temperature, the exponentials
+// are 2^((x - A) c) = exp(z - A / temperature), where the anchor A is the running max of the
+// raw logits x. The difference x - A is taken in raw units *before* scaling: it is <= 0, exact
+// near the max (Sterbenz), and never rounds away the gap between two large logits, so the
+// exponent argument is always in the polynomial's range (<= 0) whatever the logits' scale or
+// the temperature. (One FMA x * c - fl(A * c), the obvious alternative, is off by up to half an
+// ulp of A * c: at |A / temperature| ~ 1e7 that is several units in the exponent, and beyond
+// ~1e9 it overflows it.) All sums are kept relative to the anchors and rescaled when they move:
+//   l   = sum 2^t                 t = (x - A) c clamped at -127 (t of -inf is -127, 2^t = 0)
+//   ent = sum 2^t_s t_s            (entropy = log l_s - ln2 ent / l_s)
+//   div = sum 2^t_s u              u = (x_s - A_s) - (x_t - B)                   (reverse)
+//       = sum 2^t_t ((x_t - A_t) - (x_s - A_s))                                   (forward)
+// Reverse KL centres on B, the teacher's logit at the student's argmax a: then u_a = 0 exactly,
+//   KL = (mean_p(u) + A_t - B) / temperature + log l_t - log l_s
+// and the gradient p_v (u_v - mean_p(u)) / temperature is exact at a too, where p_a ~ 1 and the
+// two terms would otherwise cancel. In the one-hot limit (logits 1e14 apart after scaling) this
+// is the exact answer: mean_p(u) = 0, KL = (A_t - x_t[a]) / temperature + ~0, gradient 0.
+// Forward KL and JSD gradients, p - q and p (log p - log m - KL(p||m)), cancel at a in the same
+// limit; there the last pass sets g_a = -sum_{v != a} g_v (every gradient here sums to 0 over
+// the vocabulary) when p_a > 1/2, i.e. when that is the more accurate of the two.
+template <int SD, int TD, int DIV>
+void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>::type* t,
+                 typename Storage<SD>::type* grad, int64_t vocab, int64_t grad_cols, int64_t target,
+                 float beta, double inv_temp_d, float grad_scale, bool want_entropy, float* scratch, RowOut& out) {
+  alignas(64) float buf_s[BLOCK];
+  alignas(64) float buf_t[BLOCK];
+  const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
+  float* first_row = scratch;
+  float* second_row = scratch + vocab;
+  float* block_anchor_s = scratch + 2 * vocab;  // A of the block, NaN while the row was all -inf
+  float* block_anchor_t = block_anchor_s + blocks;
+  float* block_anchor_div = block_anchor_t + blocks;
+  const float inv_temp = static_cast<float>(inv_temp_d);
+  const float c = static_cast<float>(inv_temp_d * 1.44269504088896340736);
+
+  // running maxima; anchors (0 while the max is -inf, so -inf - anchor is -inf, never nan)
+  float max_s = NEG_INF, max_t = NEG_INF;
+  BlockAnchors anchor{0.f, 0.f, 0.f};
+  int64_t argmax_s = -1;
+  float l_s = 0.f, l_t = 0.f, acc_div = 0.f, acc_ent = 0.f;
+
+  // ---- pass 1: online softmax statistics, one block at a time ----
+  for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
+    const int64_t n = std::min(BLOCK, vocab - v0);
+    const float* xs = block_as_float<SD>(s + v0, buf_s, n);
+    const float* xt = block_as_float<TD>(t + v0, buf_t, n);
+    const float block_max_s = block_max(xs, n);
+    const float block_max_t = block_max(xt, n);
+    if (block_max_s > max_s) {  // a new argmax (the first one wins ties)
+      const int64_t i = first_index_of(xs, n, block_max_s);
+      const float new_div = std::isfinite(xt[i]) ? xt[i] : 0.f;  // teacher -inf at a: KL is +inf anyway
+      if (max_s != NEG_INF) {
+        const float moved = anchor.s - block_max_s;  // < 0
+        const float gap = moved * c;
+        const float scale = std::exp2(gap);
+        if (scale > 0.f) {
+          acc_ent = scale * (acc_ent + gap * l_s);
+          if (DIV == REVERSE_KL) acc_div = scale * (acc_div + l_s * (moved - (anchor.div - new_div)));
+          l_s *= scale;
+        } else {  // everything so far is below float32's range next to the new max
+          acc_ent = 0.f;
+          if (DIV == REVERSE_KL) acc_div = 0.f;
+          l_s = 0.f;
+        }
+        if (DIV == FORWARD_KL) acc_div -= l_t * moved;
+      }
+      max_s = block_max_s;
+      anchor.s = block_max_s;
+      anchor.div = new_div;
+      argmax_s = v0 + i;
+    }
+    if (block_max_t > max_t) {
+      if (max_t != NEG_INF) {
+        const float moved = anchor.t - block_max_t;
+        const float scale = std::exp2(moved * c);
+        if (scale > 0.f) {
+          if (DIV == FORWARD_KL) acc_div = scale * (acc_div + l_t * moved);
+          l_t *= scale;
+        } else {
+          if (DIV == FORWARD_KL) acc_div = 0.f;
+          l_t = 0.f;
+        }
+      }
+      max_t = block_max_t;
+      anchor.t = block_max_t;
+    }
+    if (DIV == REVERSE_KL && max_t != NEG_INF) {
+      // The teacher's exponentials only feed l_t, so any anchor at most ~64 binary orders below
+      // the teacher's max keeps them exact and in range (2^64 per term at most). Anchoring them
+      // at B when it is that close makes x_t - B, which u needs anyway, their argument too:
+      // one subtraction per element less in the common case of a teacher near the student.
+      const float wanted = (max_t - anchor.div) * c <= 64.f ? anchor.div : max_t;
+      if (wanted != anchor.t) {
+        l_t *= std::exp2((anchor.t - wanted) * c);  // <= 2^64 by the rule above
+        anchor.t = wanted;
+      }
+    }
+    block_anchor_s[v0 / BLOCK] = max_s == NEG_INF ? NAN : anchor.s;
+    block_anchor_t[v0 / BLOCK] = max_t == NEG_INF ? NAN : anchor.t;
+    block_anchor_div[v0 / BLOCK] = anchor.div;
+    float* first = first_row + v0;
+    float* second = second_row + v0;
+
+    BlockSums sums;
+    const bool shared = DIV == REVERSE_KL && anchor.t == anchor.div;
+    if (want_entropy) {
+      sums = shared ? block_sums<DIV, true, true>(xs, xt, n, c, anchor, first, second)
+                    : block_sums<DIV, true, false>(xs, xt, n, c, anchor, first, second);
+    } else {
+      sums = shared ? block_sums<DIV, false, true>(xs, xt, n, c, anchor, first, second)
+                    : block_sums<DIV, false, false>(xs, xt, n, c, anchor, first, second);
+    }
+    l_s += sums.s;
+    l_t += sums.t;
+    acc_div += sums.div;
+    acc_ent += sums.ent;
+  }
+
+  // log-normalisers relative to the anchors: lse = A / temperature + log l
+  const double log_l_s = std::log(static_cast<double>(l_s));
+  const double log_l_t = std::log(static_cast<double>(l_t));
+  out.entropy = static_cast<float>(log_l_s - LN2 * acc_ent / l_s);
+  if (target >= 0) {
+    out.logp_target =
+        static_cast<float>((static_cast<double>(load_one<SD>(s, target)) - anchor.s) * inv_temp_d - log_l_s);
+    out.logq_target =
+        static_cast<float>((static_cast<double>(load_one<TD>(t, target)) - anchor.t) * inv_temp_d - log_l_t);
+  }
+
+  float div = 0.f, kl_p_m = 0.f;
+  const float mean_u = acc_div / l_s;  // reverse KL: mean of u under p
+  const float log_1m_beta = std::log1p(-beta);
+  const float log_beta = std::log(beta);
+  if (DIV == REVERSE_KL) {
+    const double centre_gap = static_cast<double>(anchor.t) - anchor.div;  // teacher anchor - B, >= 0
+    div = static_cast<float>(inv_temp_d * (static_cast<double>(mean_u) + centre_gap) + (log_l_t - log_l_s));
+  }
+  if (DIV == FORWARD_KL) {
+    div = static_cast<float>(inv_temp_d * (static_cast<double>(acc_div) / l_t) + (log_l_s - log_l_t));
+  }
+  if (DIV == JSD) {
+    // ---- pass 2 (JSD only): the divergence and KL(p||m) need the final log-normalisers ----
+    const float log_l_s_f = static_cast<float>(log_l_s), log_l_t_f = static_cast<float>(log_l_t);
+    float sum_q = 0.f, sum_p = 0.f;
+    for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, vocab - v0);
+      const float* xs = block_as_float<SD>(s + v0, buf_s, n);
+      const float* xt = block_as_float<TD>(t + v0, buf_t, n);
+      const float shift_s = block_anchor_s[v0 / BLOCK];
+      const float shift_t = block_anchor_t[v0 / BLOCK];
+      const float to_p = std::isnan(shift_s) ? 0.f : std::exp2((shift_s - anchor.s) * c) / l_s;
+      const float to_q = std::isnan(shift_t) ? 0.f : std::exp2((shift_t - anchor.t) * c) / l_t;
+      const float* es = first_row + v0;
+      float* et_then_ratio = second_row + v0;  // read as exp(z_t - shift), left as log p - log m
+#pragma omp simd reduction(+ : sum_q, sum_p)
+      for (int64_t i = 0; i < n; ++i) {
+        const float log_p = (xs[i] - anchor.s) * inv_temp - log_l_s_f;
+        const float log_q = (xt[i] - anchor.t) * inv_temp - log_l_t_f;
+        const float p = es[i] * to_p;
+        const float q = et_then_ratio[i] * to_q;
+        const float log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta);
+        const float log_ratio = log_p - log_m;
+        et_then_ratio[i] = log_ratio;  // the gradient's per-element term, so the last pass needs no log
+        sum_p += p != 0.f ? p * log_ratio : 0.f;  // != 0: a NaN row stays NaN
+        sum_q += q != 0.f ? q * (log_q - log_m) : 0.f;
+      }
+    }
+    kl_p_m = sum_p;
+    div = beta * sum_q + (1.f - beta) * sum_p;
+  }
+  out.div = div;
+
+  if (grad == nullptr) return;
+  if (std::isnan(div)) {  // a NaN logit in the row (or an all -inf student row): autograd's answer
+    nan_fill<SD>(grad, vocab);
+    zero_fill<SD>(grad + vocab, grad_cols - vocab);
+    return;
+  }
+  // ---- last pass: grad_scale * d div / d student_logits, in the student's dtype ----
+  // p (and q) come from the cached pass-1 exponentials times 2^((block anchor - final anchor) c) / l.
+  alignas(64) float g_buf[BLOCK];
+  float sum_g = 0.f, g_at_argmax = 0.f;  // forward KL and JSD: see "Units and anchors"
+  for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
+    const int64_t n = std::min(BLOCK, vocab - v0);
+    const float shift_s = block_anchor_s[v0 / BLOCK];
+    const float shift_t = block_anchor_t[v0 / BLOCK];
+    // d/dx = (1/temperature) d/dz, folded into the per-block factor with the caller's scale
+    const float to_p = std::isnan(shift_s) ? 0.f : std::exp2((shift_s - anchor.s) * c) / l_s * inv_temp * grad_scale;
+    const float to_q = std::isnan(shift_t) ? 0.f : std::exp2((shift_t - anchor.t) * c) / l_t * inv_temp * grad_scale;
+    const float* first = first_row + v0;
+    const float* second = second_row + v0;
+    float* g;
+    if constexpr (SD == F32) {
+      g = grad + v0;
+    } else {
+      g = g_buf;
+    }
+    if (DIV == REVERSE_KL) {
+      // log p - log q - KL = (u_final - mean_u) / temperature, where u relative to the final
+      // anchors is u + (A_b - A) - (B_b - B): one FMA per element
+      const float offset =
+          (((shift_s - anchor.s) - (block_anchor_div[v0 / BLOCK] - anchor.div)) - mean_u) * inv_temp;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        // both operands of the select computed unconditionally: a conditional read of second[i]
+        // becomes a masked load, which is slow on some x86 cores. `!= 0`, not `> 0`: grad_scale
+        // carries the token's turn weight, which may be negative.
+        const float p_scaled = first[i] * to_p;
+        const float centred = second[i] * inv_temp + offset;
+        g[i] = p_scaled != 0.f ? p_scaled * centred : 0.f;
+      }
+    } else if (DIV == FORWARD_KL) {
+      // g = p - q (scaled) and its sum; explicit vectors: GCC's `omp simd reduction` version of
+      // this loop was measured 20% slower per row than the loop without the sum
+      v8f acc0 = {}, acc1 = {};
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const v8f g0 = load8(first + i) * to_p - load8(second + i) * to_q;
+        const v8f g1 = load8(first + i + 8) * to_p - load8(second + i + 8) * to_q;
+        store8(g + i, g0);
+        store8(g + i + 8, g1);
+        acc0 += g0;
+        acc1 += g1;
+      }
+      sum_g += sum8(acc0 + acc1);
+      for (; i < n; ++i) {
+        const float gi = first[i] * to_p - second[i] * to_q;
+        g[i] = gi;
+        sum_g += gi;
+      }
+    } else {
+      // second = log p - log m, left there by pass 2
+      const float jsd_scale = 1.f - beta;
+      const float jsd_to_p = jsd_scale * to_p;
+      const v8f zero = {};
+      v8f acc0 = {}, acc1 = {};
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const v8f p0 = load8(first + i) * jsd_to_p, p1 = load8(first + i + 8) * jsd_to_p;
+        const v8f g0 = p0 != 0.f ? p0 * (load8(second + i) - kl_p_m) : zero;
+        const v8f g1 = p1 != 0.f ? p1 * (load8(second + i + 8) - kl_p_m) : zero;
+        store8(g + i, g0);
+        store8(g + i + 8, g1);
+        acc0 += g0;
+        acc1 += g1;
+      }
+      sum_g += sum8(acc0 + acc1);
+      for (; i < n; ++i) {
+        const float p_scaled = first[i] * jsd_to_p;
+        const float gi = p_scaled != 0.f ? p_scaled * (second[i] - kl_p_m) : 0.f;
+        g[i] = gi;
+        sum_g += gi;
+      }
+    }
+    if (argmax_s >= v0 && argmax_s < v0 + n) g_at_argmax = g[argmax_s - v0];
+    if constexpr (SD != F32) store_block<SD>(g_buf, grad + v0, n);
+  }
+  if (DIV != REVERSE_KL && argmax_s >= 0 && 2.f * first_row[argmax_s] > l_s && std::isfinite(sum_g)) {
+    const float g_new = g_at_argmax - sum_g;  // -(sum of the others)
+    store_block<SD>(&g_new, grad + argmax_s, 1);
+  }
+  zero_fill<SD>(grad + vocab, grad_cols - vocab);
+}
+
+struct Args {
+  int64_t student, teacher, grad, keep, target, grad_scale;
+  int64_t rows_b, rows_t;
+  int64_t s_sb, s_st, t_sb, t_st, g_sb, g_st;
+  int64_t vocab, grad_cols;
+  int divergence;
+  float beta;
+  double inv_temp;
+  int64_t out_div, out_ent, out_logp, out_logq;
+  int num_threads;
+};
+
+template <int SD, int TD, int DIV>
+void run_rows(const Args& a) {
+  using S = typename Storage<SD>::type;
+  using Tt = typename Storage<TD>::type;
+  const S* student = reinterpret_cast<const S*>(a.student);
+  const Tt* teacher = reinterpret_cast<const Tt*>(a.teacher);
+  S* grad = reinterpret_cast<S*>(a.grad);
+  const bool* keep = reinterpret_cast<const bool*>(a.keep);
+  const int64_t* target = reinterpret_cast<const int64_t*>(a.target);
+  const float* grad_scale = reinterpret_cast<const float*>(a.grad_scale);
+  float* out_div = reinterpret_cast<float*>(a.out_div);
+  float* out_ent = reinterpret_cast<float*>(a.out_ent);
+  float* out_logp = reinterpret_cast<float*>(a.out_logp);
+  float* out_logq = reinterpret_cast<float*>(a.out_logq);
+  const int64_t n_rows = a.rows_b * a.rows_t;
+
+  // Rows in memory order: kept ones first, then dropped ones (which only get zeros). Threads
+  // take chunks of about 1/8 of their share of the kept rows: the real work is balanced whatever
+  // the mask, a thread stalled by page faults (a fresh gradient is mostly first-touch faults) is
+  // helped by the other, and each thread's gradient rows stay mostly contiguous.
+  std::vector<int64_t> order(static_cast<size_t>(n_rows));
+  int64_t n_kept = 0;
+  for (int64_t row = 0; row < n_rows; ++row) n_kept += keep[row] ? 1 : 0;
+  for (int64_t row = 0, k = 0, d = n_kept; row < n_rows; ++row) order[keep[row] ? k++ : d++] = row;
+
+  const int64_t chunk = std::max<int64_t>(1, n_kept / (8 * static_cast<int64_t>(a.num_threads)));
+#pragma omp parallel num_threads(a.num_threads)
+  {
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats(a.vocab)));
+#pragma omp for schedule(dynamic, chunk) nowait
+    for (int64_t k = 0; k < n_kept; ++k) {
+      const int64_t row = order[k];
+      const int64_t b = row / a.rows_t, t = row % a.rows_t;
+      S* grad_row = grad ? grad + b * a.g_sb + t * a.g_st : nullptr;
+      RowOut out{0.f, 0.f, 0.f, 0.f};
+      const int64_t tgt = target ? target[row] : -1;
+      const float scale = grad_scale ? grad_scale[row] : 1.f;
+      process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st, grad_row,
+                               a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, out_ent != nullptr,
+                               scratch.data(), out);
+      out_div[row] = out.div;
+      if (out_ent) out_ent[row] = out.entropy;
+      out_logp[row] = out.logp_target;
+      out_logq[row] = out.logq_target;
+    }
+#pragma omp for schedule(static)
+    for (int64_t k = n_kept; k < n_rows; ++k) {
+      const int64_t row = order[k];
+      const int64_t b = row / a.rows_t, t = row % a.rows_t;
+      if (grad) zero_fill<SD>(grad + b * a.g_sb + t * a.g_st, a.grad_cols);
+      out_div[row] = 0.f;
+      if (out_ent) out_ent[row] = 0.f;
+      out_logp[row] = 0.f;
+      out_logq[row] = 0.f;
+    }
+  }
+}
+
+template <int SD, int TD>
+void dispatch_div(const Args& a) {
+  switch (a.divergence) {
+    case REVERSE_KL: return run_rows<SD, TD, REVERSE_KL>(a);
+    case FORWARD_KL: return run_rows<SD, TD, FORWARD_KL>(a);
+    case JSD: return run_rows<SD, TD, JSD>(a);
+    default: throw std::invalid_argument("divergence code must be 0 (reverse_kl), 1 (forward_kl) or 2 (jsd)");
+  }
+}
+
+template <int SD>
+void dispatch_teacher(const Args& a, int teacher_dtype) {
+  switch (teacher_dtype) {
+    case F32: return dispatch_div<SD, F32>(a);
+    case BF16: return dispatch_div<SD, BF16>(a);
+    case F16: return dispatch_div<SD, F16>(a);
+    default: throw std::invalid_argument("teacher dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  }
+}
+
+void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int teacher_dtype,
+                     int64_t grad, int64_t keep, int64_t target, int64_t grad_scale, int64_t rows_b,
+                     int64_t rows_t,
+                     int64_t s_sb, int64_t s_st, int64_t t_sb, int64_t t_st, int64_t g_sb,
+                     int64_t g_st, int64_t vocab, int64_t grad_cols, int divergence, double beta,
+                     double inv_temp, int64_t out_div, int64_t out_ent, int64_t out_logp,
+                     int64_t out_logq, int num_threads) {
+  Args a{student, teacher, grad, keep, target, grad_scale, rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st,
+         vocab, grad_cols, divergence, static_cast<float>(beta), inv_temp,
+         out_div, out_ent, out_logp, out_logq, std::max(1, num_threads)};
+  switch (student_dtype) {
+    case F32: return dispatch_teacher<F32>(a, teacher_dtype);
+    case BF16: return dispatch_teacher<BF16>(a, teacher_dtype);
+    case F16: return dispatch_teacher<F16>(a, teacher_dtype);
+    default: throw std::invalid_argument("student dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  }
+}
+
+// grad[b, t, :] *= factor[b, t] for rows whose factor is not exactly 1 (backward's rescale when
+// the upstream gradient differs from the scale the forward pass already applied).
+template <int D>
+void scale_rows_impl(int64_t grad_ptr, int64_t factor_ptr, int64_t rows_b, int64_t rows_t, int64_t g_sb,
+                     int64_t g_st, int64_t cols, int num_threads) {
+  using S = typename Storage<D>::type;
+  S* grad = reinterpret_cast<S*>(grad_ptr);
+  const float* factor = reinterpret_cast<const float*>(factor_ptr);
+  const int64_t n_rows = rows_b * rows_t;
+#pragma omp parallel num_threads(num_threads)
+  {
+    alignas(64) float buf[BLOCK];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t row = 0; row < n_rows; ++row) {
+      const float f = factor[row];
+      if (f == 1.f) continue;
+      S* g = grad + (row / rows_t) * g_sb + (row % rows_t) * g_st;
+      for (int64_t v0 = 0; v0 < cols; v0 += BLOCK) {
+        const int64_t n = std::min(BLOCK, cols - v0);
+        load_block<D>(g + v0, buf, n, f);
+        store_block<D>(buf, g + v0, n);
+      }
+    }
+  }
+}
+
+void scale_rows(int64_t grad, int grad_dtype, int64_t factor, int64_t rows_b, int64_t rows_t, int64_t g_sb,
+                int64_t g_st, int64_t cols, int num_threads) {
+  num_threads = std::max(1, num_threads);
+  switch (grad_dtype) {
+    case F32: return scale_rows_impl<F32>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+    case BF16: return scale_rows_impl<BF16>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+    case F16: return scale_rows_impl<F16>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+    default: throw std::invalid_argument("grad dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  }
+}

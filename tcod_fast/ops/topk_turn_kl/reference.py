@@ -1,0 +1,259 @@
+"""Plain float64 reference of ``fused_topk_turn_kl`` and ``fused_linear_topk_turn_kl``.
+
+Materialises the student's full softmax in float64, builds the top-k membership mask over the
+vocabulary, sums the tail over the complement directly, and lets autograd produce the gradient.
+Slow and memory hungry on purpose: it is the yardstick the fast backends are tested against and
+shares none of their code (no sorting of ids, no streaming, no hand-derived gradient), so a bug
+in either cannot hide in both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tcod_fast.ops.turn_kl.result import TurnKLResult
+
+
+def _weighted_log_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``weight * (log_a - log_b)`` with ``0 * anything = 0``; autograd never sees ``0 * inf``."""
+    present = weight > 0
+    safe_a = torch.where(present, log_a, torch.zeros_like(log_a))
+    safe_b = torch.where(present, log_b, torch.zeros_like(log_b))
+    return torch.where(present, weight * (safe_a - safe_b), torch.zeros_like(weight))
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log(x)`` with ``log(0) = -inf`` and a finite gradient path where ``x == 0``."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).log(), torch.full_like(x, -math.inf))
+
+
+def _masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` of ``x`` over the last dim where ``mask``; ``-inf`` (gradient 0) where none is."""
+    any_valid = mask.any(-1, keepdim=True)
+    # rows without a valid entry get finite stand-ins so autograd never evaluates exp(-inf - -inf)
+    filled = torch.where(mask, x, torch.where(any_valid, torch.full_like(x, -math.inf), torch.zeros_like(x)))
+    lse = torch.logsumexp(filled, dim=-1)
+    return torch.where(any_valid.squeeze(-1), lse, torch.full_like(lse, -math.inf))
+
+
+def sparse_divergence_per_row(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    tail_eps: float = 1e-6,
+):
+    """Per-row divergence between the student and a sparse (top-k) teacher, in float64.
+
+    Args:
+        student_logits: ``(..., V)`` any float dtype (upcast to float64); carries the gradient.
+        teacher_topk_ids: ``(..., K)`` int, ``-1`` = padding.
+        teacher_topk_logprobs: ``(..., K)`` float, the teacher's log-probs of those ids.
+    Returns:
+        ``(divergence, entropy, log_p)``: divergence and student entropy shaped ``(...)``, and the
+        student's full log-softmax ``(..., V)``.
+    """
+    z = student_logits.double() / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    valid = teacher_topk_ids >= 0
+    safe_ids = torch.where(valid, teacher_topk_ids, torch.zeros_like(teacher_topk_ids)).long()
+    # membership of each vocabulary column in the row's top-k set (padding counts for nothing)
+    in_topk = torch.zeros(z.shape, dtype=torch.long, device=z.device).scatter_add(-1, safe_ids, valid.long()) > 0
+    minus_inf = torch.full_like(log_p[..., :1], -math.inf).expand(safe_ids.shape)
+    log_p_k = torch.where(valid, log_p.gather(-1, safe_ids), minus_inf)
+    log_q_k = torch.where(valid, teacher_topk_logprobs.double().to(z.device), minus_inf)
+
+    if tail == "bucket":
+        p_tail = torch.where(in_topk, torch.zeros_like(p), p).sum(-1)  # the complement, summed directly
+        has_tail = (~in_topk).any(-1)
+        q_tail = torch.clamp_min(1.0 - log_q_k.exp().sum(-1), tail_eps)
+        q_tail = torch.where(has_tail, q_tail, torch.zeros_like(q_tail))  # no tail outcome when S = V
+        log_pi = torch.cat([log_p_k, _safe_log(p_tail).unsqueeze(-1)], dim=-1)
+        log_q = torch.cat([log_q_k, _safe_log(q_tail).unsqueeze(-1)], dim=-1)
+    elif tail == "renormalize":
+        log_pi = torch.where(valid, log_p_k - _masked_logsumexp(log_p_k, valid).unsqueeze(-1), minus_inf)
+        log_q = torch.where(valid, log_q_k - _masked_logsumexp(log_q_k, valid).unsqueeze(-1), minus_inf)
+    else:
+        raise ValueError(f"unknown tail mode {tail!r}")
+    pi, q = log_pi.exp(), log_q.exp()
+
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        value = _weighted_log_ratio(pi, log_pi, log_q).sum(-1)
+    elif divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        value = _weighted_log_ratio(q, log_q, log_pi).sum(-1)
+    elif divergence == "jsd":
+        m = (1.0 - beta) * pi + beta * q
+        log_m = _safe_log(m)
+        value = beta * _weighted_log_ratio(q, log_q, log_m).sum(-1) + (1.0 - beta) * _weighted_log_ratio(
+            pi, log_pi, log_m
+        ).sum(-1)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    entropy = -_weighted_log_ratio(p, log_p, torch.zeros_like(log_p)).sum(-1)
+    return value, entropy.detach(), log_p
+
+
+def topk_turn_kl_reference(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    turn_ids: torch.Tensor | None = None,
+    *,
+    turn_window=None,
+    turn_weights: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+    tail_eps: float = 1e-6,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    num_turns: int | None = None,
+    **_ignored,
+):
+    """Float64 reference with the signature and semantics of :func:`tcod_fast.fused_topk_turn_kl`.
+
+    Backend-only keywords are ignored; no input validation (feed it valid inputs). Returns float64
+    results; gradients reach ``student_logits`` through autograd.
+    """
+    squeeze = student_logits.dim() == 2
+    s = student_logits.unsqueeze(0) if squeeze else student_logits
+    ids = teacher_topk_ids.unsqueeze(0) if squeeze else teacher_topk_ids
+    logq = teacher_topk_logprobs.unsqueeze(0) if squeeze else teacher_topk_logprobs
+    B, T = s.shape[:2]
+    turn = torch.zeros(B, T, dtype=torch.long) if turn_ids is None else turn_ids.reshape(B, T).long().cpu()
+
+    kept = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        if turn_window is None:
+            lo, hi = 0, None
+        elif isinstance(turn_window, torch.Tensor):
+            lo, hi = (int(x) for x in turn_window.reshape(-1, 2)[b])
+        else:
+            lo, hi = int(turn_window[0]), int(turn_window[1])
+        for i in range(T):
+            tid = int(turn[b, i])
+            kept[b, i] = tid >= 0 and tid >= lo and (hi is None or tid < hi)
+    if num_turns is None:
+        if turn_weights is not None:
+            num_turns = turn_weights.shape[-1]
+        else:
+            num_turns = int(turn.max()) + 1 if bool((turn >= 0).any()) else 1
+    weights = None if turn_weights is None else turn_weights.reshape(B, -1).double().cpu()
+
+    # Dropped rows never take part: give them harmless stand-ins (their ids and log-probs may be
+    # anything) so nothing there reaches the kept rows' gradient.
+    row_kept = kept.to(s.device).unsqueeze(-1)
+    s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    ids = torch.where(row_kept.to(ids.device), ids, torch.full_like(ids, -1))
+    logq = torch.where(row_kept.to(logq.device), logq, torch.zeros_like(logq))
+    div, entropy, log_p = sparse_divergence_per_row(s, ids, logq, divergence, beta, temperature, tail, tail_eps)
+    div = div.cpu()
+    token_weight = kept.double().clone()
+    if weights is not None:
+        for b in range(B):
+            for i in range(T):
+                if kept[b, i]:
+                    token_weight[b, i] = weights[b, int(turn[b, i])]
+    per_token = torch.where(kept, div, torch.zeros_like(div))
+    weighted = per_token * token_weight
+
+    if reduction == "none":
+        loss = weighted
+    elif reduction == "sum":
+        loss = weighted.sum()
+    elif reduction == "mean":
+        loss = weighted.sum() / max(int(kept.sum()), 1)
+    elif reduction == "seq_mean_token_mean":
+        seq_means = [weighted[b].sum() / int(kept[b].sum()) for b in range(B) if kept[b].any()]
+        loss = torch.stack(seq_means).sum() / len(seq_means) if seq_means else weighted.sum() * 0
+    elif reduction == "turn_mean":
+        turn_means = []
+        for b in range(B):
+            for k in range(num_turns):
+                in_turn = kept[b] & (turn[b] == k)
+                if in_turn.any():
+                    turn_means.append(weighted[b][in_turn].sum() / int(in_turn.sum()))
+        loss = torch.stack(turn_means).sum() / len(turn_means) if turn_means else weighted.sum() * 0
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if squeeze and reduction == "none":
+        loss = loss.squeeze(0)
+    if not return_stats:
+        return loss
+
+    ent = torch.where(kept, entropy.cpu(), torch.zeros_like(entropy.cpu()))
+    counts = torch.zeros(B, num_turns, dtype=torch.float64)
+    kl_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+    ent_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            if kept[b, i]:
+                k = int(turn[b, i])
+                counts[b, k] += 1
+                kl_sum[b, k] += float(per_token[b, i].detach())
+                ent_sum[b, k] += float(ent[b, i])
+    logp_a = logq_a = abs_sum = nlp_sum = None
+    if target_ids is not None:
+        tgt = target_ids.reshape(B, T).long().cpu()
+        logp_a = torch.zeros(B, T, dtype=torch.float64)
+        logq_a = torch.zeros(B, T, dtype=torch.float64)
+        abs_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+        nlp_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+        ids_cpu, logq_cpu, log_p_cpu = ids.cpu(), logq.double().cpu(), log_p.detach().cpu()
+        for b in range(B):
+            for i in range(T):
+                if not kept[b, i]:
+                    continue
+                a = int(tgt[b, i])
+                logp_a[b, i] = log_p_cpu[b, i, a]
+                hits = (ids_cpu[b, i] == a).nonzero()
+                logq_a[b, i] = float(logq_cpu[b, i, hits[0, 0]]) if len(hits) else math.nan
+                k = int(turn[b, i])
+                abs_sum[b, k] += abs(float(logp_a[b, i]) - float(logq_a[b, i]))
+                nlp_sum[b, k] += -float(logp_a[b, i])
+
+    def shape_back(x):
+        return None if x is None else (x.squeeze(0) if squeeze else x)
+
+    return TurnKLResult(
+        loss=loss,
+        kl=shape_back(per_token),
+        entropy=shape_back(ent),
+        token_kept=shape_back(kept),
+        turn_token_count=counts,
+        turn_kl_sum=kl_sum,
+        turn_entropy_sum=ent_sum,
+        student_logprob=shape_back(logp_a),
+        teacher_logprob=shape_back(logq_a),
+        turn_abs_logratio_sum=abs_sum,
+        turn_neg_logprob_sum=nlp_sum,
+    )
+
+
+def fused_linear_topk_turn_kl_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    turn_ids: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    **kwargs,
+):
+    """Float64 reference of ``fused_linear_topk_turn_kl``: float64 logits ``h @ W.T + b``, then
+    :func:`topk_turn_kl_reference`. Gradients reach the hidden states, weight and bias."""
+    for backend_only in ("backend", "chunk_size"):
+        kwargs.pop(backend_only, None)
+    logits = student_hidden.double() @ student_weight.double().t()
+    if student_bias is not None:
+        logits = logits + student_bias.double()
+    return topk_turn_kl_reference(logits, teacher_topk_ids, teacher_topk_logprobs, turn_ids, **kwargs)

@@ -1,0 +1,91 @@
+"""Builds of the sparse-teacher kernels that the interpreter and the -march=native build do not cover.
+
+* The native kernel built for a baseline x86-64 CPU (no AVX: every loop in its portable form)
+  computes what the ``-march=native`` build computes.
+* The Triton kernel lowers through Triton's real compiler to an sm_90 cubin (the interpreter
+  never compiles it). A subprocess, because this session imports triton in interpreter mode.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tcod_fast.ops.topk_turn_kl import native_backend
+from tcod_fast.ops.topk_turn_kl.topk import prepare_topk
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the baseline flags are x86-64 ones")
+@pytest.mark.skipif(not native_backend.is_available(), reason="native C++ build failed")
+def test_baseline_x86_64_build_matches_the_native_build(tmp_path):
+    from torch.utils import cpp_extension
+
+    flags = native_backend.build_flags(portable=True) + ["-march=x86-64"]
+    portable = cpp_extension.load(
+        name="tcod_fast_topk_native_portable_test",
+        sources=[str(native_backend._source_dir() / native_backend.SOURCE_NAME)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(tmp_path),
+    )
+    B, T, V, K = 2, 9, 1037, 6  # two full 512-column blocks (the vector loops) and a ragged tail
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 4] = False
+    logprobs, ids = torch.log_softmax(torch.randn(B, T, V) * 3, -1).topk(K, -1)
+    ids[0, 3, 2] = -1
+    sorted_ids, sorted_logprobs = prepare_topk(ids, logprobs, keep, V, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        student = (torch.randn(B, T, V) * 3).to(dtype)
+        top = student[0, 2, ids[0, 2]].clone()
+        student[0, 2, :700] = float("-inf")  # whole blocks of -inf
+        student[0, 2, ids[0, 2]] = top  # the top-k stay finite (else forward KL is a true inf)
+        for divergence in ("reverse_kl", "forward_kl", "jsd"):
+            for tail in ("bucket", "renormalize"):
+                results = []
+                for module in (portable, native_backend.load()):
+                    grad = torch.empty_like(student)
+                    outs = native_backend.forward(
+                        student, sorted_ids, sorted_logprobs, keep, None, divergence, 0.3, 1.7, tail, 1e-6, grad,
+                        module=module,
+                    )
+                    results.append((*outs[:2], grad))
+                for name, a, b in zip(["divergence", "entropy", "gradient"], *results):
+                    assert torch.isfinite(a.float()).all(), name
+                    rtol = 2**-7 if name == "gradient" and dtype == torch.bfloat16 else 1e-5
+                    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tcod_fast.ops.topk_turn_kl import triton_backend as tb
+
+scalars = dict.fromkeys(["rows_t", "s_sb", "s_st", "g_sb", "g_st", "vocab", "K"], "i64")
+scalars |= dict.fromkeys(["inv_temp", "beta", "log_1m_beta", "log_beta", "tail_eps"], "fp32")
+for student, divergence, bucket in [("bf16", 0, True), ("fp32", 1, True), ("fp16", 2, True), ("bf16", 0, False)]:
+    signature = {
+        "s_ptr": "*" + student, "g_ptr": "*" + student, "ids_ptr": "*i32", "lq_ptr": "*fp32", "keep_ptr": "*i1",
+        "target_ptr": "*i64", "scale_ptr": "*fp32", "div_ptr": "*fp32", "ent_ptr": "*fp32", "logp_ptr": "*fp32",
+        "logq_ptr": "*fp32", **scalars,
+    }
+    constexprs = dict(DIVERGENCE=divergence, BUCKET=bucket, NEED_NORMALISER=True, HAS_TARGET=True, WRITE_GRAD=True,
+                      HAS_SCALE=True, BLOCK_V=tb.DEFAULT_BLOCK_V, BLOCK_K=64, PAD=tb.PAD_ID)
+    signature |= dict.fromkeys(constexprs, "constexpr")
+    compiled = triton.compile(ASTSource(fn=tb._topk_row_kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert ".target sm_90" in compiled.asm["ptx"], "PTX not for sm_90"
+    assert len(compiled.asm["cubin"]) > 0, "empty cubin"
+    print("compiled", student, divergence, bucket, flush=True)
+"""
+
+
+def test_triton_kernel_compiles_to_sm90_cubin():
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'tcod-fast[triton]')")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"Triton compile for sm_90 failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count("compiled") == 4
