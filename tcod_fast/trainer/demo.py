@@ -444,6 +444,7 @@ def run_demo(out: str | Path = "tcod-demo", *, settings: DemoSettings | None = N
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    commit = _commit()  # the code the runs start with
     torch.set_num_threads(1)
 
     # 1. tokenizer, learnt from the texts of every split
@@ -500,7 +501,7 @@ def run_demo(out: str | Path = "tcod-demo", *, settings: DemoSettings | None = N
     bar.close()
 
     # 6. results
-    results = _assemble(settings, out, tokenizer, results_by_job, time.perf_counter() - started)
+    results = _assemble(settings, out, tokenizer, results_by_job, time.perf_counter() - started, commit)
     _write_metrics(out, results_by_job)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(results_table(results))
@@ -602,7 +603,9 @@ def _versions() -> dict:
     return found
 
 
-def _assemble(settings: DemoSettings, out: Path, tokenizer, by_job: dict[str, dict], wall_seconds: float) -> dict:
+def _assemble(
+    settings: DemoSettings, out: Path, tokenizer, by_job: dict[str, dict], wall_seconds: float, commit: str
+) -> dict:
     runs = [result for key, result in by_job.items() if key.startswith("run/")]
     runs.sort(key=lambda r: (TEACHERS.index(r["teacher"]), list(settings.algorithms(r["teacher"])).index(r["algorithm"]), r["seed"]))
     reference = {key[len("eval/") :]: result["eval"] for key, result in by_job.items() if key.startswith("eval/")}
@@ -633,7 +636,7 @@ def _assemble(settings: DemoSettings, out: Path, tokenizer, by_job: dict[str, di
     setup = {
         "seeds": settings.seeds,
         "base_seed": settings.base_seed,
-        "commit": _commit(),
+        "commit": commit,
         "versions": _versions(),
         **_machine(),
         "threads": 1,
@@ -718,6 +721,13 @@ def verdicts(headline: dict) -> list[str]:
     return lines
 
 
+_DIVERGENCE_NAMES = {
+    "reverse_kl": "reverse KL(student || teacher)",
+    "forward_kl": "forward KL(teacher || student)",
+    "jsd": "generalised Jensen-Shannon divergence",
+}
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -757,7 +767,7 @@ def results_table(results: dict) -> str:
         "## How it was measured",
         "",
         f"Training: {setup['settings']['steps']} steps of {setup['settings']['tasks_per_step']} episodes; the OPD "
-        f"family minimises the full-vocabulary {setup['settings']['divergence'].replace('_', ' ')} on the student's "
+        f"family minimises the full-vocabulary {_DIVERGENCE_NAMES[setup['settings']['divergence']]} on the student's "
         "tokens (GRPO: group-relative advantages of the episode reward, no teacher).",
         "",
         "Success: the share of held-out tasks won by the student playing every turn at temperature 0.4 "
