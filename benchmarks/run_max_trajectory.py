@@ -1,6 +1,6 @@
 """Longest trajectory one distillation training step fits in memory, fused-linear vs materialised.
 
-GPU (issue 6's target: >= 4x longer trajectories and faster steps with the fused-linear loss):
+GPU (target: >= 4x longer trajectories and faster steps with the fused-linear loss):
     python benchmarks/run_max_trajectory.py --device cuda --out benchmarks/results/h100_max_trajectory.json
     Random-init models with real shapes, bf16: a Qwen2.5-1.5B-shaped student (V=151936, tied
     embeddings) trained with AdamW and activation checkpointing, and a frozen Qwen2.5-7B-shaped

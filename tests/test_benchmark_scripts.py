@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end on tiny CPU shapes.
 
 Their real runs need a GPU or minutes of CPU, and no GPU has been lent to this project yet, so
-these smoke runs are what keeps the scripts from rotting between GPU sessions: a broken import,
+these smoke runs are what keeps the scripts from rotting between GPU runs: a broken import,
 a changed op signature or a JSON key that no longer exists fails here, not on leased GPU time.
 They check the scripts' plumbing and report structure, not the numbers (timings of tiny shapes
 mean nothing).

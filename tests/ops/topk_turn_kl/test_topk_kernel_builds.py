@@ -3,7 +3,7 @@
 * The native kernel built for a baseline x86-64 CPU (no AVX: every loop in its portable form)
   computes what the ``-march=native`` build computes.
 * The Triton kernel lowers through Triton's real compiler to an sm_90 cubin (the interpreter
-  never compiles it). A subprocess, because this session imports triton in interpreter mode.
+  never compiles it). A subprocess, because this test process imports triton in interpreter mode.
 """
 
 import os
