@@ -60,12 +60,17 @@ class EnvError:
     """An episode ended by an environment failure rather than by the game.
 
     Returned by :class:`tcod_fast.envs.pool.EnvPool` in place of an :class:`EnvStep`
-    or :class:`EnvObservation` when the environment raised, hung past its timeout or
-    its process died. The episode is over; the worker has been replaced.
+    or :class:`EnvObservation` when the environment raised, hung past its timeout, its
+    process died, or it returned a malformed result. The episode is over; a worker that
+    may be broken has been replaced.
 
     Attributes:
-        kind: ``"exception"``, ``"timeout"``, ``"worker_died"``, or ``"replay_diverged"``
-            (the episode shared a replaced worker and could not be rebuilt identically).
+        kind: ``"exception"``, ``"timeout"``, ``"worker_died"``, ``"invalid_result"`` (the
+            reset or step returned something other than a well-formed
+            :class:`EnvObservation` / :class:`EnvStep`, e.g. None, a bytes observation or
+            one longer than the pool allows), ``"out_of_step"`` (the worker's reply was not
+            the one awaited; the worker was replaced), or ``"replay_diverged"`` (the
+            episode shared a replaced worker and could not be rebuilt identically).
         message: what happened, including the exception text when there is one.
         done: always True, so callers may treat it like a terminal step.
         won: always False.

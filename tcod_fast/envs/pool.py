@@ -16,6 +16,16 @@ worker process is replaced. Other episodes living in the replaced worker are reb
 replaying their tasks and actions in the new worker, so nothing else is lost (this relies
 on the environments being deterministic, which all adapters here are).
 
+A reset or step that returns something other than a well-formed
+:class:`~tcod_fast.envs.base.EnvObservation` / :class:`~tcod_fast.envs.base.EnvStep`
+(None, another type, an observation that is not ``str`` or is longer than
+``PoolConfig.max_observation_chars``, admissible actions that are not a list of ``str``)
+also ends only its episode, with an ``EnvError`` of kind ``"invalid_result"``. Workers
+check results before sending them, so an oversized observation never crosses the pipe.
+Every command carries a sequence number that its reply echoes with the slot; a worker
+whose replies are not the ones awaited (a batch abandoned by an exception such as Ctrl-C
+leaves replies unread) is replaced before its next use, so no reply reaches another slot.
+
 Environment factories must be picklable: a module-level function, a
 :class:`functools.partial` of one, or an :class:`~tcod_fast.envs.registry.EnvSpec`.
 """
@@ -23,7 +33,9 @@ Environment factories must be picklable: a module-level function, a
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing as mp
+import numbers
 import os
 import pickle
 import signal
@@ -57,6 +69,8 @@ class PoolConfig:
             module once, so a restart takes milliseconds instead of a fresh interpreter's
             imports; ``spawn`` starts each worker from scratch. Both are safe with JVMs and
             threads in the parent, unlike ``fork``.
+        max_observation_chars: a reset or step whose observation is longer ends its episode
+            (``EnvError`` kind ``"invalid_result"``); the worker refuses it before sending.
     """
 
     num_workers: int | None = None
@@ -65,6 +79,11 @@ class PoolConfig:
     start_method: str = field(
         default_factory=lambda: "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     )
+    max_observation_chars: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.max_observation_chars < 1:
+            raise ValueError(f"max_observation_chars must be at least 1, got {self.max_observation_chars}")
 
 
 @dataclass
@@ -81,18 +100,83 @@ class _WorkerFailure(Exception):
         self.error = error
 
 
-def _worker_main(conn: Connection, env_factory: EnvFactory) -> None:
-    """Serve env commands for the slots of one worker until told to close."""
+# What a well-formed reply to each checked command is.
+_RESULT_TYPES = {"reset": EnvObservation, "step": EnvStep}
+# Characters of a wrong value quoted in an error message.
+_QUOTED_CHARS = 40
+
+
+def _describe_value(value: Any) -> str:
+    """A short description of ``value`` for an error message, never its whole text."""
+    if value is None:
+        return "None"
+    kind = type(value).__name__
+    if isinstance(value, (str, bytes, bytearray)):
+        return f"{kind} of length {len(value):,} starting {value[:_QUOTED_CHARS]!r}"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"{kind} of {len(value):,} items"
+    return kind
+
+
+def _result_problem(op: str, result: Any, max_observation_chars: int) -> str | None:
+    """What is wrong with a reset (``op="reset"``) or step result, as "expected ...,
+    received ..."; None when it is well formed."""
+    expected_type = _RESULT_TYPES[op]
+    if not isinstance(result, expected_type):
+        return f"expected an {expected_type.__name__}, received {_describe_value(result)}"
+    observation = result.observation
+    if not isinstance(observation, str):
+        return f"expected observation to be a str, received {_describe_value(observation)}"
+    if len(observation) > max_observation_chars:
+        return (
+            f"expected an observation of at most {max_observation_chars:,} characters "
+            f"(PoolConfig.max_observation_chars), received {len(observation):,} characters"
+        )
+    actions = result.admissible_actions
+    if not isinstance(actions, list):
+        return f"expected admissible_actions to be a list of str, received {_describe_value(actions)}"
+    for index, action in enumerate(actions):
+        if not isinstance(action, str):
+            return (
+                f"expected admissible_actions to be a list of str, received {_describe_value(action)} "
+                f"at index {index}"
+            )
+    if not isinstance(result.info, dict):
+        return f"expected info to be a dict, received {_describe_value(result.info)}"
+    if op == "reset" and not isinstance(result.task_text, str):
+        return f"expected task_text to be a str, received {_describe_value(result.task_text)}"
+    if op == "step" and not isinstance(result.reward, numbers.Real):
+        return f"expected reward to be a real number, received {_describe_value(result.reward)}"
+    return None
+
+
+def _env_name(env: Any) -> str:
+    return getattr(env, "name", None) or type(env).__name__
+
+
+def _invalid_result_text(env: Any, problem: str) -> str:
+    return f"env {_env_name(env)!r} returned a malformed result: {problem}"
+
+
+def _worker_main(conn: Connection, env_factory: EnvFactory, max_observation_chars: int) -> None:
+    """Serve env commands for the slots of one worker until told to close.
+
+    A command is ``(sequence, op, local_slot, argument)``; its reply is
+    ``(sequence, local_slot, status, payload)`` with status ``"ok"``, ``"error"`` (the env
+    raised; payload is the traceback) or ``"invalid"`` (the env returned a malformed
+    result; payload says what was expected and received).
+    """
     # Ctrl-C goes to the whole process group; let the parent decide how to shut down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs: dict[int, Env] = {}
     while True:
         try:
-            op, local_slot, argument = conn.recv()
+            sequence, op, local_slot, argument = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             break
         if op == "close":
             break
+        env = None
         try:
             if local_slot not in envs:
                 envs[local_slot] = env_factory()
@@ -109,12 +193,25 @@ def _worker_main(conn: Connection, env_factory: EnvFactory) -> None:
                 payload = env.list_tasks(argument)
             else:
                 raise ValueError(f"unknown pool command {op!r}")
-            reply = ("ok", payload)
+            problem = _result_problem(op, payload, max_observation_chars) if op in _RESULT_TYPES else None
+            if problem is None:
+                reply = (sequence, local_slot, "ok", payload)
+            else:
+                # Checked here so a malformed (possibly huge) payload never crosses the pipe.
+                reply = (sequence, local_slot, "invalid", _invalid_result_text(env, problem))
         except Exception as exc:  # any env failure is reported, never fatal to the worker
-            reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        conn.send(reply)
-        if op == "list_tasks":
-            # The listing env exists only for listing; free its engine now.
+            reply = (sequence, local_slot, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):  # the parent is gone
+            break
+        except Exception as exc:  # the payload does not pickle; nothing was written yet
+            problem = f"expected a picklable result, received one that fails to pickle: {type(exc).__name__}: {exc}"
+            reply = (sequence, local_slot, "invalid", _invalid_result_text(env, problem))
+            conn.send(reply)
+        if reply[2] == "invalid" or op == "list_tasks":
+            # The slot's next episode gets a fresh env; the listing env exists only for
+            # listing, so its engine is freed now.
             _close_quietly(envs.pop(local_slot, None))
     for env in envs.values():
         _close_quietly(env)
@@ -135,11 +232,24 @@ def _close_quietly(env: Env | None) -> None:
 
 
 class _Worker:
-    def __init__(self, context, env_factory: EnvFactory):
+    def __init__(self, context, env_factory: EnvFactory, max_observation_chars: int):
         self.conn, child_conn = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child_conn, env_factory), daemon=True)
+        self.process = context.Process(
+            target=_worker_main, args=(child_conn, env_factory, max_observation_chars), daemon=True
+        )
         self.process.start()
         child_conn.close()
+        # (sequence, local slot) of the command sent whose reply was not read yet.
+        self.awaiting: tuple[int, int] | None = None
+
+    def send(self, sequence: int, op: str, local_slot: int, argument: Any) -> None:
+        """Send one command; a dead worker shows up as EOF on the next receive."""
+        # Marked before sending: a send cut short (Ctrl-C) also leaves the stream unusable.
+        self.awaiting = (sequence, local_slot)
+        try:
+            self.conn.send((sequence, op, local_slot, argument))
+        except (BrokenPipeError, OSError):
+            pass
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -188,7 +298,8 @@ class EnvPool:
         if self.config.start_method == "forkserver":
             # Only effective before the server starts (once per process); later pools reuse it.
             self._context.set_forkserver_preload([__name__])
-        self._workers = [_Worker(self._context, env_factory) for _ in range(self.num_workers)]
+        self._sequence = itertools.count(1)
+        self._workers = [self._new_worker() for _ in range(self.num_workers)]
         self._inline_envs: dict[int, Env] = {}
         self._closed = False
 
@@ -263,8 +374,9 @@ class EnvPool:
                 return env.list_tasks(split)
             finally:
                 env.close()
+        self._replace_out_of_step_workers()
         try:
-            return self._call(0, ("list_tasks", _LISTING_SLOT, split), self.config.reset_timeout_s)
+            return self._call(0, "list_tasks", _LISTING_SLOT, split, self.config.reset_timeout_s, "list_tasks")
         except _WorkerFailure as failure:
             self._restart_worker(0)
             raise RuntimeError(f"listing tasks of split {split!r} failed: {failure.error.message}") from None
@@ -286,7 +398,7 @@ class EnvPool:
             _close_quietly(env)
         for worker in self._workers:
             try:
-                worker.conn.send(("close", 0, None))
+                worker.conn.send((0, "close", 0, None))
             except (BrokenPipeError, OSError):
                 pass
         for worker in self._workers:
@@ -315,6 +427,17 @@ class EnvPool:
     def _local_slot(self, slot: int) -> int:
         return slot // self.num_workers
 
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._context, self.env_factory, self.config.max_observation_chars)
+
+    def _replace_out_of_step_workers(self) -> None:
+        """Replace every worker with a reply still unread (its batch was abandoned by an
+        exception), so that late reply can never be taken for another command's. Replaying
+        rebuilds its episodes as recorded: an abandoned step is as if never played."""
+        for worker_index, worker in enumerate(self._workers):
+            if worker.awaiting is not None:
+                self._restart_worker(worker_index)
+
     def _record(self, slot: int, op: str, argument: Any, payload: Any) -> None:
         if op == "step":
             self._slots[slot].actions.append(argument)
@@ -341,21 +464,34 @@ class EnvPool:
                     self._inline_envs[slot] = self.env_factory()
                 env = self._inline_envs[slot]
                 if op == "reset":
-                    results[slot] = env.reset(argument)
+                    result = env.reset(argument)
                 elif op == "step":
-                    results[slot] = env.step(argument)
+                    result = env.step(argument)
                 elif op == "expert_action":
-                    results[slot] = _current_expert_action(env)
+                    result = _current_expert_action(env)
                 else:
-                    results[slot] = env.expert_actions()
-                self._record(slot, op, argument, results[slot])
+                    result = env.expert_actions()
             except Exception as exc:
                 _close_quietly(self._inline_envs.pop(slot, None))
                 self.restarts += 1
                 results[slot] = self._fail(slot, EnvError("exception", f"{type(exc).__name__}: {exc}"))
+                continue
+            problem = _result_problem(op, result, self.config.max_observation_chars) if op in _RESULT_TYPES else None
+            if problem is not None:
+                # The slot's next episode gets a fresh env, as in a worker.
+                _close_quietly(self._inline_envs.pop(slot, None))
+                message = f"{self._slot_text(slot, op)}: {_invalid_result_text(env, problem)}"
+                results[slot] = self._fail(slot, EnvError("invalid_result", message))
+                continue
+            self._record(slot, op, argument, result)
+            results[slot] = result
         return results
 
+    def _slot_text(self, slot: int, op: str) -> str:
+        return f"slot {slot} ({self._slots[slot].task}) {op}"
+
     def _run_in_workers(self, commands: dict[int, tuple[str, Any]], timeout_s: float) -> dict[int, Any]:
+        self._replace_out_of_step_workers()
         queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         for slot, (op, argument) in sorted(commands.items()):
             queues[self.worker_of(slot)].append((slot, op, argument))
@@ -371,10 +507,7 @@ class EnvPool:
                     if self._slots[slot].error is not None:  # lost while its worker was replaced
                         results[slot] = self._slots[slot].error
                         continue
-                    try:
-                        self._workers[worker_index].conn.send((op, self._local_slot(slot), argument))
-                    except (BrokenPipeError, OSError):
-                        pass  # a dead worker shows up as EOF on the receive below
+                    self._workers[worker_index].send(next(self._sequence), op, self._local_slot(slot), argument)
                     in_flight[worker_index] = (slot, op, argument, time.monotonic() + timeout_s)
                     break
                 if not queue:
@@ -389,25 +522,20 @@ class EnvPool:
                 slot, op, argument, deadline = in_flight[worker_index]
                 worker = self._workers[worker_index]
                 if worker.conn in ready:
-                    try:
-                        status, payload = worker.conn.recv()
-                    except (EOFError, OSError):
-                        error = EnvError("worker_died", self._death_message(worker, slot, op))
-                    else:
-                        if status == "ok":
-                            self._record(slot, op, argument, payload)
-                            results[slot] = payload
-                            del in_flight[worker_index]
-                            continue
-                        error = EnvError("exception", f"slot {slot} ({self._slots[slot].task}) {op}: {payload}")
+                    payload, error, replace_worker = self._receive(worker, self._slot_text(slot, op))
                 elif now >= deadline:
-                    error = EnvError(
-                        "timeout", f"slot {slot} ({self._slots[slot].task}) {op} took longer than {timeout_s:g} s"
-                    )
+                    error = EnvError("timeout", f"{self._slot_text(slot, op)} took longer than {timeout_s:g} s")
+                    replace_worker = True
                 else:
                     continue
                 del in_flight[worker_index]
+                if error is None:
+                    self._record(slot, op, argument, payload)
+                    results[slot] = payload
+                    continue
                 results[slot] = self._fail(slot, error)
+                if not replace_worker:  # a malformed result: the worker and its stream are fine
+                    continue
                 restart_began = time.monotonic()
                 self._restart_worker(worker_index)
                 # The other workers' commands were not being watched during the restart;
@@ -417,34 +545,58 @@ class EnvPool:
                     in_flight[other] = (*command, deadline + paused_s)
         return results
 
-    def _death_message(self, worker: _Worker, slot: int, op: str) -> str:
-        worker.process.join(timeout=1)
-        return (
-            f"slot {slot} ({self._slots[slot].task}) {op}: worker process {worker.process.pid} "
-            f"died with exit code {worker.process.exitcode}"
-        )
+    def _receive(self, worker: _Worker, what: str) -> tuple[Any, EnvError | None, bool]:
+        """Read the reply to the command ``worker`` awaits (``what`` names it in errors).
 
-    def _call(self, worker_index: int, message: tuple, timeout_s: float) -> Any:
-        """Send one command and wait for its reply; raise _WorkerFailure on any failure."""
-        worker = self._workers[worker_index]
+        Returns ``(payload, None, False)`` for a good reply, else ``(None, error,
+        replace_worker)``: the worker must be replaced unless the env merely returned a
+        malformed result.
+        """
+        awaited = worker.awaiting
         try:
-            worker.conn.send(message)
-        except (BrokenPipeError, OSError):
-            pass
-        if not worker.conn.poll(timeout_s):
-            raise _WorkerFailure(EnvError("timeout", f"{message[0]} took longer than {timeout_s:g} s"))
-        try:
-            status, payload = worker.conn.recv()
+            sequence, local_slot, status, payload = worker.conn.recv()
         except (EOFError, OSError):
-            raise _WorkerFailure(EnvError("worker_died", f"worker process died during {message[0]}")) from None
-        if status != "ok":
-            raise _WorkerFailure(EnvError("exception", payload))
+            return None, EnvError("worker_died", self._death_message(worker, what)), True
+        except Exception as exc:  # bytes that do not decode to a reply: the stream is broken
+            message = (
+                f"{what}: worker process {worker.process.pid} sent an unreadable reply: {type(exc).__name__}: {exc}"
+            )
+            return None, EnvError("out_of_step", message), True
+        if (sequence, local_slot) != awaited:
+            message = (
+                f"{what}: worker process {worker.process.pid} answered command {sequence} of its slot "
+                f"{local_slot} while command {awaited[0]} of its slot {awaited[1]} was awaited"
+            )
+            return None, EnvError("out_of_step", message), True
+        worker.awaiting = None
+        if status == "ok":
+            return payload, None, False
+        if status == "invalid":
+            return None, EnvError("invalid_result", f"{what}: {payload}"), False
+        return None, EnvError("exception", f"{what}: {payload}"), True
+
+    def _death_message(self, worker: _Worker, what: str) -> str:
+        worker.process.join(timeout=1)
+        return f"{what}: worker process {worker.process.pid} died with exit code {worker.process.exitcode}"
+
+    def _call(
+        self, worker_index: int, op: str, local_slot: int, argument: Any, timeout_s: float, what: str
+    ) -> Any:
+        """Send one command and wait for its reply (``what`` names it in errors); raise
+        _WorkerFailure on any failure."""
+        worker = self._workers[worker_index]
+        worker.send(next(self._sequence), op, local_slot, argument)
+        if not worker.conn.poll(timeout_s):
+            raise _WorkerFailure(EnvError("timeout", f"{what} took longer than {timeout_s:g} s"))
+        payload, error, _ = self._receive(worker, what)
+        if error is not None:
+            raise _WorkerFailure(error)
         return payload
 
     def _restart_worker(self, worker_index: int) -> None:
         """Replace a worker and replay the live episodes of its other slots into it."""
         self._workers[worker_index].kill()
-        self._workers[worker_index] = _Worker(self._context, self.env_factory)
+        self._workers[worker_index] = self._new_worker()
         self.restarts += 1
         # Slots whose reset has not run yet (queued in this batch) have nothing to replay.
         siblings = [
@@ -456,14 +608,16 @@ class EnvPool:
             state = self._slots[slot]
             local_slot = self._local_slot(slot)
             try:
-                replayed = self._call(worker_index, ("reset", local_slot, state.task), self.config.reset_timeout_s)
+                what = self._slot_text(slot, "reset")
+                replayed = self._call(worker_index, "reset", local_slot, state.task, self.config.reset_timeout_s, what)
                 for action in state.actions:
-                    replayed = self._call(worker_index, ("step", local_slot, action), self.config.step_timeout_s)
+                    what = self._slot_text(slot, "step")
+                    replayed = self._call(worker_index, "step", local_slot, action, self.config.step_timeout_s, what)
             except _WorkerFailure as failure:
                 # A replay that fails means the env is not reproducible or keeps dying;
                 # end the remaining siblings rather than looping on restarts.
                 self._workers[worker_index].kill()
-                self._workers[worker_index] = _Worker(self._context, self.env_factory)
+                self._workers[worker_index] = self._new_worker()
                 self.restarts += 1
                 for lost in siblings[position:]:
                     self._fail(
