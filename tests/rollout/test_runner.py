@@ -380,6 +380,55 @@ def test_pool_env_error_is_recorded(tokenizer, student):
     )
 
 
+class StepReturnsNoneEnv(KeyDoorEnv):
+    """The toy game, except that step 2 of ``broken_task`` returns None (a malformed result)."""
+
+    def __init__(self, broken_task):
+        super().__init__()
+        self.broken_task = broken_task
+        self.task, self.steps = None, 0
+
+    def reset(self, task):
+        self.task, self.steps = task, 0
+        return super().reset(task)
+
+    def step(self, action):
+        self.steps += 1
+        return None if self.task == self.broken_task and self.steps == 2 else super().step(action)
+
+
+def test_a_malformed_env_result_ends_only_its_episode(tokenizer, student):
+    """The pool's EnvError for a step that returned None ends that episode alone (in
+    process here: a worker would import this module, and torch with it; the pool's tests
+    cover the same error from worker processes)."""
+    import functools
+
+    from tcod_fast.envs.pool import EnvPool, PoolConfig
+
+    factory = functools.partial(StepReturnsNoneEnv, TASKS[1])
+    with EnvPool(factory, num_slots=2, config=PoolConfig(num_workers=0)) as pool:
+        trajs = run_episodes(
+            TASKS[:2],
+            [plan(["expert"] * 3)] * 2,
+            pool,
+            tokenizer=tokenizer,
+            prompter=PROMPTER,
+            student=student,
+            config=config(),
+        )
+        assert pool.restarts == 0
+    assert [t.stop_reason for t in trajs] == ["max_turns", "env_error"]
+    assert trajs[1].num_turns == 2 and trajs[1].turns[1].env_error == trajs[1].env_error
+    assert trajs[1].env_error.startswith(
+        f"invalid_result: slot 1 ({TASKS[1]}) step: env 'toy' returned a malformed result: "
+        "expected an EnvStep, received None"
+    )
+    expert_env = KeyDoorEnv()
+    expert_env.reset(TASKS[0])
+    assert [t.action for t in trajs[0].turns] == expert_env.expert_actions()[:3]
+    assert all(t.env_error is None and t.observation for t in trajs[0].turns)
+
+
 def test_rollouts_are_reproducible_from_the_seed(tokenizer, student, teacher):
     def run(seed):
         # Student and teacher both sample, in two episodes.
