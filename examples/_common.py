@@ -2,14 +2,15 @@
 
 import argparse
 
-from tcod_fast.trainer.config import ALGORITHMS, load_config
+from tcod_fast.algorithms import algorithm_names, get_algorithm
+from tcod_fast.trainer.config import load_config
 from tcod_fast.trainer.loop import train
 from tcod_fast.trainer.plots import plot_run
 
 
 def run_example(description: str, env_overrides: list[str], *, default_out: str, default_steps: int = 20) -> None:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--algorithm", default="tcod_f2b", choices=ALGORITHMS)
+    parser.add_argument("--algorithm", default="tcod_f2b", choices=algorithm_names())
     parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--out", default=default_out)
     parser.add_argument("--teacher", help="local Hugging Face teacher folder (default: a random tiny model)")
@@ -23,8 +24,9 @@ def run_example(description: str, env_overrides: list[str], *, default_out: str,
         f"trainer.output_dir={args.out}",
         *env_overrides,
     ]
-    if args.algorithm in ("grpo", "atod", "sod"):
-        overrides.append("curriculum.episodes_per_task=4")
+    min_group_size = get_algorithm(args.algorithm).min_group_size
+    if min_group_size > 1:  # GRPO groups
+        overrides.append(f"curriculum.episodes_per_task={max(4, min_group_size)}")
     if args.teacher:
         overrides.append(f"model.teacher_path={args.teacher}")
     if args.student:

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from tcod_fast.algorithms import algorithm_names
 
-_ALGORITHMS = ("opd", "tcod_f2b", "tcod_b2f", "guided_opd", "atod", "sod", "grpo")
+__all__ = ["main", "build_parser"]
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUTPUT_DIR/final. Runs under torchrun for data parallelism.",
     )
     _add_config_arguments(train)
-    train.add_argument("--algorithm", choices=_ALGORITHMS, help="shortcut for --set curriculum.algorithm=...")
+    train.add_argument("--algorithm", choices=algorithm_names(), help="shortcut for --set curriculum.algorithm=...")
     train.add_argument("--output-dir", metavar="DIR", help="shortcut for --set trainer.output_dir=...")
     train.add_argument("--steps", type=int, help="shortcut for --set trainer.steps=...")
     train.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT_DIR/checkpoints/latest")

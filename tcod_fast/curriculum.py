@@ -1,8 +1,9 @@
 """Curricula for multi-turn on-policy distillation: who plays which turn, and when.
 
-Everything a trainer needs to run TCOD-F2B/B2F, Guided-OPD and the ATOD annealing
-lives here, as plain functions and small schedule objects, plus one sampler that turns
-"training step + batch of tasks" into one :class:`EpisodePlan` per episode.
+The schedules a trainer needs to run TCOD-F2B/B2F, Guided-OPD and the ATOD annealing
+live here, as plain functions and small schedule objects, plus one sampler that turns
+"training step + batch of tasks" into one :class:`EpisodePlan` per episode by asking the
+configured algorithm's record (:mod:`tcod_fast.algorithms`) to plan each one.
 
 Turn index ``k`` counts every turn of an episode from 0, whoever plays it (DESIGN.md
 §3). A plan says who plays turn ``k``; the rollout gives the student's turns turn id
@@ -41,6 +42,7 @@ __all__ = [
     "CurriculumConfig",
     "CurriculumSampler",
     "EpisodePlan",
+    "EpisodeSlot",
     "InterventionSchedule",
     "LinearPacing",
     "Pacing",
@@ -52,12 +54,23 @@ __all__ = [
     "atod_rho",
     "b2f_prefix_len",
     "build_pacing",
+    "depth_from_advance",
     "f2b_depth",
+    "prefix_from_advance",
     "turn_windows_tensor",
 ]
 
 PLAYERS = ("student", "teacher", "expert", "random", "stop")
-ALGORITHMS = ("opd", "tcod_f2b", "tcod_b2f", "guided_opd", "atod", "sod", "grpo")
+
+
+def __getattr__(name: str):
+    # The algorithm records import this module (they plan with its pieces), so the names
+    # they register are read from the registry when first asked for, not at import.
+    if name == "ALGORITHMS":
+        from tcod_fast.algorithms import ALGORITHMS
+
+        return ALGORITHMS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- plan
@@ -80,7 +93,8 @@ class EpisodePlan:
             reset state), ``"random"`` (a uniformly random admissible action, turn id -1;
             exploration noise) or ``"stop"`` (end the episode before this turn).
         turn_window: ``(lo, hi)``; the loss keeps tokens with ``lo <= turn_id < hi``.
-        algorithm: name of the algorithm that made the plan (one of :data:`ALGORITHMS`).
+        algorithm: name of the algorithm that made the plan (a registered algorithm,
+            :func:`tcod_fast.algorithms.algorithm_names`).
         task_index: index of the task in the list given to the sampler; episodes of the
             same task form one GRPO group.
         episode_index: index of the episode within its planned batch.
@@ -144,6 +158,47 @@ class EpisodePlan:
         return sum(1 for who in self.players if who == "student")
 
 
+@dataclass(frozen=True)
+class EpisodeSlot:
+    """One episode of a training batch, before its algorithm plans it.
+
+    The sampler hands one to the algorithm's ``plan_episode(sampler, slot)``
+    (:class:`tcod_fast.algorithms.Algorithm`), which returns ``slot.plan(...)``.
+
+    Attributes:
+        step: global training step.
+        task_index: index of the task in the batch (episodes of one task form a GRPO group).
+        episode_index: index of the episode within its planned batch.
+        expert_len: the task's expert action count ``L``; ``None`` where unknown or when
+            the algorithm did not ask for it (``needs_expert_lens``).
+        rng: this episode's own generator, seeded by ``(seed, step, batch counter,
+            episode index)``; every coin of the plan is flipped with it.
+        max_turns: turn budget of the episode.
+        algorithm: name of the algorithm planning it.
+    """
+
+    step: int
+    task_index: int
+    episode_index: int
+    expert_len: int | None
+    rng: np.random.Generator
+    max_turns: int
+    algorithm: str
+
+    def plan(self, players: Sequence[str], turn_window: tuple[int, int], **details: Any) -> EpisodePlan:
+        """The :class:`EpisodePlan` of this slot with ``players``, ``turn_window`` and
+        ``details`` (``f2b_depth``, ``b2f_prefix_len``, ``intervention_prob``)."""
+        return EpisodePlan(
+            max_turns=self.max_turns,
+            players=tuple(players),
+            turn_window=tuple(turn_window),
+            algorithm=self.algorithm,
+            task_index=self.task_index,
+            episode_index=self.episode_index,
+            **details,
+        )
+
+
 def turn_windows_tensor(plans: Sequence[EpisodePlan]):
     """Per-sequence turn windows of ``plans`` as an int64 tensor of shape ``(B, 2)``,
     ready for ``fused_turn_kl(..., turn_window=...)``."""
@@ -182,14 +237,17 @@ def b2f_prefix_len(step: int, eta: int, expert_len: int) -> int:
         raise ValueError(f"eta must be >= 1, got {eta}")
     if expert_len < 0:
         raise ValueError(f"expert_len must be >= 0, got {expert_len}")
-    return _prefix_from_advance(step // eta, expert_len)
+    return prefix_from_advance(step // eta, expert_len)
 
 
-def _depth_from_advance(advance: int, max_turns: int) -> int:
+def depth_from_advance(advance: int, max_turns: int) -> int:
+    """F2B depth after the curriculum advanced ``advance`` turns: ``min(1 + advance, max_turns)``."""
     return min(1 + advance, max_turns)
 
 
-def _prefix_from_advance(advance: int, expert_len: int) -> int:
+def prefix_from_advance(advance: int, expert_len: int) -> int:
+    """B2F prefix after the curriculum advanced ``advance`` turns:
+    ``clip(L - 1 - advance, 0, L - 1)`` with ``L = expert_len``."""
     upper = max(expert_len - 1, 0)
     return min(max(expert_len - 1 - advance, 0), upper)
 
@@ -402,8 +460,10 @@ class CurriculumConfig:
     """Everything the :class:`CurriculumSampler` needs.
 
     Attributes:
-        algorithm: one of :data:`ALGORITHMS`. ``opd``, ``atod``, ``sod`` and ``grpo``
-            plan full student episodes; the others run their curriculum.
+        algorithm: a registered algorithm (:func:`tcod_fast.algorithms.algorithm_names`);
+            its record plans the episodes. ``opd``, ``atod``, ``sod`` and ``grpo`` plan
+            full student episodes; ``tcod_f2b``, ``tcod_b2f`` and ``guided_opd`` run
+            their curriculum.
         max_turns: turn budget of an episode.
         seed: seeds every coin the sampler flips (Guided-OPD turns, smooth pacing).
         episodes_per_task: episodes planned per task (the GRPO group size ``G``); plans
@@ -451,8 +511,9 @@ class CurriculumConfig:
     atod_rho_max: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        from tcod_fast.algorithms import get_algorithm
+
+        get_algorithm(self.algorithm)  # an unknown name raises, listing the registered ones
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.episodes_per_task < 1:
@@ -472,20 +533,9 @@ class CurriculumSampler:
     """Plans the episodes of each training batch for the configured algorithm.
 
     ``plan_batch(step, tasks, expert_lens)`` returns ``len(tasks) * episodes_per_task``
-    :class:`EpisodePlan` objects (task-major). Per algorithm:
-
-    * ``opd``, ``atod``, ``sod``, ``grpo``: the student plays every turn; window
-      ``(0, max_turns)``.
-    * ``tcod_f2b``: the student plays turns ``0 .. d-1`` with ``d`` the F2B depth; then
-      the episode stops or the teacher finishes it (``f2b_after_depth``); window
-      ``(0, d)``.
-    * ``tcod_b2f``: the expert (stored actions) or teacher plays turns ``0 .. c-1`` with
-      ``c`` the B2F prefix length from the task's expert length; the student plays from
-      turn ``c``; window ``(c, max_turns)``. ``c`` is capped at ``max_turns - 1`` so the
-      student always gets at least one turn.
-    * ``guided_opd``: each turn is the teacher's with probability ``p(step)`` by its own
-      seeded coin, else the student's; window ``(0, max_turns)`` (teacher turns carry
-      turn id -1 anyway).
+    :class:`EpisodePlan` objects (task-major), each planned by the configured algorithm's
+    record (``self.algorithm``, a :class:`tcod_fast.algorithms.Algorithm`; its
+    ``plan_episode`` says who plays each turn and which turns are trained).
 
     Coins come from a generator seeded by ``(seed, step, batch counter, episode)``, so
     the same seed gives the same plans, and :meth:`state_dict` (which saves the batch
@@ -526,6 +576,13 @@ class CurriculumSampler:
         self.last_step: int | None = None
         self._last_plans: list[EpisodePlan] = []
 
+    @property
+    def algorithm(self):
+        """The configured algorithm's record (:class:`tcod_fast.algorithms.Algorithm`)."""
+        from tcod_fast.algorithms import get_algorithm
+
+        return get_algorithm(self.config.algorithm)
+
     # ---- planning
 
     def plan_batch(
@@ -540,7 +597,7 @@ class CurriculumSampler:
             step: global training step (>= 0).
             tasks: the batch's tasks; only their number and order are used.
             expert_lens: expert action count ``L`` per task (``None`` where unknown);
-                needed by ``tcod_b2f`` only.
+                needed only by algorithms that say so (``needs_expert_lens``: ``tcod_b2f``).
 
         Returns:
             ``len(tasks) * episodes_per_task`` plans, task-major.
@@ -558,10 +615,16 @@ class CurriculumSampler:
         for task_index, expert_len in enumerate(expert_lens):
             for repeat in range(cfg.episodes_per_task):
                 episode_index = task_index * cfg.episodes_per_task + repeat
-                rng = np.random.default_rng([cfg.seed, step, batch_counter, episode_index])
-                plans.append(
-                    self._plan_episode(step, rng, task_index, episode_index, expert_len)
+                slot = EpisodeSlot(
+                    step=step,
+                    task_index=task_index,
+                    episode_index=episode_index,
+                    expert_len=expert_len,
+                    rng=np.random.default_rng([cfg.seed, step, batch_counter, episode_index]),
+                    max_turns=cfg.max_turns,
+                    algorithm=cfg.algorithm,
                 )
+                plans.append(self.algorithm.plan_episode(self, slot))
         self.num_batches_planned += 1
         self.last_step = step
         self._last_plans = plans
@@ -584,105 +647,31 @@ class CurriculumSampler:
             for index in range(len(tasks))
         ]
 
-    def _advance(self, step: int, rng: np.random.Generator) -> int:
+    def advance(self, step: int, rng: np.random.Generator) -> int:
+        """Turns the curriculum has advanced for one episode at ``step``: the pacing's
+        value, rounded down plus a coin (from ``rng``) with the fractional part as
+        probability, so fractional (smooth) pacing keeps its mean."""
         advance = float(self.pacing(step))
         whole = math.floor(advance)
         fraction = advance - whole
-        # Stochastic rounding keeps E[advance] exact for fractional (smooth) pacing.
         return int(whole) + int(fraction > 0.0 and rng.random() < fraction)
-
-    def _plan_episode(
-        self,
-        step: int,
-        rng: np.random.Generator,
-        task_index: int,
-        episode_index: int,
-        expert_len: int | None,
-    ) -> EpisodePlan:
-        cfg = self.config
-        max_turns = cfg.max_turns
-        common = dict(
-            max_turns=max_turns,
-            algorithm=cfg.algorithm,
-            task_index=task_index,
-            episode_index=episode_index,
-        )
-        if cfg.algorithm == "tcod_f2b":
-            depth = _depth_from_advance(self._advance(step, rng), max_turns)
-            tail = ("teacher",) * (max_turns - depth) if cfg.f2b_after_depth == "teacher" else ()
-            return EpisodePlan(
-                players=("student",) * depth + tail,
-                turn_window=(0, depth),
-                f2b_depth=depth,
-                **common,
-            )
-        if cfg.algorithm == "tcod_b2f":
-            if expert_len is None:
-                expert_len = cfg.b2f_default_expert_len
-            if expert_len is None:
-                raise ValueError(
-                    f"tcod_b2f needs the expert action count of task {task_index}, got None "
-                    "(pass expert_lens or set CurriculumConfig.b2f_default_expert_len)"
-                )
-            prefix = _prefix_from_advance(self._advance(step, rng), int(expert_len))
-            prefix = min(prefix, max_turns - 1)
-            return EpisodePlan(
-                players=(cfg.b2f_prefix_source,) * prefix + ("student",) * (max_turns - prefix),
-                turn_window=(prefix, max_turns),
-                b2f_prefix_len=prefix,
-                **common,
-            )
-        if cfg.algorithm == "guided_opd":
-            probability = float(self.intervention(step))
-            teacher_turn = rng.random(max_turns) < probability
-            return EpisodePlan(
-                players=tuple("teacher" if flag else "student" for flag in teacher_turn),
-                turn_window=(0, max_turns),
-                intervention_prob=probability,
-                **common,
-            )
-        return EpisodePlan(
-            players=("student",) * max_turns, turn_window=(0, max_turns), **common
-        )
 
     # ---- logging
 
     def summary(self, step: int | None = None) -> dict[str, float]:
         """Current curriculum values for logging, keys prefixed ``curriculum/``.
 
-        ``step`` defaults to the last planned step. Gives the scheduled value
-        (``f2b_depth``, ``b2f_advance`` = prefix turns removed so far,
-        ``intervention_prob``, ``atod_kappa``/``atod_rho``) and, when the last batch was
-        planned at that step, batch means (``f2b_depth_mean``, ``b2f_prefix_len_mean``,
-        ``teacher_turn_fraction``).
+        ``step`` defaults to the last planned step. Gives the step and the algorithm's
+        ``curriculum_summary``: its scheduled value (``f2b_depth``, ``b2f_advance`` =
+        prefix turns removed so far, ``intervention_prob``, ``atod_kappa``/``atod_rho``)
+        and, when the last batch was planned at that step, batch means
+        (``f2b_depth_mean``, ``b2f_prefix_len_mean``, ``teacher_turn_fraction``).
         """
         if step is None:
             step = self.last_step if self.last_step is not None else 0
-        cfg = self.config
         out: dict[str, float] = {"curriculum/step": float(step)}
         plans = self._last_plans if step == self.last_step else []
-        if cfg.algorithm == "tcod_f2b":
-            out["curriculum/f2b_depth"] = float(
-                min(1.0 + float(self.pacing(step)), cfg.max_turns)
-            )
-            if plans:
-                out["curriculum/f2b_depth_mean"] = float(np.mean([p.f2b_depth for p in plans]))
-        elif cfg.algorithm == "tcod_b2f":
-            out["curriculum/b2f_advance"] = float(self.pacing(step))
-            if plans:
-                out["curriculum/b2f_prefix_len_mean"] = float(
-                    np.mean([p.b2f_prefix_len for p in plans])
-                )
-        elif cfg.algorithm == "guided_opd":
-            out["curriculum/intervention_prob"] = float(self.intervention(step))
-            if plans:
-                teacher = sum(p.players.count("teacher") for p in plans)
-                out["curriculum/teacher_turn_fraction"] = teacher / sum(
-                    len(p.players) for p in plans
-                )
-        elif cfg.algorithm == "atod":
-            out["curriculum/atod_kappa"] = self.atod.kappa(step)
-            out["curriculum/atod_rho"] = self.atod.rho(step)
+        out.update(self.algorithm.curriculum_summary(self, step, plans))
         return out
 
     # ---- checkpointing

@@ -18,7 +18,8 @@ Pieces, in the order a trainer uses them:
   advantage);
 * per-turn statistics: :func:`turn_sums`, :func:`broadcast_turn_weights`;
 * turn weights: :func:`tdur_weights` (ATOD's T-DUR), :func:`sod_weights` (SOD);
-* advantages: :func:`grpo_advantages`, :func:`hybrid_advantages` (ATOD / SOD);
+* advantages: :func:`grpo_advantages`, :func:`hybrid_advantages` (ATOD / SOD),
+  :func:`token_advantages` (what a PPO surrogate gets: hybrid, or GRPO alone);
 * losses: :func:`ppo_clipped_loss` (+ :func:`aggregate_loss`), :func:`full_vocab_kl_loss`;
 * diagnostics: :func:`turn_diagnostics`.
 """
@@ -32,6 +33,7 @@ import torch
 
 __all__ = [
     "LOSS_AGGREGATIONS",
+    "SAMPLED_KL_ESTIMATORS",
     "TurnDiagnostics",
     "aggregate_loss",
     "broadcast_turn_weights",
@@ -45,11 +47,13 @@ __all__ = [
     "sod_weights",
     "student_token_mask",
     "tdur_weights",
+    "token_advantages",
     "turn_diagnostics",
     "turn_sums",
 ]
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+SAMPLED_KL_ESTIMATORS = ("k1", "k3")
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:
@@ -395,9 +399,12 @@ def hybrid_advantages(
     opd_coef: float,
     grpo_coef: float,
     turn_weights: torch.Tensor | None = None,
+    kl_estimator: str = "k1",
 ) -> torch.Tensor:
     """Per-token hybrid advantage
-    ``A_t = opd_coef * w_{k(t)} * (log q(a_t) - log p_old(a_t)) + grpo_coef * A_seq``.
+    ``A_t = opd_coef * w_{k(t)} * (log q(a_t) - log p_old(a_t)) + grpo_coef * A_seq``
+    (``kl_estimator="k1"``), or with ``-k3`` in place of the log-ratio (``"k3"``: an OPD
+    advantage that is never positive, see :func:`k3_kl`).
 
     * ATOD: ``opd_coef = kappa(s)``, ``grpo_coef = rho(s)``, ``w`` = :func:`tdur_weights`.
     * SOD: ``opd_coef = c``, ``grpo_coef = 1``, ``w`` = :func:`sod_weights`.
@@ -419,8 +426,13 @@ def hybrid_advantages(
     )
     if student_logprobs.dim() != 2:
         raise ValueError(f"expected (B, T) tensors, got shape {tuple(student_logprobs.shape)}")
+    if kl_estimator not in SAMPLED_KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {SAMPLED_KL_ESTIMATORS}, got {kl_estimator!r}")
     with torch.no_grad():
-        opd = teacher_logprobs - student_logprobs
+        if kl_estimator == "k1":
+            opd = teacher_logprobs - student_logprobs
+        else:
+            opd = -k3_kl(student_logprobs, teacher_logprobs)
         if turn_weights is not None:
             opd = opd * broadcast_turn_weights(turn_weights.to(opd.dtype), turn_ids)
         advantage = opd_coef * opd
@@ -431,6 +443,53 @@ def hybrid_advantages(
                     f"{tuple(sequence_advantages.shape)}"
                 )
             advantage = advantage + grpo_coef * sequence_advantages.to(opd.dtype).unsqueeze(-1)
+        return torch.where(turn_ids >= 0, advantage, torch.zeros_like(advantage))
+
+
+def token_advantages(
+    old_logprobs: torch.Tensor,
+    turn_ids: torch.Tensor,
+    sequence_advantages: torch.Tensor,
+    *,
+    opd_coef: float,
+    grpo_coef: float,
+    teacher_logprobs: torch.Tensor | None = None,
+    turn_weights: torch.Tensor | None = None,
+    kl_estimator: str = "k1",
+) -> torch.Tensor:
+    """The per-token advantage of a PPO surrogate, assembled from its terms.
+
+    * With ``teacher_logprobs`` (the OPD term is the sampled-token estimator):
+      :func:`hybrid_advantages`, ``opd_coef * w_k * (log q - log p_old)`` (k1) or
+      ``-opd_coef * w_k * k3`` (k3), plus ``grpo_coef * A_seq``.
+    * Without (no OPD term in the surrogate, e.g. it is the exact full-vocabulary KL
+      elsewhere): ``grpo_coef * A_seq`` on every trained token.
+
+    Args:
+        old_logprobs: ``(B, T)`` log-probs of the sampled tokens under the rollout policy.
+        turn_ids: ``(B, T)`` int; tokens with ``turn_id < 0`` get advantage 0.
+        sequence_advantages: ``(B,)`` per-row sequence advantage (e.g.
+            :func:`grpo_advantages` of the row's episode).
+        teacher_logprobs: ``(B, T)`` teacher log-probs of the same tokens, or ``None``.
+        turn_weights: ``(B, n_turns)`` per-turn weights of the OPD term; ``None`` = 1.
+        kl_estimator: ``"k1"`` or ``"k3"``.
+    Returns:
+        ``(B, T)`` advantages in ``old_logprobs.dtype``, without grad.
+    """
+    if teacher_logprobs is not None:
+        return hybrid_advantages(
+            old_logprobs,
+            teacher_logprobs,
+            turn_ids,
+            sequence_advantages,
+            opd_coef=opd_coef,
+            grpo_coef=grpo_coef,
+            turn_weights=turn_weights,
+            kl_estimator=kl_estimator,
+        )
+    _check_same_shape(old_logprobs=old_logprobs, turn_ids=turn_ids)
+    with torch.no_grad():
+        advantage = grpo_coef * sequence_advantages.unsqueeze(-1).expand_as(old_logprobs)
         return torch.where(turn_ids >= 0, advantage, torch.zeros_like(advantage))
 
 

@@ -23,6 +23,7 @@ from tcod_fast.objectives import (
     sod_weights,
     student_token_mask,
     tdur_weights,
+    token_advantages,
     turn_diagnostics,
     turn_sums,
 )
@@ -296,6 +297,26 @@ def test_hybrid_advantage_hand_values_and_special_cases():
     )
     with pytest.raises(ValueError, match=r"sequence_advantages must be \(2,\)"):
         hybrid_advantages(lp, lq, ids, torch.zeros(3), opd_coef=1.0, grpo_coef=1.0)
+
+
+def test_token_advantages_k1_k3_and_grpo_alone_hand_values():
+    old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    teacher = torch.tensor([[-1.5, -1.0, -0.5]], dtype=torch.float64)
+    ids = torch.tensor([[0, 1, -1]])
+    weights = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
+    sequence = torch.tensor([0.4], dtype=torch.float64)
+    options = dict(opd_coef=2.0, grpo_coef=0.5, teacher_logprobs=teacher, turn_weights=weights)
+    # log q - log p_old = [-0.5, 1.0]; k3 = exp(r) - 1 - r = [exp(-0.5) - 0.5, e - 2]
+    k1 = token_advantages(old, ids, sequence, kl_estimator="k1", **options)
+    assert_values(k1, [[2.0 * 0.5 * -0.5 + 0.2, 2.0 * 2.0 * 1.0 + 0.2, 0.0]])
+    k3 = token_advantages(old, ids, sequence, kl_estimator="k3", **options)
+    assert_values(k3, [[-2.0 * 0.5 * (math.exp(-0.5) - 0.5) + 0.2, -2.0 * 2.0 * (math.e - 2.0) + 0.2, 0.0]])
+    assert bool(((k3 - 0.2)[ids >= 0] <= 0).all())  # the k3 OPD part is never positive
+    # without teacher log-probs the surrogate carries the GRPO term alone
+    alone = token_advantages(old, ids, sequence, opd_coef=2.0, grpo_coef=0.5)
+    assert_values(alone, [[0.2, 0.2, 0.0]])
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        token_advantages(old, ids, sequence, kl_estimator="k2", **options)
 
 
 # ---------------------------------------------------------------------- losses

@@ -2,7 +2,7 @@
 evaluate -> log -> checkpoint), checkpoints, logging, plots, the built-in demo, and
 data-parallel runs under ``torchrun``.
 
-Start at :func:`tcod_fast.trainer.loop.train`; the algorithms are tabled in its module doc.
+Start at :func:`tcod_fast.trainer.loop.train`; the algorithms are tabled in :mod:`tcod_fast.algorithms`.
 """
 
 from tcod_fast.trainer.config import (

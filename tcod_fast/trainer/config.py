@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from tcod_fast.curriculum import ALGORITHMS, CurriculumConfig
+from tcod_fast.algorithms import ALGORITHMS, get_algorithm
+from tcod_fast.curriculum import CurriculumConfig
 
 __all__ = [
     "ALGORITHMS",
@@ -320,10 +321,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.curriculum.algorithm in ("grpo", "atod", "sod") and self.curriculum.episodes_per_task < 2:
+        min_group_size = get_algorithm(self.curriculum.algorithm).min_group_size
+        if self.curriculum.episodes_per_task < min_group_size:
             # A GRPO group of one has advantage 0: the RL term would silently vanish.
             raise ValueError(
-                f"{self.curriculum.algorithm} needs curriculum.episodes_per_task >= 2 (GRPO groups), "
+                f"{self.curriculum.algorithm} needs curriculum.episodes_per_task >= {min_group_size} (GRPO groups), "
                 f"got {self.curriculum.episodes_per_task}"
             )
 

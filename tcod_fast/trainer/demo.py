@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from tcod_fast.algorithms import get_algorithm
 from tcod_fast.trainer.config import TinyModelSpec, TrainConfig, config_to_dict
 
 __all__ = ["DemoSettings", "demo_settings", "run_demo", "results_table", "verdicts"]
@@ -228,7 +229,8 @@ def run_config(settings: DemoSettings, out: Path, teacher: str, algorithm: str, 
     config.curriculum.algorithm = algorithm_name
     config.curriculum.seed = seed
     config.trainer.seed = seed
-    if algorithm_name in ("grpo", "atod", "sod"):
+    record = get_algorithm(algorithm_name)
+    if record.min_group_size > 1:
         # GRPO groups: the same number of episodes per step, as groups per task
         config.curriculum.episodes_per_task = settings.grpo_group_size
         config.rollout.tasks_per_step = max(settings.tasks_per_step // settings.grpo_group_size, 1)
@@ -239,7 +241,7 @@ def run_config(settings: DemoSettings, out: Path, teacher: str, algorithm: str, 
     name = f"{teacher}/{algorithm}/seed{seed}"
     config.logging.run_name = name
     config.logging.tags = {"teacher": teacher, "seed": seed, "evaluates": "student", "demo_run": algorithm}
-    if algorithm_name not in ("grpo",):
+    if record.needs_teacher_model:  # the divergence is the teacher term's
         config.logging.tags["divergence"] = config.loss.divergence
     config.trainer.output_dir = str(out / "runs" / teacher / algorithm / f"seed{seed}")
     return config

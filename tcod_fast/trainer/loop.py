@@ -2,29 +2,23 @@
 
 Read :func:`train` first; every stage is a function of that name below it, in that order.
 
-Where each algorithm lives (DESIGN.md §4):
+Each algorithm is one record in :mod:`tcod_fast.algorithms` (DESIGN.md §4), reached as
+``run.algorithm``; this module asks the record and never branches on a name:
 
 * *who plays which turn* (TCOD-F2B depth, TCOD-B2F prefix, Guided-OPD teacher coin): the
-  curriculum sampler's plans (``tcod_fast.curriculum``), followed by :func:`rollout`; the
-  plan's turn window masks the loss in :func:`compute_loss`.
-* *what signal trains a turn*: :func:`algorithm_coefficients`, one table:
+  record's ``plan_episode``, called by the curriculum sampler; :func:`rollout` plays the
+  plans, and each plan's turn window masks the loss in :func:`compute_loss`;
+* *what signal trains a turn*: the record's ``coefficients`` at the step
+  (:func:`algorithm_coefficients`; the table is in :mod:`tcod_fast.algorithms`);
+* *what it needs*: a teacher model (:func:`setup_run`), a teacher generator and expert
+  action counts (:func:`rollout`).
 
-  ============  ===========================  ==========================  ============
-  algorithm     OPD coefficient              GRPO coefficient            turn weights
-  ============  ===========================  ==========================  ============
-  opd           ``loss.kl_coef``             0                           none
-  tcod_f2b      ``loss.kl_coef``             0                           none
-  tcod_b2f      ``loss.kl_coef``             0                           none
-  guided_opd    ``loss.kl_coef``             0                           none
-  atod          ``kappa(step)``              ``rho(step)``               T-DUR
-  sod           ``loss.sod_coef``            1                           SOD
-  grpo          0                            1                           none
-  ============  ===========================  ==========================  ============
-
-* *how the OPD term is estimated* (``loss.estimator``): ``full_vocab`` -- the exact reverse KL
-  over the vocabulary through ``fused_linear_turn_kl`` / ``fused_turn_kl``, weighted by the
-  turn weights; ``sampled`` -- TCOD's reference: the advantage ``kl_coef (log q - log p_old)``
-  (k1, or ``-kl_coef k3``) in a PPO clipped surrogate, summed with the GRPO advantage.
+*How the OPD term is estimated* (``loss.estimator``) is the loss's: ``full_vocab`` -- the
+exact reverse KL over the vocabulary through ``fused_linear_turn_kl`` / ``fused_turn_kl``,
+weighted by the turn weights; ``sampled`` -- TCOD's reference: the advantage
+``kl_coef (log q - log p_old)`` (k1, or ``-kl_coef k3``) in a PPO clipped surrogate, summed
+with the GRPO advantage. :func:`compute_loss` runs the named steps of
+:mod:`tcod_fast.trainer.loss`.
 """
 
 from __future__ import annotations
@@ -41,7 +35,8 @@ import numpy as np
 import torch
 
 from tcod_fast import objectives
-from tcod_fast.curriculum import CurriculumSampler, EpisodePlan, turn_windows_tensor
+from tcod_fast.algorithms import Algorithm, LossCoefficients, get_algorithm
+from tcod_fast.curriculum import CurriculumSampler, EpisodePlan
 from tcod_fast.trainer import build
 from tcod_fast.trainer.checkpoint import (
     capture_rng_state,
@@ -59,6 +54,16 @@ from tcod_fast.trainer.distributed import (
     init_distributed,
 )
 from tcod_fast.trainer.logging import MetricsLogger
+from tcod_fast.trainer.loss import (
+    episode_turn_statistics,
+    forward_models,
+    opd_term,
+    pack_micro_batch,
+    ppo_term,
+    trained_token_count,
+    turn_kl_statistics,
+    turn_weights,
+)
 
 __all__ = [
     "LossCoefficients",
@@ -76,10 +81,6 @@ __all__ = [
     "train_on_batch",
     "update",
 ]
-
-#: Plans that have a teacher model play turns need a teacher generator in the rollout.
-_NEEDS_TEACHER_GENERATOR = {"guided_opd"}
-
 
 # ======================================================================================
 # the run's state
@@ -112,6 +113,11 @@ class TrainingRun:
     def max_turns(self) -> int:
         return self.config.curriculum.max_turns
 
+    @property
+    def algorithm(self) -> Algorithm:
+        """The record of the run's algorithm (``config.curriculum.algorithm``)."""
+        return self.sampler.algorithm
+
 
 @dataclass
 class StepBatch:
@@ -120,21 +126,6 @@ class StepBatch:
     step: int
     plans: list[EpisodePlan]
     trajectories: list[Any]
-
-
-@dataclass
-class LossCoefficients:
-    """The training signal of a step (see the module table)."""
-
-    opd_coef: float
-    grpo_coef: float
-    turn_weighting: str | None  # None, "tdur" or "sod"
-
-
-def _log_softmax_gather(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position, with grad; only the PPO terms need it."""
-    logits = logits.float()
-    return logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 # ======================================================================================
@@ -247,8 +238,8 @@ def _lr_lambda(config: TrainConfig):
 
 
 def _needs_teacher(config: TrainConfig) -> bool:
-    # GRPO trains without a teacher; one is still loaded (when configured) for the KL logs.
-    trains_with_teacher = config.algorithm != "grpo" and config.trainer.steps > 0
+    # An algorithm without a teacher term (GRPO) still loads a configured teacher for the KL logs.
+    trains_with_teacher = get_algorithm(config.algorithm).needs_teacher_model and config.trainer.steps > 0
     return trains_with_teacher or config.model.teacher_path is not None or config.eval.kl_by_turn
 
 
@@ -404,12 +395,12 @@ def rollout(run: TrainingRun, step: int) -> StepBatch:
     from tcod_fast.rollout import run_episodes
 
     tasks = sample_step_tasks(run, step)
-    expert_lens = [expert_length(run, t) for t in tasks] if run.config.algorithm == "tcod_b2f" else None
+    expert_lens = [expert_length(run, t) for t in tasks] if run.algorithm.needs_expert_lens else None
     plans = run.sampler.plan_batch(step, tasks, expert_lens)
     # Whole GRPO groups per process: task i goes to process i % world_size.
     plans = [p for p in plans if p.task_index % run.dist.world_size == run.dist.rank]
     student, teacher = _generators(run)
-    if run.config.algorithm not in _NEEDS_TEACHER_GENERATOR and not any("teacher" in p.players for p in plans):
+    if not run.algorithm.needs_teacher_generator and not any("teacher" in p.players for p in plans):
         teacher = None
     trajectories = run_episodes(
         [tasks[p.task_index] for p in plans],
@@ -480,17 +471,8 @@ def score(run: TrainingRun, batch: StepBatch) -> Scores:
 # 3. advantages
 # ======================================================================================
 def algorithm_coefficients(config: TrainConfig, sampler: CurriculumSampler, step: int) -> LossCoefficients:
-    """The module docstring's table, in code."""
-    algorithm = config.algorithm
-    if algorithm in ("opd", "tcod_f2b", "tcod_b2f", "guided_opd"):
-        return LossCoefficients(config.loss.kl_coef, 0.0, None)
-    if algorithm == "atod":
-        return LossCoefficients(sampler.atod.kappa(step), sampler.atod.rho(step), "tdur")
-    if algorithm == "sod":
-        return LossCoefficients(config.loss.sod_coef, 1.0, "sod")
-    if algorithm == "grpo":
-        return LossCoefficients(0.0, 1.0, None)
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+    """The training signal of ``config``'s algorithm at ``step`` (its record's ``coefficients``)."""
+    return get_algorithm(config.algorithm).coefficients(config, sampler, step)
 
 
 @dataclass
@@ -518,11 +500,6 @@ def compute_advantages(run: TrainingRun, batch: StepBatch, scores: Scores) -> Ad
 # ======================================================================================
 # 4. loss
 # ======================================================================================
-def _trained_token_count(trajectory, plan: EpisodePlan) -> int:
-    lo, hi = plan.turn_window
-    return sum(1 for turn_id in trajectory.turn_ids if turn_id >= 0 and lo <= turn_id < hi)
-
-
 def _rows_cost(trajectory, mode: str) -> tuple[int, int]:
     """(rows, longest row) this trajectory adds to a padded micro-batch."""
     if mode == "append":
@@ -563,12 +540,6 @@ class LossOutput:
     old_logprobs: torch.Tensor | None = None
 
 
-def _forward_hidden_or_logits(model, inputs: dict, want_hidden: bool):
-    if want_hidden:
-        return model.base_model(**inputs).last_hidden_state
-    return model(**inputs).logits
-
-
 def _can_use_fused_linear(run: TrainingRun, coefficients: LossCoefficients) -> bool:
     setting = run.config.loss.fused_linear
     if setting == "never" or run.config.loss.estimator != "full_vocab":
@@ -605,7 +576,7 @@ def compute_loss(
     with_grad: bool = True,
     divergence: str | None = None,
 ) -> LossOutput:
-    """Loss of one micro-batch of whole episodes.
+    """Loss of one micro-batch of whole episodes: the steps of :mod:`tcod_fast.trainer.loss`.
 
     ``normaliser`` is the number of trained tokens of the whole update across processes, so
     the micro-batch losses sum to the token mean of the update (and the gradients, summed
@@ -620,163 +591,76 @@ def compute_loss(
     ``divergence`` overrides ``config.loss.divergence`` (evaluation always measures the
     reverse KL, whatever the training loss uses).
     """
-    from tcod_fast import fused_turn_kl
-    from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
-
-    config = run.config
-    loss_settings = config.loss
-    max_turns = run.max_turns
-    batch = pack_trajectories(
-        trajectories,
-        PackingConfig(mode=config.env.context_mode, layout="padded", pad_token_id=run.tokenizer.pad_token_id),
-    ).to(run.device)
-    windows = turn_windows_tensor(plans)
-    target_turn_ids = apply_turn_windows(batch, windows)
-    # turn ids are turn indices, < max_turns; the stats tensors are (rows, max_turns)
-    target_turn_ids = torch.where(target_turn_ids < max_turns, target_turn_ids, torch.full_like(target_turn_ids, -1))
-    target_ids = batch.target_ids
-    row_episode = batch.sequence_trajectory_index.to(run.device)  # padded layout: row == sequence
-    inputs = batch.model_inputs()
-
-    sampled = loss_settings.estimator == "sampled"
+    settings = run.config.loss
+    sampled = settings.estimator == "sampled"
     needs_ppo = sampled or coefficients.grpo_coef != 0.0
     use_fused_linear = not needs_ppo and _can_use_fused_linear(run, coefficients)
-    kl_needs_grad = with_grad and not sampled and coefficients.opd_coef != 0.0
-    vocab = min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None
 
-    autocast = torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16)
-    grad_context = torch.enable_grad() if with_grad else torch.no_grad()
-    with grad_context:
-        with autocast:
-            student_out = _forward_hidden_or_logits(run.student, inputs, use_fused_linear)
-        teacher_out = None
-        if run.teacher is not None:
-            with torch.no_grad(), autocast:
-                teacher_out = _forward_hidden_or_logits(run.teacher, inputs, use_fused_linear)
-
-        kl_kwargs = dict(
-            target_ids=target_ids,
-            divergence=divergence or loss_settings.divergence,
-            beta=loss_settings.jsd_beta,
-            vocab_size=vocab,
-            reduction="sum",
-            return_stats=True,
-            num_turns=max_turns,
-            backend=loss_settings.backend,
+    packed = pack_micro_batch(
+        trajectories,
+        plans,
+        context_mode=run.config.env.context_mode,
+        pad_token_id=run.tokenizer.pad_token_id,
+        num_turns=run.max_turns,
+        device=run.device,
+    )
+    with torch.enable_grad() if with_grad else torch.no_grad():
+        outputs = forward_models(
+            run.student, run.teacher, packed, hidden=use_fused_linear, bf16=run.use_bf16, device_type=run.device.type
         )
-        stats = None
-        if teacher_out is not None:
-            if use_fused_linear:
-                stats = _fused_linear_op()(
-                    student_out,
-                    run.student.get_output_embeddings().weight,
-                    teacher_out,
-                    run.teacher.get_output_embeddings().weight,
-                    target_turn_ids,
-                    **kl_kwargs,
-                )
-            else:
-                student_for_kl = student_out if kl_needs_grad else student_out.detach()
-                stats = fused_turn_kl(student_for_kl, teacher_out, target_turn_ids, **kl_kwargs)
+        stats = turn_kl_statistics(
+            outputs,
+            packed,
+            divergence=divergence or settings.divergence,
+            jsd_beta=settings.jsd_beta,
+            vocab_size=min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None,
+            backend=settings.backend,
+            student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
+            lm_heads=(
+                (run.student.get_output_embeddings().weight, run.teacher.get_output_embeddings().weight)
+                if use_fused_linear
+                else None
+            ),
+        )
+        turn_stats = episode_turn_statistics(stats, packed)
+        episode_weights = turn_weights(turn_stats, coefficients.turn_weighting, sod_delta=settings.sod_delta)
+        row_turn_weights = episode_weights[packed.row_episode] if episode_weights is not None else None
 
-        # -- per-episode turn statistics (diagnostics, T-DUR, SOD) --------------------
-        episodes = len(trajectories)
-        zeros = torch.zeros(episodes, max_turns, device=run.device)
-
-        def per_episode(row_values):
-            return zeros.index_add(0, row_episode, row_values.float())
-
-        if stats is not None:
-            turn_kl_sum = per_episode(stats.turn_kl_sum)
-            turn_count = per_episode(stats.turn_token_count)
-        else:
-            turn_kl_sum, turn_count = zeros.clone(), zeros.clone()
-
-        row_turn_weights = None
-        if coefficients.turn_weighting is not None:
-            abs_sum = per_episode(stats.turn_abs_logratio_sum)
-            if coefficients.turn_weighting == "tdur":
-                episode_weights = objectives.tdur_weights(
-                    turn_abs_logratio_sum=abs_sum,
-                    turn_neg_logprob_sum=per_episode(stats.turn_neg_logprob_sum),
-                    turn_token_count=turn_count,
-                )
-            else:
-                episode_weights = objectives.sod_weights(
-                    turn_abs_logratio_sum=abs_sum, turn_token_count=turn_count, delta=loss_settings.sod_delta
-                )
-            row_turn_weights = episode_weights[row_episode]
-
-        trained = target_turn_ids >= 0
         loss = torch.zeros((), device=run.device)
         kl_term = 0.0
-        # -- OPD term, full vocabulary --------------------------------------------------
         if not sampled and coefficients.opd_coef != 0.0 and stats is not None:
-            if row_turn_weights is None:
-                kl_sum = stats.loss
-            else:
-                token_weights = objectives.broadcast_turn_weights(row_turn_weights, target_turn_ids)
-                kl_sum = (stats.kl * token_weights).sum()
-            opd_loss = coefficients.opd_coef * kl_sum / normaliser
+            opd_loss = opd_term(stats, packed, coefficients.opd_coef, normaliser, row_turn_weights=row_turn_weights)
             loss = loss + opd_loss
             kl_term = float(opd_loss.detach())
 
-        # -- PPO surrogate ----------------------------------------------------------------
-        ppo_term, ppo_stats, current_old = 0.0, {}, None
+        ppo = None
         if needs_ppo:
-            logprobs = _log_softmax_gather(student_out, target_ids)
-            logprobs = torch.where(trained, logprobs, torch.zeros_like(logprobs))
-            old = old_logprobs.to(run.device) if old_logprobs is not None else logprobs.detach()
-            current_old = old
-            row_sequence_adv = sequence_advantages.to(run.device)[row_episode]
-            if sampled:
-                if stats is None:
-                    raise ValueError("the sampled OPD estimator needs a teacher")
-                teacher_logprobs = torch.where(trained, stats.teacher_logprob, torch.zeros_like(old))
-                if loss_settings.sampled_kl == "k1":
-                    advantages = objectives.hybrid_advantages(
-                        old,
-                        teacher_logprobs,
-                        target_turn_ids,
-                        row_sequence_adv,
-                        opd_coef=coefficients.opd_coef,
-                        grpo_coef=coefficients.grpo_coef,
-                        turn_weights=row_turn_weights,
-                    )
-                else:
-                    penalty = objectives.k3_kl(old, teacher_logprobs)
-                    if row_turn_weights is not None:
-                        penalty = penalty * objectives.broadcast_turn_weights(row_turn_weights, target_turn_ids)
-                    advantages = -coefficients.opd_coef * penalty + coefficients.grpo_coef * row_sequence_adv.unsqueeze(-1)
-                    advantages = torch.where(trained, advantages, torch.zeros_like(advantages))
-            else:
-                advantages = coefficients.grpo_coef * row_sequence_adv.unsqueeze(-1).expand_as(logprobs)
-                advantages = torch.where(trained, advantages, torch.zeros_like(advantages))
-            ppo_loss, raw_stats = objectives.ppo_clipped_loss(
-                logprobs,
-                old,
-                advantages,
-                trained,
-                clip_low=loss_settings.clip_low,
-                clip_high=loss_settings.clip_high,
-                dual_clip=loss_settings.dual_clip,
-                loss_agg="token_mean",
+            if sampled and stats is None:
+                raise ValueError("the sampled OPD estimator needs a teacher")
+            ppo = ppo_term(
+                outputs.student,
+                packed,
+                sequence_advantages,
+                coefficients,
+                normaliser,
+                teacher_logprobs=stats.teacher_logprob if sampled else None,
+                row_turn_weights=row_turn_weights,
+                sampled_kl=settings.sampled_kl,
+                clip_low=settings.clip_low,
+                clip_high=settings.clip_high,
+                dual_clip=settings.dual_clip,
+                old_logprobs=old_logprobs,
             )
-            # token_mean over this micro-batch -> share of the global token mean
-            local = float(trained.sum())
-            ppo_loss = ppo_loss * (local / normaliser)
-            loss = loss + ppo_loss
-            ppo_term = float(ppo_loss.detach())
-            ppo_stats = {f"ppo/{k}": float(v) * local for k, v in raw_stats.items()}
+            loss = loss + ppo.loss
 
     return LossOutput(
         loss=loss,
-        turn_kl_sum=turn_kl_sum.detach(),
-        turn_token_count=turn_count.detach(),
+        turn_kl_sum=turn_stats.kl_sum.detach(),
+        turn_token_count=turn_stats.token_count.detach(),
         kl_term=kl_term,
-        ppo_term=ppo_term,
-        ppo_stats=ppo_stats,
-        old_logprobs=current_old.detach() if current_old is not None else None,
+        ppo_term=float(ppo.loss.detach()) if ppo is not None else 0.0,
+        ppo_stats=ppo.stats if ppo is not None else {},
+        old_logprobs=ppo.old_logprobs.detach() if ppo is not None else None,
     )
 
 
@@ -804,7 +688,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     accumulated over token-budget micro-batches, then one optimiser step."""
     config = run.config
     trajectories, plans = batch.trajectories, batch.plans
-    trainable = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if _trained_token_count(t, p) > 0]
+    trainable = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if trained_token_count(t, p) > 0]
     updates = config.trainer.updates_per_step
     minis = [trainable[u::updates] for u in range(updates)] if updates > 1 else [trainable]
     coefficients = advantages.coefficients
@@ -833,7 +717,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     update_metrics: dict[str, float] = {}
     trained_tokens = 0
     for u, mini in enumerate(minis):
-        local_tokens = sum(_trained_token_count(trajectories[i], plans[i]) for i in mini)
+        local_tokens = sum(trained_token_count(trajectories[i], plans[i]) for i in mini)
         normaliser = float(all_reduce_sum(torch.tensor([float(local_tokens)]), run.dist)[0])
         trained_tokens += local_tokens
         if normaliser == 0:
@@ -959,7 +843,7 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
 def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Sequence[EpisodePlan]) -> dict:
     """Teacher-student reverse KL(student || teacher) per turn index on already played
     episodes (no update), whatever divergence the training loss uses."""
-    indices = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if _trained_token_count(t, p) > 0]
+    indices = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if trained_token_count(t, p) > 0]
     turn_kl_sum = torch.zeros(len(trajectories), run.max_turns)
     turn_count = torch.zeros(len(trajectories), run.max_turns)
     no_signal = LossCoefficients(run.config.loss.kl_coef, 0.0, None)

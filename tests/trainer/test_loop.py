@@ -6,16 +6,17 @@ import pytest
 import torch
 from trainer_helpers import tiny_config
 
+from tcod_fast.algorithms import ALGORITHMS, get_algorithm
 from tcod_fast.trainer import loop
-from tcod_fast.trainer.config import ALGORITHMS
 from tcod_fast.trainer.logging import read_metrics
+from tcod_fast.trainer.loss import trained_token_count
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_each_algorithm_trains_two_steps_and_logs_kl_by_turn(algorithm, tmp_path, toy_tokenizer):
     extra = [f"curriculum.algorithm={algorithm}"]
-    if algorithm in ("grpo", "atod", "sod"):
-        extra.append("curriculum.episodes_per_task=2")
+    if get_algorithm(algorithm).min_group_size > 1:
+        extra.append(f"curriculum.episodes_per_task={get_algorithm(algorithm).min_group_size}")
     if algorithm == "guided_opd":
         extra.append("curriculum.guided_p_init=0.5")
     config = tiny_config(tmp_path / algorithm, *extra)
@@ -98,10 +99,10 @@ def test_full_vocab_loss_equals_materialised_reverse_kl(tmp_path, toy_tokenizer)
     run = loop.setup_run(config, tokenizer=toy_tokenizer)
     batch = loop.rollout(run, 0)
     advantages = loop.compute_advantages(run, batch, loop.score(run, batch))
-    trained = [i for i, (t, p) in enumerate(zip(batch.trajectories, batch.plans)) if loop._trained_token_count(t, p)]
+    trained = [i for i, (t, p) in enumerate(zip(batch.trajectories, batch.plans)) if trained_token_count(t, p)]
     trajectories = [batch.trajectories[i] for i in trained]
     plans = [batch.plans[i] for i in trained]
-    count = sum(loop._trained_token_count(t, p) for t, p in zip(trajectories, plans))
+    count = sum(trained_token_count(t, p) for t, p in zip(trajectories, plans))
     out = loop.compute_loss(run, trajectories, plans, advantages.sequence[trained], advantages.coefficients, float(count), with_grad=False)
 
     packed = pack_trajectories(trajectories, PackingConfig(mode="append", pad_token_id=toy_tokenizer.pad_token_id))

@@ -1,0 +1,389 @@
+"""The loss of one micro-batch of whole episodes, as named steps.
+
+:func:`tcod_fast.trainer.loop.compute_loss` runs them in this order:
+
+1. :func:`pack_micro_batch`: episodes -> padded token rows, with the turn id of every
+   target token after the plans' turn windows; the window mask (``trained``) is computed
+   here, once, and every later step reuses it;
+2. :func:`forward_models`: student (with grad) and teacher (frozen) forwards, to logits
+   or, for the fused-linear op, to last hidden states;
+3. :func:`turn_kl_statistics`: the fused teacher-student divergence per token and its
+   per-(row, turn) sums;
+4. :func:`episode_turn_statistics` and :func:`turn_weights`: those sums per episode (the
+   KL-by-turn diagnostics) and the algorithm's per-turn weights (T-DUR, SOD);
+5. :func:`opd_term`: the exact full-vocabulary OPD term;
+6. :func:`ppo_term`: the PPO clipped surrogate on the advantage
+   :func:`tcod_fast.objectives.token_advantages` assembles (GRPO, and the OPD term when it
+   is the sampled-token estimator).
+
+Shapes: ``R`` rows (one per episode in ``append`` mode, one per student turn in
+``window`` mode), ``T`` tokens per row, ``E`` episodes, ``n`` = ``max_turns`` turn
+columns. Losses are sums divided by ``normaliser``, the trained-token count of the whole
+update across processes, so micro-batch losses add up to the update's token mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tcod_fast import objectives
+from tcod_fast.algorithms import TURN_WEIGHTINGS, LossCoefficients
+from tcod_fast.curriculum import EpisodePlan, turn_windows_tensor
+
+__all__ = [
+    "EpisodeTurnStats",
+    "ModelOutputs",
+    "PPOTerm",
+    "PackedMicroBatch",
+    "episode_turn_statistics",
+    "forward_models",
+    "opd_term",
+    "pack_micro_batch",
+    "ppo_term",
+    "sampled_token_logprobs",
+    "trained_token_count",
+    "turn_kl_statistics",
+    "turn_weights",
+]
+
+
+def trained_token_count(trajectory: Any, plan: EpisodePlan) -> int:
+    """Tokens of ``trajectory`` the loss trains: student tokens inside ``plan.turn_window``."""
+    lo, hi = plan.turn_window
+    return sum(1 for turn_id in trajectory.turn_ids if turn_id >= 0 and lo <= turn_id < hi)
+
+
+# ======================================================================================
+# 1. pack
+# ======================================================================================
+@dataclass
+class PackedMicroBatch:
+    """A micro-batch as padded token rows.
+
+    Attributes:
+        model_inputs: keyword arguments of the models' forward.
+        target_ids: ``(R, T)`` int64, the token each position predicts.
+        turn_ids: ``(R, T)`` int64, the target token's turn index where it is trained
+            (a student token inside its plan's turn window, index ``< num_turns``), else -1.
+        trained: ``(R, T)`` bool, ``turn_ids >= 0``: the window mask every step uses.
+        row_episode: ``(R,)`` int64, the episode (index into the micro-batch) of each row.
+        num_episodes: ``E``.
+        num_turns: ``n``, columns of the per-turn statistics.
+    """
+
+    model_inputs: dict
+    target_ids: torch.Tensor
+    turn_ids: torch.Tensor
+    trained: torch.Tensor
+    row_episode: torch.Tensor
+    num_episodes: int
+    num_turns: int
+
+
+def pack_micro_batch(
+    trajectories: Sequence[Any],
+    plans: Sequence[EpisodePlan],
+    *,
+    context_mode: str,
+    pad_token_id: int,
+    num_turns: int,
+    device: torch.device | str = "cpu",
+) -> PackedMicroBatch:
+    """Pack ``trajectories`` (played under ``plans``) into padded rows on ``device``.
+
+    ``context_mode`` is ``append`` (one row per episode) or ``window`` (one row per
+    student turn). Turn ids outside a plan's ``turn_window`` or ``>= num_turns`` become -1.
+    """
+    from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
+
+    batch = pack_trajectories(
+        trajectories, PackingConfig(mode=context_mode, layout="padded", pad_token_id=pad_token_id)
+    ).to(device)
+    turn_ids = apply_turn_windows(batch, turn_windows_tensor(plans))
+    # turn ids are turn indices, < num_turns; the statistics are (rows, num_turns)
+    turn_ids = torch.where(turn_ids < num_turns, turn_ids, torch.full_like(turn_ids, -1))
+    return PackedMicroBatch(
+        model_inputs=batch.model_inputs(),
+        target_ids=batch.target_ids,
+        turn_ids=turn_ids,
+        trained=turn_ids >= 0,
+        row_episode=batch.sequence_trajectory_index.to(device),  # padded layout: row == sequence
+        num_episodes=len(trajectories),
+        num_turns=num_turns,
+    )
+
+
+# ======================================================================================
+# 2. forward
+# ======================================================================================
+@dataclass
+class ModelOutputs:
+    """Student and teacher outputs on one packed micro-batch.
+
+    Attributes:
+        student: ``(R, T, V)`` logits, or ``(R, T, H)`` last hidden states when ``hidden``;
+            carries grad when the forward ran with grad.
+        teacher: the same for the teacher (no grad), or ``None`` without a teacher.
+        hidden: the outputs are hidden states (for ``fused_linear_turn_kl``).
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor | None
+    hidden: bool
+
+
+def _forward(model: torch.nn.Module, inputs: dict, hidden: bool) -> torch.Tensor:
+    if hidden:
+        return model.base_model(**inputs).last_hidden_state
+    return model(**inputs).logits
+
+
+def forward_models(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    packed: PackedMicroBatch,
+    *,
+    hidden: bool = False,
+    bf16: bool = False,
+    device_type: str = "cpu",
+) -> ModelOutputs:
+    """Run both models on ``packed.model_inputs`` (the teacher under ``no_grad``), under
+    bfloat16 autocast when ``bf16``. Grad mode for the student is the caller's."""
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        student_out = _forward(student, packed.model_inputs, hidden)
+    teacher_out = None
+    if teacher is not None:
+        with torch.no_grad(), autocast:
+            teacher_out = _forward(teacher, packed.model_inputs, hidden)
+    return ModelOutputs(student=student_out, teacher=teacher_out, hidden=hidden)
+
+
+# ======================================================================================
+# 3. turn KL
+# ======================================================================================
+def turn_kl_statistics(
+    outputs: ModelOutputs,
+    packed: PackedMicroBatch,
+    *,
+    divergence: str,
+    jsd_beta: float = 0.5,
+    vocab_size: int | None = None,
+    backend: str = "auto",
+    student_grad: bool = True,
+    lm_heads: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """Teacher-student divergence of every trained token and its per-(row, turn) sums.
+
+    ``fused_turn_kl`` on logits, or ``fused_linear_turn_kl`` on hidden states with
+    ``lm_heads = (student_weight, teacher_weight)`` when ``outputs.hidden``. Sum reduction;
+    ``student_grad=False`` detaches the student logits (the KL is then a diagnostic).
+
+    Returns:
+        A ``TurnKLResult`` with ``(R, n)`` per-turn sums and the sampled tokens'
+        log-probs, or ``None`` without a teacher.
+    """
+    if outputs.teacher is None:
+        return None
+    kwargs = dict(
+        target_ids=packed.target_ids,
+        divergence=divergence,
+        beta=jsd_beta,
+        vocab_size=vocab_size,
+        reduction="sum",
+        return_stats=True,
+        num_turns=packed.num_turns,
+        backend=backend,
+    )
+    if outputs.hidden:
+        from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
+
+        if lm_heads is None:
+            raise ValueError("hidden-state outputs need lm_heads=(student_weight, teacher_weight), got None")
+        student_weight, teacher_weight = lm_heads
+        return fused_linear_turn_kl(
+            outputs.student, student_weight, outputs.teacher, teacher_weight, packed.turn_ids, **kwargs
+        )
+    from tcod_fast import fused_turn_kl
+
+    student_logits = outputs.student if student_grad else outputs.student.detach()
+    return fused_turn_kl(student_logits, outputs.teacher, packed.turn_ids, **kwargs)
+
+
+# ======================================================================================
+# 4. per-episode turn statistics and turn weights
+# ======================================================================================
+@dataclass
+class EpisodeTurnStats:
+    """Per-(episode, turn) sums over trained tokens, each ``(E, n)`` float32.
+
+    Attributes:
+        kl_sum: divergence summed per turn (the KL-by-turn diagnostics).
+        token_count: trained tokens per turn.
+        abs_logratio_sum: ``|log p(a) - log q(a)|`` summed per turn (T-DUR's and SOD's
+            ``d_k`` numerator); ``None`` without a teacher.
+        neg_logprob_sum: ``-log p(a)`` summed per turn (T-DUR's ``h_k`` numerator);
+            ``None`` without a teacher.
+    """
+
+    kl_sum: torch.Tensor
+    token_count: torch.Tensor
+    abs_logratio_sum: torch.Tensor | None = None
+    neg_logprob_sum: torch.Tensor | None = None
+
+
+def episode_turn_statistics(stats, packed: PackedMicroBatch) -> EpisodeTurnStats:
+    """Add the per-(row, turn) sums of ``stats`` (a ``TurnKLResult``, or ``None`` without a
+    teacher: zeros) into per-(episode, turn) sums; several rows of one episode (window
+    mode) add up."""
+    device = packed.turn_ids.device
+    zeros = torch.zeros(packed.num_episodes, packed.num_turns, device=device)
+    if stats is None:
+        return EpisodeTurnStats(kl_sum=zeros.clone(), token_count=zeros.clone())
+
+    def per_episode(row_values):
+        if row_values is None:
+            return None
+        return zeros.index_add(0, packed.row_episode, row_values.float())
+
+    return EpisodeTurnStats(
+        kl_sum=per_episode(stats.turn_kl_sum),
+        token_count=per_episode(stats.turn_token_count),
+        abs_logratio_sum=per_episode(stats.turn_abs_logratio_sum),
+        neg_logprob_sum=per_episode(stats.turn_neg_logprob_sum),
+    )
+
+
+def turn_weights(turn_stats: EpisodeTurnStats, weighting: str | None, *, sod_delta: float = 0.2) -> torch.Tensor | None:
+    """Per-(episode, turn) weights ``(E, n)`` of the OPD term: ``None`` (unweighted),
+    ``"tdur"`` (:func:`tcod_fast.objectives.tdur_weights`) or ``"sod"``
+    (:func:`tcod_fast.objectives.sod_weights` with ``delta = sod_delta``)."""
+    if weighting is None:
+        return None
+    if weighting not in TURN_WEIGHTINGS:
+        raise ValueError(f"turn weighting must be None or one of {TURN_WEIGHTINGS}, got {weighting!r}")
+    if turn_stats.abs_logratio_sum is None:
+        raise ValueError(f"turn weighting {weighting!r} needs the teacher's per-turn statistics, got none (no teacher)")
+    if weighting == "tdur":
+        return objectives.tdur_weights(
+            turn_abs_logratio_sum=turn_stats.abs_logratio_sum,
+            turn_neg_logprob_sum=turn_stats.neg_logprob_sum,
+            turn_token_count=turn_stats.token_count,
+        )
+    return objectives.sod_weights(
+        turn_abs_logratio_sum=turn_stats.abs_logratio_sum, turn_token_count=turn_stats.token_count, delta=sod_delta
+    )
+
+
+# ======================================================================================
+# 5. OPD term (exact, full vocabulary)
+# ======================================================================================
+def opd_term(
+    stats,
+    packed: PackedMicroBatch,
+    opd_coef: float,
+    normaliser: float,
+    *,
+    row_turn_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``opd_coef * sum_t w_{k(t)} D_t / normaliser`` over the trained tokens, with ``D_t``
+    the per-token divergence of ``stats`` and ``w`` the ``(R, n)`` per-row turn weights
+    (``None``: 1, the summed loss of the fused op itself). Scalar, with grad."""
+    if row_turn_weights is None:
+        divergence_sum = stats.loss
+    else:
+        token_weights = objectives.broadcast_turn_weights(row_turn_weights, packed.turn_ids)
+        divergence_sum = (stats.kl * token_weights).sum()
+    return opd_coef * divergence_sum / normaliser
+
+
+# ======================================================================================
+# 6. PPO term
+# ======================================================================================
+@dataclass
+class PPOTerm:
+    """The PPO surrogate of one micro-batch.
+
+    Attributes:
+        loss: scalar, the token mean over this micro-batch rescaled to its share of the
+            update's token mean (``* trained / normaliser``); with grad.
+        stats: ``ppo/<name>`` -> statistic times this micro-batch's trained tokens (sum
+            them over micro-batches and divide by ``normaliser`` for the update's mean).
+        old_logprobs: ``(R, T)`` rollout-policy log-probs used for the ratio.
+    """
+
+    loss: torch.Tensor
+    stats: dict[str, float]
+    old_logprobs: torch.Tensor
+
+
+def sampled_token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` per position, float32, with grad: ``(R, T, V), (R, T) -> (R, T)``."""
+    logits = logits.float()
+    return logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def ppo_term(
+    student_logits: torch.Tensor,
+    packed: PackedMicroBatch,
+    sequence_advantages: torch.Tensor,
+    coefficients: LossCoefficients,
+    normaliser: float,
+    *,
+    teacher_logprobs: torch.Tensor | None = None,
+    row_turn_weights: torch.Tensor | None = None,
+    sampled_kl: str = "k1",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = 3.0,
+    old_logprobs: torch.Tensor | None = None,
+) -> PPOTerm:
+    """PPO clipped surrogate (token mean) of the micro-batch.
+
+    Args:
+        student_logits: ``(R, T, V)``, with grad.
+        sequence_advantages: ``(E,)`` one advantage per episode (GRPO; zeros without).
+        coefficients: ``grpo_coef`` weighs the sequence advantage; with
+            ``teacher_logprobs`` (the sampled-token OPD estimator) ``opd_coef`` weighs
+            the OPD advantage, turn-weighted by ``row_turn_weights (R, n)``.
+        teacher_logprobs: ``(R, T)`` ``log q`` of the sampled tokens, or ``None`` when the
+            OPD term is not in the surrogate.
+        sampled_kl: ``k1`` or ``k3`` estimator of the sampled OPD advantage.
+        old_logprobs: ``(R, T)`` rollout-policy log-probs; ``None`` uses the current ones
+            (detached), the on-policy first update.
+    """
+    trained = packed.trained
+    logprobs = sampled_token_logprobs(student_logits, packed.target_ids)
+    logprobs = torch.where(trained, logprobs, torch.zeros_like(logprobs))
+    old = old_logprobs.to(logprobs.device) if old_logprobs is not None else logprobs.detach()
+    if teacher_logprobs is not None:
+        teacher_logprobs = torch.where(trained, teacher_logprobs, torch.zeros_like(old))
+    advantages = objectives.token_advantages(
+        old,
+        packed.turn_ids,
+        sequence_advantages.to(logprobs.device)[packed.row_episode],
+        opd_coef=coefficients.opd_coef,
+        grpo_coef=coefficients.grpo_coef,
+        teacher_logprobs=teacher_logprobs,
+        turn_weights=row_turn_weights,
+        kl_estimator=sampled_kl,
+    )
+    loss, raw_stats = objectives.ppo_clipped_loss(
+        logprobs,
+        old,
+        advantages,
+        trained,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        loss_agg="token_mean",
+    )
+    # token mean over this micro-batch -> its share of the update's token mean
+    local = float(trained.sum())
+    loss = loss * (local / normaliser)
+    stats = {f"ppo/{k}": float(v) * local for k, v in raw_stats.items()}
+    return PPOTerm(loss=loss, stats=stats, old_logprobs=old)

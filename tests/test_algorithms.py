@@ -1,0 +1,149 @@
+"""The algorithm records: the registry, each algorithm's coefficients at a few steps, what it
+needs, and that a new algorithm is one record that the sampler and config accept."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcod_fast.algorithms import (
+    ALGORITHMS,
+    Algorithm,
+    LossCoefficients,
+    algorithm_names,
+    get_algorithm,
+    opd_coefficients,
+    register_algorithm,
+    unregister_algorithm,
+)
+from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler
+from tcod_fast.trainer.config import TrainConfig
+
+
+def _config(algorithm: str) -> TrainConfig:
+    config = TrainConfig()
+    config.curriculum = CurriculumConfig(
+        algorithm=algorithm,
+        max_turns=6,
+        eta=2,
+        episodes_per_task=2,
+        atod_anneal_steps=100,
+        atod_kappa_init=1.0,
+        atod_kappa_min=0.1,
+        atod_rho_init=0.0,
+        atod_rho_max=1.0,
+    )
+    config.loss.kl_coef = 0.7
+    config.loss.sod_coef = 0.3
+    return config
+
+
+# (opd_coef, grpo_coef, turn_weighting) at steps 0, 25, 50, 100, 250, by hand:
+# ATOD kappa(s) = max(0.1, 1 - 0.9 min(s/100, 1)), rho(s) = min(s/100, 1).
+COEFFICIENT_TABLE = {
+    "opd": [(0.7, 0.0, None)] * 5,
+    "tcod_f2b": [(0.7, 0.0, None)] * 5,
+    "tcod_b2f": [(0.7, 0.0, None)] * 5,
+    "guided_opd": [(0.7, 0.0, None)] * 5,
+    "atod": [(1.0, 0.0, "tdur"), (0.775, 0.25, "tdur"), (0.55, 0.5, "tdur"), (0.1, 1.0, "tdur"), (0.1, 1.0, "tdur")],
+    "sod": [(0.3, 1.0, "sod")] * 5,
+    "grpo": [(0.0, 1.0, None)] * 5,
+}
+STEPS = (0, 25, 50, 100, 250)
+
+
+def test_builtin_names_in_table_order():
+    assert ALGORITHMS == ("opd", "tcod_f2b", "tcod_b2f", "guided_opd", "atod", "sod", "grpo")
+    assert algorithm_names()[: len(ALGORITHMS)] == ALGORITHMS
+    assert set(COEFFICIENT_TABLE) == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_coefficient_table_at_a_few_steps(algorithm):
+    config = _config(algorithm)
+    sampler = CurriculumSampler(config.curriculum)
+    record = get_algorithm(algorithm)
+    for step, (opd_coef, grpo_coef, weighting) in zip(STEPS, COEFFICIENT_TABLE[algorithm]):
+        got = record.coefficients(config, sampler, step)
+        assert isinstance(got, LossCoefficients)
+        assert got.opd_coef == pytest.approx(opd_coef, abs=1e-12), (algorithm, step)
+        assert got.grpo_coef == pytest.approx(grpo_coef, abs=1e-12), (algorithm, step)
+        assert got.turn_weighting == weighting, (algorithm, step)
+
+
+def test_what_each_algorithm_needs():
+    # (min_group_size, needs_teacher_model, needs_teacher_generator, needs_expert_lens)
+    expected = {
+        "opd": (1, True, False, False),
+        "tcod_f2b": (1, True, False, False),
+        "tcod_b2f": (1, True, False, True),
+        "guided_opd": (1, True, True, False),
+        "atod": (2, True, False, False),
+        "sod": (2, True, False, False),
+        "grpo": (2, False, False, False),
+    }
+    for name, needs in expected.items():
+        record = get_algorithm(name)
+        assert record.name == name
+        assert (record.min_group_size, record.needs_teacher_model, record.needs_teacher_generator, record.needs_expert_lens) == needs
+        assert record.summary and "\n" not in record.summary
+
+
+def test_group_size_rule_comes_from_the_record():
+    for name in ALGORITHMS:
+        config = _config(name)
+        config.curriculum.episodes_per_task = 1
+        if get_algorithm(name).min_group_size > 1:
+            with pytest.raises(ValueError, match=f"{name} needs curriculum.episodes_per_task >= 2"):
+                config.validate()
+        else:
+            config.validate()
+
+
+def test_registry_errors_name_what_was_expected():
+    with pytest.raises(ValueError, match=r"algorithm must be one of \('opd', .*got 'ppo'"):
+        get_algorithm("ppo")
+    with pytest.raises(ValueError, match="'opd' is already registered"):
+        register_algorithm(get_algorithm("opd"))
+    with pytest.raises(TypeError, match="expects an Algorithm record, got dict"):
+        register_algorithm({"name": "x"})
+    with pytest.raises(ValueError, match="min_group_size must be >= 1, got 0"):
+        Algorithm("x", "x", get_algorithm("opd").plan_episode, opd_coefficients, min_group_size=0)
+    with pytest.raises(TypeError, match="coefficients must be callable"):
+        Algorithm("x", "x", get_algorithm("opd").plan_episode, 0.5)
+
+
+def _plan_teacher_first_turn(sampler, slot):
+    """The teacher plays turn 0; the student plays and is trained from turn 1."""
+    return slot.plan(("teacher",) + ("student",) * (slot.max_turns - 1), (1, slot.max_turns))
+
+
+def test_a_registered_algorithm_plans_validates_and_goes_away():
+    record = Algorithm(
+        name="teacher_first_turn_trio",
+        summary="OPD after a teacher-played first turn, in groups of three.",
+        plan_episode=_plan_teacher_first_turn,
+        coefficients=opd_coefficients,
+        min_group_size=3,
+        needs_teacher_generator=True,
+    )
+    register_algorithm(record)
+    try:
+        assert "teacher_first_turn_trio" in algorithm_names()
+        assert "teacher_first_turn_trio" not in ALGORITHMS  # the built-ins stay as they are
+        sampler = CurriculumSampler(CurriculumConfig(algorithm="teacher_first_turn_trio", max_turns=4, episodes_per_task=3))
+        plans = sampler.plan_batch(5, ["a", "b"])
+        assert len(plans) == 6 and [p.task_index for p in plans] == [0, 0, 0, 1, 1, 1]
+        for plan in plans:
+            assert plan.players == ("teacher", "student", "student", "student")
+            assert plan.turn_window == (1, 4) and plan.algorithm == "teacher_first_turn_trio"
+            assert [plan.turn_id(k) for k in range(4)] == [-1, 1, 2, 3]
+        assert sampler.summary(5) == {"curriculum/step": 5.0}
+        config = _config("teacher_first_turn_trio")
+        with pytest.raises(ValueError, match="episodes_per_task >= 3"):
+            config.validate()
+        config.curriculum.episodes_per_task = 3
+        config.validate()
+    finally:
+        assert unregister_algorithm("teacher_first_turn_trio") is record
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        CurriculumConfig(algorithm="teacher_first_turn_trio")
