@@ -2,7 +2,7 @@
 
 Read :func:`train` first; every stage is a function of that name below it, in that order.
 
-Where each algorithm lives (DESIGN.md §4):
+Where each algorithm lives (docs/algorithms.md):
 
 * *who plays which turn* (TCOD-F2B depth, TCOD-B2F prefix, Guided-OPD teacher coin): the
   curriculum sampler's plans (``tcod_fast.curriculum``), followed by :func:`rollout`; the
