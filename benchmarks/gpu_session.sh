@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a machine with a CUDA GPU should measure, in one command, from the repository root.
 # No GPU figure in this project has been measured yet; this is the run that fills them in
-# (the GPU targets of DESIGN.md section 6).
+# (the GPU floors of docs/performance.md#floors).
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/gpu)
 #

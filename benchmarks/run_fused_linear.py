@@ -1,6 +1,6 @@
 """fused_linear_turn_kl against its peers on one device, all in one process, written as JSON.
 
-GPU (DESIGN.md section 6's targets):
+GPU (the floors of docs/performance.md#floors):
     python benchmarks/run_fused_linear.py --device cuda --out benchmarks/results/h100_fused_linear.json
     N in {2048, 8192, 32768}, V=151936, bf16, (H_s, H_t) in {(4096, 4096), (1536, 4096)}:
     forward+backward time (``triton.testing.do_bench`` median, two input sets rotated) and peak

@@ -11,7 +11,7 @@ CPU (default):  python benchmarks/run_turn_kl.py --out benchmarks/results/cpu_tu
 GPU:            python benchmarks/run_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 \
                     --out benchmarks/results/h100_turn_kl.json
                 adds Liger-Kernel's JSD (beta=1) as a peer, the measured device-copy bandwidth
-                and achieved bytes/s against the 5*N*V*e-byte floor of DESIGN.md section 6.
+                and achieved bytes/s against the 5*N*V*e-byte floor (docs/performance.md#floors).
 """
 
 from __future__ import annotations

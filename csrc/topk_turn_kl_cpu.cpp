@@ -26,9 +26,8 @@
 // evaluates -inf - (-inf)); an empty complement (S = the whole vocabulary) has no tail outcome;
 // rows that are not kept are skipped (outputs 0, gradient row 0).
 //
-// The exp2 polynomial, the 16-bit conversions and the block max are the same technique as
-// turn_kl_cpu.cpp's (see the comments there); they are repeated here so each extension builds
-// from one file.
+// The dtype and divergence codes, the exp2 polynomial, the 16-bit conversions and the block max
+// are shared with turn_kl_cpu.cpp through cpu_kernel_common.h.
 
 #include <pybind11/pybind11.h>
 
@@ -49,158 +48,32 @@
 
 namespace py = pybind11;
 
+// Built with -march=native: the AVX2/FMA/F16C paths of the shared helpers are compiled in when
+// this CPU has them.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TCOD_FAST_AVX2 1
+#else
+#define TCOD_FAST_AVX2 0
+#endif
+
 namespace {
 
-constexpr int64_t BLOCK = 512;
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+#include "cpu_kernel_common.h"
+
 constexpr double NEG_INF_D = -std::numeric_limits<double>::infinity();
 
-enum Divergence : int { REVERSE_KL = 0, FORWARD_KL = 1, JSD = 2 };
 enum Tail : int { BUCKET = 0, RENORMALIZE = 1 };
-enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-
-template <int D> struct Storage { using type = uint16_t; };
-template <> struct Storage<F32> { using type = float; };
-
-inline float bf16_bits_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest even
-  const uint32_t nan = (u >> 16) | 0x40u;                              // NaN stays NaN
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
-template <int D>
-inline void load_block(const typename Storage<D>::type* src, float* dst, int64_t n) {
-  if constexpr (D == F32) {
-    std::memcpy(dst, src, n * sizeof(float));
-  } else if constexpr (D == BF16) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]);
-  } else {
-    int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-    for (; i + 8 <= n; i += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-    }
-#endif
-    for (; i < n; ++i) dst[i] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[i]);
-  }
-}
-
-template <int D>
-inline void store_block(const float* src, typename Storage<D>::type* dst, int64_t n) {
-  if constexpr (D == F32) {
-    std::memcpy(dst, src, n * sizeof(float));
-  } else if constexpr (D == BF16) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
-  } else {
-    int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-    for (; i + 8 <= n; i += 8) {
-      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-    }
-#endif
-    for (; i < n; ++i) reinterpret_cast<_Float16*>(dst)[i] = static_cast<_Float16>(src[i]);
-  }
-}
-
-template <int D>
-inline float load_one(const typename Storage<D>::type* src, int64_t i) {
-  float x;
-  load_block<D>(src + i, &x, 1);
-  return x;
-}
 
 template <int D>
 inline void store_one(typename Storage<D>::type* dst, int64_t i, float value) {
   store_block<D>(&value, dst + i, 1);
 }
 
-template <int D>
-inline void zero_fill(typename Storage<D>::type* dst, int64_t n) {
-  if (n > 0) std::memset(dst, 0, n * sizeof(typename Storage<D>::type));  // 0 bits == +0.0
-}
-
-// 2^x for x in [-127, ~0]: round-to-nearest range reduction through a "magic" add, a degree-5
-// minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7), and n + 127 shifted into
-// the exponent field. At x = -127 that field is 0, so the result is exactly +0.0: exp(-inf) == 0
-// without a compare. Branch-free, so loops calling it vectorise.
-constexpr float EXP2_ROUND = 12583039.0f;  // 1.5 * 2^23 + 127
-constexpr float EXP2_POLY[6] = {1.327647129073739e-3f, 9.675541892647743e-3f, 5.550713092088699e-2f,
-                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
-constexpr float EXP2_FLOOR = -127.0f;
-constexpr float LOG2E = 1.44269504088896341f;
-constexpr double LN2 = 0.693147180559945309417;
-
-inline float exp2_clamped(float x) {
-  const float shifted = x + EXP2_ROUND;
-  const float f = x - (shifted - EXP2_ROUND);
-  float poly = EXP2_POLY[0];
-#pragma GCC unroll 5
-  for (int k = 1; k < 6; ++k) poly = poly * f + EXP2_POLY[k];
-  uint32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits <<= 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return poly * scale;
-}
-
-// max(x, -127) that keeps NaN (one vmaxps)
-inline float clamp_exp2_arg(float x) { return EXP2_FLOOR > x ? EXP2_FLOOR : x; }
-
-inline float block_max(const float* x, int64_t n) {
-  typedef float v8f __attribute__((vector_size(32)));
-  const v8f lowest = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF};
-  v8f acc0 = lowest, acc1 = lowest;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v8f a, b;
-    std::memcpy(&a, x + i, sizeof(a));
-    std::memcpy(&b, x + i + 8, sizeof(b));
-    acc0 = a > acc0 ? a : acc0;
-    acc1 = b > acc1 ? b : acc1;
-  }
-  acc0 = acc1 > acc0 ? acc1 : acc0;
-  float m = NEG_INF;
-  for (int k = 0; k < 8; ++k) m = std::max(m, acc0[k]);
-  for (; i < n; ++i) m = std::max(m, x[i]);
-  return m;
-}
-
 struct BlockSums {
   float sum = 0.f, ent = 0.f;
 };
 
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp2_clamped_avx2(__m256 x) {
-  const __m256 round = _mm256_set1_ps(EXP2_ROUND);
-  const __m256 shifted = _mm256_add_ps(x, round);
-  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, round));
-  __m256 poly = _mm256_set1_ps(EXP2_POLY[0]);
-#pragma GCC unroll 5
-  for (int k = 1; k < 6; ++k) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(EXP2_POLY[k]));
-  const __m256i bits = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
-  return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
-}
-
-inline float horizontal_sum(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
-}
-
+#if TCOD_FAST_AVX2
 // Pass 1's loop, two vectors per iteration (two independent exponential chains); returns how
 // many leading elements it handled (a multiple of 16).
 template <bool ENTROPY>
@@ -234,7 +107,7 @@ template <bool ENTROPY>
 inline BlockSums block_sums(const float* xs, int64_t n, float c, float m2, float* first) {
   BlockSums sums;
   int64_t start = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if TCOD_FAST_AVX2
   start = block_sums_avx2<ENTROPY>(xs, n, c, m2, first, sums);
 #endif
   float sum = sums.sum, ent = sums.ent;
@@ -533,13 +406,9 @@ void run_rows(const Args& a) {
   float* out_logq = reinterpret_cast<float*>(a.out_logq);
   const int64_t n_rows = a.rows_b * a.rows_t;
 
-  // Kept rows first (in memory order), then dropped ones; threads take chunks of about 1/8 of
-  // their share of the kept rows, so the work is balanced whatever the mask.
-  std::vector<int64_t> order(static_cast<size_t>(n_rows));
   int64_t n_kept = 0;
-  for (int64_t row = 0; row < n_rows; ++row) n_kept += keep[row] ? 1 : 0;
-  for (int64_t row = 0, k = 0, d = n_kept; row < n_rows; ++row) order[keep[row] ? k++ : d++] = row;
-  const int64_t chunk = std::max<int64_t>(1, n_kept / (8 * static_cast<int64_t>(a.num_threads)));
+  const std::vector<int64_t> order = kept_rows_first(keep, n_rows, n_kept);
+  const int64_t chunk = kept_chunk(n_kept, a.num_threads);
 
 #pragma omp parallel num_threads(a.num_threads)
   {

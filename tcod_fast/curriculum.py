@@ -5,8 +5,8 @@ live here, as plain functions and small schedule objects, plus one sampler that 
 "training step + batch of tasks" into one :class:`EpisodePlan` per episode by asking the
 configured algorithm's record (:mod:`tcod_fast.algorithms`) to plan each one.
 
-Turn index ``k`` counts every turn of an episode from 0, whoever plays it (DESIGN.md
-§3). A plan says who plays turn ``k``; the rollout gives the student's turns turn id
+Turn index ``k`` counts every turn of an episode from 0, whoever plays it
+(docs/turns.md#turn-ids). A plan says who plays turn ``k``; the rollout gives the student's turns turn id
 ``k`` and every other turn turn id ``-1``; the plan's ``turn_window = (lo, hi)`` is the
 matching window for the loss (``lo <= turn_id < hi``).
 

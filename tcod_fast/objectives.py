@@ -1,7 +1,7 @@
 """Training signals of the OPD family: estimators, advantages, turn weights, losses and
-diagnostics (DESIGN.md §4).
+diagnostics (docs/algorithms.md).
 
-Conventions (DESIGN.md §3): per-token tensors are ``(B, T)`` (or ``(T,)`` for one
+Conventions (docs/turns.md#turn-ids): per-token tensors are ``(B, T)`` (or ``(T,)`` for one
 trajectory) and come with ``turn_ids`` of the same shape: ``k >= 0`` for tokens the
 student generated in turn ``k``, ``-1`` for everything not trained. Per-turn tensors are
 ``(B, num_turns)`` (or ``(num_turns,)``). A turn a trajectory does not have (token

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter; set 
 from tcod_fast import fused_turn_kl
 from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl, fused_linear_turn_kl_reference
 from tcod_fast.ops.fused_linear_turn_kl import api as flk_api
-from tcod_fast.ops.fused_linear_turn_kl import torch_backend
+from tcod_fast.ops.fused_linear_turn_kl import chunked
 from tcod_fast.ops.fused_linear_turn_kl.reference import materialise_logits
 
 DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
@@ -41,7 +41,7 @@ MODES = _modes()
 @pytest.fixture(autouse=True)
 def small_vocab_blocks(monkeypatch):
     """Blocks of 64 columns so tiny vocabularies span several blocks and a ragged tail."""
-    monkeypatch.setattr(torch_backend, "DEFAULT_VOCAB_BLOCK", 64)
+    monkeypatch.setattr(chunked, "DEFAULT_VOCAB_BLOCK", 64)
     if flk_api.triton_backend is not None:
         # tiles of 16 rows x 32 columns x 16 hidden: ragged tails in every dimension
         monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_M", 16)
@@ -53,12 +53,12 @@ def _call(mode, *args, **kwargs):
     """The public op with the torch backend in ``mode`` (slab / stream) or the Triton backend."""
     if mode == "triton":
         return fused_linear_turn_kl(*args, backend="triton", **kwargs)
-    old = torch_backend.DEFAULT_MODE
-    torch_backend.DEFAULT_MODE = mode
+    old = chunked.DEFAULT_MODE
+    chunked.DEFAULT_MODE = mode
     try:
         return fused_linear_turn_kl(*args, backend="torch", **kwargs)
     finally:
-        torch_backend.DEFAULT_MODE = old
+        chunked.DEFAULT_MODE = old
 
 
 def _make(B, T, H_s, H_t, V, dtype, *, bias=True, mask="partial", n_turns=4, v_teacher=None, flat=False):
@@ -316,13 +316,13 @@ def test_no_matmul_work_for_masked_rows(monkeypatch):
     x = _make(4, 8, 16, 16, 100, torch.float32, mask="none")
     x["turn_ids"][:, :6] = -1  # F2B-style: most of each trajectory masked
     seen_rows = []
-    original = torch_backend._Heads.logits_slab
+    original = chunked._Heads.logits_slab
 
     def counting(self, h, weight, bias, out):
         seen_rows.append(h.shape[0])
         return original(self, h, weight, bias, out)
 
-    monkeypatch.setattr(torch_backend._Heads, "logits_slab", counting)
+    monkeypatch.setattr(chunked._Heads, "logits_slab", counting)
     fused_linear_turn_kl(x["h_s"], x["w_s"], x["h_t"], x["w_t"], x["turn_ids"]).backward()
     assert sum(seen_rows) == 2 * int((x["turn_ids"] >= 0).sum())  # student + teacher, kept rows only
 
@@ -437,7 +437,7 @@ def test_peak_memory_far_below_the_logits():
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     N, H, V = 4096, 32, 32000
     logits_bytes = N * V * 4
-    rows = torch_backend.default_chunk_rows(V)
+    rows = chunked.default_chunk_rows(V)
     bound = 2 * rows * V * 4 + V * H * 4 + 3 * N * H * 4 + 24 * 2**20
     assert math.isfinite(measured["loss"])
     assert measured["extra_peak_bytes"] <= bound, (measured, bound)

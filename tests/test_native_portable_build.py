@@ -9,14 +9,13 @@ import platform
 import pytest
 import torch
 
+from tcod_fast.ops.common import NATIVE_DTYPE_CODES as _DTYPES
 from tcod_fast.ops.turn_kl import native_backend
 
 pytestmark = [
     pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 copy is x86-64 only"),
-    pytest.mark.skipif(not native_backend.is_available(), reason="native C++ build failed"),
+    pytest.mark.skipif(not native_backend.is_available(), reason="native kernel disabled or no C++ toolchain"),
 ]
-
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _run(isa, student, teacher, keep, divergence, temperature):

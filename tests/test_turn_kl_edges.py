@@ -14,7 +14,7 @@ import torch
 from tcod_fast import fused_turn_kl, turn_kl_reference
 from tcod_fast.ops.fused_linear_turn_kl import api as flk_api
 from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl, fused_linear_turn_kl_reference
-from tcod_fast.ops.fused_linear_turn_kl import torch_backend as flk_torch
+from tcod_fast.ops.fused_linear_turn_kl import chunked as flk_chunked
 from tcod_fast.ops.turn_kl import native_backend, triton_backend
 
 DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
@@ -22,7 +22,7 @@ REDUCTIONS = ["mean", "sum", "none", "seq_mean_token_mean", "turn_mean"]
 _TRITON_OK = triton_backend.HAS_TRITON and (torch.cuda.is_available() or triton_backend.interpreter_enabled())
 BACKENDS = [
     "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not native_backend.is_available(), reason="native build failed")),
+    pytest.param("native", marks=pytest.mark.skipif(not native_backend.is_available(), reason="native kernel disabled or no C++ toolchain")),
     pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_OK, reason="no CUDA and TRITON_INTERPRET unset")),
 ]
 _FLK_TRITON_OK = flk_api.triton_backend is not None and flk_api.triton_backend.is_available(torch.device("cpu"))
@@ -35,7 +35,7 @@ def small_blocks(monkeypatch):
     """Small vocabulary blocks so small rows span several blocks and a ragged tail."""
     if not torch.cuda.is_available():
         monkeypatch.setattr(triton_backend, "DEFAULT_BLOCK_V", 64)
-    monkeypatch.setattr(flk_torch, "DEFAULT_VOCAB_BLOCK", 64)
+    monkeypatch.setattr(flk_chunked, "DEFAULT_VOCAB_BLOCK", 64)
     if flk_api.triton_backend is not None:
         monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_M", 16)
         monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_V", 32)
@@ -141,11 +141,11 @@ def test_fused_linear_exact_where_float32_logits_are_exact(mode, divergence):
             if mode == "triton":
                 loss = fused_linear_turn_kl(h_s, w_s, h_t, w_t, backend="triton", **kwargs)
             else:
-                old, flk_torch.DEFAULT_MODE = flk_torch.DEFAULT_MODE, mode
+                old, flk_chunked.DEFAULT_MODE = flk_chunked.DEFAULT_MODE, mode
                 try:
                     loss = fused_linear_turn_kl(h_s, w_s, h_t, w_t, backend="torch", chunk_size=4, **kwargs)
                 finally:
-                    flk_torch.DEFAULT_MODE = old
+                    flk_chunked.DEFAULT_MODE = old
             grads = torch.autograd.grad(loss, (h_s, w_s))
             ref = fused_linear_turn_kl_reference(h_s, w_s, h_t, w_t, **kwargs)
             ref_grads = torch.autograd.grad(ref, (h_s, w_s))
@@ -204,11 +204,11 @@ def test_fused_linear_empty_batch(mode, lead):
             result = fused_linear_turn_kl(h_s, w_s, torch.randn(*lead, 6), torch.randn(12, 6), backend="triton",
                                           **kwargs)
         else:
-            old, flk_torch.DEFAULT_MODE = flk_torch.DEFAULT_MODE, mode
+            old, flk_chunked.DEFAULT_MODE = flk_chunked.DEFAULT_MODE, mode
             try:
                 result = fused_linear_turn_kl(h_s, w_s, torch.randn(*lead, 6), torch.randn(12, 6), **kwargs)
             finally:
-                flk_torch.DEFAULT_MODE = old
+                flk_chunked.DEFAULT_MODE = old
         assert result.loss.shape == (lead if reduction == "none" else ())
         assert float(result.loss.sum()) == 0.0
         grads = torch.autograd.grad(result.loss.sum(), (h_s, w_s, b_s))
@@ -311,11 +311,11 @@ def test_fused_linear_nan_row(mode):
         if mode == "triton":
             result = fused_linear_turn_kl(h_s, w_s, h_t, w_t, backend="triton", **kwargs)
         else:
-            old, flk_torch.DEFAULT_MODE = flk_torch.DEFAULT_MODE, mode
+            old, flk_chunked.DEFAULT_MODE = flk_chunked.DEFAULT_MODE, mode
             try:
                 result = fused_linear_turn_kl(h_s, w_s, h_t, w_t, **kwargs)
             finally:
-                flk_torch.DEFAULT_MODE = old
+                flk_chunked.DEFAULT_MODE = old
         ref = fused_linear_turn_kl_reference(h_s, w_s, h_t, w_t, **kwargs)
         for name, res in (("ours", result), ("reference", ref)):
             dh, dw = torch.autograd.grad(res.loss, (h_s, w_s))

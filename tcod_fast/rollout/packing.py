@@ -1,4 +1,4 @@
-"""Turn trajectories into the tensors the loss consumes (DESIGN.md §3).
+"""Turn trajectories into the tensors the loss consumes (docs/turns.md#packing-trajectories-into-batches).
 
 Two packing modes decide what a *sequence* is:
 

@@ -1,6 +1,6 @@
 """Trajectories: one multi-turn episode as plain data, with per-token turn ids.
 
-A trajectory holds the episode twice, as the two packing modes of DESIGN.md §3 need:
+A trajectory holds the episode twice, as the two packing modes of docs/turns.md#packing-trajectories-into-batches need:
 
 * the **append-only sequence** ``token_ids``/``turn_ids``: the first prompt, then for
   each turn its response followed by the next observation message, concatenated token
@@ -10,7 +10,7 @@ A trajectory holds the episode twice, as the two packing modes of DESIGN.md §3 
   count, last-k history, admissible actions) the generator saw when the rollout ran in
   ``"window"`` context mode; the row for turn ``k`` is that prompt plus the response.
 
-Turn ids (DESIGN.md §3): tokens the student generated in turn ``k`` carry ``k``; every
+Turn ids (docs/turns.md#turn-ids): tokens the student generated in turn ``k`` carry ``k``; every
 other token (prompts, observations, teacher- or expert-played turns) carries ``-1``.
 Turn index ``k`` counts every turn of the episode from 0, whoever played it.
 
@@ -250,7 +250,7 @@ class Trajectory:
 
 
 def summarize_trajectories(trajectories: list[Trajectory]) -> dict[str, float]:
-    """Batch diagnostics every run logs (DESIGN.md §4), as plain floats.
+    """Batch diagnostics every run logs (docs/algorithms.md#diagnostics-every-run-logs), as plain floats.
 
     Keys: ``success_rate``, ``mean_reward``, ``mean_turns``, ``mean_student_turns``,
     ``mean_teacher_turns``, ``mean_expert_turns``, ``format_error_rate`` (per played

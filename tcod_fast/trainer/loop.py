@@ -2,8 +2,8 @@
 
 Read :func:`train` first; every stage is a function of that name below it, in that order.
 
-Each algorithm is one record in :mod:`tcod_fast.algorithms` (DESIGN.md §4), reached as
-``run.algorithm``; this module asks the record and never branches on a name:
+Each algorithm is one record in :mod:`tcod_fast.algorithms` (docs/algorithms.md), reached
+as ``run.algorithm``; this module asks the record and never branches on a name:
 
 * *who plays which turn* (TCOD-F2B depth, TCOD-B2F prefix, Guided-OPD teacher coin): the
   record's ``plan_episode``, called by the curriculum sampler; :func:`rollout` plays the

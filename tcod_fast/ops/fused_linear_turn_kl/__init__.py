@@ -4,7 +4,8 @@ Same results, statistics, masks and reductions as ``fused_turn_kl`` on
 ``hidden @ weight.T + bias``, without ever materialising the ``tokens x vocab`` logits.
 
 Files: ``reference.py`` (float64 yardstick: materialised logits + ``turn_kl_reference``),
-``torch_backend.py`` (chunked over rows and vocabulary, any device), ``triton_backend.py``
+``chunked.py`` (``backend="torch"``: chunked over rows and vocabulary, any device, with the row
+math in ``fused_turn_kl``'s native or Triton row kernel where one runs), ``triton_backend.py``
 (GPU, or CPU under ``TRITON_INTERPRET=1``), ``api.py`` (validation, masks, reductions, autograd
 and ``torch.library`` registration).
 """

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tcod_fast.ops.fused_linear_turn_kl import torch_backend
-from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, resolve_vocab_size, shape_str
+from tcod_fast.ops.common import check_float_tensor, compute_dtype, shape_str
+from tcod_fast.ops.fused_linear_turn_kl import chunked
+from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, resolve_vocab_size
 
 try:  # the Triton backend is optional (GPU, or CPU under TRITON_INTERPRET=1)
     from tcod_fast.ops.fused_linear_turn_kl import triton_backend
@@ -36,19 +37,13 @@ except ImportError:  # pragma: no cover - only while the module is absent
     triton_backend = None
 
 BACKENDS = ("auto", "triton", "torch")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _compute_dtype(student_hidden: torch.Tensor, student_weight: torch.Tensor) -> torch.dtype:
-    """float32 accumulation always; float64 when the student is float64 (gradcheck)."""
-    return torch.float64 if torch.float64 in (student_hidden.dtype, student_weight.dtype) else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
 # custom op: the streaming pass over (rows x vocabulary)
 # --------------------------------------------------------------------------------------------
 def _backend_module(backend: str):
-    return triton_backend if backend == "triton" else torch_backend
+    return triton_backend if backend == "triton" else chunked  # "torch": chunked.py
 
 
 @torch.library.custom_op("tcod_fast::fused_linear_turn_kl_forward", mutates_args=())
@@ -77,7 +72,7 @@ def _fused_linear_forward(
     compute dtype (empty tensors for the ones not asked for, or when ``token_scale`` is None)."""
     B, T = keep.shape
     device = student_hidden.device
-    dtype = _compute_dtype(student_hidden, student_weight)
+    dtype = compute_dtype(student_hidden, student_weight)
     kept_rows = keep.reshape(-1).nonzero().squeeze(1)
     grads_wanted = token_scale is not None
     row_scale = token_scale.reshape(-1)[kept_rows] if grads_wanted else None
@@ -120,17 +115,26 @@ def _fused_linear_forward(
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, target_ids,
       token_scale, divergence, beta, temperature, vocab_size, want_hidden_grad, want_weight_grad, want_bias_grad,
       chunk_rows, backend):
-    dtype = _compute_dtype(student_hidden, student_weight)
+    dtype = compute_dtype(student_hidden, student_weight)
     stats = tuple(keep.new_empty(keep.shape, dtype=dtype) for _ in range(4))
-    grads_wanted = token_scale is not None
-    def empty():
+    grads = fake_gradients(student_hidden, student_weight, student_bias, dtype, token_scale is not None,
+                           want_hidden_grad, want_weight_grad, want_bias_grad)
+    return (*stats, *grads)
+
+
+def fake_gradients(student_hidden, student_weight, student_bias, dtype, grads_wanted, want_h, want_w, want_b):
+    """``(dh, dW, db)`` of a fused-linear custom op's fake implementation (the shapes
+    ``torch.compile`` traces with): empty tensors for those not asked for. Shared with
+    ``fused_linear_topk_turn_kl``."""
+
+    def empty():  # a fresh one each time: custom-op outputs must not alias each other
         return student_hidden.new_empty(0, dtype=dtype)
 
-    dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if grads_wanted and want_hidden_grad else empty()
-    dw = student_weight.new_empty(student_weight.shape, dtype=dtype) if grads_wanted and want_weight_grad else empty()
-    has_bias = grads_wanted and want_bias_grad and student_bias is not None
+    dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if grads_wanted and want_h else empty()
+    dw = student_weight.new_empty(student_weight.shape, dtype=dtype) if grads_wanted and want_w else empty()
+    has_bias = grads_wanted and want_b and student_bias is not None
     db = student_bias.new_empty(student_bias.shape, dtype=dtype) if has_bias else empty()
-    return (*stats, dh, dw, db)
+    return dh, dw, db
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,18 @@ def _run(config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, wa
         config.divergence, config.beta, config.temperature, config.vocab_size,
         want_h, want_w, want_b, config.chunk_rows, config.backend,
     )
+
+
+def backward_token_scale(keep, coeff, grad_loss, grad_div) -> torch.Tensor:
+    """``d total / d div_n`` per token ``(B, T)`` when backward must recompute: the upstream
+    gradient of the per-token divergence plus the loss's gradient times each token's coefficient.
+    Shared with ``fused_linear_topk_turn_kl``."""
+    token_scale = torch.zeros_like(keep, dtype=coeff.dtype if coeff is not None else grad_div.dtype)
+    if grad_div is not None:
+        token_scale = token_scale + grad_div.to(token_scale.dtype)
+    if grad_loss is not None and coeff is not None:
+        token_scale = token_scale + grad_loss.to(token_scale.dtype) * coeff
+    return token_scale
 
 
 class _FusedLinearTurnKL(torch.autograd.Function):
@@ -189,11 +205,7 @@ class _FusedLinearTurnKL(torch.autograd.Function):
             dh, dw, db = stored
             scale = grad_loss
         else:
-            token_scale = torch.zeros_like(keep, dtype=coeff.dtype if coeff is not None else grad_div.dtype)
-            if grad_div is not None:
-                token_scale = token_scale + grad_div.to(token_scale.dtype)
-            if grad_loss is not None and coeff is not None:
-                token_scale = token_scale + grad_loss.to(token_scale.dtype) * coeff
+            token_scale = backward_token_scale(keep, coeff, grad_loss, grad_div)
             _, _, _, _, dh, dw, db = _run(
                 ctx.config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b
             )
@@ -222,26 +234,16 @@ class _FusedLinearTurnKL(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
-def _check_float(name, x, dims):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32/bfloat16/float16/float64, got {x.dtype}")
-    if x.dim() not in dims:
-        expected = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(f"{name} must be {expected}, got {x.dim()}-D shape {shape_str(x.shape)}")
-
-
 def _check_head(side, hidden, weight, bias, device):
-    _check_float(f"{side}_hidden", hidden, (2, 3))
-    _check_float(f"{side}_weight", weight, (2,))
+    check_float_tensor(f"{side}_hidden", hidden, (2, 3))
+    check_float_tensor(f"{side}_weight", weight, (2,))
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{side}_weight is (V, H) = {shape_str(weight.shape)} with hidden size {weight.shape[1]}, "
             f"but {side}_hidden has hidden size {hidden.shape[-1]} (shape {shape_str(hidden.shape)})"
         )
     if bias is not None:
-        _check_float(f"{side}_bias", bias, (1,))
+        check_float_tensor(f"{side}_bias", bias, (1,))
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(
                 f"{side}_bias must be shaped ({weight.shape[0]},) like {side}_weight's vocabulary, "
@@ -405,9 +407,9 @@ def fused_linear_turn_kl(
     h_s = student_hidden.unsqueeze(0) if flat else student_hidden
     h_t = teacher_hidden.unsqueeze(0) if flat else teacher_hidden
     keep, target3 = turns.keep, turns.target_ids
-    stat_dtype = _compute_dtype(student_hidden, student_weight)
+    stat_dtype = compute_dtype(student_hidden, student_weight)
     coeff = turns.token_coefficients(reduction, stat_dtype)
-    chunk_rows = int(chunk_size) if chunk_size is not None else torch_backend.default_chunk_rows(vocab_size)
+    chunk_rows = int(chunk_size) if chunk_size is not None else chunked.default_chunk_rows(vocab_size)
     config = _Config(
         divergence, float(beta), float(temperature), vocab_size, chunk_rows, backend, fp32_weight_grad,
         torch.is_grad_enabled(),

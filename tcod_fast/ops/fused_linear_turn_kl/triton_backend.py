@@ -6,9 +6,10 @@ Two kernels, both tiled over (kept rows x vocabulary) and never writing a logits
   ``BLOCK_V`` tiles; each logits tile is a ``tl.dot`` over ``BLOCK_K`` slices of the hidden size,
   accumulated in float32 (float32 inputs use ``input_precision="ieee"``: TF32 would round the
   operands to 10 mantissa bits, the very rounding this op exists to avoid), then fed to the
-  online-softmax recurrences of DESIGN.md section 2 (running max, sums, ``A``, ``B``, rescaled by
-  ``exp(m_old - m_new)``). JSD adds a second sweep once both normalisers are known. Writes per
-  row: divergence, entropy, ``lse_s``, ``lse_t`` and ``KL(p||m)``.
+  online-softmax recurrences of docs/maths.md#one-streaming-pass-online-softmax (running max,
+  sums, ``A``, ``B``, rescaled by ``exp(m_old - m_new)``). JSD adds a second sweep once both
+  normalisers are known. Writes per row: divergence, entropy, ``lse_s``, ``lse_t`` and
+  ``KL(p||m)``.
 * ``_grad_kernel``, one program per (``BLOCK_M`` rows, ``BLOCK_V`` columns) tile. It recomputes
   the two logits tiles, forms ``G = row_scale * d div / d z_s / temperature`` in registers and
   adds ``G @ W_s[tile]`` into ``dh`` and ``G.T @ h_s[rows]`` into ``dW`` (and ``sum G`` into
@@ -28,34 +29,24 @@ it has not been timed or tuned on hardware.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:
+from tcod_fast.ops.common import DIVERGENCE_CODES
+# HAS_TRITON, interpreter_enabled and is_available are this backend's API too
+from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    HAS_TRITON = False
+    from tcod_fast.ops.triton_common import log_mixture
 
-_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_V = 128
 DEFAULT_BLOCK_K = 64
 # per-row statistics the stats kernel leaves for the gradient kernel (see _stats_kernel)
 ROW_STATS = 7
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def is_available(device: torch.device) -> bool:
-    if not HAS_TRITON:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
 if HAS_TRITON:
@@ -80,15 +71,6 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
         return tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
-
-    @triton.jit
-    def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
-        a = log_p + log_1m_beta
-        b = log_q + log_beta
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
-        safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
-        return hi + tl.log(1.0 + tl.exp(lo - safe_hi))
 
     @triton.jit
     def _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st):
@@ -191,7 +173,7 @@ if HAS_TRITON:
                 log_q = (zt - shift_t[:, None]) * inv_temp - log_l_t[:, None]
                 p = tl.exp(log_p)
                 q = tl.exp(log_q)
-                log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+                log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta)
                 kl_p_m += tl.sum(tl.where(p != 0, p * (log_p - log_m), 0.0), axis=1)
                 sum_q += tl.sum(tl.where(q != 0, q * (log_q - log_m), 0.0), axis=1)
             div = beta * sum_q + (1.0 - beta) * kl_p_m
@@ -246,7 +228,7 @@ if HAS_TRITON:
         else:
             kl_p_m = tl.load(stats + 6, mask=m_mask, other=0.0)
             log_q = (zt - shift_t[:, None]) * inv_temp - log_l_t[:, None]
-            log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+            log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta)
             g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m[:, None]), 0.0)
         div = tl.load(div_ptr + offs_m, mask=m_mask, other=0.0)
         g = tl.where((div != div)[:, None], float("nan"), g)  # a NaN row: a NaN gradient row
@@ -293,7 +275,7 @@ def forward(
     row_scale=None, want_hidden_grad=False, weight_grad=None, bias_grad=None, chunk_rows=None,
     block_m=None, block_v=None, block_k=None,
 ):
-    """Same contract as ``torch_backend.forward`` (``chunk_rows`` is ignored: tiles replace chunks)."""
+    """Same contract as ``chunked.forward`` (``chunk_rows`` is ignored: tiles replace chunks)."""
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package (pip install 'tcod-fast[triton]')")
     block_m = block_m or DEFAULT_BLOCK_M
@@ -321,7 +303,7 @@ def forward(
         h_s.shape[-1], h_t.shape[-1], vocab_size, inv_temp, float(beta), log_1m_beta, log_beta,
     )
     flags = dict(
-        HAS_BS=student_bias is not None, HAS_BT=teacher_bias is not None, DIVERGENCE=_DIVERGENCE_CODES[divergence],
+        HAS_BS=student_bias is not None, HAS_BT=teacher_bias is not None, DIVERGENCE=DIVERGENCE_CODES[divergence],
         DOT_FP32_S=_dot_fp32(h_s, w_s), DOT_FP32_T=_dot_fp32(h_t, w_t),
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
     )

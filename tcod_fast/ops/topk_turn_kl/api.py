@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
-import tcod_fast.ops.turn_kl.api  # noqa: F401  (registers tcod_fast::scale_grad_rows_, used in backward)
+from tcod_fast.ops import common
+from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, shape_str
 from tcod_fast.ops.topk_turn_kl import native_backend, torch_backend, triton_backend
 from tcod_fast.ops.topk_turn_kl.topk import check_tail_options, check_topk_tensors, prepare_topk
-from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, shape_str
-
-BACKENDS = ("auto", "triton", "native", "torch")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# turn_kl.api also registers tcod_fast::scale_grad_rows_, which backward calls
+from tcod_fast.ops.turn_kl.api import scale_stored_gradient
+from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns
 
 
 def run_backend(
@@ -36,10 +36,6 @@ def run_backend(
         student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps, grad,
         grad_scale, want_entropy=want_entropy,
     )
-
-
-def _stat_dtype(student: torch.Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("tcod_fast::topk_turn_kl_forward", mutates_args=())
@@ -74,7 +70,7 @@ def _topk_turn_kl_forward(
 @_topk_turn_kl_forward.register_fake
 def _(student, topk_ids, topk_logprobs, keep, target_ids, grad_scale, divergence, beta, temperature, tail, tail_eps,
       compute_grad, need_entropy, backend):
-    outs = tuple(keep.new_empty(keep.shape, dtype=_stat_dtype(student)) for _ in range(4))
+    outs = tuple(keep.new_empty(keep.shape, dtype=compute_dtype(student)) for _ in range(4))
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
     return (*outs, grad)
 
@@ -99,51 +95,18 @@ class _FusedTopkTurnKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_div, *_unused):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "fused_topk_turn_kl scales its stored gradient in place, so its backward can run only once "
-                "(do not use retain_graph=True through it)"
-            )
-        ctx.backward_done = True
-        grad, grad_scale = ctx.saved_tensors
-        factor = grad_div if grad_scale is None else grad_div / grad_scale
-        torch.ops.tcod_fast.scale_grad_rows_(grad, factor, ctx.backend)
-        return (grad,) + (None,) * 12
+        return (scale_stored_gradient(ctx, grad_div, "fused_topk_turn_kl"),) + (None,) * 12
 
 
+# Evaluated eagerly (and treated as a constant) when torch.compile traces the op.
 @torch._dynamo.assume_constant_result
 def _native_available() -> bool:
-    return native_backend.is_available()
+    return native_backend.try_load()
 
 
 def resolve_backend(backend, device, dtype):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if dtype == torch.float64:
-            return "torch"
-        if device.type == "cuda" and triton_backend.is_available(device):
-            return "triton"
-        if device.type == "cpu" and _native_available():
-            return "native"
-        return "torch"
-    if backend == "native":
-        if device.type != "cpu":
-            raise ValueError(f"backend='native' runs on CPU tensors, got tensors on {device}")
-        if dtype not in native_backend.SUPPORTED_DTYPES:
-            raise TypeError(f"backend='native' supports float32/bfloat16/float16 logits, got {dtype}")
-        if not _native_available():
-            native_backend.load()  # raises with the build error
-    if backend == "triton":
-        if not triton_backend.HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'tcod-fast[triton]'")
-        if not triton_backend.is_available(device):
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
-            )
-        if dtype == torch.float64:
-            raise TypeError("backend='triton' supports float32/bfloat16/float16 logits, got torch.float64")
-    return backend
+    """The backend of ``fused_topk_turn_kl`` (``tcod_fast.ops.common.resolve_backend``)."""
+    return common.resolve_backend(backend, device, dtype, native_backend, triton_backend, _native_available)
 
 
 def fused_topk_turn_kl(
@@ -251,7 +214,7 @@ def fused_topk_turn_kl(
     # ---- validation: everything is checked before any kernel runs ----
     if not isinstance(student_logits, torch.Tensor):
         raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
-    if student_logits.dtype not in _FLOAT_DTYPES:
+    if student_logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"student_logits must be float32/bfloat16/float16/float64, got {student_logits.dtype}")
     if student_logits.dim() not in (2, 3):
         raise ValueError(
@@ -272,7 +235,7 @@ def fused_topk_turn_kl(
     backend = resolve_backend(backend, device, student_logits.dtype)
     ids3 = teacher_topk_ids.unsqueeze(0) if turns.flat else teacher_topk_ids
     logq3 = teacher_topk_logprobs.unsqueeze(0) if turns.flat else teacher_topk_logprobs
-    topk_ids, topk_logprobs = prepare_topk(ids3, logq3, turns.keep, vocab, _stat_dtype(student_logits))
+    topk_ids, topk_logprobs = prepare_topk(ids3, logq3, turns.keep, vocab, compute_dtype(student_logits))
 
     # ---- the one pass over the logits ----
     student3 = student_logits.unsqueeze(0) if turns.flat else student_logits

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from tcod_fast.ops.common import check_float_tensor, compute_dtype, shape_str
+from tcod_fast.ops.fused_linear_turn_kl.api import backward_token_scale, fake_gradients
+from tcod_fast.ops.fused_linear_turn_kl.chunked import gather_rows
 from tcod_fast.ops.topk_turn_kl.api import resolve_backend, run_backend
 from tcod_fast.ops.topk_turn_kl.topk import check_tail_options, check_topk_tensors, prepare_topk
-from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, shape_str
+from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Bytes of the chunk's float32 logits slab (R x V): 64 MiB gives R = 110 at V = 151936.
 SLAB_BYTES = 64 * 1024 * 1024
 VOCAB_BLOCK = 4096
@@ -38,19 +40,6 @@ _MIN_ROWS, _MAX_ROWS = 16, 1024
 
 def default_chunk_rows(vocab: int) -> int:
     return int(min(_MAX_ROWS, max(_MIN_ROWS, SLAB_BYTES // (4 * vocab))))
-
-
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-
-
-def _gather_rows(hidden: torch.Tensor, flat_rows: torch.Tensor, dtype) -> torch.Tensor:
-    """Rows ``b * T + t`` of a ``(B, T, H)`` tensor (any row strides), in ``dtype``; no N x H copy."""
-    try:
-        return hidden.view(-1, hidden.shape[-1]).index_select(0, flat_rows).to(dtype)
-    except RuntimeError:
-        T = hidden.shape[1]
-        return hidden[flat_rows // T, flat_rows % T].to(dtype)
 
 
 def _logits_into(slab, h, weight, bias, dtype):
@@ -108,7 +97,7 @@ def _fused_linear_topk_forward(
     (empty tensors for those not asked for, or without ``token_scale``)."""
     B, T = keep.shape
     device = student_hidden.device
-    dtype = _compute_dtype(student_hidden, student_weight)
+    dtype = compute_dtype(student_hidden, student_weight)
     V, H = student_weight.shape
     kept_rows = keep.reshape(-1).nonzero().squeeze(1)  # host sync (documented)
     n_kept = kept_rows.shape[0]
@@ -125,7 +114,7 @@ def _fused_linear_topk_forward(
     for start in range(0, n_kept, step):
         rows = kept_rows[start:start + step]
         R = rows.shape[0]
-        h = _gather_rows(student_hidden, rows, dtype)
+        h = gather_rows(student_hidden, rows, dtype)
         z = _logits_into(slab[:R], h, student_weight, student_bias, dtype)
         ones = torch.ones(1, R, dtype=torch.bool, device=device)
         tgt = None if flat_targets is None else flat_targets[rows].view(1, R)
@@ -161,18 +150,11 @@ def _fused_linear_topk_forward(
 def _(student_hidden, student_weight, student_bias, topk_ids, topk_logprobs, keep, target_ids, token_scale,
       divergence, beta, temperature, tail, tail_eps, want_hidden_grad, want_weight_grad, want_bias_grad, need_entropy,
       chunk_rows, backend):
-    dtype = _compute_dtype(student_hidden, student_weight)
+    dtype = compute_dtype(student_hidden, student_weight)
     stats = tuple(keep.new_empty(keep.shape, dtype=dtype) for _ in range(4))
-    grads = token_scale is not None
-
-    def empty():
-        return student_hidden.new_empty(0, dtype=dtype)
-
-    dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if grads and want_hidden_grad else empty()
-    dw = student_weight.new_empty(student_weight.shape, dtype=dtype) if grads and want_weight_grad else empty()
-    has_bias = grads and want_bias_grad and student_bias is not None
-    db = student_bias.new_empty(student_bias.shape, dtype=dtype) if has_bias else empty()
-    return (*stats, dh, dw, db)
+    grads = fake_gradients(student_hidden, student_weight, student_bias, dtype, token_scale is not None,
+                           want_hidden_grad, want_weight_grad, want_bias_grad)
+    return (*stats, *grads)
 
 
 @dataclass(frozen=True)
@@ -228,11 +210,7 @@ class _FusedLinearTopkTurnKL(torch.autograd.Function):
             dh, dw, db = stored
             scale = grad_loss
         else:
-            token_scale = torch.zeros_like(keep, dtype=coeff.dtype if coeff is not None else grad_div.dtype)
-            if grad_div is not None:
-                token_scale = token_scale + grad_div.to(token_scale.dtype)
-            if grad_loss is not None and coeff is not None:
-                token_scale = token_scale + grad_loss.to(token_scale.dtype) * coeff
+            token_scale = backward_token_scale(keep, coeff, grad_loss, grad_div)
             _, _, _, _, dh, dw, db = _run(
                 ctx.config, h, w, b, ids, logq, keep, target_ids, token_scale, want_h, want_w, want_b
             )
@@ -245,16 +223,6 @@ class _FusedLinearTopkTurnKL(torch.autograd.Function):
         grad_w = scaled(dw).to(w.dtype) if want_w else None
         grad_b = scaled(db).to(b.dtype) if want_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
-
-
-def _check_float(name, x, dims):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32/bfloat16/float16/float64, got {x.dtype}")
-    if x.dim() not in dims:
-        expected = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(f"{name} must be {expected}, got {x.dim()}-D shape {shape_str(x.shape)}")
 
 
 def fused_linear_topk_turn_kl(
@@ -317,8 +285,8 @@ def fused_linear_topk_turn_kl(
     kept rows (``nonzero``).
     """
     # ---- validation: everything is checked before any compute ----
-    _check_float("student_hidden", student_hidden, (2, 3))
-    _check_float("student_weight", student_weight, (2,))
+    check_float_tensor("student_hidden", student_hidden, (2, 3))
+    check_float_tensor("student_weight", student_weight, (2,))
     device = student_hidden.device
     if student_hidden.shape[-1] != student_weight.shape[1]:
         raise ValueError(
@@ -326,7 +294,7 @@ def fused_linear_topk_turn_kl(
             f"but student_hidden has hidden size {student_hidden.shape[-1]} (shape {shape_str(student_hidden.shape)})"
         )
     if student_bias is not None:
-        _check_float("student_bias", student_bias, (1,))
+        check_float_tensor("student_bias", student_bias, (1,))
         if student_bias.shape[0] != student_weight.shape[0]:
             raise ValueError(
                 f"student_bias must be shaped ({student_weight.shape[0]},) like student_weight's vocabulary, "
@@ -347,7 +315,7 @@ def fused_linear_topk_turn_kl(
         target_ids=target_ids, vocab_size=vocab, reduction=reduction, return_stats=return_stats,
         num_turns=num_turns, inputs_name="the hidden states",
     )
-    dtype = _compute_dtype(student_hidden, student_weight)
+    dtype = compute_dtype(student_hidden, student_weight)
     if student_bias is not None and student_bias.dtype == torch.float64:
         dtype = torch.float64
     backend = resolve_backend(backend, device, dtype)

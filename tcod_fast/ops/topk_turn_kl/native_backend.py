@@ -2,34 +2,26 @@
 
 Extra memory: one float32 row of V per thread (the cached exponentials), never N x V.
 
-Built on first use with ninja through ``torch.utils.cpp_extension`` like ``fused_turn_kl``'s
-kernel (same source lookup; built with -march=native, so its cache name carries a CPU tag) and cached under
-``TORCH_EXTENSIONS_DIR``. If the build fails the op falls back to the ``torch`` backend and warns
-once. See ``torch_backend`` for the backend contract.
+Built on first use with ninja like ``fused_turn_kl``'s kernel (``tcod_fast/ops/native_extension.py``;
+built with -march=native, so its cache name carries a CPU tag) and cached under
+``TORCH_EXTENSIONS_DIR``. :func:`is_available` never compiles; :func:`try_load` (what
+``backend="auto"`` calls) builds on first use, and if the build fails the op falls back to the
+``torch`` backend and warns once. See ``torch_backend`` for the backend contract.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
-import threading
-import warnings
 
 import torch
 
-from tcod_fast.ops.turn_kl.native_backend import _source_dir
+from tcod_fast.ops.common import DIVERGENCE_CODES, NATIVE_DTYPE_CODES
+from tcod_fast.ops.native_extension import NativeExtension
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 _TAIL_CODES = {"bucket": 0, "renormalize": 1}
-SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+SUPPORTED_DTYPES = tuple(NATIVE_DTYPE_CODES)
 SOURCE_NAME = "topk_turn_kl_cpu.cpp"
-
-_lock = threading.Lock()
-_module = None
-_error: str | None = None
-_warned = False
 
 
 def _cpu_tag() -> str:
@@ -53,47 +45,26 @@ def build_flags(portable: bool = False) -> list[str]:
     return flags
 
 
-def load(verbose: bool = False):
-    """Build (first time) and import the extension. Raises on failure."""
-    global _module, _error
-    with _lock:
-        if _module is not None:
-            return _module
-        if _error is not None:
-            raise RuntimeError(_error)
-        from torch.utils import cpp_extension
+class _TopkExtension(NativeExtension):
+    source_name = SOURCE_NAME
+    label = "top-k "
 
-        source = _source_dir() / SOURCE_NAME
-        if not source.is_file():
-            _error = f"native top-k kernel source not found at {source}"
-            raise RuntimeError(_error)
-        try:
-            _module = cpp_extension.load(
-                name=f"tcod_fast_topk_native_{_cpu_tag()}",
-                sources=[str(source)],
-                extra_cflags=build_flags(),
-                extra_ldflags=["-fopenmp"],
-                verbose=verbose,
-            )
-        except Exception as exc:  # compiler missing, headers missing, ...
-            _error = f"building the native top-k CPU kernel failed: {type(exc).__name__}: {exc}"
-            raise RuntimeError(_error) from exc
-        return _module
+    def build_name(self) -> str:
+        return f"tcod_fast_topk_native_{_cpu_tag()}"
+
+    def cflags(self) -> list[str]:
+        return build_flags()
 
 
-def is_available() -> bool:
-    """True when the native kernel is built (building it now if needed); warns once if not."""
-    global _warned
-    if os.environ.get("TCOD_FAST_DISABLE_NATIVE") == "1":
-        return False
-    try:
-        load()
-        return True
-    except RuntimeError as exc:
-        if not _warned:
-            warnings.warn(f"tcod_fast: {exc}; using the torch backend on CPU instead", RuntimeWarning, stacklevel=3)
-            _warned = True
-        return False
+_EXTENSION = _TopkExtension()
+
+
+# The module's loading API (see NativeExtension): load() builds on first call and raises on
+# failure; is_available() never compiles; try_load() is what backend="auto" calls.
+source_path = _EXTENSION.source
+load = _EXTENSION.load
+is_available = _EXTENSION.is_available
+try_load = _EXTENSION.try_load
 
 
 def forward(
@@ -118,10 +89,10 @@ def forward(
         grad_ptr, (g_sb, g_st, _) = grad.data_ptr(), grad.stride()
     scale = None if grad_scale is None or grad is None else grad_scale.to(torch.float32).contiguous()
     module.topk_turn_kl_forward(
-        student.data_ptr(), _DTYPE_CODES[student.dtype], grad_ptr, topk_ids.data_ptr(), topk_logprobs.data_ptr(),
+        student.data_ptr(), NATIVE_DTYPE_CODES[student.dtype], grad_ptr, topk_ids.data_ptr(), topk_logprobs.data_ptr(),
         keep.data_ptr(), 0 if target is None else target.data_ptr(), 0 if scale is None else scale.data_ptr(),
         B, T, student.stride(0), student.stride(1), g_sb, g_st, V, K,
-        _DIVERGENCE_CODES[divergence], float(beta), _TAIL_CODES[tail], float(tail_eps), 1.0 / temperature,
+        DIVERGENCE_CODES[divergence], float(beta), _TAIL_CODES[tail], float(tail_eps), 1.0 / temperature,
         outs[0].data_ptr(), outs[1].data_ptr() if want_entropy else 0, outs[2].data_ptr(), outs[3].data_ptr(),
         bool(want_entropy or target_ids is not None), torch.get_num_threads(),
     )

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from tcod_fast.ops.turn_kl.result import TurnKLResult
+from tcod_fast.ops.turn_kl.reference import reference_loss, reference_result, reference_turns
 
 
 def _weighted_log_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -129,25 +129,7 @@ def topk_turn_kl_reference(
     ids = teacher_topk_ids.unsqueeze(0) if squeeze else teacher_topk_ids
     logq = teacher_topk_logprobs.unsqueeze(0) if squeeze else teacher_topk_logprobs
     B, T = s.shape[:2]
-    turn = torch.zeros(B, T, dtype=torch.long) if turn_ids is None else turn_ids.reshape(B, T).long().cpu()
-
-    kept = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        if turn_window is None:
-            lo, hi = 0, None
-        elif isinstance(turn_window, torch.Tensor):
-            lo, hi = (int(x) for x in turn_window.reshape(-1, 2)[b])
-        else:
-            lo, hi = int(turn_window[0]), int(turn_window[1])
-        for i in range(T):
-            tid = int(turn[b, i])
-            kept[b, i] = tid >= 0 and tid >= lo and (hi is None or tid < hi)
-    if num_turns is None:
-        if turn_weights is not None:
-            num_turns = turn_weights.shape[-1]
-        else:
-            num_turns = int(turn.max()) + 1 if bool((turn >= 0).any()) else 1
-    weights = None if turn_weights is None else turn_weights.reshape(B, -1).double().cpu()
+    turn, kept, num_turns, weights = reference_turns(turn_ids, turn_window, turn_weights, num_turns, B, T)
 
     # Dropped rows never take part: give them harmless stand-ins (their ids and log-probs may be
     # anything) so nothing there reaches the kept rows' gradient.
@@ -156,58 +138,16 @@ def topk_turn_kl_reference(
     ids = torch.where(row_kept.to(ids.device), ids, torch.full_like(ids, -1))
     logq = torch.where(row_kept.to(logq.device), logq, torch.zeros_like(logq))
     div, entropy, log_p = sparse_divergence_per_row(s, ids, logq, divergence, beta, temperature, tail, tail_eps)
-    div = div.cpu()
-    token_weight = kept.double().clone()
-    if weights is not None:
-        for b in range(B):
-            for i in range(T):
-                if kept[b, i]:
-                    token_weight[b, i] = weights[b, int(turn[b, i])]
-    per_token = torch.where(kept, div, torch.zeros_like(div))
-    weighted = per_token * token_weight
-
-    if reduction == "none":
-        loss = weighted
-    elif reduction == "sum":
-        loss = weighted.sum()
-    elif reduction == "mean":
-        loss = weighted.sum() / max(int(kept.sum()), 1)
-    elif reduction == "seq_mean_token_mean":
-        seq_means = [weighted[b].sum() / int(kept[b].sum()) for b in range(B) if kept[b].any()]
-        loss = torch.stack(seq_means).sum() / len(seq_means) if seq_means else weighted.sum() * 0
-    elif reduction == "turn_mean":
-        turn_means = []
-        for b in range(B):
-            for k in range(num_turns):
-                in_turn = kept[b] & (turn[b] == k)
-                if in_turn.any():
-                    turn_means.append(weighted[b][in_turn].sum() / int(in_turn.sum()))
-        loss = torch.stack(turn_means).sum() / len(turn_means) if turn_means else weighted.sum() * 0
-    else:
-        raise ValueError(f"unknown reduction {reduction!r}")
-    if squeeze and reduction == "none":
-        loss = loss.squeeze(0)
+    per_token, loss = reference_loss(div.cpu(), kept, turn, weights, reduction, num_turns, squeeze)
     if not return_stats:
         return loss
 
-    ent = torch.where(kept, entropy.cpu(), torch.zeros_like(entropy.cpu()))
-    counts = torch.zeros(B, num_turns, dtype=torch.float64)
-    kl_sum = torch.zeros(B, num_turns, dtype=torch.float64)
-    ent_sum = torch.zeros(B, num_turns, dtype=torch.float64)
-    for b in range(B):
-        for i in range(T):
-            if kept[b, i]:
-                k = int(turn[b, i])
-                counts[b, k] += 1
-                kl_sum[b, k] += float(per_token[b, i].detach())
-                ent_sum[b, k] += float(ent[b, i])
-    logp_a = logq_a = abs_sum = nlp_sum = None
+    logp_a = logq_a = None
     if target_ids is not None:
+        # the teacher's log q(a) is known only when a is among the row's top-k: NaN otherwise
         tgt = target_ids.reshape(B, T).long().cpu()
         logp_a = torch.zeros(B, T, dtype=torch.float64)
         logq_a = torch.zeros(B, T, dtype=torch.float64)
-        abs_sum = torch.zeros(B, num_turns, dtype=torch.float64)
-        nlp_sum = torch.zeros(B, num_turns, dtype=torch.float64)
         ids_cpu, logq_cpu, log_p_cpu = ids.cpu(), logq.double().cpu(), log_p.detach().cpu()
         for b in range(B):
             for i in range(T):
@@ -217,26 +157,7 @@ def topk_turn_kl_reference(
                 logp_a[b, i] = log_p_cpu[b, i, a]
                 hits = (ids_cpu[b, i] == a).nonzero()
                 logq_a[b, i] = float(logq_cpu[b, i, hits[0, 0]]) if len(hits) else math.nan
-                k = int(turn[b, i])
-                abs_sum[b, k] += abs(float(logp_a[b, i]) - float(logq_a[b, i]))
-                nlp_sum[b, k] += -float(logp_a[b, i])
-
-    def shape_back(x):
-        return None if x is None else (x.squeeze(0) if squeeze else x)
-
-    return TurnKLResult(
-        loss=loss,
-        kl=shape_back(per_token),
-        entropy=shape_back(ent),
-        token_kept=shape_back(kept),
-        turn_token_count=counts,
-        turn_kl_sum=kl_sum,
-        turn_entropy_sum=ent_sum,
-        student_logprob=shape_back(logp_a),
-        teacher_logprob=shape_back(logq_a),
-        turn_abs_logratio_sum=abs_sum,
-        turn_neg_logprob_sum=nlp_sum,
-    )
+    return reference_result(loss, per_token, entropy, kept, turn, num_turns, logp_a, logq_a, squeeze)
 
 
 def fused_linear_topk_turn_kl_reference(

@@ -13,7 +13,8 @@ import numbers
 
 import torch
 
-from tcod_fast.ops.turn_kl.turns import device_check, shape_str
+from tcod_fast.ops.common import shape_str
+from tcod_fast.ops.turn_kl.turns import device_check
 
 TAILS = ("bucket", "renormalize")
 # Sorted after every real id; the kernels treat any id >= vocab as padding.

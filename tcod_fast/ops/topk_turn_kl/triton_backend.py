@@ -29,32 +29,19 @@ or timed on a GPU.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from tcod_fast.ops.common import DIVERGENCE_CODES
 from tcod_fast.ops.topk_turn_kl.topk import PAD_ID
+# HAS_TRITON, interpreter_enabled and is_available are this backend's API too
+from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    HAS_TRITON = False
-
-_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 DEFAULT_BLOCK_V = 4096
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def is_available(device: torch.device) -> bool:
-    if not HAS_TRITON:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
 if HAS_TRITON:
@@ -292,7 +279,7 @@ def forward(
             student, g, topk_ids, topk_logprobs, keep, target, scale, *outs,
             T, student.stride(0), student.stride(1), g_sb, g_st, V, K,
             1.0 / temperature, float(beta), log_1m_beta, log_beta, float(tail_eps),
-            DIVERGENCE=_DIVERGENCE_CODES[divergence], BUCKET=tail == "bucket",
+            DIVERGENCE=DIVERGENCE_CODES[divergence], BUCKET=tail == "bucket",
             NEED_NORMALISER=bool(want_entropy or target_ids is not None), HAS_TARGET=target_ids is not None,
             WRITE_GRAD=grad is not None, HAS_SCALE=has_scale, BLOCK_V=block_v,
             BLOCK_K=triton.next_power_of_2(max(K, 2)), PAD=PAD_ID,

@@ -18,11 +18,9 @@ Layers, top to bottom:
 
 import torch
 
+from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, resolve_backend, shape_str
 from tcod_fast.ops.turn_kl import native_backend, torch_backend, triton_backend
-from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, resolve_vocab_size, shape_str
-
-BACKENDS = ("auto", "triton", "native", "torch")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, resolve_vocab_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,11 +36,6 @@ def _run_backend(
     if backend == "triton":
         return triton_backend.forward(*args)
     return torch_backend.forward(*args)
-
-
-def _stat_dtype(student: torch.Tensor) -> torch.dtype:
-    """Per-token outputs are float32, or float64 for float64 logits (gradcheck)."""
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("tcod_fast::turn_kl_forward", mutates_args=())
@@ -78,7 +71,7 @@ def _(
     student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, compute_grad,
     need_entropy, backend,
 ):
-    outs = tuple(keep.new_empty(keep.shape, dtype=_stat_dtype(student)) for _ in range(4))
+    outs = tuple(keep.new_empty(keep.shape, dtype=compute_dtype(student)) for _ in range(4))
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
     return (*outs, grad)
 
@@ -108,7 +101,7 @@ def _turn_kl_forward_inplace(
 
 @_turn_kl_forward_inplace.register_fake
 def _(student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, need_entropy, backend):
-    return tuple(keep.new_empty(keep.shape, dtype=_stat_dtype(student)) for _ in range(4))
+    return tuple(keep.new_empty(keep.shape, dtype=compute_dtype(student)) for _ in range(4))
 
 
 @torch.library.custom_op("tcod_fast::scale_grad_rows_", mutates_args=("grad",))
@@ -157,20 +150,30 @@ class _FusedTurnKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_div, *_unused):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "fused_turn_kl scales its stored gradient in place, so its backward can run only once "
-                "(do not use retain_graph=True through it)"
-            )
-        ctx.backward_done = True
-        grad, grad_scale = ctx.saved_tensors
-        # The stored gradient already carries grad_scale (the reduction's coefficients); rows
-        # whose upstream gradient equals it (factor exactly 1) are left as they are. In place:
-        # the stored gradient is the op's own buffer (or the student logits the user gave up
-        # with inplace=True), so no second N x V tensor is ever allocated.
-        factor = grad_div if grad_scale is None else grad_div / grad_scale
-        torch.ops.tcod_fast.scale_grad_rows_(grad, factor, ctx.backend)
+        grad = scale_stored_gradient(ctx, grad_div, "fused_turn_kl")
         return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+def scale_stored_gradient(ctx, grad_div: torch.Tensor, op_name: str) -> torch.Tensor:
+    """Backward of an op whose forward stored ``grad_scale * d div / d student`` (saved as
+    ``(grad, grad_scale)``, with ``ctx.backend`` and ``ctx.backward_done``): the student gradient
+    for the upstream per-token gradient ``grad_div``. Shared with ``fused_topk_turn_kl``.
+
+    The stored gradient already carries grad_scale (the reduction's coefficients); rows whose
+    upstream gradient equals it (factor exactly 1) are left as they are. In place: the stored
+    gradient is the op's own buffer (or the student logits the user gave up with inplace=True),
+    so no second N x V tensor is ever allocated, and backward can run only once.
+    """
+    if ctx.backward_done:
+        raise RuntimeError(
+            f"{op_name} scales its stored gradient in place, so its backward can run only once "
+            "(do not use retain_graph=True through it)"
+        )
+    ctx.backward_done = True
+    grad, grad_scale = ctx.saved_tensors
+    factor = grad_div if grad_scale is None else grad_div / grad_scale
+    torch.ops.tcod_fast.scale_grad_rows_(grad, factor, ctx.backend)
+    return grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,37 +183,11 @@ class _FusedTurnKL(torch.autograd.Function):
 # loading the extension is not something to trace.
 @torch._dynamo.assume_constant_result
 def _native_available() -> bool:
-    return native_backend.is_available()
+    return native_backend.try_load()
 
 
 def _resolve_backend(backend, device, dtype):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if dtype == torch.float64:
-            return "torch"
-        if device.type == "cuda" and triton_backend.is_available(device):
-            return "triton"
-        if device.type == "cpu" and _native_available():
-            return "native"
-        return "torch"
-    if backend == "native":
-        if device.type != "cpu":
-            raise ValueError(f"backend='native' runs on CPU tensors, got tensors on {device}")
-        if dtype not in native_backend.SUPPORTED_DTYPES:
-            raise TypeError(f"backend='native' supports float32/bfloat16/float16 logits, got {dtype}")
-        if not _native_available():
-            native_backend.load()  # raises with the build error
-    if backend == "triton":
-        if not triton_backend.HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'tcod-fast[triton]'")
-        if not triton_backend.is_available(device):
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
-            )
-        if dtype == torch.float64:
-            raise TypeError("backend='triton' supports float32/bfloat16/float16 logits, got torch.float64")
-    return backend
+    return resolve_backend(backend, device, dtype, native_backend, triton_backend, _native_available)
 
 
 def _rows_overlap(x: torch.Tensor) -> bool:
@@ -344,7 +321,7 @@ def fused_turn_kl(
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32/bfloat16/float16/float64, got {x.dtype}")
         if x.dim() not in (2, 3):
             raise ValueError(f"{name} must be (B, T, V) or (N, V), got {x.dim()}-D shape {shape_str(x.shape)}")

@@ -92,8 +92,32 @@ def turn_kl_reference(
     if vocab_size is not None:
         s, t = s[..., :vocab_size], t[..., :vocab_size]
     B, T = s.shape[:2]
-    ids = torch.zeros(B, T, dtype=torch.long) if turn_ids is None else turn_ids.reshape(B, T).long().cpu()
+    ids, kept, num_turns, weights = reference_turns(turn_ids, turn_window, turn_weights, num_turns, B, T)
 
+    # Dropped rows never take part: zero them so garbage (NaN, a teacher -inf under student
+    # mass) there cannot reach the kept rows' gradient through autograd.
+    row_kept = kept.to(s.device).unsqueeze(-1)
+    s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    t = torch.where(row_kept, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    div, entropy, log_p, log_q = divergence_per_row(s, t, divergence, beta, temperature)
+    per_token, loss = reference_loss(div.cpu(), kept, ids, weights, reduction, num_turns, squeeze)
+    if not return_stats:
+        return loss
+
+    logp_a = logq_a = None
+    if target_ids is not None:
+        tgt = target_ids.reshape(B, T, 1).long().to(log_p.device)
+        logp_a = torch.where(kept, log_p.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
+        logq_a = torch.where(kept, log_q.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
+    return reference_result(loss, per_token, entropy, kept, ids, num_turns, logp_a, logq_a, squeeze)
+
+
+# ---- the turn structure, reductions and statistics, shared with the top-k op's reference ----
+def reference_turns(turn_ids, turn_window, turn_weights, num_turns, B: int, T: int):
+    """``(ids, kept, num_turns, weights)`` on CPU, token by token: ``ids`` ``(B, T)`` int64 turn
+    ids, ``kept`` ``(B, T)`` bool (``turn_id >= 0 and lo <= turn_id < hi``), the width of the
+    per-turn tensors, and the turn weights ``(B, num_turns)`` float64 or None."""
+    ids = torch.zeros(B, T, dtype=torch.long) if turn_ids is None else turn_ids.reshape(B, T).long().cpu()
     kept = torch.zeros(B, T, dtype=torch.bool)
     for b in range(B):
         if turn_window is None:
@@ -112,16 +136,14 @@ def turn_kl_reference(
         else:
             num_turns = int(ids.max()) + 1 if bool((ids >= 0).any()) else 1
     weights = None if turn_weights is None else turn_weights.reshape(B, -1).double().cpu()
+    return ids, kept, num_turns, weights
 
-    # Dropped rows never take part: zero them so garbage (NaN, a teacher -inf under student
-    # mass) there cannot reach the kept rows' gradient through autograd.
-    row_kept = kept.to(s.device).unsqueeze(-1)
-    s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
-    t = torch.where(row_kept, t, torch.zeros((), dtype=t.dtype, device=t.device))
-    div, entropy, log_p, log_q = divergence_per_row(s, t, divergence, beta, temperature)
-    div = div.cpu()
-    kept_f = kept.double()
-    token_weight = kept_f.clone()
+
+def reference_loss(div, kept, ids, weights, reduction: str, num_turns: int, squeeze: bool):
+    """``(per_token, loss)`` from per-token divergences ``div`` ``(B, T)`` (CPU, float64): the
+    divergence at kept tokens (0 elsewhere), and the reduced loss, written out group by group."""
+    B, T = kept.shape
+    token_weight = kept.double().clone()
     if weights is not None:
         for b in range(B):
             for i in range(T):
@@ -152,9 +174,13 @@ def turn_kl_reference(
 
     if squeeze and reduction == "none":
         loss = loss.squeeze(0)
-    if not return_stats:
-        return loss
+    return per_token, loss
 
+
+def reference_result(loss, per_token, entropy, kept, ids, num_turns, logp_a, logq_a, squeeze) -> TurnKLResult:
+    """The stats object, with every per-turn sum accumulated token by token. ``logp_a``/``logq_a``:
+    ``(B, T)`` float64 sampled-token log-probs (0 at dropped tokens), or None without targets."""
+    B, T = kept.shape
     ent = torch.where(kept, entropy.cpu(), torch.zeros_like(entropy.cpu()))
     counts = torch.zeros(B, num_turns, dtype=torch.float64)
     kl_sum = torch.zeros(B, num_turns, dtype=torch.float64)
@@ -166,11 +192,8 @@ def turn_kl_reference(
                 counts[b, k] += 1
                 kl_sum[b, k] += float(per_token[b, i].detach())
                 ent_sum[b, k] += float(ent[b, i])
-    logp_a = logq_a = abs_sum = nlp_sum = None
-    if target_ids is not None:
-        tgt = target_ids.reshape(B, T, 1).long().to(log_p.device)
-        logp_a = torch.where(kept, log_p.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
-        logq_a = torch.where(kept, log_q.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
+    abs_sum = nlp_sum = None
+    if logp_a is not None:
         abs_sum = torch.zeros(B, num_turns, dtype=torch.float64)
         nlp_sum = torch.zeros(B, num_turns, dtype=torch.float64)
         for b in range(B):

@@ -6,8 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-REDUCTIONS = ("mean", "sum", "none", "seq_mean_token_mean", "turn_mean")
+from tcod_fast.ops.common import DIVERGENCES, REDUCTIONS  # noqa: F401  (their home is common.py)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from tcod_fast.ops.turn_kl.result import DIVERGENCES
+from tcod_fast.ops.common import DIVERGENCES
 
 # Target size of one float32 (chunk_rows x V) intermediate; about six of them live at once.
 _CHUNK_BYTES = 32 * 1024 * 1024

@@ -12,7 +12,7 @@ Per row (``z = logits / temperature``):
 * the last pass writes ``d div / d student_logits`` in the logits' dtype.
 
 Memory traffic per row: student and teacher read twice, gradient written once, i.e.
-``5 * V * elem_size`` bytes (DESIGN.md section 6); nothing ``N x V`` is allocated besides the
+``5 * V * elem_size`` bytes (docs/performance.md#bytes); nothing ``N x V`` is allocated besides the
 gradient. ``BLOCK_V = 4096`` keeps 16 fp32 values per thread per operand at 8 warps; the
 interpreter and the tests use small blocks so several blocks and a ragged tail are exercised.
 Rows that are not kept skip all work and write zeros.
@@ -20,36 +20,22 @@ Rows that are not kept skip all work and write zeros.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from tcod_fast.ops.common import DIVERGENCE_CODES
+# HAS_TRITON, interpreter_enabled and is_available are this backend's API too
+from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    HAS_TRITON = False
+    from tcod_fast.ops.triton_common import log_mixture
 
-_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 DEFAULT_BLOCK_V = 4096
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 if HAS_TRITON:
-
-    @triton.jit
-    def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
-        a = log_p + log_1m_beta
-        b = log_q + log_beta
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
-        safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
-        return hi + tl.log(1.0 + tl.exp(lo - safe_hi))
 
     @triton.jit
     def _turn_kl_row_kernel(
@@ -152,7 +138,7 @@ if HAS_TRITON:
                     log_q = (xt - shift_t) * inv_temp - log_l_t
                     p = tl.exp(log_p)
                     q = tl.exp(log_q)
-                    log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+                    log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta)
                     sum_p += tl.sum(tl.where(p != 0, p * (log_p - log_m), 0.0), axis=0)
                     sum_q += tl.sum(tl.where(q != 0, q * (log_q - log_m), 0.0), axis=0)
                 kl_p_m = sum_p
@@ -186,7 +172,7 @@ if HAS_TRITON:
                         g = (p - tl.exp((xt - shift_t) * inv_temp - log_l_t)) * grad_factor
                     else:
                         log_q = (xt - shift_t) * inv_temp - log_l_t
-                        log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+                        log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta)
                         g = tl.where(p > 0, (1.0 - beta) * p * (log_p - log_m - kl_p_m) * grad_factor, 0.0)
                     g = tl.where(row_is_nan, float("nan"), g)
                     g = tl.where(in_vocab, g, 0.0)
@@ -227,12 +213,6 @@ if HAS_TRITON:
             tl.store(g_row + offs, (g * factor).to(g_ptr.dtype.element_ty), mask=in_row)
 
 
-def is_available(device: torch.device) -> bool:
-    if not HAS_TRITON:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
-
-
 def forward(
     student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None, block_v=None
 ):
@@ -258,7 +238,7 @@ def forward(
             student, teacher, g, keep, target, scale, *outs,
             T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g_sb, g_st,
             vocab_size, grad_cols, 1.0 / temperature, float(beta), log_1m_beta, log_beta,
-            DIVERGENCE=_DIVERGENCE_CODES[divergence], HAS_TARGET=target_ids is not None,
+            DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target_ids is not None,
             WRITE_GRAD=grad is not None, HAS_SCALE=has_scale, BLOCK_V=block_v,
             num_warps=8 if block_v >= 2048 else 4,
         )

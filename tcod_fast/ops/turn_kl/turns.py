@@ -13,11 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tcod_fast.ops.turn_kl.result import DIVERGENCES, REDUCTIONS, TurnKLResult
-
-
-def shape_str(shape) -> str:
-    return "(" + ", ".join(str(int(d)) for d in shape) + ")"
+from tcod_fast.ops.common import DIVERGENCES, REDUCTIONS, shape_str
+from tcod_fast.ops.turn_kl.result import TurnKLResult
 
 
 def device_check(condition: torch.Tensor, message: str) -> None:

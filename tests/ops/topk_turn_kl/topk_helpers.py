@@ -21,7 +21,7 @@ def backends():
     native_ok = DEVICE == "cpu" and native_backend.is_available()
     return [
         "torch",
-        pytest.param("native", marks=pytest.mark.skipif(not native_ok, reason="CPU-only kernel, or its build failed")),
+        pytest.param("native", marks=pytest.mark.skipif(not native_ok, reason="CPU-only kernel, or no C++ toolchain to build it")),
         pytest.param(
             "triton",
             marks=pytest.mark.skipif(not TRITON_OK, reason="triton not installed, or no CUDA and TRITON_INTERPRET unset"),

@@ -1,4 +1,8 @@
-"""``torch`` backend of ``fused_linear_turn_kl``: chunked over rows and vocabulary, any device.
+"""``backend="torch"`` of ``fused_linear_turn_kl``: chunked over rows and vocabulary, any device.
+
+Despite its backend name it is not torch-only: its per-chunk row math dispatches to
+``fused_turn_kl``'s fastest row kernel for the device (native C++ on CPU, Triton on CUDA, its
+torch backend otherwise); only the matmuls around it are plain torch.
 
 Rows outside the turn mask are never gathered, so they cost no matmul work. The kept rows are
 processed ``R`` at a time, in one of two modes:
@@ -6,15 +10,15 @@ processed ``R`` at a time, in one of two modes:
 * ``"slab"`` (default). For a chunk, the float32 student and teacher logits ``z = h @ W.T + b``
   are formed (in vocabulary blocks of ``BV`` columns when a weight must be upcast, so a bf16
   weight is never upcast whole; never rounded to the input dtype), handed to the row kernel of
-  ``fused_turn_kl`` (the native C++ kernel on CPU, Triton on CUDA, else its torch backend),
-  which writes ``d div / d z`` over the student slab in place; the slab, scaled per row, is then
-  contracted: ``dh = G @ W_s`` and ``dW += G.T @ h``, ``db += G.sum(0)``, in float32. Each of
-  the four GEMMs of the unfused path runs exactly once, on ``R``-row pieces.
+  ``fused_turn_kl`` (see above), which writes ``d div / d z`` over the student slab in place; the
+  slab, scaled per row, is then contracted: ``dh = G @ W_s`` and ``dW += G.T @ h``,
+  ``db += G.sum(0)``, in float32. Each of the four GEMMs of the unfused path runs exactly once,
+  on ``R``-row pieces.
 * ``"stream"``. The vocabulary is streamed in ``BV``-column blocks with the online-softmax
-  recurrences of DESIGN.md section 2 (running maxima, sums, ``A = sum e_s (z_s - z_t)`` or
-  ``sum e_t (z_t - z_s)``, ``B = sum e_s z_s``, rescaled by ``exp(m_old - m_new)``); JSD adds
-  a sweep once both normalisers are known; a last sweep recomputes each logits block, forms
-  ``G`` and accumulates ``dh``/``dW``/``db``. Two more GEMMs (1.5x the FLOPs), but the working
+  recurrences of docs/maths.md#one-streaming-pass-online-softmax (running maxima, sums,
+  ``A = sum e_s (z_s - z_t)`` or ``sum e_t (z_t - z_s)``, ``B = sum e_s z_s``, rescaled by
+  ``exp(m_old - m_new)``); JSD adds a sweep once both normalisers are known; a last sweep
+  recomputes each logits block, forms ``G`` and accumulates ``dh``/``dW``/``db``. Two more GEMMs (1.5x the FLOPs), but the working
   set is ``O(R * BV)``, for vocabularies where even ``R * V`` floats are too many.
 
 Peak extra memory, in float32 elements (``H = max(H_s, H_t)``):
@@ -37,7 +41,7 @@ import torch
 from tcod_fast.ops.turn_kl import native_backend as logits_native
 from tcod_fast.ops.turn_kl import torch_backend as logits_torch
 from tcod_fast.ops.turn_kl import triton_backend as logits_triton
-from tcod_fast.ops.turn_kl.result import DIVERGENCES
+from tcod_fast.ops.common import DIVERGENCES
 
 # Target bytes of the chunk's two cached float32 logits slabs (student + teacher, R x V each).
 # Target bytes of one chunk's two float32 logits slabs (student + teacher, R x V each). 64 MiB
@@ -64,7 +68,6 @@ class _Heads:
     def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, compute_dtype, vocab_size, vocab_block):
         self.h_s, self.w_s, self.b_s = h_s, w_s, b_s
         self.h_t, self.w_t, self.b_t = h_t, w_t, b_t
-        self.T = h_s.shape[1]
         self.dtype = compute_dtype
         self.vocab_size = vocab_size
         self.vocab_block = vocab_block
@@ -75,11 +78,7 @@ class _Heads:
         self._slabs = None
 
     def rows(self, hidden, flat_rows):
-        flat = hidden.view(-1, hidden.shape[-1]) if _viewable(hidden) else None
-        if flat is not None:
-            return flat.index_select(0, flat_rows).to(self.dtype)
-        # rows strides that do not flatten (e.g. hidden[:, :-1]): index (b, t), still no N x H copy
-        return hidden[flat_rows // self.T, flat_rows % self.T].to(self.dtype)
+        return gather_rows(hidden, flat_rows, self.dtype)
 
     def weight_block(self, weight, v0, v1):
         block = weight[v0:v1]
@@ -126,17 +125,21 @@ class _Heads:
         return dh_chunk
 
 
-def _viewable(x):
+def gather_rows(hidden: torch.Tensor, flat_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``b * T + t`` of a ``(B, T, H)`` tensor (any row strides) in ``dtype``; no ``N x H`` copy.
+
+    Shared with ``fused_linear_topk_turn_kl``."""
     try:
-        x.view(-1, x.shape[-1])
-        return True
-    except RuntimeError:
-        return False
+        flat = hidden.view(-1, hidden.shape[-1])
+    except RuntimeError:  # row strides that do not flatten (e.g. hidden[:, :-1]): index (b, t)
+        T = hidden.shape[1]
+        return hidden[flat_rows // T, flat_rows % T].to(dtype)
+    return flat.index_select(0, flat_rows).to(dtype)
 
 
 def _logits_row_kernel(device, dtype):
     """The per-row kernel of ``fused_turn_kl`` that the slab mode reuses."""
-    if dtype == torch.float32 and device.type == "cpu" and logits_native.is_available():
+    if dtype == torch.float32 and device.type == "cpu" and logits_native.try_load():
         return logits_native.forward
     if dtype == torch.float32 and logits_triton.is_available(device) and device.type == "cuda":
         return logits_triton.forward

@@ -1,0 +1,199 @@
+// What the CPU kernels of turn_kl_cpu.cpp and topk_turn_kl_cpu.cpp share: the option and dtype
+// codes (the Python side's tcod_fast/ops/common.py), 16-bit float conversions, block loads and
+// stores, the branch-free exp2 polynomial and the vectorised block max.
+//
+// Deliberately without include guard or includes, like turn_kl_cpu_kernels.h: it is included
+// inside the namespace of each compiled copy of the kernels (turn_kl_cpu.cpp compiles its kernels
+// twice, once under `#pragma GCC target("avx2,fma,f16c")`), so every copy gets these helpers
+// compiled for its own instruction set. The includer provides <algorithm>, <cmath>, <cstdint>,
+// <cstring>, <limits>, <vector> and, on x86-64, <immintrin.h>, and defines TCOD_FAST_AVX2 to 0 or 1: 1 selects
+// the AVX2/FMA/F16C code paths, which the surrounding target must then allow.
+
+constexpr int64_t BLOCK = 512;  // columns per block: two float32 blocks stay in L1
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+enum Divergence : int { REVERSE_KL = 0, FORWARD_KL = 1, JSD = 2 };
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// Storage types. Both 16-bit formats are plain uint16_t in memory; the dtype code (a template
+// parameter) picks the conversion. Every compute loop works on float32 block buffers, so it
+// vectorises the same way whatever the input dtype.
+template <int D> struct Storage { using type = uint16_t; };
+template <> struct Storage<F32> { using type = float; };
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  // round to nearest even; NaN stays NaN (quiet bit set)
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// dst[i] = float(src[i]) * scale for one block
+template <int D>
+inline void load_block(const typename Storage<D>::type* src, float* dst, int64_t n, float scale = 1.0f) {
+  if constexpr (D == F32) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+  } else if constexpr (D == BF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]) * scale;
+  } else {
+    int64_t i = 0;
+#if TCOD_FAST_AVX2
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), vscale));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[i]) * scale;
+  }
+}
+
+template <int D>
+inline void store_block(const float* src, typename Storage<D>::type* dst, int64_t n) {
+  if constexpr (D == F32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (D == BF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
+  } else {
+    int64_t i = 0;
+#if TCOD_FAST_AVX2
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    }
+#endif
+    for (; i < n; ++i) reinterpret_cast<_Float16*>(dst)[i] = static_cast<_Float16>(src[i]);
+  }
+}
+
+template <int D>
+inline float load_one(const typename Storage<D>::type* src, int64_t i) {
+  float x;
+  load_block<D>(src + i, &x, 1, 1.0f);
+  return x;
+}
+
+template <int D>
+inline void zero_fill(typename Storage<D>::type* dst, int64_t n) {
+  if (n > 0) std::memset(dst, 0, n * sizeof(typename Storage<D>::type));  // 0 bits == +0.0
+}
+
+// 2^x for x in [-127, 64] (callers clamp below; every argument is (logit - its anchor) times
+// log2(e) / temperature: <= 0 when the anchor is the running max, up to +64 for turn_kl's reverse
+// KL teacher, see its process_row). Round-to-nearest range reduction through a "magic" add of
+// 1.5 * 2^23 + 127, after which the low mantissa bits of the sum hold n + 127; a degree-5
+// minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7, fitted for these kernels);
+// and n + 127 shifted straight into the exponent field. At x = -127 that field is 0, i.e. the
+// result is exactly +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare.
+// Branch-free, so loops calling it vectorise.
+constexpr float EXP2_ROUND = 12583039.0f;  // 1.5 * 2^23 + 127
+// 2^f ~ sum_k EXP2_POLY[k] f^k on [-1/2, 1/2], highest degree first (Horner order)
+constexpr float EXP2_POLY[6] = {1.327647129073739e-3f, 9.675541892647743e-3f, 5.550713092088699e-2f,
+                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
+
+inline float exp2_clamped(float x) {
+  const float shifted = x + EXP2_ROUND;
+  const float f = x - (shifted - EXP2_ROUND);  // x - n, in [-0.5, 0.5]
+  float poly = EXP2_POLY[0];
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = poly * f + EXP2_POLY[k];
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits <<= 23;  // (n + 127) mod 512 into the exponent field; the sign bit ends up 0
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return poly * scale;
+}
+
+constexpr float EXP2_FLOOR = -127.0f;
+
+// max(x, -127) that keeps NaN, written so that it is one vmaxps (whose second operand is
+// returned when either is NaN); std::max compiles to a compare and a blend.
+inline float clamp_exp2_arg(float x) { return EXP2_FLOOR > x ? EXP2_FLOOR : x; }
+
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr double LN2 = 0.693147180559945309417;
+
+// 8-wide GCC vector helpers (any target; AVX registers where available)
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f load8(const float* x) {
+  v8f v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+inline void store8(float* x, v8f v) { std::memcpy(x, &v, sizeof(v)); }
+inline float sum8(v8f v) {
+  float s = 0.f;
+  for (int k = 0; k < 8; ++k) s += v[k];
+  return s;
+}
+
+// max of x[0..n): explicit 8-wide vectors with two accumulators (GCC vector extensions, any
+// target), because compilers leave a float max reduction scalar unless math is relaxed. NaN
+// entries are ignored (a NaN row is reported through its sums instead).
+inline float block_max(const float* x, int64_t n) {
+  const v8f lowest = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+  v8f acc0 = lowest, acc1 = lowest;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a, b;
+    std::memcpy(&a, x + i, sizeof(a));
+    std::memcpy(&b, x + i + 8, sizeof(b));
+    acc0 = a > acc0 ? a : acc0;
+    acc1 = b > acc1 ? b : acc1;
+  }
+  acc0 = acc1 > acc0 ? acc1 : acc0;
+  float m = NEG_INF;
+  for (int k = 0; k < 8; ++k) m = std::max(m, acc0[k]);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// The rows of a batch in memory order, kept ones first, then dropped ones (which only get zeros);
+// `n_kept` receives the number of kept rows. Threads then take kept rows in chunks of
+// `kept_chunk` (about 1/8 of their share): the real work is balanced whatever the mask, a thread
+// stalled by page faults (a fresh gradient is mostly first-touch faults) is helped by the
+// others, and each thread's gradient rows stay mostly contiguous.
+inline std::vector<int64_t> kept_rows_first(const bool* keep, int64_t n_rows, int64_t& n_kept) {
+  std::vector<int64_t> order(static_cast<size_t>(n_rows));
+  n_kept = 0;
+  for (int64_t row = 0; row < n_rows; ++row) n_kept += keep[row] ? 1 : 0;
+  for (int64_t row = 0, k = 0, d = n_kept; row < n_rows; ++row) order[keep[row] ? k++ : d++] = row;
+  return order;
+}
+
+inline int64_t kept_chunk(int64_t n_kept, int num_threads) {
+  return std::max<int64_t>(1, n_kept / (8 * static_cast<int64_t>(num_threads)));
+}
+
+#if TCOD_FAST_AVX2
+// exp2_clamped on eight lanes: the same arithmetic with AVX2/FMA intrinsics.
+inline __m256 exp2_clamped_avx2(__m256 x) {
+  const __m256 round = _mm256_set1_ps(EXP2_ROUND);
+  const __m256 shifted = _mm256_add_ps(x, round);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, round));
+  __m256 poly = _mm256_set1_ps(EXP2_POLY[0]);
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(EXP2_POLY[k]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+}
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+#endif
