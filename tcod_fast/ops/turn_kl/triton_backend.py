@@ -67,7 +67,7 @@ if HAS_TRITON:
             shift_s = 0.0  # anchors: the running max, 0 while it is -inf (never -inf - (-inf))
             shift_t = 0.0
             centre = 0.0  # B
-            arg_s = 0
+            arg_s = tl.full((), 0, tl.int64)  # int64 whatever the type of vocab (loop-carried)
             l_s = 0.0
             l_t = 0.0
             acc_div = 0.0  # reverse: sum es u; forward: sum et ((x_t - m_t) - (x_s - m_s))
