@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -95,11 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a student with one algorithm (config file + --set overrides)",
-        description="Train a student by on-policy distillation from a frozen teacher. The loop is rollout -> "
-        "score -> advantages -> loss -> update -> evaluate -> log -> checkpoint; metrics go to "
-        "OUTPUT_DIR/metrics.jsonl, checkpoints to OUTPUT_DIR/checkpoints (every trainer.checkpoint_every "
-        "steps, 10 by default, and at the end), the final student to OUTPUT_DIR/final. Runs under torchrun "
-        "for data parallelism.",
+        description=textwrap.fill(
+            "Train a student by on-policy distillation from a frozen teacher. The loop is rollout -> "
+            "score -> advantages -> loss -> update -> evaluate -> log -> checkpoint; metrics go to "
+            "OUTPUT_DIR/metrics.jsonl, checkpoints to OUTPUT_DIR/checkpoints (every trainer.checkpoint_every "
+            "steps, 10 by default, and at the end), the final student to OUTPUT_DIR/final. Runs under torchrun "
+            "for data parallelism.",
+            width=88,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""choosing what to train:
   environment  --set env.name=toy (default; built in), twx-<game> (e.g. twx-coin),
@@ -119,6 +123,7 @@ resuming:
     train.add_argument("--algorithm", choices=_ALGORITHMS, help="shortcut for --set curriculum.algorithm=...")
     train.add_argument("--output-dir", metavar="DIR", help="shortcut for --set trainer.output_dir=...")
     train.add_argument("--steps", type=int, help="shortcut for --set trainer.steps=...")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="shortcut for --set trainer.device=...")
     train.add_argument(
         "--resume",
         action="store_true",
@@ -138,6 +143,7 @@ resuming:
     _add_config_arguments(evaluate)
     evaluate.add_argument("--student", metavar="PATH", help="student model folder (default: RUN/final)")
     evaluate.add_argument("--out", metavar="FILE", help="also write the results as JSON here")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), help="shortcut for --set trainer.device=...")
 
     bench = commands.add_parser(
         "bench",
@@ -236,6 +242,8 @@ def _train_config(args):
         overrides.append(f"trainer.output_dir={args.output_dir}")
     if getattr(args, "steps", None) is not None:
         overrides.append(f"trainer.steps={args.steps}")
+    if getattr(args, "device", None):
+        overrides.append(f"trainer.device={args.device}")
     if not getattr(args, "resume", False):
         return load_config(args.config, overrides)
     if args.config is not None:
@@ -361,7 +369,7 @@ def _cmd_eval(args) -> int:
             found = "does not exist" if not run_dir.exists() else "has no config.yaml"
             raise UserError(f"--run must be a training run folder (with config.yaml), got {args.run!r}, which {found}")
     config_path = args.config or str(Path(args.run) / "config.yaml")
-    config = load_config(config_path, args.overrides)
+    config = load_config(config_path, [*args.overrides, *([f"trainer.device={args.device}"] if args.device else [])])
     student = args.student or (str(Path(args.run) / "final") if args.run else None)
     if student is None:
         raise UserError("eval needs --student PATH when no --run folder is given, got neither")
@@ -540,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"tcod-fast {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if _debug_requested(args):
+                raise
+            hint = " (--resume continues a training run from its last checkpoint)" if args.command == "train" else ""
+            print(f"tcod-fast {args.command}: interrupted{hint}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ CONFIG_MISTAKES = [
     ("grpo-group-of-one", ["--set", "curriculum.algorithm=grpo", "--set", "curriculum.episodes_per_task=1"], ["episodes_per_task >= 2"]),
     ("bad-eta", ["--set", "curriculum.eta=0"], ["curriculum.eta must be >= 1, got 0"]),
     ("tiny-heads", ["--set", "model.student_tiny.num_attention_heads=3"], ["model.student_tiny.hidden_size must be a multiple"]),
+    ("env-kwargs-typo", ["--set", "env.kwargs={max_roms: 2}"], ["unknown key env.kwargs.max_roms", "did you mean env.kwargs.max_rooms?"]),
     ("no-student-folder", ["--set", "model.student_path=/no/such/model"], ["model.student_path must be a local Hugging Face model folder", "'/no/such/model', which does not exist"]),
     ("no-teacher-folder", ["--set", "model.teacher_path=/no/such/teacher"], ["model.teacher_path must be", "does not exist"]),
 ]
@@ -118,8 +119,12 @@ def test_config_file_mistakes(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
-    for extra, fragment in (("trainer.device=cuda", "trainer.device='cuda' needs a CUDA GPU, got none"), ("trainer.bf16=always", "trainer.bf16='always' needs a CUDA device")):
-        code = main(["train", *tiny_args(tmp_path / "runs" / "gpu"), "--set", extra])
+    for extra, fragment in (
+        (["--device", "cuda"], "trainer.device='cuda' needs a CUDA GPU, got none"),
+        (["--set", "trainer.device=cuda"], "trainer.device='cuda' needs a CUDA GPU, got none"),
+        (["--set", "trainer.bf16=always"], "trainer.bf16='always' needs a CUDA device"),
+    ):
+        code = main(["train", *tiny_args(tmp_path / "runs" / "gpu"), *extra])
         assert_one_line_refusal(code, capsys.readouterr().err, "train", fragment)
     assert not (tmp_path / "runs").exists()
 

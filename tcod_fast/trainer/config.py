@@ -424,6 +424,7 @@ class TrainConfig:
                 f"got {self.curriculum.episodes_per_task}"
             )
         _check_curriculum_schedules(self.curriculum)
+        _check_env_kwargs(self.env)
 
     def check_paths(self) -> None:
         """Raise :class:`~tcod_fast.errors.ConfigError` unless every model and tokenizer
@@ -450,6 +451,39 @@ def _check_folder(name: str, path: str, marker_files: tuple[str, ...], expected:
         raise ConfigError(f"{name} must be {expected}, got {str(path)!r}, which is a file, not a folder")
     if not any((folder / marker).is_file() for marker in marker_files):
         raise ConfigError(f"{name} must be {expected}, got {str(path)!r}, which has no {marker_files[0]}")
+
+
+#: The config dataclass ``env.kwargs`` goes to, per env family (``make_env``).
+_ENV_CONFIG_CLASSES = {
+    "toy": ("tcod_fast.envs.toy", "KeyDoorConfig"),
+    "twx": ("tcod_fast.envs.textworld_express", "TextWorldExpressConfig"),
+    "scienceworld": ("tcod_fast.envs.scienceworld", "ScienceWorldConfig"),
+    "alfworld": ("tcod_fast.envs.alfworld.adapter", "AlfWorldConfig"),
+}
+
+
+def _check_env_kwargs(env: EnvSettings) -> None:
+    """``env.kwargs`` keys must be fields of the env's config (a typo would otherwise fail
+    deep inside the environment, after the run folder exists)."""
+    family = "twx" if env.name.startswith("twx-") else env.name
+    if family not in _ENV_CONFIG_CLASSES or not env.kwargs:
+        return
+    import importlib
+
+    module_name, class_name = _ENV_CONFIG_CLASSES[family]
+    try:
+        config_class = getattr(importlib.import_module(module_name), class_name)
+    except ImportError:  # the env's optional dependencies are missing: make_env will say so
+        return
+    allowed = [f.name for f in fields(config_class) if not (family == "twx" and f.name == "game")]
+    for key in env.kwargs:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean env.kwargs.{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown key env.kwargs.{key}{hint}: expected a field of {class_name} for env {env.name!r} "
+                f"({', '.join(allowed)}), got {key!r}"
+            )
 
 
 def _is_known_env(name: str) -> bool:
