@@ -8,17 +8,27 @@ Subcommands::
     tcod-fast bench                               time fused_turn_kl on every available backend
     tcod-fast kernel-demo                         the same on a tiny batch, printing the numbers
     tcod-fast envs make-alfworld-tasks ...        generate ALFWorld task folders offline
+
+A mistake in what was asked (an unknown config key, a value out of range, a missing folder)
+is printed as one line, ``tcod-fast <command>: <what was expected>, got <what was given>``,
+with exit code 2, before any model is built or any run folder is made. ``--debug`` (or
+``TCOD_FAST_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import textwrap
 import time
+import warnings
 from pathlib import Path
 
 from tcod_fast.algorithms import algorithm_names
+from tcod_fast.errors import TcodFastWarning, UserError
 
 __all__ = ["main", "build_parser"]
 
@@ -36,6 +46,16 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_debug_argument(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    # SUPPRESS: a subcommand's default must not overwrite a --debug given before it.
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top_level else argparse.SUPPRESS,
+        help="show the full traceback of an error (also: environment variable TCOD_FAST_DEBUG=1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcod-fast",
@@ -44,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'tcod-fast demo --quick' for a few-minute end-to-end run on CPU.",
     )
+    _add_debug_argument(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -74,16 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a student with one algorithm (config file + --set overrides)",
-        description="Train a student by on-policy distillation from a frozen teacher. The loop is rollout -> "
-        "score -> advantages -> loss -> update -> evaluate -> log -> checkpoint; metrics go to "
-        "OUTPUT_DIR/metrics.jsonl, checkpoints to OUTPUT_DIR/checkpoints, the final student to "
-        "OUTPUT_DIR/final. Runs under torchrun for data parallelism.",
+        description=textwrap.fill(
+            "Train a student by on-policy distillation from a frozen teacher. The loop is rollout -> "
+            "score -> advantages -> loss -> update -> evaluate -> log -> checkpoint; metrics go to "
+            "OUTPUT_DIR/metrics.jsonl, checkpoints to OUTPUT_DIR/checkpoints (every trainer.checkpoint_every "
+            "steps, 10 by default, and at the end), the final student to OUTPUT_DIR/final. Runs under torchrun "
+            "for data parallelism.",
+            width=88,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""choosing what to train:
+  environment  --set env.name=toy (default; built in), twx-<game> (e.g. twx-coin),
+               scienceworld or alfworld; --set env.kwargs={...} passes the env's options
+  teacher      --set model.teacher_path=DIR, a local Hugging Face model folder; without it
+               the teacher is a random-init tiny model (for tests: it teaches nothing)
+  student      --set model.student_path=DIR (default: a random-init tiny model)
+  every key    tcod-fast train --print-config lists them with their defaults
+
+resuming:
+  tcod-fast train --output-dir DIR --resume [--steps N] [--set k=v ...]
+  reads DIR/config.yaml, applies the overrides on top and continues from the newest
+  checkpoint; a larger --steps trains further. The curriculum and the student model of a
+  run cannot change on resume. Without --resume an existing run folder is refused.""",
     )
     _add_config_arguments(train)
     train.add_argument("--algorithm", choices=algorithm_names(), help="shortcut for --set curriculum.algorithm=...")
     train.add_argument("--output-dir", metavar="DIR", help="shortcut for --set trainer.output_dir=...")
     train.add_argument("--steps", type=int, help="shortcut for --set trainer.steps=...")
-    train.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT_DIR/checkpoints/latest")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="shortcut for --set trainer.device=...")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUTPUT_DIR exactly, from its newest checkpoint, with OUTPUT_DIR/config.yaml "
+        "as the config (--set overrides apply on top)",
+    )
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
 
     evaluate = commands.add_parser(
@@ -97,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(evaluate)
     evaluate.add_argument("--student", metavar="PATH", help="student model folder (default: RUN/final)")
     evaluate.add_argument("--out", metavar="FILE", help="also write the results as JSON here")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), help="shortcut for --set trainer.device=...")
 
     bench = commands.add_parser(
         "bench",
@@ -114,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "statistics) on every available backend.",
     )
     _add_bench_arguments(kernel_demo, batch=2, seq=16, vocab=64, turns=3, repeats=1)
+
+    for subcommand in (demo, train, evaluate, bench, kernel_demo):
+        _add_debug_argument(subcommand)
 
     envs = commands.add_parser("envs", help="environment tools", description="Environment tools.")
     env_commands = envs.add_subparsers(dest="env_command", metavar="ENV_COMMAND")
@@ -152,7 +201,7 @@ def _cmd_demo(args) -> int:
     from tcod_fast.trainer.demo import demo_settings, run_demo
 
     if args.workers is not None and args.workers < 1:
-        raise SystemExit(f"tcod-fast demo: --workers must be >= 1, got {args.workers}")
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
     preset = "quick" if args.quick else "full" if args.full else "default"
     settings = demo_settings(preset, seed=args.seed, workers=args.workers)
     for teacher in ("robust", "narrow"):
@@ -173,15 +222,17 @@ def _demo_algorithms(flag: str, listed: str) -> tuple[str, ...]:
     for name in names:
         algorithm, _, divergence = name.partition("@")
         if algorithm not in ALGORITHMS or (divergence and divergence not in divergences):
-            raise SystemExit(
-                f"tcod-fast demo: {flag} takes algorithms from {', '.join(ALGORITHMS)}, each optionally "
+            raise UserError(
+                f"{flag} takes algorithms from {', '.join(ALGORITHMS)}, each optionally "
                 f"@{'/'.join(divergences)}; got {name!r}"
             )
     return names
 
 
 def _train_config(args):
-    from tcod_fast.trainer.config import load_config
+    """The run's config: ``--config`` (or the defaults) with the overrides; with ``--resume``,
+    the run folder's own ``config.yaml`` with the overrides."""
+    from tcod_fast.trainer.config import TrainerSettings, load_config
 
     overrides = list(args.overrides)
     if getattr(args, "algorithm", None):
@@ -190,7 +241,68 @@ def _train_config(args):
         overrides.append(f"trainer.output_dir={args.output_dir}")
     if getattr(args, "steps", None) is not None:
         overrides.append(f"trainer.steps={args.steps}")
-    return load_config(args.config, overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"trainer.device={args.device}")
+    if not getattr(args, "resume", False):
+        return load_config(args.config, overrides)
+    if args.config is not None:
+        raise UserError(
+            f"--resume reads the run folder's own config.yaml and takes changes as --set overrides, got --config {args.config} too"
+        )
+    run_dir = Path(_output_dir_asked(overrides) or TrainerSettings().output_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        found = "does not exist" if not run_dir.exists() else "has no config.yaml"
+        raise UserError(f"--resume needs a run folder made by 'tcod-fast train' (--output-dir DIR), got {str(run_dir)!r}, which {found}")
+    return load_config(saved, overrides)
+
+
+def _output_dir_asked(overrides: list[str]) -> str | None:
+    """The last ``trainer.output_dir`` among ``--set`` overrides (shortcuts included)."""
+    found = None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "trainer.output_dir":
+            found = value.strip()
+    return found
+
+
+def _check_run_folder(config, resume: bool) -> bool:
+    """Refuse to mix runs in one folder; with ``resume``, say whether the run has finished
+    already (True: nothing to do). Reads file names only, loads nothing."""
+    from tcod_fast.trainer.run_folder import check_resume_compatible, checkpoint_step, existing_run_files, list_checkpoints
+
+    run_dir = Path(config.trainer.output_dir)
+    if not resume:
+        # Under torchrun only the main process looks: the others may start after it has
+        # written config.yaml into the new folder.
+        existing = existing_run_files(run_dir) if os.environ.get("RANK", "0") == "0" else []
+        if existing:
+            raise UserError(
+                f"--output-dir must be a new run folder (add --resume to continue the run in it), "
+                f"got {str(run_dir)!r}, which holds {', '.join(existing)}"
+            )
+        return False
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if not checkpoints:
+        raise UserError(
+            f"--resume needs a run folder with a checkpoint, got {str(run_dir)!r}, which has none yet "
+            "(the run stopped before its first checkpoint: delete the folder to start again)"
+        )
+    from tcod_fast.trainer.config import config_to_dict, load_config
+
+    saved = config_to_dict(load_config(run_dir / "config.yaml"))
+    check_resume_compatible(saved, config, str(run_dir / "config.yaml"))
+    step, steps = checkpoint_step(checkpoints[0]), config.trainer.steps
+    if step > steps:
+        raise UserError(f"--steps must be >= {step} to resume (the run's newest checkpoint is at step {step}), got {steps}")
+    if step == steps and (run_dir / "final" / "config.json").is_file():
+        print(
+            f"tcod-fast train: the run in {run_dir} finished at step {step} (trainer.steps={steps}); nothing changed. "
+            f"Give --steps N with N > {step} to train further."
+        )
+        return True
+    return False
 
 
 def _cmd_train(args) -> int:
@@ -202,32 +314,76 @@ def _cmd_train(args) -> int:
 
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         return 0
+    config.check_paths()  # before importing the trainer: a wrong path is told in a second
+    if _check_run_folder(config, args.resume):
+        return 0
     from tcod_fast.trainer.loop import train
     from tcod_fast.trainer.plots import plot_run
 
+    started = time.perf_counter()
     run = train(config, resume=args.resume)
     if run.dist.is_main:
         plot_run(config.trainer.output_dir)
-        if run.last_eval:
-            print(json.dumps(run.last_eval, indent=2))
+        print(_train_summary(run, time.perf_counter() - started))
     return 0
+
+
+def _train_summary(run, seconds: float) -> str:
+    """A few lines for the end of ``train``: the final evaluation per split, the last step,
+    and where the files are (every number is in metrics.jsonl)."""
+    config, folder = run.config, run.output_dir
+    train_records = [r for r in run.history if r.get("kind") == "train"]
+    final = run.last_eval or {}
+    lines = [f"{config.logging.run_name or config.algorithm}: {run.next_step}/{config.trainer.steps} steps in {seconds:.0f} s"]
+    splits = [split for split in ("seen", "unseen") if f"success_{split}" in final]
+    if splits:
+        rows = [
+            ("success rate", "success_{}", "{:.3f}"),
+            ("turns per episode", "turns_{}", "{:.2f}"),
+            ("KL per token", "kl_{}/trajectory_mean", "{:.4f}"),
+        ]
+        lines.append(f"{'final evaluation (step ' + str(final.get('step', run.next_step)) + ')':<28}" + "".join(f"{s:>10}" for s in splits))
+        for label, key, fmt in rows:
+            values = [final.get(key.format(split)) for split in splits]
+            if any(isinstance(v, (int, float)) for v in values):
+                cells = "".join(f"{fmt.format(v) if isinstance(v, (int, float)) else '-':>10}" for v in values)
+                lines.append(f"  {label:<26}{cells}")
+    if train_records:
+        last = train_records[-1]
+        parts = [f"loss {last.get('loss', float('nan')):.4f}", f"KL {last.get('kl/trajectory_mean', float('nan')):.4f}"]
+        parts.append(f"success {last.get('success', float('nan')):.2f}")
+        lines.append(f"last training step ({last['step']}): " + ", ".join(parts))
+    lines.append(f"metrics: {folder / 'metrics.jsonl'}   student: {folder / 'final'}   plots: {folder}/*.png")
+    return "\n".join(lines)
 
 
 def _cmd_eval(args) -> int:
     from tcod_fast.trainer.config import apply_overrides, load_config
-    from tcod_fast.trainer.loop import evaluate, setup_run
 
     if args.run is None and args.config is None:
-        raise SystemExit("tcod-fast eval: give --run DIR (a training run folder) or --config FILE")
+        raise UserError("eval needs --run DIR (a training run folder) or --config FILE, got neither")
+    if args.run is not None:
+        run_dir = Path(args.run)
+        if not (run_dir / "config.yaml").is_file():
+            found = "does not exist" if not run_dir.exists() else "has no config.yaml"
+            raise UserError(f"--run must be a training run folder (with config.yaml), got {args.run!r}, which {found}")
     config_path = args.config or str(Path(args.run) / "config.yaml")
-    config = load_config(config_path, args.overrides)
+    config = load_config(config_path, [*args.overrides, *([f"trainer.device={args.device}"] if args.device else [])])
     student = args.student or (str(Path(args.run) / "final") if args.run else None)
     if student is None:
-        raise SystemExit("tcod-fast eval: give --student PATH when no --run folder is given")
-    if not Path(student).is_dir():
-        raise SystemExit(f"tcod-fast eval: student folder {student} does not exist")
+        raise UserError("eval needs --student PATH when no --run folder is given, got neither")
+    if not (Path(student) / "config.json").is_file():
+        if args.student is None:
+            raise UserError(
+                f"--run must be a finished run (with final/), got {args.run!r}, which has no final/ student yet "
+                f"(continue it: tcod-fast train --output-dir {args.run} --resume)"
+            )
+        found = "does not exist" if not Path(student).exists() else "has no config.json"
+        raise UserError(f"--student must be a local Hugging Face model folder, got {student!r}, which {found}")
     eval_dir = Path(args.run or config.trainer.output_dir) / "eval"
     config = apply_overrides(config, [f"model.student_path={student}", f"trainer.output_dir={eval_dir}"])
+    from tcod_fast.trainer.loop import evaluate, setup_run
+
     run = setup_run(config)
     results = evaluate(run, 0)
     text = json.dumps(results, indent=2)
@@ -340,10 +496,34 @@ def _cmd_envs(args, rest: list[str]) -> int:
         if rest and rest[0] == "--":
             rest = rest[1:]
         return int(cli_make_tasks(rest) or 0)
-    raise SystemExit(f"unknown envs command {args.env_command!r}")
+    raise UserError(f"envs takes make-alfworld-tasks, got {args.env_command!r}")
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """Print this project's warnings as ``tcod-fast <command>: warning: ...`` lines."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TcodFastWarning):
+            print(f"tcod-fast {command}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
+def _debug_requested(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("TCOD_FAST_DEBUG", "").strip() not in ("", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``tcod-fast`` command; returns its exit code (2 for a :class:`UserError`,
+    printed as one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # make-alfworld-tasks owns its own options: pass everything after it through untouched.
@@ -351,18 +531,28 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[:2])
         return _cmd_envs(args, argv[2:])
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _cmd_demo(args)
-    if args.command == "train":
-        return _cmd_train(args)
-    if args.command == "eval":
-        return _cmd_eval(args)
-    if args.command in ("bench", "kernel-demo"):
-        return _cmd_bench(args)
-    if args.command == "envs":
-        return _cmd_envs(args, [])
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    commands = {
+        "demo": _cmd_demo,
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+        "bench": _cmd_bench,
+        "kernel-demo": _cmd_bench,
+        "envs": lambda parsed: _cmd_envs(parsed, []),
+    }
+    with _warnings_as_lines(args.command):
+        try:
+            return commands[args.command](args)
+        except UserError as exc:
+            if _debug_requested(args):
+                raise
+            print(f"tcod-fast {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if _debug_requested(args):
+                raise
+            hint = " (--resume continues a training run from its last checkpoint)" if args.command == "train" else ""
+            print(f"tcod-fast {args.command}: interrupted{hint}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

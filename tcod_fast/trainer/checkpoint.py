@@ -9,32 +9,40 @@ Atomicity: each file is written to a temporary name in the same folder, flushed 
 then ``os.replace``d onto its final name (atomic on POSIX and Windows), and ``latest`` is
 updated the same way only after the checkpoint is in place. A crash at any moment leaves
 either the old state or the new one, never a torn file under a final name; leftover
-temporary files are ignored and cleaned on the next save.
+temporary files are ignored and cleaned on the next save. A checkpoint that still cannot be
+read (a disk fault, a copy cut short) is skipped with a warning by
+:func:`load_latest_checkpoint`, which falls back to the newest one that loads.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tcod_fast.errors import TcodFastWarning, UserError
+from tcod_fast.trainer.run_folder import CHECKPOINT_NAME as _NAME
+from tcod_fast.trainer.run_folder import checkpoint_step, latest_checkpoint, list_checkpoints
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_torch_save",
     "capture_rng_state",
     "restore_rng_state",
+    "checkpoint_step",
     "latest_checkpoint",
+    "list_checkpoints",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "save_checkpoint",
 ]
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -116,21 +124,35 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep: int = 2
     return path
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, else the highest-step one present, else ``None``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    pointer = folder / "latest"
-    if pointer.is_file():
-        candidate = folder / pointer.read_text().strip()
-        if candidate.is_file():
-            return candidate
-    checkpoints = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
-    return checkpoints[-1] if checkpoints else None
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (on CPU)."""
     # The file holds optimiser state, RNG tuples and plain config data, not just tensors.
     return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint of ``folder`` that loads, as ``(path, state)``; ``None`` when
+    there is no checkpoint file at all.
+
+    A newer file that cannot be read is skipped with a :class:`TcodFastWarning` naming it
+    and the one used instead; when none can be read a :class:`UserError` lists them.
+    """
+    failures = []
+    for path in list_checkpoints(folder):
+        try:
+            state = load_checkpoint(path)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("not a training checkpoint (no 'step' entry)")
+        except Exception as exc:  # a torn or foreign file: any unpickling error means "unreadable"
+            failures.append(f"{path.name} ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
+            continue
+        if failures:
+            warnings.warn(
+                f"checkpoint {'; '.join(failures)} cannot be read; resuming from {path.name} instead",
+                TcodFastWarning,
+                stacklevel=2,
+            )
+        return path, state
+    if failures:
+        raise UserError(f"resuming needs a readable checkpoint in {folder}, got only unreadable files: {'; '.join(failures)}")
+    return None

@@ -20,7 +20,9 @@ field's type.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -29,6 +31,7 @@ from typing import Any
 
 from tcod_fast.algorithms import ALGORITHMS, get_algorithm
 from tcod_fast.curriculum import CurriculumConfig
+from tcod_fast.errors import ConfigError
 
 __all__ = [
     "ALGORITHMS",
@@ -50,6 +53,9 @@ __all__ = [
 ]
 
 ESTIMATORS = ("full_vocab", "sampled")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+KERNEL_BACKENDS = ("auto", "native", "triton", "torch")
+ENV_NAMES = ("toy", "twx-<game>", "scienceworld", "alfworld")
 
 
 @dataclass
@@ -212,8 +218,11 @@ class TrainerSettings:
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
         bf16: bfloat16 autocast for the model forwards: ``auto`` (CUDA only), ``always``, ``never``.
         output_dir: run folder (metrics, checkpoints, plots).
-        eval_every / checkpoint_every / log_every: cadences in steps (0: only at the end).
-        keep_checkpoints: newest checkpoints kept on disk.
+        eval_every: evaluate every N steps (0: only at the end).
+        checkpoint_every: checkpoint every N steps (0: only at the end); a run killed
+            between checkpoints loses at most this many steps when resumed.
+        keep_checkpoints: newest checkpoints kept on disk (>= 1; with 2, a checkpoint that
+            cannot be read falls back to the one before it).
         num_threads: torch CPU threads (``None``: torch's default).
     """
 
@@ -232,7 +241,7 @@ class TrainerSettings:
     bf16: str = "auto"
     output_dir: str = "runs/tcod"
     eval_every: int = 0
-    checkpoint_every: int = 0
+    checkpoint_every: int = 10
     keep_checkpoints: int = 2
     num_threads: int | None = None
 
@@ -301,7 +310,17 @@ class TrainConfig:
         return self.curriculum.algorithm
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field, what was expected and what was given."""
+        """Raise :class:`~tcod_fast.errors.ConfigError` (a ``ValueError``) naming the field,
+        what was expected and what was given.
+
+        Every field the type alone does not bound is checked: numbers are finite and in
+        range, choices are known, and settings the run would silently ignore in this
+        combination are refused. Model and tokenizer folders are checked by
+        :meth:`check_paths` (it needs the file system).
+        """
+        trainer, model, env, rollout, loss, evaluation = (
+            self.trainer, self.model, self.env, self.rollout, self.loss, self.eval
+        )
         checks = [
             (self.loss.estimator in ESTIMATORS, f"loss.estimator must be one of {ESTIMATORS}, got {self.loss.estimator!r}"),
             (self.loss.sampled_kl in ("k1", "k3"), f"loss.sampled_kl must be 'k1' or 'k3', got {self.loss.sampled_kl!r}"),
@@ -317,17 +336,229 @@ class TrainConfig:
             (self.trainer.micro_batch_tokens >= 1, f"trainer.micro_batch_tokens must be >= 1, got {self.trainer.micro_batch_tokens}"),
             (self.rollout.tasks_per_step >= 1, f"rollout.tasks_per_step must be >= 1, got {self.rollout.tasks_per_step}"),
             (self.eval.num_tasks >= 0, f"eval.num_tasks must be >= 0, got {self.eval.num_tasks}"),
+            # -- trainer
+            (trainer.lr > 0, f"trainer.lr must be > 0, got {trainer.lr}"),
+            (trainer.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {trainer.weight_decay}"),
+            (all(0 <= b < 1 for b in trainer.betas), f"trainer.betas must both be in [0, 1), got {list(trainer.betas)}"),
+            (trainer.eps > 0, f"trainer.eps must be > 0, got {trainer.eps}"),
+            (trainer.warmup_steps >= 0, f"trainer.warmup_steps must be >= 0, got {trainer.warmup_steps}"),
+            (
+                trainer.max_grad_norm is None or trainer.max_grad_norm >= 0,
+                f"trainer.max_grad_norm must be >= 0 (0 or null: no clipping), got {trainer.max_grad_norm}",
+            ),
+            (trainer.seed >= 0, f"trainer.seed must be >= 0, got {trainer.seed}"),
+            (bool(str(trainer.output_dir).strip()), f"trainer.output_dir must name a folder, got {trainer.output_dir!r}"),
+            (trainer.eval_every >= 0, f"trainer.eval_every must be >= 0 (0: only at the end), got {trainer.eval_every}"),
+            (
+                trainer.checkpoint_every >= 0,
+                f"trainer.checkpoint_every must be >= 0 (0: only at the end), got {trainer.checkpoint_every}",
+            ),
+            (trainer.keep_checkpoints >= 1, f"trainer.keep_checkpoints must be >= 1, got {trainer.keep_checkpoints}"),
+            (
+                trainer.num_threads is None or trainer.num_threads >= 1,
+                f"trainer.num_threads must be >= 1 (null: torch's default), got {trainer.num_threads}",
+            ),
+            # -- env
+            (_is_known_env(env.name), f"env.name must be one of {', '.join(ENV_NAMES)}, got {env.name!r}"),
+            (
+                env.num_train_tasks is None or env.num_train_tasks >= 1,
+                f"env.num_train_tasks must be >= 1 (null: all), got {env.num_train_tasks}",
+            ),
+            (env.pool_workers >= 0, f"env.pool_workers must be >= 0 (0: in this process), got {env.pool_workers}"),
+            (env.history_length >= 0, f"env.history_length must be >= 0, got {env.history_length}"),
+            (
+                env.max_admissible_actions is None or env.max_admissible_actions >= 0,
+                f"env.max_admissible_actions must be >= 0 (null: no cap), got {env.max_admissible_actions}",
+            ),
+            (env.vocab_tasks_per_split >= 1, f"env.vocab_tasks_per_split must be >= 1, got {env.vocab_tasks_per_split}"),
+            # -- rollout
+            (rollout.temperature >= 0, f"rollout.temperature must be >= 0 (0: greedy), got {rollout.temperature}"),
+            (0 < rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {rollout.top_p}"),
+            (
+                rollout.teacher_temperature >= 0,
+                f"rollout.teacher_temperature must be >= 0 (0: greedy), got {rollout.teacher_temperature}",
+            ),
+            (rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {rollout.max_new_tokens}"),
+            # -- loss
+            (loss.divergence in DIVERGENCES, f"loss.divergence must be one of {', '.join(DIVERGENCES)}, got {loss.divergence!r}"),
+            (loss.backend in KERNEL_BACKENDS, f"loss.backend must be one of {', '.join(KERNEL_BACKENDS)}, got {loss.backend!r}"),
+            (0 <= loss.jsd_beta <= 1, f"loss.jsd_beta must be in [0, 1], got {loss.jsd_beta}"),
+            (loss.kl_coef >= 0, f"loss.kl_coef must be >= 0, got {loss.kl_coef}"),
+            (0 <= loss.clip_low < 1, f"loss.clip_low must be in [0, 1), got {loss.clip_low}"),
+            (loss.clip_high is None or loss.clip_high >= 0, f"loss.clip_high must be >= 0 (null: clip_low), got {loss.clip_high}"),
+            (loss.dual_clip is None or loss.dual_clip > 1, f"loss.dual_clip must be > 1 (null: off), got {loss.dual_clip}"),
+            (
+                loss.loss_agg == "token_mean",
+                f"loss.loss_agg must be 'token_mean' (the trainer's PPO terms aggregate by token mean), got {loss.loss_agg!r}",
+            ),
+            (loss.sod_coef >= 0, f"loss.sod_coef must be >= 0, got {loss.sod_coef}"),
+            (loss.sod_delta >= 0, f"loss.sod_delta must be >= 0, got {loss.sod_delta}"),
+            (loss.grpo_eps > 0, f"loss.grpo_eps must be > 0, got {loss.grpo_eps}"),
+            (
+                loss.divergence == "reverse_kl" or loss.estimator == "full_vocab",
+                f"loss.divergence={loss.divergence!r} needs loss.estimator='full_vocab' (the sampled estimator is "
+                f"reverse KL only), got loss.estimator={loss.estimator!r}",
+            ),
+            (
+                loss.sampled_kl == "k1" or loss.estimator == "sampled",
+                f"loss.sampled_kl={loss.sampled_kl!r} needs loss.estimator='sampled' (the full-vocabulary estimator "
+                f"is exact), got loss.estimator={loss.estimator!r}",
+            ),
+            # -- eval
+            (evaluation.temperature >= 0, f"eval.temperature must be >= 0 (0: greedy), got {evaluation.temperature}"),
+            (
+                set(evaluation.kl_by_turn_splits) <= {"seen", "unseen"},
+                f"eval.kl_by_turn_splits must list 'seen' and/or 'unseen', got {list(evaluation.kl_by_turn_splits)}",
+            ),
         ]
+        checks[:0] = [(False, message) for message in _non_finite_numbers(self)]
+        for tiny_name, path in (("student_tiny", model.student_path), ("teacher_tiny", model.teacher_path)):
+            if path is None:
+                checks += _tiny_model_checks(f"model.{tiny_name}", getattr(model, tiny_name))
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
         min_group_size = get_algorithm(self.curriculum.algorithm).min_group_size
         if self.curriculum.episodes_per_task < min_group_size:
             # A GRPO group of one has advantage 0: the RL term would silently vanish.
-            raise ValueError(
+            raise ConfigError(
                 f"{self.curriculum.algorithm} needs curriculum.episodes_per_task >= {min_group_size} (GRPO groups), "
                 f"got {self.curriculum.episodes_per_task}"
             )
+        _check_curriculum_schedules(self.curriculum)
+        _check_env_kwargs(self.env)
+
+    def check_paths(self) -> None:
+        """Raise :class:`~tcod_fast.errors.ConfigError` unless every model and tokenizer
+        path names a local folder that holds one (``config.json`` for a model, a tokenizer
+        file for a tokenizer). Nothing is loaded."""
+        model = self.model
+        for name, path in (("model.student_path", model.student_path), ("model.teacher_path", model.teacher_path)):
+            if path is not None:
+                _check_folder(name, path, ("config.json",), "a local Hugging Face model folder with config.json")
+        if model.tokenizer_path is not None:
+            _check_folder(
+                "model.tokenizer_path",
+                model.tokenizer_path,
+                ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"),
+                "a local tokenizer folder (tokenizer.json or tokenizer_config.json)",
+            )
+
+
+def _check_folder(name: str, path: str, marker_files: tuple[str, ...], expected: str) -> None:
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{name} must be {expected}, got {str(path)!r}, which does not exist")
+    if not folder.is_dir():
+        raise ConfigError(f"{name} must be {expected}, got {str(path)!r}, which is a file, not a folder")
+    if not any((folder / marker).is_file() for marker in marker_files):
+        raise ConfigError(f"{name} must be {expected}, got {str(path)!r}, which has no {marker_files[0]}")
+
+
+#: The config dataclass ``env.kwargs`` goes to, per env family (``make_env``).
+_ENV_CONFIG_CLASSES = {
+    "toy": ("tcod_fast.envs.toy", "KeyDoorConfig"),
+    "twx": ("tcod_fast.envs.textworld_express", "TextWorldExpressConfig"),
+    "scienceworld": ("tcod_fast.envs.scienceworld", "ScienceWorldConfig"),
+    "alfworld": ("tcod_fast.envs.alfworld.adapter", "AlfWorldConfig"),
+}
+
+
+def _check_env_kwargs(env: EnvSettings) -> None:
+    """``env.kwargs`` keys must be fields of the env's config (a typo would otherwise fail
+    deep inside the environment, after the run folder exists)."""
+    family = "twx" if env.name.startswith("twx-") else env.name
+    if family not in _ENV_CONFIG_CLASSES or not env.kwargs:
+        return
+    import importlib
+
+    module_name, class_name = _ENV_CONFIG_CLASSES[family]
+    try:
+        config_class = getattr(importlib.import_module(module_name), class_name)
+    except ImportError:  # the env's optional dependencies are missing: make_env will say so
+        return
+    allowed = [f.name for f in fields(config_class) if not (family == "twx" and f.name == "game")]
+    for key in env.kwargs:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean env.kwargs.{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown key env.kwargs.{key}{hint}: expected a field of {class_name} for env {env.name!r} "
+                f"({', '.join(allowed)}), got {key!r}"
+            )
+
+
+def _is_known_env(name: str) -> bool:
+    return name in ("toy", "scienceworld", "alfworld") or (name.startswith("twx-") and len(name) > len("twx-"))
+
+
+def _non_finite_numbers(config) -> list[str]:
+    """One message per float field (at any depth) holding NaN or infinity."""
+    messages = []
+
+    def visit(node, where):
+        if is_dataclass(node):
+            for f in fields(node):
+                visit(getattr(node, f.name), f"{where}.{f.name}" if where else f.name)
+        elif isinstance(node, tuple):
+            for index, item in enumerate(node):
+                visit(item, f"{where}[{index}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            messages.append(f"{where} must be a finite number, got {node}")
+
+    visit(config, "")
+    return messages
+
+
+def _tiny_model_checks(where: str, spec: TinyModelSpec) -> list[tuple[bool, str]]:
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+    checks = [(spec.architecture in ("llama", "qwen2"), f"{where}.architecture must be 'llama' or 'qwen2', got {spec.architecture!r}")]
+    checks += [(getattr(spec, name) >= 1, f"{where}.{name} must be >= 1, got {getattr(spec, name)}") for name in sizes]
+    if spec.num_attention_heads >= 1 and spec.num_key_value_heads >= 1:
+        checks += [
+            (
+                spec.hidden_size % spec.num_attention_heads == 0,
+                f"{where}.hidden_size must be a multiple of num_attention_heads ({spec.num_attention_heads}), got {spec.hidden_size}",
+            ),
+            (
+                spec.num_attention_heads % spec.num_key_value_heads == 0,
+                f"{where}.num_attention_heads must be a multiple of num_key_value_heads ({spec.num_key_value_heads}), "
+                f"got {spec.num_attention_heads}",
+            ),
+        ]
+    return checks
+
+
+def _check_curriculum_schedules(curriculum: CurriculumConfig) -> None:
+    """Build the curriculum's schedules (pacing, Guided-OPD, ATOD) once so their range
+    checks run now, not at the first training step."""
+    from tcod_fast.curriculum import CurriculumSampler
+
+    try:
+        CurriculumSampler(curriculum)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for name, field_name in _CURRICULUM_SCHEDULE_FIELDS:
+            if message.startswith(name + " "):
+                raise ConfigError(f"curriculum.{field_name}{message[len(name):]}") from None
+        raise ConfigError(f"curriculum: {message}") from None
+
+
+#: (name in the schedule's own error message, the curriculum field it comes from)
+_CURRICULUM_SCHEDULE_FIELDS = (
+    ("LinearPacing.eta", "eta"),
+    ("SmoothPacing.eta", "eta"),
+    ("StagedPacing.stage_starts", "stage_starts"),
+    ("pacing", "pacing"),
+    ("shape", "guided_shape"),
+    ("p_init", "guided_p_init"),
+    ("p_final", "guided_p_final"),
+    ("decay_steps", "guided_decay_steps"),
+    ("warmup_steps", "guided_warmup_steps"),
+    ("exp_rate", "guided_exp_rate"),
+    ("anneal_steps", "atod_anneal_steps"),
+    ("kappa_min", "atod_kappa_min"),
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -347,58 +578,60 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
         if value is None and type(None) in args:
             return None
+        options = [option for option in args if option is not type(None)]
         errors = []
-        for option in args:
-            if option is type(None):
-                continue
+        for option in options:
             try:
                 return _convert(value, option, where)
             except (TypeError, ValueError) as exc:
                 errors.append(str(exc))
-        raise ValueError(f"{where}: expected {annotation}, got {value!r}")
+        if len(options) == 1 and ", got" in errors[0]:
+            # "x: expected a number, got 'abc'" -> "x: expected a number or null, got 'abc'"
+            raise ConfigError(errors[0].replace(", got", " or null, got", 1) if type(None) in args else errors[0])
+        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
     if is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
         return _dataclass_from_dict(annotation, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
-            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise TypeError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if annotation in (int, float) and isinstance(value, str):
         # PyYAML follows YAML 1.1, where "1e-5" (no dot) is a string, not a number.
         try:
             value = float(value) if annotation is float else int(value)
         except ValueError:
-            raise TypeError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise TypeError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise TypeError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
 
@@ -407,13 +640,26 @@ def _dataclass_from_dict(cls, data: dict, where: str = ""):
     types = _field_types(cls)
     unknown = sorted(set(data) - set(types))
     if unknown:
-        prefix = f"{where}." if where else ""
-        raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"{where or 'the top level'} has: {', '.join(types)}"
-        )
+        raise ConfigError(_unknown_key_message(where, str(unknown[0]), list(types)))
     kwargs = {name: _convert(value, types[name], f"{where}.{name}" if where else name) for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        # A section's own checks (e.g. CurriculumConfig's) name the field without its section.
+        message = str(exc)
+        field_name = message.split(" ", 1)[0]
+        prefix = f"{where}." if where and field_name in types else f"{where}: " if where else ""
+        raise ConfigError(prefix + message) from None
+
+
+def _unknown_key_message(where: str, key: str, options: list[str], context: str = "") -> str:
+    """``trainer.lrr`` -> "unknown config key trainer.lrr (did you mean trainer.lr?): expected
+    a key of trainer (steps, lr, ...), got 'lrr'"."""
+    prefix = f"{where}." if where else ""
+    close = difflib.get_close_matches(key, options, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    section = f"a key of {where}" if where else "a section"
+    return f"unknown config key {prefix}{key}{context}{hint}: expected {section} ({', '.join(options)}), got {key!r}"
 
 
 def config_from_dict(data: dict) -> TrainConfig:
@@ -438,12 +684,38 @@ def config_to_dict(config) -> dict:
 
 
 def _read_file(path: Path) -> dict:
-    text = path.read_text()
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"config file must end in .yaml, .yml, .toml or .json, got {path.name!r}")
+    if not path.exists():
+        raise ConfigError(f"config file must be an existing file, got {str(path)!r}, which does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file must be a readable text file, got {str(path)!r}: {exc}") from None
+    data = _parse_config_text(text, suffix, path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (trainer:, model:, ...), got a {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_config_text(text: str, suffix: str, path: Path) -> Any:
+    """Parse a config file's text; a syntax error becomes one :class:`ConfigError` line
+    that names the file, the line and the column."""
     if suffix in (".yaml", ".yml"):
         import yaml
 
-        return yaml.safe_load(text) or {}
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise ConfigError(f"config file {path} must be valid YAML, got a syntax error{where}: {problem}") from None
     if suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib
@@ -452,10 +724,16 @@ def _read_file(path: Path) -> dict:
                 import tomli as tomllib
             except ImportError as exc:
                 raise ImportError("reading TOML on Python 3.10 needs the tomli package: pip install tomli") from exc
-        return tomllib.loads(text)
-    if suffix == ".json":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} must be valid TOML, got a syntax error: {exc}") from None
+    try:
         return json.loads(text)
-    raise ValueError(f"config file must end in .yaml, .yml, .toml or .json, got {path.name!r}")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} must be valid JSON, got a syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -491,29 +769,31 @@ def apply_overrides(config: TrainConfig, overrides) -> TrainConfig:
     data = config_to_dict(config)
     for item in overrides or ():
         if "=" not in item:
-            raise ValueError(f"override must look like section.key=value, got {item!r}")
+            raise ConfigError(f"--set takes section.key=value, got {item!r}")
         dotted, raw = item.split("=", 1)
         keys = [k for k in dotted.strip().split(".") if k]
         if not keys:
-            raise ValueError(f"override has an empty key: {item!r}")
+            raise ConfigError(f"--set takes section.key=value, got {item!r} (no key)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = data
         for depth, key in enumerate(keys[:-1]):
-            if not isinstance(node, dict) or key not in node:
-                where = ".".join(keys[:depth]) or "the top level"
-                options = ", ".join(node) if isinstance(node, dict) else "nothing (not a section)"
-                raise ValueError(f"unknown config key {'.'.join(keys[: depth + 1])!r} in --set {item!r}; {where} has: {options}")
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:depth])} is a value, not a section")
+            if key not in node:
+                raise ConfigError(_unknown_key_message(".".join(keys[:depth]), key, list(node), f" in --set {item!r}"))
             node = node[key]
         last = keys[-1]
-        if isinstance(node, dict) and last not in node and not _is_free_dict(config, keys[:-1]):
-            where = ".".join(keys[:-1]) or "the top level"
-            raise ValueError(f"unknown config key {dotted!r} in --set {item!r}; {where} has: {', '.join(node)}")
         if not isinstance(node, dict):
-            raise ValueError(f"cannot set {dotted!r}: {'.'.join(keys[:-1])} is not a section")
+            raise ConfigError(f"--set {item!r}: {'.'.join(keys[:-1])} is a value, not a section")
+        if last not in node and not _is_free_dict(config, keys[:-1]):
+            raise ConfigError(_unknown_key_message(".".join(keys[:-1]), last, list(node), f" in --set {item!r}"))
         node[last] = value
+        # Back through the dataclasses: a section given as a mapping gets its other keys
+        # (so a later --set may name them), and a bad value is told at its own --set.
+        data = config_to_dict(_dataclass_from_dict(TrainConfig, data))
     result = _dataclass_from_dict(TrainConfig, data)
     return result
 

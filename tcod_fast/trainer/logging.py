@@ -3,15 +3,19 @@
 Records are flat ``{"step": s, "kind": "train" | "eval", name: value, ...}`` dicts; lists
 (e.g. ``kl_by_turn``) stay lists in JSON and are expanded to ``name/<i>`` scalars for
 TensorBoard. On resume the file is cut back to the records before the resumed step, so a
-crash between a log line and its checkpoint never leaves duplicated steps.
+crash between a log line and its checkpoint never leaves duplicated steps. A line cut short
+by a kill mid-write is skipped with a warning when read, and dropped by that cut.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
+
+from tcod_fast.errors import TcodFastWarning
 
 __all__ = ["MetricsLogger", "read_metrics"]
 
@@ -66,10 +70,15 @@ class MetricsLogger:
             recorded = int(record.get("step", 0))
             return recorded <= step if record.get("kind") == "eval" else recorded < step
 
-        kept = [r for r in read_metrics(self.path) if keep(r)]
-        with open(self.path, "w") as handle:
-            for record in kept:
-                handle.write(json.dumps(record) + "\n")
+        records = read_metrics(self.path)
+        kept = [r for r in records if keep(r)]
+        lines = sum(1 for line in self.path.read_text(errors="replace").splitlines() if line.strip())
+        if len(kept) == lines:
+            return  # nothing to drop, no torn line: leave the file as it is
+        from tcod_fast.trainer.checkpoint import atomic_write_bytes
+
+        # Rewritten atomically: a kill now leaves the old file or the cut one, never half.
+        atomic_write_bytes(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -98,14 +107,26 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
-    """Records of a ``metrics.jsonl`` file (only those of ``kind`` when given)."""
+    """Records of a ``metrics.jsonl`` file (only those of ``kind`` when given).
+
+    A line that is not a JSON record (the torn last line of a killed run) is skipped with a
+    :class:`~tcod_fast.errors.TcodFastWarning` naming it.
+    """
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if kind is None or record.get("kind") == kind:
-                records.append(record)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            shown = line if len(line) <= 60 else line[:57] + "..."
+            warnings.warn(f"{path} line {number} is not a JSON record (cut short?), skipped: {shown!r}", TcodFastWarning, stacklevel=2)
+            continue
+        if kind is None or record.get("kind") == kind:
+            records.append(record)
     return records

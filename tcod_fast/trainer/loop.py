@@ -24,6 +24,8 @@ with the GRPO advantage. :func:`compute_loss` runs the named steps of
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,11 +39,12 @@ import torch
 from tcod_fast import objectives
 from tcod_fast.algorithms import Algorithm, LossCoefficients, get_algorithm
 from tcod_fast.curriculum import CurriculumSampler, EpisodePlan
+from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.trainer import build
 from tcod_fast.trainer.checkpoint import (
     capture_rng_state,
-    latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -53,7 +56,7 @@ from tcod_fast.trainer.distributed import (
     broadcast_parameters,
     init_distributed,
 )
-from tcod_fast.trainer.logging import MetricsLogger
+from tcod_fast.trainer.logging import MetricsLogger, read_metrics
 from tcod_fast.trainer.loss import (
     episode_turn_statistics,
     forward_models,
@@ -64,6 +67,7 @@ from tcod_fast.trainer.loss import (
     turn_kl_statistics,
     turn_weights,
 )
+from tcod_fast.trainer.run_folder import check_resume_compatible
 
 __all__ = [
     "LossCoefficients",
@@ -74,6 +78,7 @@ __all__ = [
     "compute_loss",
     "evaluate",
     "evaluate_model",
+    "preflight",
     "rollout",
     "score",
     "setup_run",
@@ -142,17 +147,42 @@ def train(
 
     Args:
         config: the run's configuration.
-        resume: continue from ``output_dir/checkpoints/latest`` (exactly: weights, optimiser,
-            scheduler, sampler and RNG states, and the metrics file cut back to that step).
+        resume: continue from the newest readable checkpoint in ``output_dir/checkpoints``
+            (exactly: weights, optimiser, scheduler, sampler and RNG states, and the metrics
+            file cut back to that step). A larger ``trainer.steps`` than the run had trains
+            further; a run already at ``trainer.steps`` is left as it is (a warning says so).
         stop_after_step: stop (after checkpointing) once this many steps are done; simulates
             a pre-empted job in tests.
         tokenizer: use this tokenizer instead of building/loading one.
+
+    Raises:
+        UserError: before any model is built or any file written, when the config is
+            refused (:func:`preflight`), or ``resume`` finds no checkpoint, or one made with
+            another curriculum or student, or one past ``trainer.steps``.
     """
-    run = setup_run(config, tokenizer=tokenizer)
-    if resume:
-        resume_from_checkpoint(run)
+    preflight(config)
+    resume_state = _checkpoint_to_resume(config)[1] if resume else None
+    finished = resume_state is not None and int(resume_state["step"]) >= config.trainer.steps
+    if not finished:
+        _warn_if_random_teacher(config)
+    run = _setup_run_folder(config, tokenizer=tokenizer, write_run_files=not finished)
+    if resume_state is not None:
+        _restore(run, resume_state)
+        resume_state = None  # the checkpoint's tensors are in the run now: free the copy
     elif config.eval.at_start and config.eval.num_tasks > 0:
         log(run, 0, evaluate(run, 0), kind="eval")
+    if finished:
+        # Its final evaluation and checkpoint exist already: do not repeat them.
+        warnings.warn(
+            f"the run in {run.output_dir} finished at step {run.next_step} (trainer.steps={config.trainer.steps}): "
+            "nothing to do; raise trainer.steps to train further",
+            TcodFastWarning,
+            stacklevel=2,
+        )
+        if not (run.output_dir / "final" / "config.json").is_file():
+            export_student(run, run.output_dir / "final")  # killed between checkpoint and export
+        run.logger.close()
+        return run
 
     last = config.trainer.steps if stop_after_step is None else min(stop_after_step, config.trainer.steps)
     from tqdm.auto import tqdm
@@ -183,7 +213,9 @@ def train(
         if cadence and run.next_step % cadence == 0 and run.next_step < config.trainer.steps:
             log(run, run.next_step, evaluate(run, run.next_step), kind="eval")
         cadence = config.trainer.checkpoint_every
-        if cadence and run.next_step % cadence == 0:
+        # The last step's checkpoint is written after the final evaluation, below: a
+        # checkpoint at trainer.steps always means "evaluated and finished".
+        if cadence and run.next_step % cadence == 0 and run.next_step < config.trainer.steps:
             checkpoint(run)
     steps.close()
 
@@ -196,6 +228,61 @@ def train(
         checkpoint(run)  # stopped early: keep where it got to
     run.logger.close()
     return run
+
+
+def preflight(config: TrainConfig) -> None:
+    """Every check of a run that needs no model: the config's values
+    (:meth:`TrainConfig.validate`), its model and tokenizer folders
+    (:meth:`TrainConfig.check_paths`) and the devices it asks for. Raises
+    :class:`~tcod_fast.errors.UserError`; writes nothing."""
+    config.validate()
+    config.check_paths()
+    device = _pick_device(config.trainer.device)
+    if config.trainer.bf16 == "always" and device.type != "cuda":
+        raise UserError(
+            f"trainer.bf16='always' needs a CUDA device (bf16 autocast is GPU-only here), got device {device.type!r}"
+        )
+
+
+def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict]:
+    """The newest readable checkpoint of the run folder, checked against ``config``."""
+    folder = Path(config.trainer.output_dir) / "checkpoints"
+    found = load_latest_checkpoint(folder)
+    if found is None:
+        state = "does not exist" if not folder.parent.exists() else "has no checkpoint yet"
+        raise UserError(f"resuming needs a run folder with a checkpoint, got {str(folder.parent)!r}, which {state}")
+    path, state = found
+    step = int(state["step"])
+    if step > config.trainer.steps:
+        raise UserError(
+            f"resuming needs trainer.steps >= {step} (the checkpoint {path.name} is at step {step}), "
+            f"got {config.trainer.steps}"
+        )
+    check_resume_compatible(state.get("config") or {}, config, f"checkpoint {path.name}")
+    return path, state
+
+
+def _warn_if_random_teacher(config: TrainConfig) -> None:
+    if config.model.teacher_path is None and config.trainer.steps > 0 and _needs_teacher(config):
+        warnings.warn(
+            "model.teacher_path is not set, so the teacher is a random-init tiny model (model.teacher_tiny): "
+            "its KL is noise, not a signal to learn from; set model.teacher_path to a trained teacher's folder",
+            TcodFastWarning,
+            stacklevel=3,
+        )
+
+
+def _setup_run_folder(config: TrainConfig, **kwargs) -> TrainingRun:
+    """:func:`setup_run`, removing the run folder again if setting up fails before it held
+    anything of a run (so a refused run leaves nothing behind)."""
+    output_dir = Path(config.trainer.output_dir).absolute()
+    created = next((folder for folder in [*reversed(output_dir.parents), output_dir] if not folder.exists()), None)
+    try:
+        return setup_run(config, **kwargs)
+    except BaseException:
+        if created is not None and os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def evaluate_model(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
@@ -215,7 +302,10 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device='cuda' but no CUDA device is available")
+        raise UserError(
+            "trainer.device='cuda' needs a CUDA GPU, got none (torch.cuda.is_available() is False); "
+            "use trainer.device=auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -243,9 +333,13 @@ def _needs_teacher(config: TrainConfig) -> bool:
     return trains_with_teacher or config.model.teacher_path is not None or config.eval.kl_by_turn
 
 
-def setup_run(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
-    """Build models, tokenizer, optimiser, scheduler, sampler, environments and logger."""
-    config.validate()
+def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = True) -> TrainingRun:
+    """Build models, tokenizer, optimiser, scheduler, sampler, environments and logger.
+
+    Checks everything :func:`preflight` checks first, so a refused config builds and writes
+    nothing. ``write_run_files=False`` leaves the run folder's ``config.yaml`` and
+    ``tokenizer/`` as they are (a finished run that is resumed changes nothing)."""
+    preflight(config)
     trainer = config.trainer
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
@@ -267,7 +361,7 @@ def setup_run(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
             tokenizer = build.load_tokenizer(tokenizer_dir)
         else:
             tokenizer = build.build_tokenizer(config, prompter)
-    if context.is_main:
+    if context.is_main and write_run_files:
         tokenizer.save_pretrained(str(output_dir / "tokenizer"))
         save_config(config, output_dir / "config.yaml")
 
@@ -902,11 +996,18 @@ def checkpoint(run: TrainingRun) -> Path | None:
 
 
 def resume_from_checkpoint(run: TrainingRun, path: str | Path | None = None) -> None:
-    """Restore the newest checkpoint of the run folder (or ``path``) into ``run``."""
-    path = Path(path) if path is not None else latest_checkpoint(run.output_dir / "checkpoints")
-    if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {run.output_dir / 'checkpoints'}")
-    state = load_checkpoint(path)
+    """Restore the newest readable checkpoint of the run folder (or ``path``) into ``run``."""
+    if path is not None:
+        state = load_checkpoint(path)
+    else:
+        found = load_latest_checkpoint(run.output_dir / "checkpoints")
+        if found is None:
+            raise UserError(f"resuming needs a checkpoint, got none under {run.output_dir / 'checkpoints'}")
+        state = found[1]
+    _restore(run, state)
+
+
+def _restore(run: TrainingRun, state: dict) -> None:
     run.student.load_state_dict(state["student"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -914,12 +1015,27 @@ def resume_from_checkpoint(run: TrainingRun, path: str | Path | None = None) -> 
     restore_rng_state(state["rng"])
     run.expert_lens.update(state.get("expert_lens", {}))
     run.next_step = int(state["step"])
+    # Records of steps after the checkpoint are redone: drop them (and a torn last line).
     run.logger.truncate_from(run.next_step)
+    if run.logger.jsonl:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TcodFastWarning)  # the cut already reported nothing new
+            run.history = read_metrics(run.logger.path)
+        evals = [record for record in run.history if record.get("kind") == "eval"]
+        run.last_eval = evals[-1] if evals else None
 
 
 def export_student(run: TrainingRun, folder: Path) -> None:
-    """The trained student as a Hugging Face folder (weights + tokenizer) for ``tcod-fast eval``."""
+    """The trained student as a Hugging Face folder (weights + tokenizer) for ``tcod-fast eval``.
+
+    Written beside ``folder`` and renamed onto it, so ``folder`` is either the previous
+    export or the complete new one, never half of one."""
     if run.dist.is_main:
-        run.student.save_pretrained(str(folder))
-        run.tokenizer.save_pretrained(str(folder))
+        folder = Path(folder)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        run.student.save_pretrained(str(partial))
+        run.tokenizer.save_pretrained(str(partial))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
     run.dist.barrier()

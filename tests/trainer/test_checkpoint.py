@@ -1,11 +1,13 @@
 """Checkpoints: atomic writes survive a crash mid-write; resume continues bit for bit."""
 
+import json
 import os
 
 import pytest
 import torch
 from trainer_helpers import tiny_config
 
+from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.trainer import checkpoint as ckpt
 from tcod_fast.trainer import loop
 from tcod_fast.trainer.logging import read_metrics
@@ -83,5 +85,68 @@ def test_resume_continues_exactly(tmp_path, toy_tokenizer, algorithm):
 
 
 def test_resume_without_checkpoint_says_where_it_looked(tmp_path, toy_tokenizer):
-    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+    with pytest.raises(UserError, match="resuming needs a run folder with a checkpoint, got .*empty'?, which does not exist"):
         loop.train(tiny_config(tmp_path / "empty"), tokenizer=toy_tokenizer, resume=True)
+    assert not (tmp_path / "empty").exists()  # refused before anything was written
+
+
+def test_a_corrupt_newest_checkpoint_and_a_torn_metrics_line_fall_back(tmp_path, toy_tokenizer):
+    extra = ["trainer.steps=3", "trainer.checkpoint_every=1", "eval.num_tasks=0"]
+    straight = loop.train(tiny_config(tmp_path / "straight", *extra), tokenizer=toy_tokenizer)
+
+    run_dir = tmp_path / "damaged"
+    loop.train(tiny_config(run_dir, *extra), tokenizer=toy_tokenizer, stop_after_step=2)
+    newest = run_dir / "checkpoints" / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a copy cut short
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 2, "kind": "tr')  # the line a kill cut in half
+    with pytest.warns(TcodFastWarning) as warned:
+        resumed = loop.train(tiny_config(run_dir, *extra), tokenizer=toy_tokenizer, resume=True)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "step_00000002.pt" in messages and "resuming from step_00000001.pt" in messages
+    assert "not a JSON record" in messages
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]  # no torn line, no duplicate
+    assert _losses(run_dir) == _losses(tmp_path / "straight")
+    for (name, a), (_, b) in zip(straight.student.named_parameters(), resumed.student.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_larger_step_count_continues_a_finished_run(tmp_path, toy_tokenizer):
+    extra = ["trainer.checkpoint_every=1", "eval.num_tasks=0"]
+    straight = loop.train(tiny_config(tmp_path / "straight", "trainer.steps=4", *extra), tokenizer=toy_tokenizer)
+    run_dir = tmp_path / "extended"
+    loop.train(tiny_config(run_dir, "trainer.steps=2", *extra), tokenizer=toy_tokenizer)
+    assert (run_dir / "final" / "config.json").is_file()
+    resumed = loop.train(tiny_config(run_dir, "trainer.steps=4", *extra), tokenizer=toy_tokenizer, resume=True)
+    assert _losses(run_dir) == _losses(tmp_path / "straight")
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", kind="train")] == [0, 1, 2, 3]
+    for (name, a), (_, b) in zip(straight.student.named_parameters(), resumed.student.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, toy_tokenizer):
+    run_dir = tmp_path / "done"
+    extra = ["trainer.steps=2", "trainer.checkpoint_every=1", "eval.num_tasks=1"]
+    first = loop.train(tiny_config(run_dir, *extra), tokenizer=toy_tokenizer)
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    with pytest.warns(TcodFastWarning, match="finished at step 2 .*nothing to do"):
+        again = loop.train(tiny_config(run_dir, *extra), tokenizer=toy_tokenizer, resume=True)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()} == files
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", kind="eval")] == [2]  # no second final eval
+    assert again.next_step == 2 and again.last_eval["success_seen"] == first.last_eval["success_seen"]
+
+
+def test_resume_refuses_another_curriculum_or_student(tmp_path, toy_tokenizer):
+    run_dir = tmp_path / "run"
+    extra = ["trainer.steps=1", "eval.num_tasks=0"]
+    loop.train(tiny_config(run_dir, *extra), tokenizer=toy_tokenizer)
+    for change, message in (
+        ("curriculum.algorithm=tcod_b2f", "keeps curriculum.algorithm='opd'.*got 'tcod_b2f'"),
+        ("curriculum.eta=3", "keeps curriculum.eta=1.0.*got 3.0"),
+        ("model.student_tiny.num_hidden_layers=2", "keeps model.student_tiny.num_hidden_layers=1.*got 2"),
+    ):
+        with pytest.raises(UserError, match=message):
+            loop.train(tiny_config(run_dir, "trainer.steps=3", *extra[1:], change), tokenizer=toy_tokenizer, resume=True)
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", kind="train")] == [0]
