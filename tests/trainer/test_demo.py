@@ -12,10 +12,11 @@ from tcod_fast.cli import main
 from tcod_fast.trainer.demo import demo_settings, mean_ci95, verdicts
 
 # The robust teacher of the quick preset wins at least this share of held-out tasks (it
-# measured 0.94 seen / 0.69 unseen with base seed 0; a broken teacher pipeline -- labels,
-# prompts, SFT or DAgger -- wins next to nothing).
-ROBUST_TEACHER_MIN_SEEN = 0.75
-ROBUST_TEACHER_MIN_UNSEEN = 0.5
+# measured 0.94 seen / 0.69 unseen with base seed 0 on an AVX2 machine; other CPUs sample
+# other episodes, hence the margin; a broken teacher pipeline -- labels, prompts, SFT or
+# DAgger -- wins next to nothing, and the narrow teacher measured 0.50 / 0.25).
+ROBUST_TEACHER_MIN_SEEN = 0.7
+ROBUST_TEACHER_MIN_UNSEEN = 0.4
 
 SUCCESS_KEYS = ("success_seen", "success_seen_std", "success_unseen", "success_unseen_std")
 
