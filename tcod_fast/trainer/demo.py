@@ -129,8 +129,8 @@ class DemoSettings:
 
 
 def demo_settings(preset: str = "default", *, seed: int = 0, workers: int | None = None) -> DemoSettings:
-    """``default`` (about 15 minutes on 2 cores), ``quick`` (about 3 minutes, for CI) or
-    ``full`` (every algorithm of the trainer, up to an hour)."""
+    """``default`` (about 10 minutes on 2 cores), ``quick`` (about 3 minutes, for CI) or
+    ``full`` (every algorithm of the trainer and reverse-KL OPD, 5 seeds, 60 steps)."""
     if preset == "default":
         settings = DemoSettings()
     elif preset == "quick":
