@@ -38,3 +38,13 @@ def write_report(report: dict, path: Path | None) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cuda_copy_bandwidth(nbytes: int) -> float:
+    """Read+write bytes per second of a device-to-device copy of ``nbytes``."""
+    import triton.testing
+
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") / 1e3
+    return 2 * src.numel() * src.element_size() / seconds

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_report import report_header, write_report  # noqa: E402
+from run_report import cuda_copy_bandwidth, report_header, write_report  # noqa: E402
 from topk_turn_kl_impls import forward_backward, implementations, make_case  # noqa: E402
 
 
@@ -54,16 +54,6 @@ def time_cuda(impl, students, case):
         forward_backward(impl, student, case)
 
     return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median") / 1e3
-
-
-def cuda_copy_bandwidth(nbytes: int) -> float:
-    """Read+write bytes per second of a device-to-device copy of ``nbytes``."""
-    import triton.testing
-
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") / 1e3
-    return 2 * src.numel() * src.element_size() / seconds
 
 
 def _status_bytes(field: str) -> int:

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_report import report_header, write_report  # noqa: E402
+from run_report import cuda_copy_bandwidth, report_header, write_report  # noqa: E402
 from turn_kl_impls import forward_backward, implementations  # noqa: E402
 
 
@@ -56,16 +56,6 @@ def time_cuda(impl, pairs):
         forward_backward(impl, student, teacher)
 
     return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median") / 1e3
-
-
-def cuda_copy_bandwidth(nbytes: int) -> float:
-    """Read+write bytes per second of a device-to-device copy of ``nbytes``."""
-    import triton.testing
-
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") / 1e3
-    return 2 * src.numel() * src.element_size() / seconds
 
 
 def memory_cpu(name, rows, vocab, dtype):
