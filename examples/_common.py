@@ -34,4 +34,4 @@ def run_example(description: str, env_overrides: list[str], *, default_out: str,
     config = load_config(None, overrides + args.overrides)
     run = train(config, resume=args.resume)
     plot_run(config.trainer.output_dir)
-    print(run.last_eval)
+    print(run.state.last_eval)

@@ -332,9 +332,9 @@ def _train_summary(run, seconds: float) -> str:
     """A few lines for the end of ``train``: the final evaluation per split, the last step,
     and where the files are (every number is in metrics.jsonl)."""
     config, folder = run.config, run.output_dir
-    train_records = [r for r in run.history if r.get("kind") == "train"]
-    final = run.last_eval or {}
-    lines = [f"{config.logging.run_name or config.algorithm}: {run.next_step}/{config.trainer.steps} steps in {seconds:.0f} s"]
+    train_records = [r for r in run.state.history if r.get("kind") == "train"]
+    final = run.state.last_eval or {}
+    lines = [f"{config.logging.run_name or config.algorithm}: {run.state.next_step}/{config.trainer.steps} steps in {seconds:.0f} s"]
     splits = [split for split in ("seen", "unseen") if f"success_{split}" in final]
     if splits:
         rows = [
@@ -342,7 +342,7 @@ def _train_summary(run, seconds: float) -> str:
             ("turns per episode", "turns_{}", "{:.2f}"),
             ("KL per token", "kl_{}/trajectory_mean", "{:.4f}"),
         ]
-        lines.append(f"{'final evaluation (step ' + str(final.get('step', run.next_step)) + ')':<28}" + "".join(f"{s:>10}" for s in splits))
+        lines.append(f"{'final evaluation (step ' + str(final.get('step', run.state.next_step)) + ')':<28}" + "".join(f"{s:>10}" for s in splits))
         for label, key, fmt in rows:
             values = [final.get(key.format(split)) for split in splits]
             if any(isinstance(v, (int, float)) for v in values):
@@ -382,7 +382,8 @@ def _cmd_eval(args) -> int:
         raise UserError(f"--student must be a local Hugging Face model folder, got {student!r}, which {found}")
     eval_dir = Path(args.run or config.trainer.output_dir) / "eval"
     config = apply_overrides(config, [f"model.student_path={student}", f"trainer.output_dir={eval_dir}"])
-    from tcod_fast.trainer.loop import evaluate, setup_run
+    from tcod_fast.trainer.evaluation import evaluate
+    from tcod_fast.trainer.setup import setup_run
 
     run = setup_run(config)
     results = evaluate(run, 0)

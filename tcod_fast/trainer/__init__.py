@@ -1,9 +1,11 @@
-"""The compact trainer: config, the loop (rollout -> score -> advantages -> loss -> update ->
-evaluate -> log -> checkpoint), checkpoints, logging, plots, the built-in demo, and
-data-parallel runs under ``torchrun``.
+"""The compact trainer: config, run setup, the loop (rollout -> score -> advantages -> loss ->
+update -> evaluate -> log -> checkpoint), the loss's named steps, evaluation, checkpoints,
+metrics logging, plots, the built-in demo, and data-parallel runs under ``torchrun``.
 
 Start at :func:`tcod_fast.trainer.loop.train`; the algorithms are tabled in :mod:`tcod_fast.algorithms`.
 """
+
+import importlib
 
 from tcod_fast.trainer.config import (
     ALGORITHMS,
@@ -14,6 +16,14 @@ from tcod_fast.trainer.config import (
     load_config,
     save_config,
 )
+
+#: Loaded on first use: the loop imports transformers-backed pieces, and
+#: ``import tcod_fast.trainer`` (the config) stays light.
+_LAZY = {
+    "train": "tcod_fast.trainer.loop",
+    "evaluate": "tcod_fast.trainer.evaluation",
+    "setup_run": "tcod_fast.trainer.setup",
+}
 
 __all__ = [
     "ALGORITHMS",
@@ -29,9 +39,6 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The loop imports transformers-backed pieces; keep `import tcod_fast.trainer` light.
-    if name in ("train", "evaluate", "setup_run"):
-        from tcod_fast.trainer import loop
-
-        return getattr(loop, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tcod_fast.trainer' has no attribute {name!r}")

@@ -1,5 +1,10 @@
 """Checkpoints written atomically, and everything needed to resume a run exactly.
 
+A run's side, at the end of this module: :func:`checkpoint` saves a
+:class:`~tcod_fast.trainer.setup.TrainingRun`, :func:`checkpoint_to_resume` finds and checks the
+checkpoint a resumed run continues from, :func:`restore` puts it back into a run, and
+:func:`export_student` writes the trained student. The file side:
+
 A checkpoint is one ``torch.save`` file ``checkpoints/step_00000012.pt`` holding the student's
 weights, the optimiser, the LR scheduler, the curriculum sampler, every RNG state (Python,
 NumPy, torch CPU and CUDA), the step to run next and the config. ``checkpoints/latest`` names
@@ -18,22 +23,28 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from tcod_fast.errors import TcodFastWarning, UserError
+from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
 from tcod_fast.trainer.run_folder import CHECKPOINT_NAME as _NAME
-from tcod_fast.trainer.run_folder import checkpoint_step, latest_checkpoint, list_checkpoints
+from tcod_fast.trainer.config import TrainConfig, config_to_dict
+from tcod_fast.trainer.metrics_log import read_metrics
+from tcod_fast.trainer.run_folder import check_resume_compatible, checkpoint_step, latest_checkpoint, list_checkpoints
+from tcod_fast.trainer.setup import TrainingRun
 
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_torch_save",
     "capture_rng_state",
+    "checkpoint",
+    "checkpoint_to_resume",
+    "export_student",
+    "restore",
+    "resume_from_checkpoint",
     "restore_rng_state",
     "checkpoint_step",
     "latest_checkpoint",
@@ -42,50 +53,6 @@ __all__ = [
     "load_latest_checkpoint",
     "save_checkpoint",
 ]
-
-_TMP_PREFIX = ".tmp-"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Run ``write(file_object)`` into a temp file beside ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # The temp file is garbage now; the previous file under ``path`` is untouched.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(data))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def capture_rng_state() -> dict:
@@ -119,7 +86,7 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep: int = 2
     for old in checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]:
         if old != path:
             old.unlink(missing_ok=True)
-    for stale in folder.glob(_TMP_PREFIX + "*"):
+    for stale in folder.glob(TMP_PREFIX + "*"):
         stale.unlink(missing_ok=True)
     return path
 
@@ -156,3 +123,93 @@ def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict] | None:
     if failures:
         raise UserError(f"resuming needs a readable checkpoint in {folder}, got only unreadable files: {'; '.join(failures)}")
     return None
+
+
+# ======================================================================================
+# a run's checkpoints
+# ======================================================================================
+def checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict]:
+    """The newest readable checkpoint of the run folder, checked against ``config``."""
+    folder = Path(config.trainer.output_dir) / "checkpoints"
+    found = load_latest_checkpoint(folder)
+    if found is None:
+        state = "does not exist" if not folder.parent.exists() else "has no checkpoint yet"
+        raise UserError(f"resuming needs a run folder with a checkpoint, got {str(folder.parent)!r}, which {state}")
+    path, state = found
+    step = int(state["step"])
+    if step > config.trainer.steps:
+        raise UserError(
+            f"resuming needs trainer.steps >= {step} (the checkpoint {path.name} is at step {step}), "
+            f"got {config.trainer.steps}"
+        )
+    check_resume_compatible(state.get("config") or {}, config, f"checkpoint {path.name}")
+    return path, state
+
+
+def checkpoint(run: TrainingRun) -> Path | None:
+    """Save everything needed to continue at ``run.state.next_step`` (main process; atomic)."""
+    path = None
+    if run.dist.is_main:
+        state = {
+            "step": run.state.next_step,
+            "student": run.student.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "sampler": run.sampler.state_dict(),
+            "rng": capture_rng_state(),
+            "config": config_to_dict(run.config),
+            "expert_lens": dict(run.state.expert_lens),
+        }
+        path = save_checkpoint(
+            run.output_dir / "checkpoints", run.state.next_step, state, keep=run.config.trainer.keep_checkpoints
+        )
+    run.dist.barrier()
+    return path
+
+
+def resume_from_checkpoint(run: TrainingRun, path: str | Path | None = None) -> None:
+    """Restore the newest readable checkpoint of the run folder (or ``path``) into ``run``."""
+    if path is not None:
+        state = load_checkpoint(path)
+    else:
+        found = load_latest_checkpoint(run.output_dir / "checkpoints")
+        if found is None:
+            raise UserError(f"resuming needs a checkpoint, got none under {run.output_dir / 'checkpoints'}")
+        state = found[1]
+    restore(run, state)
+
+
+def restore(run: TrainingRun, state: dict) -> None:
+    """Put a checkpoint's ``state`` into ``run``: weights, optimiser, scheduler, sampler,
+    RNG states, and the run state (the metrics file cut back to the checkpoint's step)."""
+    run.student.load_state_dict(state["student"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.load_state_dict(state["sampler"])
+    restore_rng_state(state["rng"])
+    run.state.expert_lens.update(state.get("expert_lens", {}))
+    run.state.next_step = int(state["step"])
+    # Records of steps after the checkpoint are redone: drop them (and a torn last line).
+    run.logger.truncate_from(run.state.next_step)
+    if run.logger.jsonl:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TcodFastWarning)  # the cut already reported nothing new
+            run.state.history = read_metrics(run.logger.path)
+        evals = [record for record in run.state.history if record.get("kind") == "eval"]
+        run.state.last_eval = evals[-1] if evals else None
+
+
+def export_student(run: TrainingRun, folder: Path) -> None:
+    """The trained student as a Hugging Face folder (weights + tokenizer) for ``tcod-fast eval``.
+
+    Written beside ``folder`` and renamed onto it, so ``folder`` is either the previous
+    export or the complete new one, never half of one."""
+    if run.dist.is_main:
+        folder = Path(folder)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        run.student.save_pretrained(str(partial))
+        run.tokenizer.save_pretrained(str(partial))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    run.dist.barrier()

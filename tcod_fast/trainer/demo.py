@@ -51,10 +51,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+import tcod_fast
 from tcod_fast.algorithms import get_algorithm
+from tcod_fast.rollout import HFGenerator
+from tcod_fast.trainer import build, loop, plots, sft
 from tcod_fast.trainer.config import TinyModelSpec, TrainConfig, config_to_dict
+from tcod_fast.trainer.evaluation import evaluate_model
 
 __all__ = ["DemoSettings", "demo_settings", "run_demo", "results_table", "verdicts"]
 
@@ -258,8 +264,6 @@ def _worker_init() -> None:
 
 
 def _game(settings: DemoSettings, out: Path):
-    from tcod_fast.trainer import build
-
     config = base_config(settings, out)
     tokenizer = build.load_tokenizer(config.model.tokenizer_path)
     prompter = build.build_prompter(config.env)
@@ -270,8 +274,6 @@ def _game(settings: DemoSettings, out: Path):
 
 def job_narrow_teacher(settings: DemoSettings, out: Path) -> dict:
     """Supervised learning on the expert's own episodes of the first training tasks."""
-    from tcod_fast.trainer import build, sft
-
     config, tokenizer, prompter, splits, envs = _game(settings, out)
     demos = sft.expert_trajectories(
         splits["train"][: settings.teacher_sft_tasks], envs, tokenizer=tokenizer, prompter=prompter,
@@ -290,9 +292,6 @@ def job_narrow_teacher(settings: DemoSettings, out: Path) -> dict:
 
 def job_robust_teacher(settings: DemoSettings, out: Path) -> dict:
     """The narrow teacher, continued with DAgger rounds on its own noisy episodes."""
-    from tcod_fast.rollout import HFGenerator
-    from tcod_fast.trainer import build, sft
-
     config, tokenizer, prompter, splits, envs = _game(settings, out)
     demos = sft.expert_trajectories(
         splits["train"][: settings.teacher_sft_tasks], envs, tokenizer=tokenizer, prompter=prompter,
@@ -331,10 +330,6 @@ def job_robust_teacher(settings: DemoSettings, out: Path) -> dict:
 
 def job_student_init(settings: DemoSettings, out: Path, seed: int) -> dict:
     """A fresh student warm-started on a few expert episodes (seeded choice of tasks)."""
-    import numpy as np
-
-    from tcod_fast.trainer import build, sft
-
     config, tokenizer, prompter, splits, envs = _game(settings, out)
     train = splits["train"]
     rng = np.random.default_rng([seed, 2])
@@ -357,8 +352,6 @@ def job_student_init(settings: DemoSettings, out: Path, seed: int) -> dict:
 
 def job_reference_eval(settings: DemoSettings, out: Path, name: str, model_dir: str, teacher: str | None) -> dict:
     """Evaluate a model as it is (no training): a teacher, or a student start."""
-    from tcod_fast.trainer import loop
-
     config = base_config(settings, out)
     config.trainer.steps = 0
     config.model.student_path = model_dir
@@ -367,17 +360,15 @@ def job_reference_eval(settings: DemoSettings, out: Path, name: str, model_dir: 
     config.logging.run_name = name
     config.logging.tags = {"algorithm": None, "evaluates": name, "teacher": teacher}
     config.trainer.output_dir = str(out / "runs" / "reference" / name)
-    run = loop.evaluate_model(config)
-    return {"name": name, "eval": run.last_eval, "history": run.history}
+    run = evaluate_model(config)
+    return {"name": name, "eval": run.state.last_eval, "history": run.state.history}
 
 
 def job_student_run(settings: DemoSettings, out: Path, teacher: str, algorithm: str, seed: int) -> dict:
     """One distillation run; returns its summary with its full metrics history."""
-    from tcod_fast.trainer import loop
-
     started = time.perf_counter()
     run = loop.train(run_config(settings, out, teacher, algorithm, seed))
-    final = run.last_eval or {}
+    final = run.state.last_eval or {}
     return {
         "teacher": teacher,
         "algorithm": algorithm,
@@ -392,7 +383,7 @@ def job_student_run(settings: DemoSettings, out: Path, teacher: str, algorithm: 
         "kl_by_turn_unseen": final.get("kl_by_turn_unseen", []),
         "kl_escalation_slope_unseen": final.get("kl_unseen/escalation_slope"),
         "seconds": time.perf_counter() - started,
-        "history": run.history,
+        "history": run.state.history,
     }
 
 
@@ -438,10 +429,6 @@ def _run_jobs(jobs: list[_Job], workers: int, on_done: Callable[[_Job, dict, flo
 # ======================================================================================
 def run_demo(out: str | Path = "tcod-demo", *, settings: DemoSettings | None = None, preset: str = "default", progress: bool = True) -> dict:
     """Run the demo into folder ``out``; returns the ``results.json`` content."""
-    from tqdm.auto import tqdm
-
-    from tcod_fast.trainer import build, plots
-
     settings = settings or demo_settings(preset)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -593,8 +580,6 @@ def _commit() -> str:
 
 
 def _versions() -> dict:
-    import tcod_fast
-
     found = {"torch": torch.__version__, "tcod_fast": getattr(tcod_fast, "__version__", "unknown")}
     try:
         import transformers

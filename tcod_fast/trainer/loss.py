@@ -1,6 +1,7 @@
 """The loss of one micro-batch of whole episodes, as named steps.
 
-:func:`tcod_fast.trainer.loop.compute_loss` runs them in this order:
+:func:`compute_loss` (at the end of this module) runs them in this order, on one of the
+token-budget micro-batches of whole episodes that :func:`micro_batches` cuts:
 
 1. :func:`pack_micro_batch`: episodes -> padded token rows, with the turn id of every
    target token after the plans' turn windows; the window mask (``trained``) is computed
@@ -33,10 +34,17 @@ import torch
 from tcod_fast import objectives
 from tcod_fast.algorithms import TURN_WEIGHTINGS, LossCoefficients
 from tcod_fast.curriculum import EpisodePlan, turn_windows_tensor
+from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
+from tcod_fast.ops.turn_kl import fused_turn_kl
+from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
+from tcod_fast.trainer.setup import TrainingRun
 
 __all__ = [
     "EpisodeTurnStats",
+    "LossOutput",
     "ModelOutputs",
+    "compute_loss",
+    "micro_batches",
     "PPOTerm",
     "PackedMicroBatch",
     "episode_turn_statistics",
@@ -98,8 +106,6 @@ def pack_micro_batch(
     ``context_mode`` is ``append`` (one row per episode) or ``window`` (one row per
     student turn). Turn ids outside a plan's ``turn_window`` or ``>= num_turns`` become -1.
     """
-    from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
-
     batch = pack_trajectories(
         trajectories, PackingConfig(mode=context_mode, layout="padded", pad_token_id=pad_token_id)
     ).to(device)
@@ -200,16 +206,12 @@ def turn_kl_statistics(
         backend=backend,
     )
     if outputs.hidden:
-        from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
-
         if lm_heads is None:
             raise ValueError("hidden-state outputs need lm_heads=(student_weight, teacher_weight), got None")
         student_weight, teacher_weight = lm_heads
         return fused_linear_turn_kl(
             outputs.student, student_weight, outputs.teacher, teacher_weight, packed.turn_ids, **kwargs
         )
-    from tcod_fast import fused_turn_kl
-
     student_logits = outputs.student if student_grad else outputs.student.detach()
     return fused_turn_kl(student_logits, outputs.teacher, packed.turn_ids, **kwargs)
 
@@ -387,3 +389,162 @@ def ppo_term(
     loss = loss * (local / normaliser)
     stats = {f"ppo/{k}": float(v) * local for k, v in raw_stats.items()}
     return PPOTerm(loss=loss, stats=stats, old_logprobs=old)
+
+
+# ======================================================================================
+# 7. the micro-batch loss, from these steps; micro-batches of whole episodes
+# ======================================================================================
+def _rows_cost(trajectory, mode: str) -> tuple[int, int]:
+    """(rows, longest row) this trajectory adds to a padded micro-batch."""
+    if mode == "append":
+        return 1, len(trajectory.token_ids)
+    lengths = [len(t.window_prompt_token_ids) + len(t.response_token_ids) for t in trajectory.turns if t.is_student]
+    return len(lengths), max(lengths, default=0)
+
+
+def micro_batches(trajectories: Sequence[Any], indices: Sequence[int], mode: str, budget: int) -> list[list[int]]:
+    """Split episode ``indices`` into groups whose padded size (rows x longest row) fits
+    ``budget`` tokens; whole episodes only (T-DUR/SOD weights are per episode)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = longest = 0
+    for index in indices:
+        extra_rows, length = _rows_cost(trajectories[index], mode)
+        new_rows, new_longest = rows + extra_rows, max(longest, length)
+        if current and new_rows * new_longest > budget:
+            groups.append(current)
+            current, new_rows, new_longest = [], extra_rows, length
+        current.append(index)
+        rows, longest = new_rows, new_longest
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclass
+class LossOutput:
+    """A micro-batch's loss (already normalised by the global token count) and its stats."""
+
+    loss: torch.Tensor
+    turn_kl_sum: torch.Tensor  # (len(indices), max_turns) per episode
+    turn_token_count: torch.Tensor
+    kl_term: float
+    ppo_term: float
+    ppo_stats: dict[str, float]
+    old_logprobs: torch.Tensor | None = None
+
+
+def _can_use_fused_linear(run: TrainingRun, coefficients: LossCoefficients) -> bool:
+    setting = run.config.loss.fused_linear
+    if setting == "never" or run.config.loss.estimator != "full_vocab":
+        return False
+    simple = coefficients.grpo_coef == 0.0 and coefficients.turn_weighting is None
+    available = all(
+        isinstance(m.get_output_embeddings(), torch.nn.Linear) and m.get_output_embeddings().bias is None
+        for m in (run.student, run.teacher)
+    )
+    if setting == "always":
+        if not available:
+            raise RuntimeError("loss.fused_linear='always' but fused_linear_turn_kl or a plain Linear LM head is missing")
+        return simple
+    return simple and available
+
+
+def compute_loss(
+    run: TrainingRun,
+    trajectories: Sequence[Any],
+    plans: Sequence[EpisodePlan],
+    sequence_advantages: torch.Tensor,
+    coefficients: LossCoefficients,
+    normaliser: float,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    with_grad: bool = True,
+    divergence: str | None = None,
+) -> LossOutput:
+    """Loss of one micro-batch of whole episodes: the steps above, in order.
+
+    ``normaliser`` is the number of trained tokens of the whole update across processes, so
+    the micro-batch losses sum to the token mean of the update (and the gradients, summed
+    over processes, to its gradient). Terms:
+
+    * OPD, full vocabulary: ``opd_coef * sum_t w_{k(t)} KL_t / normaliser`` through the
+      fused op;
+    * PPO surrogate (GRPO term, and the OPD term for the sampled estimator):
+      advantages ``opd_coef w_k (log q - log p_old)`` (or ``-opd_coef w_k k3``) plus
+      ``grpo_coef A_GRPO``, token-mean aggregation rescaled to the global count.
+
+    ``divergence`` overrides ``config.loss.divergence`` (evaluation always measures the
+    reverse KL, whatever the training loss uses).
+    """
+    settings = run.config.loss
+    sampled = settings.estimator == "sampled"
+    needs_ppo = sampled or coefficients.grpo_coef != 0.0
+    use_fused_linear = not needs_ppo and _can_use_fused_linear(run, coefficients)
+
+    packed = pack_micro_batch(
+        trajectories,
+        plans,
+        context_mode=run.config.env.context_mode,
+        pad_token_id=run.tokenizer.pad_token_id,
+        num_turns=run.max_turns,
+        device=run.device,
+    )
+    with torch.enable_grad() if with_grad else torch.no_grad():
+        outputs = forward_models(
+            run.student, run.teacher, packed, hidden=use_fused_linear, bf16=run.use_bf16, device_type=run.device.type
+        )
+        stats = turn_kl_statistics(
+            outputs,
+            packed,
+            divergence=divergence or settings.divergence,
+            jsd_beta=settings.jsd_beta,
+            vocab_size=min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None,
+            backend=settings.backend,
+            student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
+            lm_heads=(
+                (run.student.get_output_embeddings().weight, run.teacher.get_output_embeddings().weight)
+                if use_fused_linear
+                else None
+            ),
+        )
+        turn_stats = episode_turn_statistics(stats, packed)
+        episode_weights = turn_weights(turn_stats, coefficients.turn_weighting, sod_delta=settings.sod_delta)
+        row_turn_weights = episode_weights[packed.row_episode] if episode_weights is not None else None
+
+        loss = torch.zeros((), device=run.device)
+        kl_term = 0.0
+        if not sampled and coefficients.opd_coef != 0.0 and stats is not None:
+            opd_loss = opd_term(stats, packed, coefficients.opd_coef, normaliser, row_turn_weights=row_turn_weights)
+            loss = loss + opd_loss
+            kl_term = float(opd_loss.detach())
+
+        ppo = None
+        if needs_ppo:
+            if sampled and stats is None:
+                raise ValueError("the sampled OPD estimator needs a teacher")
+            ppo = ppo_term(
+                outputs.student,
+                packed,
+                sequence_advantages,
+                coefficients,
+                normaliser,
+                teacher_logprobs=stats.teacher_logprob if sampled else None,
+                row_turn_weights=row_turn_weights,
+                sampled_kl=settings.sampled_kl,
+                clip_low=settings.clip_low,
+                clip_high=settings.clip_high,
+                dual_clip=settings.dual_clip,
+                old_logprobs=old_logprobs,
+            )
+            loss = loss + ppo.loss
+
+    return LossOutput(
+        loss=loss,
+        turn_kl_sum=turn_stats.kl_sum.detach(),
+        turn_token_count=turn_stats.token_count.detach(),
+        kl_term=kl_term,
+        ppo_term=float(ppo.loss.detach()) if ppo is not None else 0.0,
+        ppo_stats=ppo.stats if ppo is not None else {},
+        old_logprobs=ppo.old_logprobs.detach() if ppo is not None else None,
+    )

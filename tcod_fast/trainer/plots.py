@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tcod_fast.trainer.metrics_log import read_metrics
+
 __all__ = ["plot_demo", "plot_kl_by_turn", "plot_training_curves", "plot_run"]
 
 
@@ -175,8 +177,6 @@ def plot_demo(out: str | Path, results: dict) -> list[Path]:
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Plots of one training run folder from its ``metrics.jsonl``."""
-    from tcod_fast.trainer.logging import read_metrics
-
     run_dir = Path(run_dir)
     train = read_metrics(run_dir / "metrics.jsonl", kind="train")
     evals = read_metrics(run_dir / "metrics.jsonl", kind="eval")

@@ -10,7 +10,7 @@ from trainer_helpers import tiny_config
 from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.trainer import checkpoint as ckpt
 from tcod_fast.trainer import loop
-from tcod_fast.trainer.logging import read_metrics
+from tcod_fast.trainer.metrics_log import read_metrics
 
 
 def test_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -135,7 +135,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, toy_tokenizer):
         again = loop.train(tiny_config(run_dir, *extra), tokenizer=toy_tokenizer, resume=True)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()} == files
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", kind="eval")] == [2]  # no second final eval
-    assert again.next_step == 2 and again.last_eval["success_seen"] == first.last_eval["success_seen"]
+    assert again.state.next_step == 2 and again.state.last_eval["success_seen"] == first.state.last_eval["success_seen"]
 
 
 def test_resume_refuses_another_curriculum_or_student(tmp_path, toy_tokenizer):

@@ -8,7 +8,7 @@ from trainer_helpers import tiny_config
 
 from tcod_fast.algorithms import Algorithm, opd_coefficients, register_algorithm, unregister_algorithm
 from tcod_fast.trainer import loop
-from tcod_fast.trainer.logging import read_metrics
+from tcod_fast.trainer.metrics_log import read_metrics
 
 
 def plan_teacher_first_turn(sampler, slot):
@@ -41,7 +41,7 @@ def test_a_registered_algorithm_trains_one_step(teacher_first_turn_opd, tmp_path
     config = tiny_config(tmp_path, f"curriculum.algorithm={teacher_first_turn_opd}", "trainer.steps=1", "eval.num_tasks=0")
     run = loop.train(config, tokenizer=toy_tokenizer)
 
-    assert run.algorithm is TEACHER_FIRST_TURN_OPD and run.next_step == 1
+    assert run.algorithm is TEACHER_FIRST_TURN_OPD and run.state.next_step == 1
     (record,) = read_metrics(tmp_path / "metrics.jsonl", kind="train")
     assert record["algorithm"] == teacher_first_turn_opd
     assert record["curriculum/teacher_first_turns"] == 2.0  # two tasks, one episode each

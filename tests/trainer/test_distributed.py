@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from trainer_helpers import tiny_config
 
 from tcod_fast.trainer import build, loop
+from tcod_fast.trainer.setup import setup_run
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
@@ -42,7 +43,7 @@ def _worker(rank, world_size, port, folder, algorithm):
     torch.set_num_threads(1)
     tokenizer = build.load_tokenizer(os.path.join(folder, "tokenizer"))
     config = tiny_config(os.path.join(folder, f"rank{rank}"), *_extra(algorithm))
-    run = loop.setup_run(config, tokenizer=tokenizer)
+    run = setup_run(config, tokenizer=tokenizer)
     assert run.dist.world_size == world_size and run.dist.rank == rank
     with open(os.path.join(folder, "batch.pkl"), "rb") as handle:
         full = pickle.load(handle)
@@ -71,7 +72,7 @@ def _free_port():
 @pytest.mark.parametrize("algorithm", ["atod"])
 def test_two_gloo_processes_match_one_process(tmp_path, toy_tokenizer, algorithm):
     toy_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    single = loop.setup_run(tiny_config(tmp_path / "single", *_extra(algorithm)), tokenizer=toy_tokenizer)
+    single = setup_run(tiny_config(tmp_path / "single", *_extra(algorithm)), tokenizer=toy_tokenizer)
     batch = loop.rollout(single, 0)
     assert len({p.task_index for p in batch.plans}) == 4
     with open(tmp_path / "batch.pkl", "wb") as handle:

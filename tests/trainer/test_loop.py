@@ -8,8 +8,9 @@ from trainer_helpers import tiny_config
 
 from tcod_fast.algorithms import ALGORITHMS, get_algorithm
 from tcod_fast.trainer import loop
-from tcod_fast.trainer.logging import read_metrics
-from tcod_fast.trainer.loss import trained_token_count
+from tcod_fast.trainer.loss import compute_loss, trained_token_count
+from tcod_fast.trainer.metrics_log import read_metrics
+from tcod_fast.trainer.setup import setup_run
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -46,12 +47,12 @@ def test_each_algorithm_trains_two_steps_and_logs_kl_by_turn(algorithm, tmp_path
     evals = read_metrics(tmp_path / algorithm / "metrics.jsonl", kind="eval")
     assert evals and {"success_seen", "success_unseen", "turns_seen", "turns_unseen"} <= set(evals[-1])
     assert (tmp_path / algorithm / "final" / "config.json").exists()
-    assert run.next_step == 2
+    assert run.state.next_step == 2
 
 
 def _one_step_gradient(tmp_path, tokenizer, *extra):
     config = tiny_config(tmp_path, "trainer.steps=1", "eval.num_tasks=0", *extra)
-    run = loop.setup_run(config, tokenizer=tokenizer)
+    run = setup_run(config, tokenizer=tokenizer)
     batch = loop.rollout(run, 0)
     scores = loop.score(run, batch)
     advantages = loop.compute_advantages(run, batch, scores)
@@ -96,14 +97,14 @@ def test_full_vocab_loss_equals_materialised_reverse_kl(tmp_path, toy_tokenizer)
     from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
 
     config = tiny_config(tmp_path, "trainer.steps=1", "eval.num_tasks=0", "loss.fused_linear=never")
-    run = loop.setup_run(config, tokenizer=toy_tokenizer)
+    run = setup_run(config, tokenizer=toy_tokenizer)
     batch = loop.rollout(run, 0)
     advantages = loop.compute_advantages(run, batch, loop.score(run, batch))
     trained = [i for i, (t, p) in enumerate(zip(batch.trajectories, batch.plans)) if trained_token_count(t, p)]
     trajectories = [batch.trajectories[i] for i in trained]
     plans = [batch.plans[i] for i in trained]
     count = sum(trained_token_count(t, p) for t, p in zip(trajectories, plans))
-    out = loop.compute_loss(run, trajectories, plans, advantages.sequence[trained], advantages.coefficients, float(count), with_grad=False)
+    out = compute_loss(run, trajectories, plans, advantages.sequence[trained], advantages.coefficients, float(count), with_grad=False)
 
     packed = pack_trajectories(trajectories, PackingConfig(mode="append", pad_token_id=toy_tokenizer.pad_token_id))
     turn_ids = apply_turn_windows(packed, turn_windows_tensor(plans))

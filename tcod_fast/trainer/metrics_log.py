@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tcod_fast.errors import TcodFastWarning
+from tcod_fast.trainer.atomic_files import atomic_write_bytes
 
 __all__ = ["MetricsLogger", "read_metrics"]
 
@@ -75,8 +76,6 @@ class MetricsLogger:
         lines = sum(1 for line in self.path.read_text(errors="replace").splitlines() if line.strip())
         if len(kept) == lines:
             return  # nothing to drop, no torn line: leave the file as it is
-        from tcod_fast.trainer.checkpoint import atomic_write_bytes
-
         # Rewritten atomically: a kill now leaves the old file or the cut one, never half.
         atomic_write_bytes(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
 

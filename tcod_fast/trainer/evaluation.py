@@ -1,0 +1,131 @@
+"""Evaluation: full-depth student episodes on held-out tasks (success, turns, and the
+teacher-student KL by turn index), and the KL metrics of a step's episodes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tcod_fast import objectives
+from tcod_fast.algorithms import LossCoefficients
+from tcod_fast.curriculum import EpisodePlan
+from tcod_fast.rollout import run_episodes
+from tcod_fast.trainer.config import TrainConfig
+from tcod_fast.trainer.distributed import DistContext
+from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
+from tcod_fast.trainer.setup import TrainingRun, generators, rollout_config, setup_run
+
+__all__ = ["evaluate", "evaluate_model", "kl_metrics", "measure_kl_by_turn"]
+
+
+def evaluate_model(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
+    """Evaluate ``config.model.student_path`` as it is (no training step, nothing saved but
+    the metrics): one evaluation record, also in ``run.state.last_eval``."""
+    run = setup_run(config, tokenizer=tokenizer)
+    if config.eval.num_tasks > 0:
+        run.log(0, evaluate(run, 0), kind="eval")
+    run.logger.close()
+    return run
+
+
+def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "unseen")) -> dict[str, Any]:
+    """Full-depth student episodes on held-out tasks at ``eval.temperature``.
+
+    Returns per split: success rate, average turns and, with a teacher, the teacher-student
+    KL by turn index on those episodes (the escalation curve of the final policy). Runs on
+    the main process only (others wait).
+    """
+    results: dict[str, Any] = {"step": step}
+    if run.dist.is_main:
+        student, _ = generators(run, for_eval=True)
+        for split in splits:
+            tasks = run.tasks[split][: run.config.eval.num_tasks]
+            if not tasks:
+                continue
+            plans = run.sampler.plan_eval_batch(tasks)
+            trajectories = run_episodes(
+                tasks,
+                plans,
+                run.envs,
+                tokenizer=run.tokenizer,
+                prompter=run.prompter,
+                student=student,
+                config=rollout_config(
+                    run, temperature=run.config.eval.temperature, seed=run.config.eval.seed, description=f"eval {split}"
+                ),
+            )
+            results[f"success_{split}"] = float(np.mean([t.won for t in trajectories]))
+            results[f"turns_{split}"] = float(np.mean([t.num_turns for t in trajectories]))
+            settings = run.config.eval
+            final = step >= run.config.trainer.steps
+            if (
+                run.teacher is not None
+                and settings.kl_by_turn
+                and split in settings.kl_by_turn_splits
+                and (final or not settings.kl_by_turn_final_only)
+            ):
+                for key, value in measure_kl_by_turn(run, trajectories, plans).items():
+                    results[f"{key}_{split}" if not key.startswith("kl/") else f"kl_{split}/{key[3:]}"] = value
+    run.dist.barrier()
+    run.state.last_eval = results
+    return results
+
+
+@torch.no_grad()
+def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Sequence[EpisodePlan]) -> dict:
+    """Teacher-student reverse KL(student || teacher) per turn index on already played
+    episodes (no update), whatever divergence the training loss uses."""
+    indices = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if trained_token_count(t, p) > 0]
+    turn_kl_sum = torch.zeros(len(trajectories), run.max_turns)
+    turn_count = torch.zeros(len(trajectories), run.max_turns)
+    no_signal = LossCoefficients(run.config.loss.kl_coef, 0.0, None)
+    for group in micro_batches(trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens):
+        out = compute_loss(
+            run,
+            [trajectories[i] for i in group],
+            [plans[i] for i in group],
+            torch.zeros(len(group)),
+            no_signal,
+            1.0,
+            with_grad=False,
+            divergence="reverse_kl",
+        )
+        index = torch.tensor(group)
+        turn_kl_sum.index_add_(0, index, out.turn_kl_sum.cpu())
+        turn_count.index_add_(0, index, out.turn_token_count.cpu())
+    return kl_metrics(turn_kl_sum, turn_count)
+
+
+def kl_metrics(turn_kl_sum: torch.Tensor, turn_count: torch.Tensor, context: DistContext | None = None) -> dict:
+    """KL mean/std over episodes, per turn index (the escalation curve) and its slope.
+
+    In a distributed run the per-episode sums are gathered first so every statistic is over
+    all episodes of the step.
+    """
+    if context is not None and context.enabled:
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(context.world_size)]
+        dist.all_gather(sizes, torch.tensor([turn_kl_sum.shape[0]]))
+        width = int(max(s.item() for s in sizes))
+        pad = width - turn_kl_sum.shape[0]
+        padded_kl = torch.cat([turn_kl_sum, torch.zeros(pad, turn_kl_sum.shape[1])])
+        padded_count = torch.cat([turn_count, torch.zeros(pad, turn_count.shape[1])])
+        gathered_kl = [torch.zeros_like(padded_kl) for _ in range(context.world_size)]
+        gathered_count = [torch.zeros_like(padded_count) for _ in range(context.world_size)]
+        dist.all_gather(gathered_kl, padded_kl)
+        dist.all_gather(gathered_count, padded_count)
+        turn_kl_sum, turn_count = torch.cat(gathered_kl), torch.cat(gathered_count)
+    diagnostics = objectives.turn_diagnostics(turn_kl_sum, turn_count)
+    present = diagnostics.turn_count > 0
+    last = int(present.nonzero().max()) + 1 if bool(present.any()) else 0
+    return {
+        "kl/trajectory_mean": diagnostics.trajectory_kl_mean,
+        "kl/trajectory_std": diagnostics.trajectory_kl_std,
+        "kl/escalation_slope": diagnostics.kl_escalation_slope,
+        "kl_by_turn": [float(v) for v in diagnostics.kl_per_turn[:last]],
+        "kl_by_turn_count": [int(v) for v in diagnostics.turn_count[:last]],
+    }
+

@@ -1,0 +1,285 @@
+"""How a run is built: the checks before anything is built (:func:`preflight`), then the
+components a run holds from start to end (:func:`setup_run`), and the generators and rollout
+settings each rollout uses.
+
+A :class:`TrainingRun` is its components, built once (models, tokenizer, optimiser, scheduler,
+curriculum sampler, environments, logger, config), and its :class:`RunState`, what changes
+step by step and a checkpoint restores (the next step, cached expert lengths, the metrics
+records and the last evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcod_fast.algorithms import Algorithm, get_algorithm
+from tcod_fast.curriculum import CurriculumSampler
+from tcod_fast.errors import TcodFastWarning, UserError
+from tcod_fast.rollout import HFGenerator, RolloutConfig, SamplingParams
+from tcod_fast.trainer import build
+from tcod_fast.trainer.config import TrainConfig, save_config
+from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, init_distributed
+from tcod_fast.trainer.metrics_log import MetricsLogger
+
+__all__ = [
+    "RunState",
+    "TrainingRun",
+    "generators",
+    "preflight",
+    "rollout_config",
+    "setup_run",
+    "setup_run_or_remove_folder",
+    "warn_if_random_teacher",
+]
+
+
+@dataclass
+class RunState:
+    """What changes as a run trains; a checkpoint holds it (with the components' own states)."""
+
+    next_step: int = 0
+    expert_lens: dict[str, int] = field(default_factory=dict)  # task -> expert actions, cached
+    history: list[dict] = field(default_factory=list)  # every metrics record, in order
+    last_eval: dict | None = None
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """A run's components, built once by :func:`setup_run`, and its :class:`RunState`."""
+
+    config: TrainConfig
+    device: torch.device
+    dist: DistContext
+    tokenizer: Any
+    prompter: Any
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: CurriculumSampler
+    envs: Any
+    tasks: dict[str, list[str]]
+    logger: MetricsLogger
+    output_dir: Path
+    use_bf16: bool
+    state: RunState = field(default_factory=RunState)
+
+    @property
+    def max_turns(self) -> int:
+        return self.config.curriculum.max_turns
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The record of the run's algorithm (``config.curriculum.algorithm``)."""
+        return self.sampler.algorithm
+
+    def log(self, step: int, metrics: dict, *, kind: str = "train") -> None:
+        """Append one metrics record (labelled with the run's algorithm, name and tags) to
+        ``state.history`` and the metrics file."""
+        record = {"step": step, "kind": kind, "algorithm": self.config.algorithm}
+        if self.config.logging.run_name:
+            record["run"] = self.config.logging.run_name
+        record.update(self.config.logging.tags)
+        record.update(metrics)
+        self.state.history.append(record)
+        self.logger.log(record)
+
+
+def preflight(config: TrainConfig) -> None:
+    """Every check of a run that needs no model: the config's values
+    (:meth:`TrainConfig.validate`), its model and tokenizer folders
+    (:meth:`TrainConfig.check_paths`) and the devices it asks for. Raises
+    :class:`~tcod_fast.errors.UserError`; writes nothing."""
+    config.validate()
+    config.check_paths()
+    device = _pick_device(config.trainer.device)
+    if config.trainer.bf16 == "always" and device.type != "cuda":
+        raise UserError(
+            f"trainer.bf16='always' needs a CUDA device (bf16 autocast is GPU-only here), got device {device.type!r}"
+        )
+
+
+def warn_if_random_teacher(config: TrainConfig) -> None:
+    """Warn (at the caller of ``train``) that a run without ``model.teacher_path`` trains
+    against a random-init teacher."""
+    if config.model.teacher_path is None and config.trainer.steps > 0 and _needs_teacher(config):
+        warnings.warn(
+            "model.teacher_path is not set, so the teacher is a random-init tiny model (model.teacher_tiny): "
+            "its KL is noise, not a signal to learn from; set model.teacher_path to a trained teacher's folder",
+            TcodFastWarning,
+            stacklevel=3,
+        )
+
+
+def setup_run_or_remove_folder(config: TrainConfig, **kwargs) -> TrainingRun:
+    """:func:`setup_run`, removing the run folder again if setting up fails before it held
+    anything of a run (so a refused run leaves nothing behind)."""
+    output_dir = Path(config.trainer.output_dir).absolute()
+    created = next((folder for folder in [*reversed(output_dir.parents), output_dir] if not folder.exists()), None)
+    try:
+        return setup_run(config, **kwargs)
+    except BaseException:
+        if created is not None and os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "trainer.device='cuda' needs a CUDA GPU, got none (torch.cuda.is_available() is False); "
+            "use trainer.device=auto or cpu"
+        )
+    return torch.device(name)
+
+
+def _lr_lambda(config: TrainConfig):
+    warmup = config.trainer.warmup_steps
+    total = max(config.trainer.steps, 1)
+    shape = config.trainer.lr_schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        if shape == "linear":
+            return 1.0 - progress
+        if shape == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _needs_teacher(config: TrainConfig) -> bool:
+    # An algorithm without a teacher term (GRPO) still loads a configured teacher for the KL logs.
+    trains_with_teacher = get_algorithm(config.algorithm).needs_teacher_model and config.trainer.steps > 0
+    return trains_with_teacher or config.model.teacher_path is not None or config.eval.kl_by_turn
+
+
+def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = True) -> TrainingRun:
+    """Build models, tokenizer, optimiser, scheduler, sampler, environments and logger.
+
+    Checks everything :func:`preflight` checks first, so a refused config builds and writes
+    nothing. ``write_run_files=False`` leaves the run folder's ``config.yaml`` and
+    ``tokenizer/`` as they are (a finished run that is resumed changes nothing)."""
+    preflight(config)
+    trainer = config.trainer
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    device = _pick_device(trainer.device)
+    context = init_distributed(device.type)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    output_dir = Path(trainer.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prompter = build.build_prompter(config.env)
+
+    if tokenizer is None:
+        tokenizer_dir = output_dir / "tokenizer"
+        if config.model.tokenizer_path is not None:
+            tokenizer = build.load_tokenizer(config.model.tokenizer_path)
+        elif config.model.student_path is not None:
+            tokenizer = build.load_tokenizer(config.model.student_path)
+        elif tokenizer_dir.is_dir():
+            tokenizer = build.load_tokenizer(tokenizer_dir)
+        else:
+            tokenizer = build.build_tokenizer(config, prompter)
+    if context.is_main and write_run_files:
+        tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+        save_config(config, output_dir / "config.yaml")
+
+    student = build.build_model(config.model.student_path, config.model.student_tiny, tokenizer).to(device)
+    student.train()
+    if config.model.activation_checkpointing:
+        student.gradient_checkpointing_enable()
+    broadcast_parameters(student, context)
+    teacher = None
+    if _needs_teacher(config):
+        teacher = build.build_model(
+            config.model.teacher_path,
+            config.model.teacher_tiny,
+            tokenizer,
+            dtype=build.torch_dtype(config.model.teacher_dtype),
+        ).to(device)
+        teacher.eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad],
+        lr=trainer.lr,
+        betas=tuple(trainer.betas),
+        eps=trainer.eps,
+        weight_decay=trainer.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    sampler = CurriculumSampler(config.curriculum)
+    tasks = build.env_task_splits(config.env)
+    per_rank = math.ceil(config.rollout.tasks_per_step / context.world_size) * config.curriculum.episodes_per_task
+    envs = build.build_envs(config.env, max(per_rank, min(config.eval.num_tasks, 32), 1))
+    use_bf16 = config.trainer.bf16 == "always" or (config.trainer.bf16 == "auto" and device.type == "cuda")
+    if use_bf16 and device.type != "cuda":
+        raise ValueError("trainer.bf16='always' needs a CUDA device (bf16 autocast is GPU-only here)")
+    logger = MetricsLogger(
+        output_dir,
+        jsonl=config.logging.jsonl,
+        tensorboard=config.logging.tensorboard,
+        enabled=context.is_main,
+    )
+    return TrainingRun(
+        config=config,
+        device=device,
+        dist=context,
+        tokenizer=tokenizer,
+        prompter=prompter,
+        student=student,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        envs=envs,
+        tasks=tasks,
+        logger=logger,
+        output_dir=output_dir,
+        use_bf16=use_bf16,
+    )
+
+
+def generators(run: TrainingRun, *, for_eval: bool = False) -> tuple[HFGenerator, HFGenerator | None]:
+    """The student's generator and, for training rollouts of a run with a teacher, the teacher's."""
+    student = HFGenerator(run.student, run.tokenizer)
+    teacher = None
+    if not for_eval and run.teacher is not None:
+        teacher = HFGenerator(run.teacher, run.tokenizer)
+    return student, teacher
+
+
+def rollout_config(run: TrainingRun, *, temperature: float, seed: int, description: str) -> RolloutConfig:
+    """How a rollout of ``run`` plays: its context mode, sampling, seed and progress label."""
+    settings = run.config.rollout
+    return RolloutConfig(
+        context_mode=run.config.env.context_mode,
+        student_sampling=SamplingParams(
+            temperature=temperature,
+            top_p=settings.top_p,
+            max_new_tokens=settings.max_new_tokens,
+            stop_strings=("</action>",),
+        ),
+        teacher_sampling=SamplingParams(
+            temperature=settings.teacher_temperature,
+            max_new_tokens=settings.max_new_tokens,
+            stop_strings=("</action>",),
+        ),
+        seed=seed,
+        show_progress=run.config.logging.progress and run.dist.is_main,
+        progress_description=description,
+    )
