@@ -4,13 +4,19 @@
 * :mod:`~tcod_fast.rollout.generation`: :class:`Generator` interface, :class:`HFGenerator`,
   :class:`VLLMGenerator`, :class:`SamplingParams`.
 * :mod:`~tcod_fast.rollout.runner`: :func:`run_episodes` (who plays each turn comes from
-  the episode plan), :class:`RolloutConfig`, :class:`PaperPrompter`.
+  the episode plan), :class:`RolloutConfig`.
+* :mod:`~tcod_fast.rollout.prompter`: the :class:`Prompter` interface, :class:`PaperPrompter`,
+  :class:`ChatFormat`, :class:`PromptState`; :mod:`~tcod_fast.rollout.prompts`: the papers'
+  prompt wording and the tolerant parsing of replies.
+* :mod:`~tcod_fast.rollout.env_driver`: :class:`EnvListDriver`, a list of in-process
+  environments behind the ``EnvPool`` batch API.
 * :mod:`~tcod_fast.rollout.packing`: append-only and windowed-history packing into padded
   or packed tensors with ``target_ids``/``target_turn_ids`` aligned with the logits.
 * :mod:`~tcod_fast.rollout.vocabulary`: :func:`expert_episode_texts`, the texts to learn
   an offline word-level tokenizer from.
 """
 
+from tcod_fast.rollout.env_driver import EnvListDriver
 from tcod_fast.rollout.generation import (
     GenerationOutput,
     Generator,
@@ -30,14 +36,8 @@ from tcod_fast.rollout.packing import (
     trained_tokens_by_turn,
     trajectory_sequences,
 )
-from tcod_fast.rollout.runner import (
-    ChatFormat,
-    EnvListDriver,
-    PaperPrompter,
-    PromptState,
-    RolloutConfig,
-    run_episodes,
-)
+from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PromptState
+from tcod_fast.rollout.runner import RolloutConfig, run_episodes
 from tcod_fast.rollout.trajectory import (
     NOT_TRAINED,
     Trajectory,
@@ -57,6 +57,7 @@ __all__ = [
     "PackingConfig",
     "PaperPrompter",
     "PromptState",
+    "Prompter",
     "RolloutConfig",
     "SamplingParams",
     "Trajectory",

@@ -16,6 +16,8 @@ and an episode also ends when the environment says done, after ``plan.max_turns`
 turns, on an environment failure (``env_error``), or when the next prompt would not fit
 the generator's context.
 
+The prompter (:mod:`tcod_fast.rollout.prompter`) writes the messages and parses replies; an
+``EnvPool`` or a list of in-process envs (:mod:`tcod_fast.rollout.env_driver`) plays the actions.
 The reply (decoded without special tokens) is parsed into an action. A reply with no
 usable action is a wasted turn: the format error is recorded, the environment is not
 stepped, and the agent is shown the prompter's feedback instead of an observation. A
@@ -39,9 +41,13 @@ import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from tqdm.auto import tqdm
+
+from tcod_fast.rollout.env_driver import EnvListDriver
 from tcod_fast.rollout.generation import GenerationOutput, Generator, SamplingParams
+from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PromptState
 from tcod_fast.rollout.trajectory import (
     NOT_TRAINED,
     PLAYER_EXPERT,
@@ -53,165 +59,9 @@ from tcod_fast.rollout.trajectory import (
     TurnRecord,
 )
 
-__all__ = [
-    "CONTEXT_MODES",
-    "ChatFormat",
-    "PromptState",
-    "Prompter",
-    "PaperPrompter",
-    "RolloutConfig",
-    "EnvListDriver",
-    "run_episodes",
-]
+__all__ = ["CONTEXT_MODES", "RolloutConfig", "run_episodes"]
 
 CONTEXT_MODES = ("append", "window")
-
-
-@dataclass(frozen=True)
-class ChatFormat:
-    """Chat markers around messages (ChatML by default, as Qwen models use).
-
-    A prompt is ``system_start + system + message_end`` (when there is a system
-    prompt), then ``user_start + message + message_end``, then ``assistant_start``; the
-    reply follows and ends with ``end_of_reply`` (the eos token). ``end_of_reply`` is
-    appended (untrained) when a reply stopped on a stop string or the length limit.
-    """
-
-    system_start: str = "<|im_start|>system\n"
-    user_start: str = "<|im_start|>user\n"
-    assistant_start: str = "<|im_start|>assistant\n"
-    message_end: str = "<|im_end|>\n"
-    end_of_reply: str = "<|im_end|>"
-    after_reply: str = "\n"
-
-
-@dataclass
-class PromptState:
-    """What a prompter may show the agent at the start of a turn.
-
-    Attributes:
-        task_text: the goal in words.
-        observation: the latest observation (after the previous turn's action, or the
-            reset observation at turn 0, or format-error feedback after a wasted turn).
-        admissible_actions: actions the environment accepts now.
-        step_count: turns already taken in this episode (= the turn index).
-        history: ``(observation, action)`` of every earlier turn, oldest first: the
-            observation the agent saw and the action it took (``None`` for a wasted turn).
-    """
-
-    task_text: str
-    observation: str
-    admissible_actions: list[str]
-    step_count: int
-    history: list[tuple[str, str | None]] = field(default_factory=list)
-
-
-class Prompter(Protocol):
-    """Turns episode state into message texts and replies into actions.
-
-    ``system_prompt`` may be ``None``. ``window_message`` is the full user message of a
-    windowed-history prompt (task, step count, last-k history, admissible actions);
-    ``first_message``/``observation_message`` build the append-only chat.
-    ``parse_action`` returns an object with ``action`` (``None`` = nothing to play, a
-    wasted turn) and ``format_error`` (``None`` = well formed); an action may come with a
-    format error and is then still played. :class:`PaperPrompter` is the default.
-    """
-
-    system_prompt: str | None
-
-    def first_message(self, state: PromptState) -> str: ...
-
-    def observation_message(self, state: PromptState) -> str: ...
-
-    def window_message(self, state: PromptState) -> str: ...
-
-    def parse_action(self, reply: str, admissible_actions: Sequence[str]) -> Any: ...
-
-    def expert_reply(self, action: str) -> str: ...
-
-    def format_error_feedback(self, parsed: Any) -> str: ...
-
-
-@dataclass
-class PaperPrompter:
-    """The papers' agent prompt (:mod:`tcod_fast.envs.prompts`) behind :class:`Prompter`.
-
-    Attributes:
-        prompt_config: template options (history length k, admissible actions, think).
-        system_prompt: optional system message (the papers put everything in the user
-            message, so ``None`` by default).
-        expert_reply_template: how a replayed expert action is written as a reply; the
-            reasoning block is left empty rather than inventing reasoning. Without
-            ``prompt_config.think`` the reply is the action block alone.
-        wasted_turn_action: what the history shows as the action of a wasted turn.
-    """
-
-    prompt_config: Any = None
-    system_prompt: str | None = None
-    expert_reply_template: str = "<think></think><action>{action}</action>"
-    wasted_turn_action: str = "(no valid action)"
-
-    def __post_init__(self) -> None:
-        if self.prompt_config is None:
-            from tcod_fast.envs.prompts import PromptConfig
-
-            self.prompt_config = PromptConfig()
-
-    def first_message(self, state: PromptState) -> str:
-        """Turn-0 user message of the append-only chat: the full prompt, no history."""
-        from tcod_fast.envs.prompts import build_step_prompt
-
-        return build_step_prompt(
-            self.prompt_config,
-            state.task_text,
-            state.step_count,
-            [],
-            state.observation,
-            state.admissible_actions,
-        )
-
-    def observation_message(self, state: PromptState) -> str:
-        """Follow-up user message of the append-only chat."""
-        from tcod_fast.envs.prompts import build_followup_message
-
-        return build_followup_message(
-            self.prompt_config, state.step_count, state.observation, state.admissible_actions
-        )
-
-    def window_message(self, state: PromptState) -> str:
-        """Windowed-history prompt: task, step count, last-k (observation, action), now."""
-        from tcod_fast.envs.prompts import HistoryStep, build_step_prompt
-
-        history = [
-            HistoryStep(observation, action if action is not None else self.wasted_turn_action)
-            for observation, action in state.history
-        ]
-        return build_step_prompt(
-            self.prompt_config,
-            state.task_text,
-            state.step_count,
-            history,
-            state.observation,
-            state.admissible_actions,
-        )
-
-    def parse_action(self, reply: str, admissible_actions: Sequence[str]):
-        """:func:`tcod_fast.envs.prompts.parse_action` with this prompt's config."""
-        from tcod_fast.envs.prompts import parse_action
-
-        return parse_action(reply, admissible_actions, self.prompt_config)
-
-    def expert_reply(self, action: str) -> str:
-        """An expert action written as a well-formed reply."""
-        if not self.prompt_config.think:
-            return f"<action>{action}</action>"
-        return self.expert_reply_template.format(action=action)
-
-    def format_error_feedback(self, parsed) -> str:
-        """Observation shown after a wasted turn."""
-        from tcod_fast.envs.prompts import format_error_observation
-
-        return format_error_observation(parsed)
 
 
 @dataclass
@@ -250,56 +100,6 @@ class RolloutConfig:
             raise ValueError(
                 f"context_mode must be one of {CONTEXT_MODES}, got {self.context_mode!r}"
             )
-
-
-class EnvListDriver:
-    """Steps a list of in-process environments with the :class:`EnvPool` batch API.
-
-    An environment that raises ends its episode with an ``EnvError`` (kind
-    ``"exception"``), like the pool does; there is no timeout or crash isolation here.
-    """
-
-    def __init__(self, envs: Sequence[Any]):
-        self.envs = list(envs)
-        self.num_slots = len(self.envs)
-        self._failed: dict[int, Any] = {}
-
-    def _call(self, slot: int, method: str, *args):
-        from tcod_fast.envs.base import EnvError
-
-        if slot in self._failed:
-            return self._failed[slot]
-        try:
-            return getattr(self.envs[slot], method)(*args)
-        except Exception as exc:  # an env failure ends that episode only
-            error = EnvError("exception", f"slot {slot} {method}: {type(exc).__name__}: {exc}")
-            self._failed[slot] = error
-            return error
-
-    def reset_many(self, tasks: Sequence[str | None]) -> list:
-        results = []
-        for slot, task in enumerate(tasks):
-            if task is None:
-                results.append(None)
-                continue
-            self._failed.pop(slot, None)
-            results.append(self._call(slot, "reset", task))
-        return results
-
-    def step_many(self, actions: Sequence[str | None]) -> list:
-        return [
-            None if a is None else self._call(slot, "step", a) for slot, a in enumerate(actions)
-        ]
-
-    def expert_actions_many(self, slots: Sequence[int]) -> list:
-        return [self._call(slot, "expert_actions") for slot in slots]
-
-    def expert_action_many(self, slots: Sequence[int]) -> list:
-        """The current-state expert's action per slot (``None`` where the env has none)."""
-        return [
-            self._call(slot, "expert_action") if hasattr(self.envs[slot], "expert_action") else None
-            for slot in slots
-        ]
 
 
 def _is_env_error(result: Any) -> bool:
@@ -432,8 +232,6 @@ def run_episodes(
     Returns:
         one validated :class:`Trajectory` per task.
     """
-    from tqdm.auto import tqdm
-
     config = config or RolloutConfig()
     prompter = prompter if prompter is not None else PaperPrompter()
     if len(tasks) != len(plans):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tcod_fast.rollout.runner import PaperPrompter, PromptState
+from tcod_fast.rollout.prompter import PaperPrompter, PromptState
 
 __all__ = ["expert_episode_texts"]
 

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 
+from tcod_fast.envs.pool import EnvPool, PoolConfig
+from tcod_fast.envs.registry import EnvSpec, make_env
+from tcod_fast.rollout import EnvListDriver, PaperPrompter, PromptState
+from tcod_fast.rollout.prompts import parse_action, prompt_config_for
+from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
 from tcod_fast.trainer.config import EnvSettings, TinyModelSpec, TrainConfig
 
 __all__ = [
@@ -34,9 +39,6 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def build_prompter(env: EnvSettings):
     """The papers' prompt for ``env.name`` with the run's layout options."""
-    from tcod_fast.envs.prompts import prompt_config_for
-    from tcod_fast.rollout import PaperPrompter
-
     overrides = dict(
         history_length=env.history_length,
         think=env.think,
@@ -49,20 +51,13 @@ def build_prompter(env: EnvSettings):
 
 
 def make_one_env(env: EnvSettings):
-    from tcod_fast.envs.registry import make_env
-
     return make_env(env.name, **env.kwargs)
 
 
 def build_envs(env: EnvSettings, num_slots: int):
     """``num_slots`` episode slots: in-process environments, or an ``EnvPool`` of workers."""
     if env.pool_workers > 0:
-        from tcod_fast.envs.pool import EnvPool, PoolConfig
-        from tcod_fast.envs.registry import EnvSpec
-
         return EnvPool(EnvSpec(env.name, dict(env.kwargs)), num_slots, PoolConfig(num_workers=env.pool_workers))
-    from tcod_fast.rollout import EnvListDriver
-
     return EnvListDriver([make_one_env(env) for _ in range(num_slots)])
 
 
@@ -87,9 +82,6 @@ def collect_env_texts(env, prompter, tasks, *, max_tasks: int | None = None) -> 
     A word-level tokenizer learnt from these covers the prompts, observations and expert
     replies; states off the expert path may still show a few unseen words (``<unk>``).
     """
-    from tcod_fast.envs.prompts import parse_action
-    from tcod_fast.rollout import PromptState
-
     texts: list[str] = []
     for task in list(tasks)[: max_tasks or None]:
         first = env.reset(task)
@@ -125,8 +117,6 @@ def build_tokenizer(config: TrainConfig, prompter, *, max_tasks_per_split: int |
     ``env.vocab_tasks_per_split`` tasks of each unless ``max_tasks_per_split`` says otherwise)."""
     if max_tasks_per_split is None:
         max_tasks_per_split = config.env.vocab_tasks_per_split
-    from tcod_fast.tiny_models import build_word_tokenizer
-
     env = make_one_env(config.env)
     try:
         splits = env_task_splits(config.env, env)
@@ -157,8 +147,6 @@ def build_model(path: str | None, tiny: TinyModelSpec, tokenizer, *, dtype: torc
                 f"{model.config.vocab_size}"
             )
         return model
-    from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm
-
     spec = TinyModelConfig(
         architecture=tiny.architecture,
         hidden_size=tiny.hidden_size,

@@ -4,7 +4,7 @@ import pytest
 
 from tcod_fast.curriculum import EpisodePlan
 from tcod_fast.envs.base import EnvError
-from tcod_fast.envs.prompts import PromptConfig
+from tcod_fast.rollout.prompts import PromptConfig
 from tcod_fast.envs.toy import FaultInjectingEnv, KeyDoorConfig, KeyDoorEnv, make_key_door_env
 from tcod_fast.rollout import (
     GenerationOutput,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tcod_fast.envs.prompts import (
+from tcod_fast.rollout.prompts import (
     HistoryStep,
     PromptConfig,
     build_followup_message,
