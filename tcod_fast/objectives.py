@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from tcod_fast.ops.turn_kl import fused_turn_kl
+
 __all__ = [
     "LOSS_AGGREGATIONS",
     "SAMPLED_KL_ESTIMATORS",
@@ -617,8 +619,6 @@ def full_vocab_kl_loss(
         The loss (scalar for reducing ``reduction``), or a ``TurnKLResult`` with
         ``return_stats=True``.
     """
-    from tcod_fast import fused_turn_kl  # the kernel package; imported late on purpose
-
     if turn_weights is not None:
         turn_weights = turn_weights.detach()
         kwargs.setdefault("num_turns", turn_weights.shape[-1])

@@ -8,7 +8,8 @@ Names:
 * ``scienceworld`` -- :class:`tcod_fast.envs.scienceworld.ScienceWorldEnv`;
 * ``alfworld`` -- ``tcod_fast.envs.alfworld.AlfWorldEnv``.
 
-Adapters are imported only when built, so a missing engine only matters when used.
+The engines are imported only when their adapter is built, so a missing engine only
+matters when used.
 WebShop is not offered: its product data cannot be obtained offline.
 """
 
@@ -17,7 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tcod_fast.envs.alfworld import AlfWorldEnv
 from tcod_fast.envs.base import Env
+from tcod_fast.envs.scienceworld import make_scienceworld_env
+from tcod_fast.envs.textworld_express import make_textworld_express_env
+from tcod_fast.envs.toy import make_key_door_env
 
 ENV_NAMES = ("toy", "twx-<game>", "scienceworld", "alfworld")
 
@@ -31,20 +36,12 @@ def make_env(name: str, **kwargs: Any) -> Env:
             ``TextWorldExpressConfig``, ``ScienceWorldConfig``, ALFWorld's config).
     """
     if name == "toy":
-        from tcod_fast.envs.toy import make_key_door_env
-
         return make_key_door_env(**kwargs)
     if name.startswith("twx-"):
-        from tcod_fast.envs.textworld_express import make_textworld_express_env
-
         return make_textworld_express_env(game=name[len("twx-") :], **kwargs)
     if name == "scienceworld":
-        from tcod_fast.envs.scienceworld import make_scienceworld_env
-
         return make_scienceworld_env(**kwargs)
     if name == "alfworld":
-        from tcod_fast.envs.alfworld import AlfWorldEnv
-
         return AlfWorldEnv(**kwargs)
     if name == "webshop":
         raise ValueError("WebShop cannot run offline (its product data is only on Google Drive); use another env")

@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from tcod_fast.curriculum import EpisodePlan
+from tcod_fast.rollout import ChatFormat, RolloutConfig, SamplingParams, run_episodes
 
 __all__ = ["dagger_trajectories", "expert_trajectories", "labelled_turns", "supervised_finetune"]
 
 
 def expert_trajectories(tasks: Sequence[str], envs, *, tokenizer, prompter, context_mode: str, max_turns: int) -> list:
     """One expert episode per task (every turn replays the stored expert action)."""
-    from tcod_fast.rollout import RolloutConfig, run_episodes
-
     plans = [
         EpisodePlan(max_turns=max_turns, players=("expert",) * max_turns, turn_window=(0, max_turns), task_index=i, episode_index=i)
         for i in range(len(tasks))
@@ -70,8 +70,6 @@ def dagger_trajectories(
     runs to the end or to ``max_turns``. ``TurnRecord.expert_label`` holds the expert's
     action in each visited state.
     """
-    from tcod_fast.rollout import RolloutConfig, SamplingParams, run_episodes
-
     rng = np.random.default_rng(seed)
     plans = [
         EpisodePlan(
@@ -112,8 +110,6 @@ def labelled_turns(trajectories: Sequence[Any], *, tokenizer, prompter) -> list[
     expert reply, then the end-of-reply marker), so a model fitted to these pairs is fitted
     to what an expert turn of a rollout looks like.
     """
-    from tcod_fast.rollout import ChatFormat
-
     end_of_reply = list(tokenizer(ChatFormat().end_of_reply, add_special_tokens=False)["input_ids"])
     cache: dict[str, list[int]] = {}
     pairs = []
@@ -169,8 +165,6 @@ def supervised_finetune(
     Returns the mean loss of each epoch. Batches of ``batch_size`` pairs are shuffled with
     ``seed``; AdamW with a cosine decay over all updates.
     """
-    from tqdm.auto import tqdm
-
     if not pairs:
         raise ValueError("supervised_finetune needs at least one (prompt, reply) pair, got none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
