@@ -28,7 +28,13 @@ import warnings
 from pathlib import Path
 
 from tcod_fast.algorithms import algorithm_names
+from tcod_fast.curriculum import ALGORITHMS
 from tcod_fast.errors import TcodFastWarning, UserError
+from tcod_fast.trainer.config import TrainerSettings, apply_overrides, config_to_dict, load_config
+from tcod_fast.trainer.run_folder import check_resume_compatible, checkpoint_step, existing_run_files, list_checkpoints
+
+# The torch-backed modules (trainer, kernels, demo) are imported inside the commands that use
+# them, so `--help` and a mistake in the config are answered before torch loads.
 
 __all__ = ["main", "build_parser"]
 
@@ -215,8 +221,6 @@ def _cmd_demo(args) -> int:
 
 
 def _demo_algorithms(flag: str, listed: str) -> tuple[str, ...]:
-    from tcod_fast.curriculum import ALGORITHMS
-
     divergences = ("reverse_kl", "forward_kl", "jsd")
     names = tuple(name.strip() for name in listed.split(",") if name.strip())
     for name in names:
@@ -232,8 +236,6 @@ def _demo_algorithms(flag: str, listed: str) -> tuple[str, ...]:
 def _train_config(args):
     """The run's config: ``--config`` (or the defaults) with the overrides; with ``--resume``,
     the run folder's own ``config.yaml`` with the overrides."""
-    from tcod_fast.trainer.config import TrainerSettings, load_config
-
     overrides = list(args.overrides)
     if getattr(args, "algorithm", None):
         overrides.append(f"curriculum.algorithm={args.algorithm}")
@@ -270,8 +272,6 @@ def _output_dir_asked(overrides: list[str]) -> str | None:
 def _check_run_folder(config, resume: bool) -> bool:
     """Refuse to mix runs in one folder; with ``resume``, say whether the run has finished
     already (True: nothing to do). Reads file names only, loads nothing."""
-    from tcod_fast.trainer.run_folder import check_resume_compatible, checkpoint_step, existing_run_files, list_checkpoints
-
     run_dir = Path(config.trainer.output_dir)
     if not resume:
         # Under torchrun only the main process looks: the others may start after it has
@@ -289,8 +289,6 @@ def _check_run_folder(config, resume: bool) -> bool:
             f"--resume needs a run folder with a checkpoint, got {str(run_dir)!r}, which has none yet "
             "(the run stopped before its first checkpoint: delete the folder to start again)"
         )
-    from tcod_fast.trainer.config import config_to_dict, load_config
-
     saved = config_to_dict(load_config(run_dir / "config.yaml"))
     check_resume_compatible(saved, config, str(run_dir / "config.yaml"))
     step, steps = checkpoint_step(checkpoints[0]), config.trainer.steps
@@ -306,8 +304,6 @@ def _check_run_folder(config, resume: bool) -> bool:
 
 
 def _cmd_train(args) -> int:
-    from tcod_fast.trainer.config import config_to_dict
-
     config = _train_config(args)
     if args.print_config:
         import yaml
@@ -358,8 +354,6 @@ def _train_summary(run, seconds: float) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from tcod_fast.trainer.config import apply_overrides, load_config
-
     if args.run is None and args.config is None:
         raise UserError("eval needs --run DIR (a training run folder) or --config FILE, got neither")
     if args.run is not None:

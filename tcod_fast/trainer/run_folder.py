@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from tcod_fast.errors import UserError
+from tcod_fast.trainer.config import config_to_dict
 
 __all__ = [
     "FROZEN_ON_RESUME",
@@ -91,8 +92,6 @@ def check_resume_compatible(saved: dict, config, source: str) -> None:
     """Raise :class:`~tcod_fast.errors.UserError` when ``config`` (a ``TrainConfig``)
     changes a setting of :data:`FROZEN_ON_RESUME` from ``saved``, the plain config data of
     the run being resumed, read from ``source`` (named in the message)."""
-    from tcod_fast.trainer.config import config_to_dict
-
     current = config_to_dict(config)
     for dotted in FROZEN_ON_RESUME:
         if dotted == "model.student_tiny" and config.model.student_path is not None:
