@@ -22,6 +22,7 @@ Writes ``benchmarks/results/train_step_cpu.json``.
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -31,9 +32,9 @@ import torch
 
 from tcod_fast import fused_turn_kl
 from tcod_fast.rollout import PackingConfig, pack_trajectories
+from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm
 from tcod_fast.trainer import build, sft
 from tcod_fast.trainer.demo import base_config, demo_settings
-from tcod_fast.trainer.config import TinyModelSpec
 
 
 def _materialised_loss(student_logits, teacher_logits, turn_ids):
@@ -84,21 +85,8 @@ def measure(vocab_pad: int, repeats: int, episodes: int) -> dict:
     batch = pack_trajectories(demos, PackingConfig(mode=config.env.context_mode, pad_token_id=tokenizer.pad_token_id, trained_players=("expert",)))
     vocab = max(len(tokenizer), vocab_pad)
 
-    def model(spec: TinyModelSpec):
-        from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm
-
-        return build_tiny_causal_lm(
-            TinyModelConfig(
-                vocab_size=vocab,
-                hidden_size=spec.hidden_size,
-                intermediate_size=spec.intermediate_size,
-                num_hidden_layers=spec.num_hidden_layers,
-                num_attention_heads=spec.num_attention_heads,
-                num_key_value_heads=spec.num_key_value_heads,
-                seed=spec.seed,
-            ),
-            tokenizer,
-        )
+    def model(spec: TinyModelConfig):
+        return build_tiny_causal_lm(dataclasses.replace(spec, vocab_size=vocab), tokenizer)
 
     rows = []
     tokens = int(batch.attention_mask.sum())

@@ -30,8 +30,8 @@ import bisect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -57,6 +57,7 @@ __all__ = [
     "depth_from_advance",
     "f2b_depth",
     "prefix_from_advance",
+    "nest_schedule_settings",
     "turn_windows_tensor",
 ]
 
@@ -359,7 +360,7 @@ class InterventionSchedule(Schedule):
     The paper fixes none of these constants; all are explicit here.
     """
 
-    shape: str = "linear"
+    shape: Literal["linear", "cosine", "exponential", "constant"] = "linear"
     p_init: float = 0.5
     decay_steps: int = 100
     warmup_steps: int = 0
@@ -481,34 +482,24 @@ class CurriculumConfig:
         b2f_default_expert_len: ``L`` used when a task's expert length is unknown
             (``None``); if this is also ``None`` such a task is an error, because the
             B2F prefix is defined by ``L``.
-        guided_shape, guided_p_init, guided_decay_steps, guided_warmup_steps,
-            guided_p_final, guided_exp_rate: the Guided-OPD
-            :class:`InterventionSchedule`.
-        atod_anneal_steps, atod_kappa_init, atod_kappa_min, atod_rho_init,
-            atod_rho_max: the :class:`ATODAnnealing` (also read by SOD/ATOD trainers).
+        guided: the Guided-OPD :class:`InterventionSchedule` (``guided.p_init``,
+            ``guided.decay_steps``, ...).
+        atod: the :class:`ATODAnnealing` of ATOD and SOD (``atod.anneal_steps``,
+            ``atod.kappa_min``, ...).
     """
 
     algorithm: str = "opd"
     max_turns: int = 30
     seed: int = 0
     episodes_per_task: int = 1
-    pacing: str = "linear"
+    pacing: Literal["linear", "staged", "smooth"] = "linear"
     eta: float = 5
     stage_starts: tuple[int, ...] = ()
-    f2b_after_depth: str = "stop"
-    b2f_prefix_source: str = "expert"
+    f2b_after_depth: Literal["stop", "teacher"] = "stop"
+    b2f_prefix_source: Literal["expert", "teacher"] = "expert"
     b2f_default_expert_len: int | None = None
-    guided_shape: str = "linear"
-    guided_p_init: float = 0.5
-    guided_decay_steps: int = 100
-    guided_warmup_steps: int = 0
-    guided_p_final: float = 0.0
-    guided_exp_rate: float = 5.0
-    atod_anneal_steps: int = 100
-    atod_kappa_init: float = 1.0
-    atod_kappa_min: float = 0.1
-    atod_rho_init: float = 0.0
-    atod_rho_max: float = 1.0
+    guided: InterventionSchedule = field(default_factory=InterventionSchedule)
+    atod: ATODAnnealing = field(default_factory=ATODAnnealing)
 
     def __post_init__(self) -> None:
         from tcod_fast.algorithms import get_algorithm
@@ -557,21 +548,8 @@ class CurriculumSampler:
         self.pacing = pacing or build_pacing(
             config.pacing, eta=config.eta, stage_starts=config.stage_starts
         )
-        self.intervention = intervention or InterventionSchedule(
-            shape=config.guided_shape,
-            p_init=config.guided_p_init,
-            decay_steps=config.guided_decay_steps,
-            warmup_steps=config.guided_warmup_steps,
-            p_final=config.guided_p_final,
-            exp_rate=config.guided_exp_rate,
-        )
-        self.atod = ATODAnnealing(
-            anneal_steps=config.atod_anneal_steps,
-            kappa_init=config.atod_kappa_init,
-            kappa_min=config.atod_kappa_min,
-            rho_init=config.atod_rho_init,
-            rho_max=config.atod_rho_max,
-        )
+        self.intervention = intervention or config.guided
+        self.atod = config.atod
         self.num_batches_planned = 0
         self.last_step: int | None = None
         self._last_plans: list[EpisodePlan] = []
@@ -687,7 +665,7 @@ class CurriculumSampler:
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Restore :meth:`state_dict` output. With ``strict`` the saved config must equal
         this sampler's, since a different config would not reproduce the saved run."""
-        saved = dict(state["config"])
+        saved = nest_schedule_settings(dict(state["config"]))
         saved["stage_starts"] = tuple(saved.get("stage_starts", ()))
         current = asdict(self.config)
         if strict:
@@ -698,3 +676,29 @@ class CurriculumSampler:
         self.num_batches_planned = int(state["num_batches_planned"])
         self.last_step = state["last_step"]
         self._last_plans = []
+
+
+#: The flat ``guided_*`` / ``atod_*`` curriculum keys of older configs, and the nested
+#: ``guided.*`` / ``atod.*`` keys that replaced them.
+_FLAT_SCHEDULE_KEYS = {
+    **{f"guided_{name}": ("guided", name) for name in ("shape", "p_init", "decay_steps", "warmup_steps", "p_final", "exp_rate")},
+    **{f"atod_{name}": ("atod", name) for name in ("anneal_steps", "kappa_init", "kappa_min", "rho_init", "rho_max")},
+}
+
+
+def nest_schedule_settings(curriculum: dict[str, Any]) -> dict[str, Any]:
+    """Curriculum settings (plain data) with the flat keys of older configs and checkpoints
+    (``guided_p_init``, ``atod_kappa_min``, ...) moved under ``guided`` / ``atod``. A key
+    given both ways is an error."""
+    nested = {key: value for key, value in curriculum.items() if key not in _FLAT_SCHEDULE_KEYS}
+    for flat, (section, name) in _FLAT_SCHEDULE_KEYS.items():
+        if flat not in curriculum:
+            continue
+        target = nested[section] = dict(nested.get(section) or {})
+        if name in target and target[name] != curriculum[flat]:
+            raise ValueError(
+                f"curriculum.{section}.{name} is given twice, as {target[name]!r} and as the older flat "
+                f"curriculum.{flat}={curriculum[flat]!r}; keep curriculum.{section}.{name} only"
+            )
+        target[name] = curriculum[flat]
+    return nested

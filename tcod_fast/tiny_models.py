@@ -25,6 +25,7 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -171,14 +172,15 @@ def build_char_tokenizer(
 
 @dataclass
 class TinyModelConfig:
-    """Shape of a tiny random-init causal LM.
+    """Shape of a tiny random-init causal LM (also the trainer's ``model.student_tiny`` /
+    ``model.teacher_tiny``, so plain types only: it round-trips through YAML).
 
     ``architecture`` is ``"llama"`` or ``"qwen2"``. ``vocab_size`` must be at least the
     tokenizer's ``len(tokenizer)``; :func:`build_tiny_causal_lm` fills it from the
-    tokenizer when left ``None``.
+    tokenizer when left ``None``. ``extra_config`` goes to the Hugging Face config as is.
     """
 
-    architecture: str = "llama"
+    architecture: Literal["llama", "qwen2"] = "llama"
     vocab_size: int | None = None
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -189,14 +191,13 @@ class TinyModelConfig:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     seed: int = 0
-    dtype: torch.dtype = torch.float32
-    extra_config: dict = field(default_factory=dict)
+    extra_config: dict[str, Any] = field(default_factory=dict)
 
 
 _ARCHITECTURES = ("llama", "qwen2")
 
 
-def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None):
+def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None, *, dtype: torch.dtype = torch.float32):
     """Build a random-init causal LM from ``config``; the same seed gives the same weights.
 
     Args:
@@ -204,9 +205,10 @@ def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None):
         tokenizer: optional HF tokenizer; supplies ``vocab_size`` (when
             ``config.vocab_size`` is None) and the pad/eos ids written into the model's
             config and generation config.
+        dtype: parameter dtype (weights are drawn in float32, then cast).
 
     Returns:
-        ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` in eval mode, dtype ``config.dtype``.
+        ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` in eval mode, dtype ``dtype``.
         Its forward maps ``input_ids (B, T) int64`` to ``logits (B, T, vocab_size)``.
 
     The global torch RNG is left untouched (weights are drawn inside ``fork_rng``).
@@ -255,7 +257,7 @@ def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = model_class(hf_config)
-    model = model.to(config.dtype).eval()
+    model = model.to(dtype).eval()
     if tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -15,7 +15,7 @@ from tcod_fast.algorithms import (
     register_algorithm,
     unregister_algorithm,
 )
-from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler
+from tcod_fast.curriculum import ATODAnnealing, CurriculumConfig, CurriculumSampler
 from tcod_fast.trainer.config import TrainConfig
 
 
@@ -26,11 +26,7 @@ def _config(algorithm: str) -> TrainConfig:
         max_turns=6,
         eta=2,
         episodes_per_task=2,
-        atod_anneal_steps=100,
-        atod_kappa_init=1.0,
-        atod_kappa_min=0.1,
-        atod_rho_init=0.0,
-        atod_rho_max=1.0,
+        atod=ATODAnnealing(anneal_steps=100, kappa_init=1.0, kappa_min=0.1, rho_init=0.0, rho_max=1.0),
     )
     config.loss.kl_coef = 0.7
     config.loss.sod_coef = 0.3

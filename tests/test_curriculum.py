@@ -214,7 +214,7 @@ def test_b2f_prefix_capped_so_the_student_plays_and_unknown_length_handling():
 
 
 def test_guided_opd_coins_follow_probability():
-    sampler = _sampler(algorithm="guided_opd", max_turns=20, guided_p_init=0.5, guided_decay_steps=100)
+    sampler = _sampler(algorithm="guided_opd", max_turns=20, guided=InterventionSchedule(p_init=0.5, decay_steps=100))
     plans = sampler.plan_batch(40, list(range(200)))  # p = 0.5 * (1 - 0.4) = 0.3
     teacher = sum(p.players.count("teacher") for p in plans)
     assert all(p.intervention_prob == pytest.approx(0.3) for p in plans)
@@ -246,7 +246,7 @@ def test_staged_pacing_in_the_sampler():
 
 def test_eval_plans_are_full_depth_student_only_and_leave_state_alone():
     for algorithm in ("tcod_f2b", "tcod_b2f", "guided_opd"):
-        sampler = _sampler(algorithm=algorithm, guided_p_init=1.0)
+        sampler = _sampler(algorithm=algorithm, guided=InterventionSchedule(p_init=1.0))
         before = sampler.state_dict()
         plans = sampler.plan_eval_batch(["a", "b", "c"])
         assert len(plans) == 3 and sampler.state_dict() == before
@@ -261,7 +261,7 @@ def test_eval_plans_are_full_depth_student_only_and_leave_state_alone():
 def _guided_config(seed: int) -> CurriculumConfig:
     return CurriculumConfig(
         algorithm="guided_opd", max_turns=12, seed=seed, episodes_per_task=2,
-        guided_shape="cosine", guided_p_init=0.7, guided_decay_steps=30, guided_warmup_steps=3,
+        guided=InterventionSchedule(shape="cosine", p_init=0.7, decay_steps=30, warmup_steps=3),
     )
 
 
@@ -305,6 +305,21 @@ def test_load_state_dict_rejects_a_different_config():
     assert lenient.num_batches_planned == 0
 
 
+def test_a_state_saved_with_flat_schedule_keys_still_loads():
+    sampler = CurriculumSampler(_guided_config(1))
+    sampler.plan_batch(0, ["a"])
+    state = sampler.state_dict()
+    flat = {key: value for key, value in state["config"].items() if key not in ("guided", "atod")}
+    flat.update({f"guided_{key}": value for key, value in state["config"]["guided"].items()})
+    flat.update({f"atod_{key}": value for key, value in state["config"]["atod"].items()})
+    resumed = CurriculumSampler(_guided_config(1))
+    resumed.load_state_dict({**state, "config": flat})
+    assert resumed.num_batches_planned == 1
+    flat["guided_p_init"] = 0.1
+    with pytest.raises(ValueError, match="guided: saved"):
+        CurriculumSampler(_guided_config(1)).load_state_dict({**state, "config": flat})
+
+
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="algorithm must be one of"):
         CurriculumConfig(algorithm="ppo")
@@ -315,7 +330,7 @@ def test_config_validation_messages():
 
 
 def test_summary_reports_atod_coefficients():
-    sampler = CurriculumSampler(CurriculumConfig(algorithm="atod", atod_anneal_steps=10, atod_kappa_min=0.2))
+    sampler = CurriculumSampler(CurriculumConfig(algorithm="atod", atod=ATODAnnealing(anneal_steps=10, kappa_min=0.2)))
     sampler.plan_batch(5, ["t"])
     summary = sampler.summary()
     assert summary["curriculum/atod_kappa"] == pytest.approx(0.6)

@@ -15,7 +15,7 @@ from tcod_fast.envs.registry import EnvSpec, make_env
 from tcod_fast.rollout import EnvListDriver, PaperPrompter, PromptState
 from tcod_fast.rollout.prompts import parse_action, prompt_config_for
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
-from tcod_fast.trainer.config import EnvSettings, TinyModelSpec, TrainConfig
+from tcod_fast.trainer.config import EnvSettings, TrainConfig
 
 __all__ = [
     "build_envs",
@@ -135,7 +135,7 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def build_model(path: str | None, tiny: TinyModelSpec, tokenizer, *, dtype: torch.dtype = torch.float32):
+def build_model(path: str | None, tiny: TinyModelConfig, tokenizer, *, dtype: torch.dtype = torch.float32):
     """A causal LM from a local folder, or the tiny random-init model of ``tiny``."""
     if path is not None:
         from transformers import AutoModelForCausalLM
@@ -147,15 +147,4 @@ def build_model(path: str | None, tiny: TinyModelSpec, tokenizer, *, dtype: torc
                 f"{model.config.vocab_size}"
             )
         return model
-    spec = TinyModelConfig(
-        architecture=tiny.architecture,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_hidden_layers,
-        num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_key_value_heads,
-        max_position_embeddings=tiny.max_position_embeddings,
-        seed=tiny.seed,
-        dtype=dtype,
-    )
-    return build_tiny_causal_lm(spec, tokenizer)
+    return build_tiny_causal_lm(tiny, tokenizer, dtype=dtype)

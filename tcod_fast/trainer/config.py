@@ -1,4 +1,4 @@
-"""Training configuration: nested dataclasses, loadable from YAML/TOML, overridable by ``--set``.
+"""Training configuration: nested dataclasses, read through OmegaConf structured configs.
 
 One :class:`TrainConfig` holds every knob of a run, grouped in sections::
 
@@ -7,42 +7,56 @@ One :class:`TrainConfig` holds every knob of a run, grouped in sections::
     env:         which environment, splits, prompt layout
     rollout:     tasks per step, sampling, reply length
     loss:        estimator (full vocabulary or sampled-token k1/k3 + PPO), coefficients
-    curriculum:  the algorithm and its schedule (``tcod_fast.curriculum.CurriculumConfig``)
+    curriculum:  the algorithm and its schedules (``tcod_fast.curriculum.CurriculumConfig``,
+                 with ``curriculum.guided.*`` and ``curriculum.atod.*``)
     eval:        held-out tasks, temperature
     logging:     JSONL, TensorBoard, progress bars
 
-Files: ``load_config("run.yaml")`` or ``.toml``; keys not in the dataclasses are errors
-(a typo must not silently fall back to a default). Command line: ``--set trainer.lr=1e-5``;
-the value is parsed as YAML (``true``, ``null``, ``[1, 2]``, numbers) and converted to the
-field's type.
+Files: ``load_config("run.yaml")`` (or ``.toml``/``.json``) merges the file into
+``OmegaConf.structured(TrainConfig)``; ``--set trainer.lr=1e-5`` overrides are merged on top
+as OmegaConf dotlist items (values parse as YAML: ``true``, ``null``, ``[1, 2]``, ``{a: 1}``).
+OmegaConf checks every value against its field's type (choices are ``Literal`` types) and
+refuses keys the dataclasses lack; its errors are told here as one line naming the key,
+what was expected and what was given. :meth:`TrainConfig.validate` adds the range checks
+and the rules that span several fields.
+
+Configs written before the schedules were nested (flat ``curriculum.guided_p_init``,
+``curriculum.atod_kappa_min``, ...) are read with those keys moved under ``guided`` /
+``atod`` (a resumed run rewrites its ``config.yaml`` in the nested form); their
+``loss.loss_agg: token_mean`` (the only value it ever accepted) is dropped.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import functools
+import importlib
 import json
 import math
 import sys
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from tcod_fast.algorithms import ALGORITHMS, get_algorithm
-from tcod_fast.curriculum import CurriculumConfig
+from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler, nest_schedule_settings
+from tcod_fast.envs.registry import ENV_NAMES
 from tcod_fast.errors import ConfigError
+from tcod_fast.tiny_models import TinyModelConfig
 
 __all__ = [
     "ALGORITHMS",
-    "ESTIMATORS",
     "EnvSettings",
     "EvalSettings",
     "LoggingSettings",
     "LossSettings",
     "ModelSettings",
     "RolloutSettings",
-    "TinyModelSpec",
     "TrainConfig",
     "TrainerSettings",
     "apply_overrides",
@@ -52,34 +66,14 @@ __all__ = [
     "save_config",
 ]
 
-ESTIMATORS = ("full_vocab", "sampled")
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-KERNEL_BACKENDS = ("auto", "native", "triton", "torch")
-ENV_NAMES = ("toy", "twx-<game>", "scienceworld", "alfworld")
-
-
-@dataclass
-class TinyModelSpec:
-    """A random-init Llama/Qwen2 built in code (``tcod_fast.tiny_models``); plain types only
-    so it round-trips through YAML. ``vocab_size`` comes from the tokenizer."""
-
-    architecture: str = "llama"
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 4096
-    seed: int = 0
-
-
 @dataclass
 class ModelSettings:
     """Student and teacher.
 
     Attributes:
         student_path / teacher_path: a local Hugging Face model folder; ``None`` builds the
-            tiny model of ``student_tiny`` / ``teacher_tiny`` with random weights (tests),
+            tiny model of ``student_tiny`` / ``teacher_tiny``
+            (:class:`tcod_fast.tiny_models.TinyModelConfig`) with random weights (tests),
             or, for the teacher, loads nothing when the algorithm needs none (``grpo``).
         tokenizer_path: a local tokenizer folder; ``None`` uses the student path's tokenizer
             or, for tiny models, builds a word-level tokenizer from the environment's texts.
@@ -91,11 +85,11 @@ class ModelSettings:
     student_path: str | None = None
     teacher_path: str | None = None
     tokenizer_path: str | None = None
-    student_tiny: TinyModelSpec = field(default_factory=lambda: TinyModelSpec(hidden_size=64, seed=1))
-    teacher_tiny: TinyModelSpec = field(
-        default_factory=lambda: TinyModelSpec(hidden_size=96, intermediate_size=192, seed=2)
+    student_tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=64, seed=1))
+    teacher_tiny: TinyModelConfig = field(
+        default_factory=lambda: TinyModelConfig(hidden_size=96, intermediate_size=192, seed=2)
     )
-    teacher_dtype: str = "float32"
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     activation_checkpointing: bool = False
 
 
@@ -124,18 +118,18 @@ class EnvSettings:
     """
 
     name: str = "toy"
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
     seen_split: str = "valid_seen"
     unseen_split: str = "valid_unseen"
     num_train_tasks: int | None = None
     pool_workers: int = 0
-    context_mode: str = "append"
+    context_mode: Literal["append", "window"] = "append"
     history_length: int = 2
     think: bool = False
     show_admissible_actions: bool = True
     max_admissible_actions: int | None = None
-    prompt_style: str = "paper"
+    prompt_style: Literal["paper", "compact"] = "paper"
     vocab_tasks_per_split: int = 200
 
 
@@ -178,22 +172,20 @@ class LossSettings:
         backend: kernel backend of the fused ops (``auto``, ``native``, ``triton``, ``torch``).
         kl_coef: OPD coefficient of the opd/tcod/guided algorithms.
         clip_low / clip_high / dual_clip: PPO clipping (TCOD: 0.2, 0.2, 3.0).
-        loss_agg: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum`` (PPO).
         sod_coef / sod_delta: SOD's ``c`` and ``delta``.
         grpo_eps: added to the group std.
     """
 
-    estimator: str = "full_vocab"
-    sampled_kl: str = "k1"
-    divergence: str = "reverse_kl"
+    estimator: Literal["full_vocab", "sampled"] = "full_vocab"
+    sampled_kl: Literal["k1", "k3"] = "k1"
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
-    fused_linear: str = "auto"
-    backend: str = "auto"
+    fused_linear: Literal["auto", "always", "never"] = "auto"
+    backend: Literal["auto", "native", "triton", "torch"] = "auto"
     kl_coef: float = 1.0
     clip_low: float = 0.2
     clip_high: float | None = None
     dual_clip: float | None = 3.0
-    loss_agg: str = "token_mean"
     sod_coef: float = 1.0
     sod_delta: float = 0.2
     grpo_eps: float = 1e-6
@@ -231,14 +223,14 @@ class TrainerSettings:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     updates_per_step: int = 1
     micro_batch_tokens: int = 8192
     seed: int = 0
-    device: str = "auto"
-    bf16: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: Literal["auto", "always", "never"] = "auto"
     output_dir: str = "runs/tcod"
     eval_every: int = 0
     checkpoint_every: int = 10
@@ -266,7 +258,7 @@ class EvalSettings:
     temperature: float = 0.4
     seed: int = 12345
     kl_by_turn: bool = True
-    kl_by_turn_splits: tuple[str, ...] = ("seen", "unseen")
+    kl_by_turn_splits: tuple[Literal["seen", "unseen"], ...] = ("seen", "unseen")
     kl_by_turn_final_only: bool = False
     at_start: bool = False
 
@@ -289,7 +281,7 @@ class LoggingSettings:
     tensorboard: bool = False
     progress: bool = True
     run_name: str | None = None
-    tags: dict = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -313,29 +305,22 @@ class TrainConfig:
         """Raise :class:`~tcod_fast.errors.ConfigError` (a ``ValueError``) naming the field,
         what was expected and what was given.
 
-        Every field the type alone does not bound is checked: numbers are finite and in
-        range, choices are known, and settings the run would silently ignore in this
+        The types (choices included) are checked as OmegaConf reads the config, and again
+        here for a config built in Python. Then every field the type alone does not bound:
+        numbers are finite and in range, and settings the run would silently ignore in this
         combination are refused. Model and tokenizer folders are checked by
         :meth:`check_paths` (it needs the file system).
         """
+        _structured(self)
         trainer, model, env, rollout, loss, evaluation = (
             self.trainer, self.model, self.env, self.rollout, self.loss, self.eval
         )
         checks = [
-            (self.loss.estimator in ESTIMATORS, f"loss.estimator must be one of {ESTIMATORS}, got {self.loss.estimator!r}"),
-            (self.loss.sampled_kl in ("k1", "k3"), f"loss.sampled_kl must be 'k1' or 'k3', got {self.loss.sampled_kl!r}"),
-            (self.loss.fused_linear in ("auto", "always", "never"), f"loss.fused_linear must be auto/always/never, got {self.loss.fused_linear!r}"),
-            (self.trainer.lr_schedule in ("constant", "linear", "cosine"), f"trainer.lr_schedule must be constant/linear/cosine, got {self.trainer.lr_schedule!r}"),
-            (self.trainer.device in ("auto", "cpu", "cuda"), f"trainer.device must be auto/cpu/cuda, got {self.trainer.device!r}"),
-            (self.trainer.bf16 in ("auto", "always", "never"), f"trainer.bf16 must be auto/always/never, got {self.trainer.bf16!r}"),
-            (self.model.teacher_dtype in ("float32", "bfloat16", "float16"), f"model.teacher_dtype must be float32/bfloat16/float16, got {self.model.teacher_dtype!r}"),
-            (self.env.context_mode in ("append", "window"), f"env.context_mode must be 'append' or 'window', got {self.env.context_mode!r}"),
-            (self.env.prompt_style in ("paper", "compact"), f"env.prompt_style must be 'paper' or 'compact', got {self.env.prompt_style!r}"),
-            (self.trainer.steps >= 0, f"trainer.steps must be >= 0, got {self.trainer.steps}"),
-            (self.trainer.updates_per_step >= 1, f"trainer.updates_per_step must be >= 1, got {self.trainer.updates_per_step}"),
-            (self.trainer.micro_batch_tokens >= 1, f"trainer.micro_batch_tokens must be >= 1, got {self.trainer.micro_batch_tokens}"),
-            (self.rollout.tasks_per_step >= 1, f"rollout.tasks_per_step must be >= 1, got {self.rollout.tasks_per_step}"),
-            (self.eval.num_tasks >= 0, f"eval.num_tasks must be >= 0, got {self.eval.num_tasks}"),
+            (trainer.steps >= 0, f"trainer.steps must be >= 0, got {trainer.steps}"),
+            (trainer.updates_per_step >= 1, f"trainer.updates_per_step must be >= 1, got {trainer.updates_per_step}"),
+            (trainer.micro_batch_tokens >= 1, f"trainer.micro_batch_tokens must be >= 1, got {trainer.micro_batch_tokens}"),
+            (rollout.tasks_per_step >= 1, f"rollout.tasks_per_step must be >= 1, got {rollout.tasks_per_step}"),
+            (evaluation.num_tasks >= 0, f"eval.num_tasks must be >= 0, got {evaluation.num_tasks}"),
             # -- trainer
             (trainer.lr > 0, f"trainer.lr must be > 0, got {trainer.lr}"),
             (trainer.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {trainer.weight_decay}"),
@@ -380,17 +365,11 @@ class TrainConfig:
             ),
             (rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {rollout.max_new_tokens}"),
             # -- loss
-            (loss.divergence in DIVERGENCES, f"loss.divergence must be one of {', '.join(DIVERGENCES)}, got {loss.divergence!r}"),
-            (loss.backend in KERNEL_BACKENDS, f"loss.backend must be one of {', '.join(KERNEL_BACKENDS)}, got {loss.backend!r}"),
             (0 <= loss.jsd_beta <= 1, f"loss.jsd_beta must be in [0, 1], got {loss.jsd_beta}"),
             (loss.kl_coef >= 0, f"loss.kl_coef must be >= 0, got {loss.kl_coef}"),
             (0 <= loss.clip_low < 1, f"loss.clip_low must be in [0, 1), got {loss.clip_low}"),
             (loss.clip_high is None or loss.clip_high >= 0, f"loss.clip_high must be >= 0 (null: clip_low), got {loss.clip_high}"),
             (loss.dual_clip is None or loss.dual_clip > 1, f"loss.dual_clip must be > 1 (null: off), got {loss.dual_clip}"),
-            (
-                loss.loss_agg == "token_mean",
-                f"loss.loss_agg must be 'token_mean' (the trainer's PPO terms aggregate by token mean), got {loss.loss_agg!r}",
-            ),
             (loss.sod_coef >= 0, f"loss.sod_coef must be >= 0, got {loss.sod_coef}"),
             (loss.sod_delta >= 0, f"loss.sod_delta must be >= 0, got {loss.sod_delta}"),
             (loss.grpo_eps > 0, f"loss.grpo_eps must be > 0, got {loss.grpo_eps}"),
@@ -406,10 +385,6 @@ class TrainConfig:
             ),
             # -- eval
             (evaluation.temperature >= 0, f"eval.temperature must be >= 0 (0: greedy), got {evaluation.temperature}"),
-            (
-                set(evaluation.kl_by_turn_splits) <= {"seen", "unseen"},
-                f"eval.kl_by_turn_splits must list 'seen' and/or 'unseen', got {list(evaluation.kl_by_turn_splits)}",
-            ),
         ]
         checks[:0] = [(False, message) for message in _non_finite_numbers(self)]
         for tiny_name, path in (("student_tiny", model.student_path), ("teacher_tiny", model.teacher_path)):
@@ -425,7 +400,7 @@ class TrainConfig:
                 f"{self.curriculum.algorithm} needs curriculum.episodes_per_task >= {min_group_size} (GRPO groups), "
                 f"got {self.curriculum.episodes_per_task}"
             )
-        _check_curriculum_schedules(self.curriculum)
+        _check_pacing(self.curriculum)
         _check_env_kwargs(self.env)
 
     def check_paths(self) -> None:
@@ -470,8 +445,6 @@ def _check_env_kwargs(env: EnvSettings) -> None:
     family = "twx" if env.name.startswith("twx-") else env.name
     if family not in _ENV_CONFIG_CLASSES or not env.kwargs:
         return
-    import importlib
-
     module_name, class_name = _ENV_CONFIG_CLASSES[family]
     try:
         config_class = getattr(importlib.import_module(module_name), class_name)
@@ -486,6 +459,7 @@ def _check_env_kwargs(env: EnvSettings) -> None:
                 f"unknown key env.kwargs.{key}{hint}: expected a field of {class_name} for env {env.name!r} "
                 f"({', '.join(allowed)}), got {key!r}"
             )
+
 
 
 def _is_known_env(name: str) -> bool:
@@ -510,10 +484,9 @@ def _non_finite_numbers(config) -> list[str]:
     return messages
 
 
-def _tiny_model_checks(where: str, spec: TinyModelSpec) -> list[tuple[bool, str]]:
+def _tiny_model_checks(where: str, spec: TinyModelConfig) -> list[tuple[bool, str]]:
     sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
-    checks = [(spec.architecture in ("llama", "qwen2"), f"{where}.architecture must be 'llama' or 'qwen2', got {spec.architecture!r}")]
-    checks += [(getattr(spec, name) >= 1, f"{where}.{name} must be >= 1, got {getattr(spec, name)}") for name in sizes]
+    checks = [(getattr(spec, name) >= 1, f"{where}.{name} must be >= 1, got {getattr(spec, name)}") for name in sizes]
     if spec.num_attention_heads >= 1 and spec.num_key_value_heads >= 1:
         checks += [
             (
@@ -529,127 +502,257 @@ def _tiny_model_checks(where: str, spec: TinyModelSpec) -> list[tuple[bool, str]
     return checks
 
 
-def _check_curriculum_schedules(curriculum: CurriculumConfig) -> None:
-    """Build the curriculum's schedules (pacing, Guided-OPD, ATOD) once so their range
-    checks run now, not at the first training step."""
-    from tcod_fast.curriculum import CurriculumSampler
-
+def _check_pacing(curriculum: CurriculumConfig) -> None:
+    """Build the curriculum's pacing once, so its range checks run now, not at the first
+    training step (the Guided-OPD and ATOD schedules check themselves when built)."""
     try:
         CurriculumSampler(curriculum)
     except (TypeError, ValueError) as exc:
         message = str(exc)
-        for name, field_name in _CURRICULUM_SCHEDULE_FIELDS:
+        for name in ("LinearPacing.eta", "SmoothPacing.eta", "StagedPacing.stage_starts"):
             if message.startswith(name + " "):
-                raise ConfigError(f"curriculum.{field_name}{message[len(name):]}") from None
+                raise ConfigError(f"curriculum.{name.split('.')[1]}{message[len(name):]}") from None
         raise ConfigError(f"curriculum: {message}") from None
 
 
-#: (name in the schedule's own error message, the curriculum field it comes from)
-_CURRICULUM_SCHEDULE_FIELDS = (
-    ("LinearPacing.eta", "eta"),
-    ("SmoothPacing.eta", "eta"),
-    ("StagedPacing.stage_starts", "stage_starts"),
-    ("pacing", "pacing"),
-    ("shape", "guided_shape"),
-    ("p_init", "guided_p_init"),
-    ("p_final", "guided_p_final"),
-    ("decay_steps", "guided_decay_steps"),
-    ("warmup_steps", "guided_warmup_steps"),
-    ("exp_rate", "guided_exp_rate"),
-    ("anneal_steps", "atod_anneal_steps"),
-    ("kappa_min", "atod_kappa_min"),
-)
-
-
 # --------------------------------------------------------------------------------------
-# dict <-> dataclass
+# reading through OmegaConf
 # --------------------------------------------------------------------------------------
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
+def config_from_dict(data: dict) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from nested plain data; unknown keys are errors."""
+    config = _to_object(_merge(OmegaConf.structured(TrainConfig), data or {}))
+    config.validate()
+    return config
 
 
-def _convert(value: Any, annotation: Any, where: str) -> Any:
-    """Convert plain data (from YAML/TOML/JSON/--set) to ``annotation``; errors name ``where``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
-        if value is None and type(None) in args:
-            return None
-        options = [option for option in args if option is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _convert(value, option, where)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        if len(options) == 1 and ", got" in errors[0]:
-            # "x: expected a number, got 'abc'" -> "x: expected a number or null, got 'abc'"
-            raise ConfigError(errors[0].replace(", got", " or null, got", 1) if type(None) in args else errors[0])
-        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
-    if is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
-        return _dataclass_from_dict(annotation, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if annotation in (int, float) and isinstance(value, str):
-        # PyYAML follows YAML 1.1, where "1e-5" (no dot) is a string, not a number.
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML/TOML/JSON config (or start from defaults), merge the ``--set`` overrides
+    on top, and validate."""
+    merged = _merge(OmegaConf.structured(TrainConfig), _read_file(Path(path)) if path is not None else {})
+    config = _to_object(_merge_overrides(merged, overrides))
+    config.validate()
+    return config
+
+
+def apply_overrides(config: TrainConfig, overrides) -> TrainConfig:
+    """A copy of ``config`` with ``["section.key=value", ...]`` merged in (OmegaConf dotlist:
+    a dotted key reaches into nested sections, ``model.student_tiny.hidden_size=32``, and
+    into dict fields, ``env.kwargs.max_steps=20``; a mapping value merges into a section)."""
+    return _to_object(_merge_overrides(_structured(config), overrides))
+
+
+def config_to_dict(config) -> dict:
+    """Nested plain data of a dataclass (tuples become lists) that :func:`config_from_dict`
+    reads back."""
+    if is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: config_to_dict(v) for k, v in config.items()}
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (or JSON for a ``.json`` path)."""
+    path = Path(path)
+    data = config_to_dict(config)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _structured(config: TrainConfig) -> DictConfig:
+    """``config`` as an OmegaConf structured config: checks a config built in Python."""
+    try:
+        _check_strict_leaves(config_to_dict(config))
+        return OmegaConf.structured(config)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc, config_to_dict(config)) from None
+
+
+def _merge_overrides(merged: DictConfig, overrides) -> DictConfig:
+    """``merged`` with the ``--set`` items merged in, in order."""
+    items = []
+    for item in overrides or ():
+        key, equals, _ = item.partition("=")
+        if not equals or not key.strip(".").strip():
+            raise ConfigError(f"--set takes section.key=value, got {item!r}")
         try:
-            value = float(value) if annotation is float else int(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+            data = _upgrade_old_keys(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"--set takes section.key=value with a YAML value, got {item!r}: {exc.msg.splitlines()[0]}") from None
+        _check_strict_leaves(data, f" in --set {item!r}")
+        items.append((item, data))
+    try:
+        return OmegaConf.merge(merged, *(data for _, data in items))
+    except OmegaConfBaseException:  # merge them one by one to name the item at fault
+        for item, data in items:
+            merged = _merge(merged, data, f" in --set {item!r}")
+        raise
+
+
+def _merge(base: DictConfig, data: dict, context: str = "") -> DictConfig:
+    """``base`` with plain ``data`` merged in; a wrong key or value is one ConfigError line."""
+    data = _upgrade_old_keys(data)
+    try:
+        _check_strict_leaves(data, context)
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc, data, context, base) from None
+
+
+def _to_object(merged: DictConfig) -> TrainConfig:
+    """The dataclasses of ``merged``; a section's own ``__post_init__`` check (say
+    ``curriculum.atod``'s) is told with the section's key path."""
+    try:
+        return OmegaConf.to_object(merged)
+    except (TypeError, ValueError) as exc:
+        where, section_class = _failing_section(merged, "")
+        message = str(exc)
+        first_word = message.split(" ", 1)[0]
+        if not where:
+            raise ConfigError(message) from None
+        if first_word in {f.name for f in fields(section_class)}:
+            raise ConfigError(f"{where}.{message}") from None
+        raise ConfigError(f"{where}: {message}") from None
+
+
+def _failing_section(node: DictConfig, where: str):
+    """``(key path, dataclass)`` of the deepest section of ``node`` that cannot be built."""
+    for key in node:
+        child = node[key]
+        if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+            found = _failing_section(child, f"{where}.{key}" if where else str(key))
+            if found[0] is not None:
+                return found
+    try:
+        OmegaConf.to_object(node)
+    except (TypeError, ValueError):
+        return where, OmegaConf.get_type(node)
+    return None, None
+
+
+def _upgrade_old_keys(data: dict) -> dict:
+    """Configs of older runs: flat ``curriculum.guided_*`` / ``atod_*`` keys move under
+    ``guided`` / ``atod``; ``loss.loss_agg: token_mean`` (its only accepted value) goes."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if isinstance(data.get("curriculum"), dict):
+        try:
+            data["curriculum"] = nest_schedule_settings(data["curriculum"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if isinstance(data.get("loss"), dict) and data["loss"].get("loss_agg") == "token_mean":
+        data["loss"] = {k: v for k, v in data["loss"].items() if k != "loss_agg"}
+    return data
+
+
+@functools.lru_cache(maxsize=None)
+def _annotation_at(dotted: str) -> Any:
+    """The type annotation of the field at ``dotted`` in :class:`TrainConfig` (``Any``
+    inside a dict field, ``None`` for an unknown key)."""
+    annotation: Any = TrainConfig
+    for key in dotted.split("."):
+        annotation = _without_none(annotation)
+        if not is_dataclass(annotation):
+            return Any if annotation in (dict, Any) or typing.get_origin(annotation) is dict else None
+        hints = typing.get_type_hints(annotation)
+        if key not in hints:
+            return None
+        annotation = hints[key]
+    return annotation
+
+
+def _without_none(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; any other annotation as is."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    is_optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(options) == 1
+    return options[0] if is_optional else annotation
+
+
+def _describe(annotation: Any) -> str:
+    """``float | None`` -> "a number or null"; ``Literal["a", "b"]`` -> "one of a, b"."""
+    if annotation is not _without_none(annotation):
+        return _describe(_without_none(annotation)) + " or null"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).replace('one of', 'values among')}"
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    if is_dataclass(annotation):
+        return f"a mapping with keys among {', '.join(f.name for f in fields(annotation))}"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(annotation, names.get(origin, str(annotation)))
+
+
+def _leaves(data: Any, where: str = ""):
+    """``(dotted key, value)`` of every leaf of nested mappings."""
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            yield from _leaves(value, f"{where}.{key}" if where else str(key))
+    elif where:
+        yield where, data
+
+
+def _check_strict_leaves(data: dict, context: str = "") -> None:
+    """What OmegaConf converts but a config must not hold: a number or word for a
+    true/false field (OmegaConf reads ``3`` and ``"on"`` as true), and a list of the wrong
+    length for a fixed-length field (OmegaConf's message would not name the key)."""
+    for dotted, value in _leaves(data):
+        annotation = _without_none(_annotation_at(dotted) or Any)
+        if value is None:
+            continue
+        if annotation is bool and not isinstance(value, bool):
+            raise ConfigError(f"{dotted}: expected true/false, got {value!r}{context}")
+        args = typing.get_args(annotation)
+        fixed = typing.get_origin(annotation) is tuple and args and args[-1] is not Ellipsis
+        if fixed and isinstance(value, (list, tuple)) and len(value) != len(args):
+            raise ConfigError(f"{dotted}: expected {_describe(annotation)}, got {value!r}{context}")
+
+
+def _translate(exc: OmegaConfBaseException, data: dict, context: str = "", base: DictConfig | None = None) -> ConfigError:
+    """OmegaConf's error as one line: the key path, what was expected, what was given."""
+    dotted = exc.full_key
+    if not dotted and base is not None:  # a few OmegaConf errors lack the key: find the leaf
+        for leaf, value in _leaves(data):
+            try:
+                OmegaConf.merge(base, _nested(leaf, value))
+            except OmegaConfBaseException:
+                dotted = leaf
+                break
+    if not dotted:
+        return ConfigError(f"config{context}: {str(exc.msg or exc).splitlines()[0]}")
+    if isinstance(exc, ConfigKeyError) or _annotation_at(dotted) is None:
+        parent, _, key = dotted.rpartition(".")
+        options = [f.name for f in fields(_without_none(_annotation_at(parent) if parent else TrainConfig))]
+        return ConfigError(_unknown_key_message(parent, key, options, context))
+    value = _lookup(data, dotted, exc.value)
+    annotation = _annotation_at(dotted)
+    if typing.get_origin(_without_none(annotation)) is Literal:
+        choices = ", ".join(map(str, typing.get_args(_without_none(annotation))))
+        return ConfigError(f"{dotted} must be one of {choices}, got {value!r}{context}")
+    return ConfigError(f"{dotted}: expected {_describe(annotation)}, got {value!r}{context}")
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    for key in reversed(dotted.split(".")):
+        value = {key: value}
     return value
 
 
-def _dataclass_from_dict(cls, data: dict, where: str = ""):
-    types = _field_types(cls)
-    unknown = sorted(set(data) - set(types))
-    if unknown:
-        raise ConfigError(_unknown_key_message(where, str(unknown[0]), list(types)))
-    kwargs = {name: _convert(value, types[name], f"{where}.{name}" if where else name) for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        # A section's own checks (e.g. CurriculumConfig's) name the field without its section.
-        message = str(exc)
-        field_name = message.split(" ", 1)[0]
-        prefix = f"{where}." if where and field_name in types else f"{where}: " if where else ""
-        raise ConfigError(prefix + message) from None
+def _lookup(data: Any, dotted: str, default: Any) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
 
 
 def _unknown_key_message(where: str, key: str, options: list[str], context: str = "") -> str:
@@ -662,27 +765,9 @@ def _unknown_key_message(where: str, key: str, options: list[str], context: str 
     return f"unknown config key {prefix}{key}{context}{hint}: expected {section} ({', '.join(options)}), got {key!r}"
 
 
-def config_from_dict(data: dict) -> TrainConfig:
-    """Build a :class:`TrainConfig` from nested plain data; unknown keys are errors."""
-    config = _dataclass_from_dict(TrainConfig, data or {})
-    config.validate()
-    return config
-
-
-def config_to_dict(config) -> dict:
-    """Nested plain data (tuples become lists) that :func:`config_from_dict` reads back."""
-    def plain(value):
-        if is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(config)
-
-
+# --------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------
 def _read_file(path: Path) -> dict:
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".toml", ".json"):
@@ -734,80 +819,3 @@ def _parse_config_text(text: str, suffix: str, path: Path) -> Any:
         raise ConfigError(
             f"config file {path} must be valid JSON, got a syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML/TOML/JSON config (or start from defaults) and apply ``--set`` overrides."""
-    data = _read_file(Path(path)) if path is not None else {}
-    config = _dataclass_from_dict(TrainConfig, data)
-    config = apply_overrides(config, overrides)
-    config.validate()
-    return config
-
-
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    """Write ``config`` as YAML (or JSON for a ``.json`` path)."""
-    path = Path(path)
-    data = config_to_dict(config)
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        return
-    import yaml
-
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def apply_overrides(config: TrainConfig, overrides) -> TrainConfig:
-    """Apply ``["section.key=value", ...]`` to a copy of ``config``.
-
-    The value is parsed as YAML (so ``1e-5``, ``true``, ``null``, ``[0.9, 0.95]`` work) and
-    converted to the field's type; a dotted path may reach into nested sections
-    (``model.student_tiny.hidden_size=32``) and into dict fields (``env.kwargs.max_steps=20``).
-    """
-    import yaml
-
-    data = config_to_dict(config)
-    for item in overrides or ():
-        if "=" not in item:
-            raise ConfigError(f"--set takes section.key=value, got {item!r}")
-        dotted, raw = item.split("=", 1)
-        keys = [k for k in dotted.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"--set takes section.key=value, got {item!r} (no key)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:depth])} is a value, not a section")
-            if key not in node:
-                raise ConfigError(_unknown_key_message(".".join(keys[:depth]), key, list(node), f" in --set {item!r}"))
-            node = node[key]
-        last = keys[-1]
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {'.'.join(keys[:-1])} is a value, not a section")
-        if last not in node and not _is_free_dict(config, keys[:-1]):
-            raise ConfigError(_unknown_key_message(".".join(keys[:-1]), last, list(node), f" in --set {item!r}"))
-        node[last] = value
-        # Back through the dataclasses: a section given as a mapping gets its other keys
-        # (so a later --set may name them), and a bad value is told at its own --set.
-        data = config_to_dict(_dataclass_from_dict(TrainConfig, data))
-    result = _dataclass_from_dict(TrainConfig, data)
-    return result
-
-
-def _is_free_dict(config, keys: list[str]) -> bool:
-    """True when ``keys`` points at a ``dict`` field (e.g. ``env.kwargs``): any key may be added."""
-    node = config
-    for key in keys:
-        if not is_dataclass(node) or not hasattr(node, key):
-            return False
-        node = getattr(node, key)
-    return isinstance(node, dict)
-
-
-def replace(config, **changes):
-    """``dataclasses.replace`` re-exported for callers building variants of a config."""
-    return dataclasses.replace(config, **changes)

@@ -58,8 +58,9 @@ from tqdm.auto import tqdm
 import tcod_fast
 from tcod_fast.algorithms import get_algorithm
 from tcod_fast.rollout import HFGenerator
+from tcod_fast.tiny_models import TinyModelConfig
 from tcod_fast.trainer import build, loop, plots, sft
-from tcod_fast.trainer.config import TinyModelSpec, TrainConfig, config_to_dict
+from tcod_fast.trainer.config import TrainConfig, config_to_dict
 from tcod_fast.trainer.evaluation import evaluate_model
 
 __all__ = ["DemoSettings", "demo_settings", "run_demo", "results_table", "verdicts"]
@@ -82,8 +83,8 @@ class DemoSettings:
     train_tasks: int = 256
     eval_tasks: int = 32
     # teachers
-    teacher: TinyModelSpec = field(
-        default_factory=lambda: TinyModelSpec(hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    teacher: TinyModelConfig = field(
+        default_factory=lambda: TinyModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     )
     teacher_sft_tasks: int = 128
     teacher_epochs: int = 4
@@ -97,8 +98,8 @@ class DemoSettings:
     # students
     # Two heads of 48 dimensions: copying a container or colour word out of the observation
     # is learnt much faster than with four heads of 24 (measured on this game).
-    student: TinyModelSpec = field(
-        default_factory=lambda: TinyModelSpec(
+    student: TinyModelConfig = field(
+        default_factory=lambda: TinyModelConfig(
             hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
         )
     )
@@ -189,8 +190,7 @@ def base_config(settings: DemoSettings, out: Path) -> TrainConfig:
     config.curriculum.max_turns = settings.max_turns
     config.curriculum.eta = settings.eta
     config.curriculum.b2f_prefix_source = "expert"
-    config.curriculum.guided_p_init = 0.5
-    config.curriculum.guided_decay_steps = max(settings.steps * 3 // 4, 1)
+    config.curriculum.guided = replace(config.curriculum.guided, p_init=0.5, decay_steps=max(settings.steps * 3 // 4, 1))
     config.rollout.tasks_per_step = settings.tasks_per_step
     config.rollout.temperature = settings.rollout_temperature
     config.loss.divergence = settings.divergence

@@ -65,10 +65,20 @@ def test_set_overrides_parse_values_and_types():
         ("trainer.lrr=1e-5", "trainer.lrr"),
         ("nosuch.lr=1", "nosuch"),
         ("trainer.steps=2.5", "expected an integer"),
-        ("trainer.steps=many", "expected a number"),
+        ("trainer.steps=many", "trainer.steps: expected an integer, got 'many'"),
+        ("trainer.lr=fast", "trainer.lr: expected a number, got 'fast'"),
+        ("trainer.max_grad_norm=abc", "trainer.max_grad_norm: expected a number or null, got 'abc'"),
         ("logging.progress=3", "expected true/false"),
         ("curriculum.algorithm=ppo", "algorithm must be one of"),
-        ("loss.estimator=exact", "loss.estimator must be one of"),
+        ("loss.estimator=exact", "loss.estimator must be one of full_vocab, sampled, got 'exact'"),
+        ("eval.kl_by_turn_splits=[seen, train]", "eval.kl_by_turn_splits: expected a list of values among seen, unseen"),
+        ("trainer.betas=[0.9, 0.95, 0.99]", r"trainer.betas: expected a list of 2 numbers, got \[0.9, 0.95, 0.99\]"),
+        ("trainer=3", "trainer: expected a mapping with keys among steps, lr"),
+        ("curriculum.guided.shape=sine", "curriculum.guided.shape must be one of linear, cosine, exponential, constant"),
+        ("curriculum.guided.p_init=1.5", r"curriculum.guided.p_init must be in \[0, 1\], got 1.5"),
+        ("curriculum.atod.kappa_min=2", r"curriculum.atod.kappa_min \(2.0\) must be <= kappa_init"),
+        ("curriculum.atod.kapa_min=0.2", r"unknown config key curriculum.atod.kapa_min .*did you mean curriculum.atod.kappa_min\?"),
+        ("loss.loss_agg=seq_mean_token_sum", "unknown config key loss.loss_agg"),
         ("no_equals_sign", "section.key=value"),
     ],
 )
@@ -87,3 +97,33 @@ def test_unknown_file_keys_and_rl_algorithms_without_groups_are_rejected(tmp_pat
     with pytest.raises(ValueError, match=r"\.yaml, \.yml, \.toml or \.json"):
         (tmp_path / "run.ini").write_text("")
         load_config(tmp_path / "run.ini")
+
+
+def test_schedules_nest_under_curriculum_and_old_flat_keys_are_moved(tmp_path):
+    config = load_config(None, ["curriculum.guided.p_init=0.3", "curriculum.atod={anneal_steps: 7, kappa_min: 0.2}"])
+    assert config.curriculum.guided.p_init == 0.3 and config.curriculum.guided.decay_steps == 100
+    assert config.curriculum.atod.anneal_steps == 7 and config.curriculum.atod.kappa_min == 0.2
+    # a config.yaml written before the nesting: flat keys, and loss_agg's only accepted value
+    (tmp_path / "old.yaml").write_text(
+        "curriculum:\n  guided_p_init: 0.25\n  guided_shape: cosine\n  atod_rho_max: 0.5\nloss:\n  loss_agg: token_mean\n"
+    )
+    old = load_config(tmp_path / "old.yaml", ["curriculum.guided.decay_steps=9"])
+    assert (old.curriculum.guided.p_init, old.curriculum.guided.shape, old.curriculum.guided.decay_steps) == (0.25, "cosine", 9)
+    assert old.curriculum.atod.rho_max == 0.5
+    save_config(old, tmp_path / "again.yaml")
+    assert "guided_p_init" not in (tmp_path / "again.yaml").read_text()
+    assert load_config(tmp_path / "again.yaml") == old
+    (tmp_path / "both.yaml").write_text("curriculum:\n  guided_p_init: 0.25\n  guided:\n    p_init: 0.5\n")
+    with pytest.raises(ValueError, match="curriculum.guided.p_init is given twice, as 0.5 and as the older flat curriculum.guided_p_init=0.25"):
+        load_config(tmp_path / "both.yaml")
+
+
+def test_a_config_built_in_python_is_type_checked_by_validate():
+    config = TrainConfig()
+    config.loss.divergence = "kl"
+    with pytest.raises(ValueError, match="loss.divergence must be one of reverse_kl, forward_kl, jsd, got 'kl'"):
+        config.validate()
+    config = TrainConfig()
+    config.logging.progress = "yes"
+    with pytest.raises(ValueError, match="logging.progress: expected true/false, got 'yes'"):
+        config.validate()

@@ -19,7 +19,7 @@ def test_each_algorithm_trains_two_steps_and_logs_kl_by_turn(algorithm, tmp_path
     if get_algorithm(algorithm).min_group_size > 1:
         extra.append(f"curriculum.episodes_per_task={get_algorithm(algorithm).min_group_size}")
     if algorithm == "guided_opd":
-        extra.append("curriculum.guided_p_init=0.5")
+        extra.append("curriculum.guided.p_init=0.5")
     config = tiny_config(tmp_path / algorithm, *extra)
     run = loop.train(config, tokenizer=toy_tokenizer)
 

@@ -7,7 +7,7 @@ import torch
 from tcod_fast.envs.toy import KeyDoorConfig, KeyDoorEnv
 from tcod_fast.rollout import HFGenerator
 from tcod_fast.trainer import build, sft
-from tcod_fast.trainer.config import TinyModelSpec
+from tcod_fast.tiny_models import TinyModelConfig
 from tcod_fast.trainer.demo import DemoSettings, base_config
 
 MAX_TURNS = 12
@@ -24,7 +24,7 @@ def game(tmp_path_factory):
 
 
 def tiny_model(tokenizer, seed=0):
-    return build.build_model(None, TinyModelSpec(hidden_size=48, intermediate_size=96, num_hidden_layers=1, seed=seed), tokenizer)
+    return build.build_model(None, TinyModelConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, seed=seed), tokenizer)
 
 
 def toy_env(config):
