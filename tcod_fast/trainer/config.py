@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -560,8 +561,6 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(data, indent=2) + "\n")
         return
-    import yaml
-
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -792,8 +791,6 @@ def _parse_config_text(text: str, suffix: str, path: Path) -> Any:
     """Parse a config file's text; a syntax error becomes one :class:`ConfigError` line
     that names the file, the line and the column."""
     if suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
