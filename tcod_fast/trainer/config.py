@@ -682,9 +682,9 @@ def _describe(annotation: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(map(str, args))
     if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0]).replace('one of', 'values among')}"
-        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+        item = _describe(args[0]).replace("one of", "values among") if args else "values"
+        item = item.split(" ", 1)[1] + "s" if item.startswith(("a ", "an ")) else item  # "an integer" -> "integers"
+        return f"a list of {item}" if args[-1:] == (Ellipsis,) else f"a list of {len(args)} {item}"
     if is_dataclass(annotation):
         return f"a mapping with keys among {', '.join(f.name for f in fields(annotation))}"
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
