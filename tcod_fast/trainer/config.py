@@ -730,8 +730,10 @@ def _translate(exc: OmegaConfBaseException, data: dict, context: str = "", base:
         return ConfigError(f"config{context}: {str(exc.msg or exc).splitlines()[0]}")
     if isinstance(exc, ConfigKeyError) or _annotation_at(dotted) is None:
         parent, _, key = dotted.rpartition(".")
-        options = [f.name for f in fields(_without_none(_annotation_at(parent) if parent else TrainConfig))]
-        return ConfigError(_unknown_key_message(parent, key, options, context))
+        section = _without_none(_annotation_at(parent) if parent else TrainConfig)
+        if not is_dataclass(section):
+            return ConfigError(f"{parent}: expected {_describe(section)}, not a section with key {key!r}{context}")
+        return ConfigError(_unknown_key_message(parent, key, [f.name for f in fields(section)], context))
     value = _lookup(data, dotted, exc.value)
     annotation = _annotation_at(dotted)
     if typing.get_origin(_without_none(annotation)) is Literal:
