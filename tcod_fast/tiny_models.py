@@ -25,9 +25,10 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "SpecialTokens",
@@ -197,7 +198,7 @@ class TinyModelConfig:
 _ARCHITECTURES = ("llama", "qwen2")
 
 
-def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None, *, dtype: torch.dtype = torch.float32):
+def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None, *, dtype: torch.dtype | None = None):
     """Build a random-init causal LM from ``config``; the same seed gives the same weights.
 
     Args:
@@ -205,7 +206,7 @@ def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None, *, dtype: torc
         tokenizer: optional HF tokenizer; supplies ``vocab_size`` (when
             ``config.vocab_size`` is None) and the pad/eos ids written into the model's
             config and generation config.
-        dtype: parameter dtype (weights are drawn in float32, then cast).
+        dtype: parameter dtype (``None``: float32; weights are drawn in float32, then cast).
 
     Returns:
         ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` in eval mode, dtype ``dtype``.
@@ -254,10 +255,12 @@ def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None, *, dtype: torc
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         hf_config, model_class = Qwen2Config(**common), Qwen2ForCausalLM
+    import torch  # here, not at the top: the trainer's config reads TinyModelConfig without torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = model_class(hf_config)
-    model = model.to(dtype).eval()
+    model = model.to(dtype or torch.float32).eval()
     if tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
