@@ -48,8 +48,9 @@ fi
 cat "$out/gpu.txt"
 
 status=0
-python3 -m pytest -q tests/test_turn_kl.py tests/test_turn_kl_errors.py tests/test_fused_linear_turn_kl.py \
-    tests/test_triton_compile.py tests/ops/topk_turn_kl 2>&1 | tee "$out/tests.log" | tail -5 || status=1
+python3 -m pytest -q tests/ops/turn_kl/test_turn_kl.py tests/ops/turn_kl/test_turn_kl_errors.py \
+    tests/ops/fused_linear_turn_kl/test_fused_linear_turn_kl.py tests/ops/turn_kl/test_triton_compile.py \
+    tests/ops/topk_turn_kl 2>&1 | tee "$out/tests.log" | tail -5 || status=1
 
 {
     python3 benchmarks/run_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 --out "$out/turn_kl_8192_bf16.json"

@@ -23,7 +23,7 @@
 // loop, the hot one, also has an AVX2/FMA version with two independent vector chains per
 // iteration and an unmasked divergence sum (15-20% faster on Zen 1); the portable loop
 // handles block tails and CPUs without AVX2, and the tests cover both (vocabulary sizes leave
-// ragged tails, and tests/test_native_portable_build.py runs the portable copy, see below).
+// ragged tails, and tests/ops/turn_kl/test_native_portable_build.py runs the portable copy, see below).
 //
 // Edge cases: -inf logits at the same entries of student and teacher contribute exactly 0; a
 // block that is entirely -inf never evaluates -inf - (-inf); rows that are not kept are skipped

@@ -66,6 +66,7 @@ def _fused_linear_forward(
     want_bias_grad: bool,
     chunk_rows: int,
     backend: str,
+    chunk_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``(div, entropy, logp_target, logq_target)`` ``(B, T)`` and the gradients of
     ``sum_n token_scale_n * div_n``: ``dh (B, T, H_s)``, ``dW (V_s, H_s)``, ``db (V_s,)`` in the
@@ -83,11 +84,12 @@ def _fused_linear_forward(
     if grads_wanted and want_bias_grad and student_bias is not None:
         bias_grad = torch.zeros(student_bias.shape, dtype=dtype, device=device)
     flat_targets = None if target_ids is None else target_ids.reshape(-1)
+    tiling = dict(chunk_rows=chunk_rows) if backend == "triton" else dict(chunk_rows=chunk_rows, mode=chunk_mode)
     div, entropy, logp, logq, dh_kept = _backend_module(backend).forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         kept_rows, flat_targets, divergence, beta, temperature, vocab_size,
         row_scale=row_scale, want_hidden_grad=want_hidden_grad, weight_grad=weight_grad,
-        bias_grad=bias_grad, chunk_rows=chunk_rows,
+        bias_grad=bias_grad, **tiling,
     )
 
     def scatter(values):
@@ -114,7 +116,7 @@ def _fused_linear_forward(
 @_fused_linear_forward.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, target_ids,
       token_scale, divergence, beta, temperature, vocab_size, want_hidden_grad, want_weight_grad, want_bias_grad,
-      chunk_rows, backend):
+      chunk_rows, backend, chunk_mode):
     dtype = compute_dtype(student_hidden, student_weight)
     stats = tuple(keep.new_empty(keep.shape, dtype=dtype) for _ in range(4))
     grads = fake_gradients(student_hidden, student_weight, student_bias, dtype, token_scale is not None,
@@ -145,6 +147,7 @@ class _Config:
     vocab_size: int
     chunk_rows: int
     backend: str
+    chunk_mode: str
     fp32_weight_grad: bool
     grad_enabled: bool
 
@@ -153,7 +156,7 @@ def _run(config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, wa
     return torch.ops.tcod_fast.fused_linear_turn_kl_forward(
         h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale,
         config.divergence, config.beta, config.temperature, config.vocab_size,
-        want_h, want_w, want_b, config.chunk_rows, config.backend,
+        want_h, want_w, want_b, config.chunk_rows, config.backend, config.chunk_mode,
     )
 
 
@@ -300,6 +303,7 @@ def fused_linear_turn_kl(
     num_turns: int | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    chunk_mode: str = "slab",
     fp32_weight_grad: bool = False,
 ):
     """Exact teacher-student divergence from hidden states and LM heads, without the logits.
@@ -334,6 +338,11 @@ def fused_linear_turn_kl(
             softmax, CUDA or ``TRITON_INTERPRET=1``) or ``"torch"``.
         chunk_size: rows per chunk of the torch backend. Default: as many as keep the two cached
             float32 ``chunk x V`` logits slabs near 64 MiB (between 16 and 1024 rows).
+        chunk_mode: how the torch backend processes a chunk: ``"slab"`` (its two float32
+            ``chunk x V`` logits slabs, each GEMM once) or ``"stream"`` (the vocabulary in
+            ``4096``-column blocks with online-softmax recurrences: two more GEMMs, a working set
+            of ``O(chunk x 4096)``, for vocabularies where even ``chunk x V`` floats are too
+            many). Ignored by the triton backend.
         fp32_weight_grad: instead of returning the weight gradient in the weight's dtype, add the
             float32 accumulator into ``student_weight.main_grad`` (created on first use, the
             Megatron-LM convention for mixed-precision training); this op then adds nothing to
@@ -391,6 +400,8 @@ def fused_linear_turn_kl(
     divergence = check_options(divergence, reduction, beta, temperature)
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}")
+    if chunk_mode not in chunked.MODES:
+        raise ValueError(f"chunk_mode must be one of {chunked.MODES}, got {chunk_mode!r}")
     if not isinstance(fp32_weight_grad, bool):
         raise TypeError(f"fp32_weight_grad must be a bool, got {fp32_weight_grad!r}")
     turns = prepare_turns(
@@ -411,7 +422,7 @@ def fused_linear_turn_kl(
     coeff = turns.token_coefficients(reduction, stat_dtype)
     chunk_rows = int(chunk_size) if chunk_size is not None else chunked.default_chunk_rows(vocab_size)
     config = _Config(
-        divergence, float(beta), float(temperature), vocab_size, chunk_rows, backend, fp32_weight_grad,
+        divergence, float(beta), float(temperature), vocab_size, chunk_rows, backend, chunk_mode, fp32_weight_grad,
         torch.is_grad_enabled(),
     )
     loss, div, entropy, logp, logq = _FusedLinearTurnKL.apply(

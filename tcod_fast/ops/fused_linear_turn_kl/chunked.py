@@ -50,7 +50,6 @@ from tcod_fast.ops.common import DIVERGENCES
 # chunks match it, and the slabs stay at 1/8 of a 4096-row float32 logits tensor.
 SLAB_BYTES = 64 * 1024 * 1024
 DEFAULT_VOCAB_BLOCK = 4096
-DEFAULT_MODE = "slab"
 MODES = ("slab", "stream")
 _MIN_ROWS, _MAX_ROWS = 16, 1024
 _LOG_2 = math.log(2.0)
@@ -360,7 +359,7 @@ def forward(
     bias_grad=None,
     chunk_rows=None,
     vocab_block=None,
-    mode=None,
+    mode="slab",
 ):
     """Per-kept-row stats and (optionally) gradients of the fused linear divergence.
 
@@ -378,8 +377,8 @@ def forward(
         want_hidden_grad: return ``dh`` (``(n_kept, H_s)``, compute dtype).
         weight_grad: ``(V_s, H_s)`` compute-dtype buffer the weight gradient is ADDED to, or None.
         bias_grad: ``(V_s,)`` compute-dtype buffer the bias gradient is added to, or None.
-        chunk_rows, vocab_block, mode: tiling (defaults: ``default_chunk_rows``,
-            ``DEFAULT_VOCAB_BLOCK``, ``DEFAULT_MODE``).
+        chunk_rows, vocab_block: tiling (defaults: ``default_chunk_rows``, ``DEFAULT_VOCAB_BLOCK``).
+        mode: ``"slab"`` or ``"stream"`` (the module docstring describes both).
 
     Returns:
         ``(div, entropy, logp_target, logq_target, dh)``: ``(n_kept,)`` each, float32 (float64
@@ -388,7 +387,6 @@ def forward(
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    mode = mode or DEFAULT_MODE
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     float64 = torch.float64 in (student_hidden.dtype, student_weight.dtype)

@@ -4,24 +4,17 @@ import math
 
 import pytest
 import torch
-from topk_helpers import DEVICE, DIVERGENCES, TAILS, backends
+from topk_helpers import DEVICE
 
 from tcod_fast import fused_linear_topk_turn_kl, fused_linear_topk_turn_kl_reference, fused_topk_turn_kl
-from tcod_fast.ops.topk_turn_kl import fused_linear, triton_backend
+from tcod_fast.ops.common import DIVERGENCES
+from tcod_fast.ops.topk_turn_kl import fused_linear
+from tcod_fast.ops.topk_turn_kl.topk import TAILS
 
-BACKENDS = backends()
 pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Weight blocks of 64 rows and Triton blocks of 64 columns: small vocabularies span several."""
-    monkeypatch.setattr(fused_linear, "VOCAB_BLOCK", 64)
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(triton_backend, "DEFAULT_BLOCK_V", 64)
 
 
 def _make(B, T, H, V, K, dtype=torch.float32, *, bias=True, mask="partial", flat=False, device=DEVICE):
@@ -68,7 +61,6 @@ def _compare(backend, hidden, weight, bias, ids, logprobs, turn_ids, tol, **kwar
     return result, grads
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_matches_reference(backend, tail, reduction):
@@ -81,7 +73,6 @@ def test_matches_reference(backend, tail, reduction):
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_weights_and_no_bias(backend):
     """bf16 hidden states and weight: the logits are still formed in float32 (the weight upcast a
     block at a time), so only the inputs' own rounding differs from float64."""
@@ -90,7 +81,6 @@ def test_low_precision_weights_and_no_bias(backend):
     _compare(backend, hidden, weight, None, ids, logprobs, turn_ids, dict(rtol=2e-2, atol=2e-3), reduction="turn_mean")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_tokens_masked_gives_zero(backend):
     hidden, weight, bias, ids, logprobs, turn_ids, _ = _make(2, 3, 8, 101, 4, mask="all")
     result, grads = _compare(backend, hidden, weight, bias, ids, logprobs, turn_ids, dict(rtol=1e-4, atol=2e-5))

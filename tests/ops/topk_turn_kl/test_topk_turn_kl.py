@@ -4,31 +4,22 @@ import math
 
 import pytest
 import torch
-from topk_helpers import (
-    DEVICE, DIVERGENCES, REDUCTIONS, TAILS, backends, compare, make_inputs, tolerances, vocab_for,
-)
+from topk_helpers import DEVICE, compare, make_inputs, vocab_for
 
 import tcod_fast
 from tcod_fast import fused_topk_turn_kl, fused_turn_kl, topk_turn_kl_reference
+from tcod_fast.ops.common import DIVERGENCES, REDUCTIONS
 from tcod_fast.ops.topk_turn_kl import triton_backend
+from tcod_fast.ops.topk_turn_kl.topk import TAILS
 
-BACKENDS = backends()
 # the Triton interpreter evaluates both sides of tl.where with numpy (log(0) in unselected lanes)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
 
-@pytest.fixture(autouse=True)
-def small_triton_blocks(monkeypatch):
-    """Small Triton blocks so tiny vocabularies still span several blocks and a ragged tail."""
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(triton_backend, "DEFAULT_BLOCK_V", 64)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("tail", TAILS)
-def test_matches_reference_across_dtypes(backend, dtype, divergence, tail):
+def test_matches_reference_across_dtypes(backend, dtype, divergence, tail, tolerances):
     student, ids, logprobs, turn_ids, target_ids = make_inputs(2, 5, vocab_for(backend), 5, dtype)
     compare(
         backend, student, ids, logprobs, turn_ids, tolerances(dtype),
@@ -36,11 +27,10 @@ def test_matches_reference_across_dtypes(backend, dtype, divergence, tail):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 5, 64])
 @pytest.mark.parametrize("coverage", ["almost_all", "little"])
 @pytest.mark.parametrize("tail", TAILS)
-def test_top_k_sizes_and_mass_coverage(backend, k, coverage, tail):
+def test_top_k_sizes_and_mass_coverage(backend, k, coverage, tail, tolerances):
     """K from 1 to 64 with ragged padding; top-k that hold almost all of the teacher's mass (the
     ``tail_eps`` floor is active) and top-k that hold little of it."""
     teacher_scale = 30.0 if coverage == "almost_all" else 0.5
@@ -57,10 +47,9 @@ def test_top_k_sizes_and_mass_coverage(backend, k, coverage, tail):
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("mask", ["none", "partial", "all"])
-def test_reductions_and_masks(backend, reduction, mask):
+def test_reductions_and_masks(backend, reduction, mask, tolerances):
     student, ids, logprobs, turn_ids, target_ids = make_inputs(3, 4, vocab_for(backend, 517), 6, mask=mask)
     result, grad = compare(
         backend, student, ids, logprobs, turn_ids, tolerances(torch.float32),
@@ -71,9 +60,8 @@ def test_reductions_and_masks(backend, reduction, mask):
         assert float(grad.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail", TAILS)
-def test_per_sequence_windows_and_turn_weights(backend, tail):
+def test_per_sequence_windows_and_turn_weights(backend, tail, tolerances):
     student, ids, logprobs, turn_ids, target_ids = make_inputs(3, 6, vocab_for(backend, 300), 7, n_turns=5)
     window = torch.tensor([[0, 2], [1, 5], [3, 3]], device=DEVICE)  # the last keeps nothing
     turn_weights = torch.rand(3, 5, device=DEVICE) + 0.1
@@ -85,9 +73,8 @@ def test_per_sequence_windows_and_turn_weights(backend, tail):
     compare(backend, student, ids, logprobs, turn_ids, tolerances(torch.float32), tail=tail, turn_window=(1, 3))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_temperatures(backend, temperature):
+def test_temperatures(backend, temperature, tolerances):
     student, ids, logprobs, turn_ids, target_ids = make_inputs(2, 3, vocab_for(backend, 257), 5)
     for tail in TAILS:
         compare(
@@ -96,8 +83,7 @@ def test_temperatures(backend, temperature):
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_flat_rows(backend):
+def test_flat_rows(backend, tolerances):
     student, ids, logprobs, turn_ids, target_ids = make_inputs(1, 7, vocab_for(backend, 611), 4, flat=True)
     result, _ = compare(
         backend, student, ids, logprobs, turn_ids, tolerances(torch.float32),
@@ -106,18 +92,16 @@ def test_flat_rows(backend):
     assert result.kl.shape == (7,)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_qwen_vocabulary_rows(backend):
+def test_qwen_vocabulary_rows(backend, tolerances, monkeypatch):
     """The real Qwen2.5 vocabulary size (151936, not a multiple of any block) on a few bf16 rows,
     with K = 20 as servers return by default."""
     rows = 3 if backend != "triton" else 2
     if backend == "triton" and not torch.cuda.is_available():
-        triton_backend.DEFAULT_BLOCK_V = 4096  # keep the interpreter fast on wide rows
+        monkeypatch.setattr(triton_backend, "DEFAULT_BLOCK_V", 4096)  # keep the interpreter fast on wide rows
     student, ids, logprobs, turn_ids, target_ids = make_inputs(1, rows, 151936, 20, torch.bfloat16, mask="none")
     compare(backend, student, ids, logprobs, turn_ids, tolerances(torch.bfloat16), target_ids=target_ids)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("tail", TAILS)
 def test_top_k_covering_the_vocabulary_equals_the_full_divergence(backend, divergence, tail):
@@ -139,7 +123,6 @@ def test_top_k_covering_the_vocabulary_equals_the_full_divergence(backend, diver
     torch.testing.assert_close(grad, full_grad, rtol=1e-4, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_tail_mass_is_not_computed_by_cancellation(backend):
     """The student holds all but ~1e-9 of its mass on the top-k: ``1 - sum`` would leave float32
     rounding noise (or a negative number) as the tail; the complement's own log-sum-exp keeps
@@ -156,9 +139,8 @@ def test_tail_mass_is_not_computed_by_cancellation(backend):
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_inf_logits_and_garbage_in_dropped_rows_never_give_nan(backend, divergence):
+def test_inf_logits_and_garbage_in_dropped_rows_never_give_nan(backend, divergence, tolerances):
     B, T, V, K = 1, 4, vocab_for(backend, 300), 6
     student, ids, logprobs, turn_ids, _ = make_inputs(B, T, V, K, mask="none", ragged=False)
     s = student.detach().clone()
@@ -182,7 +164,6 @@ def test_inf_logits_and_garbage_in_dropped_rows_never_give_nan(backend, divergen
         assert float(grad[0, :3][:, banned].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_infinite_divergences_are_reported(backend):
     V = 300
     student = torch.randn(2, V, device=DEVICE)
@@ -200,7 +181,6 @@ def test_infinite_divergences_are_reported(backend):
     assert math.isfinite(float(fused_topk_turn_kl(student, ids[:1], logprobs, backend=backend, reduction="none")[0]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_logits_in_a_kept_row_are_reported(backend):
     student, ids, logprobs, _, _ = make_inputs(1, 3, vocab_for(backend, 700), 5, ragged=False, flat=True)
     student = student.detach().clone()
@@ -209,9 +189,8 @@ def test_nan_logits_in_a_kept_row_are_reported(backend):
     assert math.isnan(float(kl[1])) and torch.isfinite(kl[[0, 2]]).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [0.3, 3.0])
-def test_wide_logit_ranges_and_offsets(backend, temperature):
+def test_wide_logit_ranges_and_offsets(backend, temperature, tolerances):
     """Logits spread over hundreds of nats, far from 0 (as after a large bias), with the max late
     in the row: range reduction, rescaling and the entropy keep float32 accuracy. The teacher is
     the student plus noise, so its top-k sit where the student's mass is and the gradient is not
@@ -230,7 +209,6 @@ def test_wide_logit_ranges_and_offsets(backend, temperature):
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_rows_without_copy(backend):
     """logits[:, :-1] (the usual shift) is consumed through its strides."""
     B, T, V = 2, 6, vocab_for(backend, 300)
@@ -247,7 +225,6 @@ def test_strided_rows_without_copy(backend):
     assert float(view.grad[:, -1].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "turn_mean", "none"])
 def test_gradient_when_upstream_differs_from_the_reduction(backend, reduction):
     """The gradient is written pre-multiplied by the reduction's coefficients; any other upstream

@@ -12,7 +12,7 @@ from torch.utils import cpp_extension
 
 from tcod_fast.ops.native_extension import toolchain_present
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(script: str, ext_dir, **env) -> list[str]:

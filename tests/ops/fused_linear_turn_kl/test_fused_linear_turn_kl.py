@@ -9,56 +9,23 @@ import textwrap
 
 import pytest
 import torch
+from fused_linear_helpers import backend_keywords
 from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():  # Triton kernels run in the interpreter; set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from tcod_fast import fused_turn_kl
-from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl, fused_linear_turn_kl_reference
-from tcod_fast.ops.fused_linear_turn_kl import api as flk_api
-from tcod_fast.ops.fused_linear_turn_kl import chunked
+from tcod_fast.ops.common import DIVERGENCES, REDUCTIONS
+from tcod_fast.ops.fused_linear_turn_kl import chunked, fused_linear_turn_kl, fused_linear_turn_kl_reference
 from tcod_fast.ops.fused_linear_turn_kl.reference import materialise_logits
 
-DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
-REDUCTIONS = ["mean", "sum", "none", "seq_mean_token_mean", "turn_mean"]
 STAT_FIELDS = ["loss", "kl", "entropy", "turn_token_count", "turn_kl_sum", "turn_entropy_sum"]
 TARGET_FIELDS = ["student_logprob", "teacher_logprob", "turn_abs_logratio_sum", "turn_neg_logprob_sum"]
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 
 
-def _modes():
-    modes = ["slab", "stream"]
-    triton_ok = flk_api.triton_backend is not None and flk_api.triton_backend.is_available(torch.device("cpu"))
-    modes.append(pytest.param("triton", marks=pytest.mark.skipif(not triton_ok, reason="triton missing or TRITON_INTERPRET unset")))
-    return modes
-
-
-MODES = _modes()
-
-
-@pytest.fixture(autouse=True)
-def small_vocab_blocks(monkeypatch):
-    """Blocks of 64 columns so tiny vocabularies span several blocks and a ragged tail."""
-    monkeypatch.setattr(chunked, "DEFAULT_VOCAB_BLOCK", 64)
-    if flk_api.triton_backend is not None:
-        # tiles of 16 rows x 32 columns x 16 hidden: ragged tails in every dimension
-        monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_M", 16)
-        monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_V", 32)
-        monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_K", 16)
-
-
 def _call(mode, *args, **kwargs):
-    """The public op with the torch backend in ``mode`` (slab / stream) or the Triton backend."""
-    if mode == "triton":
-        return fused_linear_turn_kl(*args, backend="triton", **kwargs)
-    old = chunked.DEFAULT_MODE
-    chunked.DEFAULT_MODE = mode
-    try:
-        return fused_linear_turn_kl(*args, backend="torch", **kwargs)
-    finally:
-        chunked.DEFAULT_MODE = old
+    """The public op with the torch backend in chunk mode ``mode`` (slab / stream) or the Triton backend."""
+    return fused_linear_turn_kl(*args, **backend_keywords(mode), **kwargs)
 
 
 def _make(B, T, H_s, H_t, V, dtype, *, bias=True, mask="partial", n_turns=4, v_teacher=None, flat=False):
@@ -136,22 +103,18 @@ def _assert_same(ours, theirs, *, value_tol, grad_tol, with_targets=True):
         )
 
 
-TOL = {torch.float32: dict(value_tol=2e-5, grad_tol=2e-5), torch.bfloat16: dict(value_tol=2e-5, grad_tol=8e-3)}
-
-
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_matches_reference_and_unfused(mode, dtype, divergence, bias):
+def test_matches_reference_and_unfused(mode, dtype, divergence, bias, fused_linear_tolerances):
     """Values, stats and all three gradients; H_s != H_t, V = 301 (not a multiple of 64)."""
     x = _make(2, 7, 24, 40, 301, dtype, bias=bias)
     kwargs = dict(divergence=divergence, beta=0.3, temperature=1.3, num_turns=4, chunk_size=5)
     ours = _run_fused(mode, x, **kwargs)
     # bf16 inputs are upcast exactly, so the float64 reference sees the same numbers; only the
     # float32 accumulation and the bf16 rounding of the returned gradients differ
-    _assert_same(ours, _run_reference(x, **kwargs), **TOL[dtype])
-    _assert_same(ours, _run_unfused(x, **kwargs), **TOL[dtype])
+    _assert_same(ours, _run_reference(x, **kwargs), **fused_linear_tolerances[dtype])
+    _assert_same(ours, _run_unfused(x, **kwargs), **fused_linear_tolerances[dtype])
 
 
 def test_logits_are_never_rounded_to_bf16():
@@ -173,52 +136,49 @@ def test_logits_are_never_rounded_to_bf16():
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("mask", ["none", "partial", "all"])
-def test_reductions_and_masks(reduction, mask):
+def test_reductions_and_masks(reduction, mask, fused_linear_tolerances):
     x = _make(3, 5, 16, 20, 150, torch.float32, mask=mask)
     kwargs = dict(reduction=reduction, num_turns=4, chunk_size=4)
     ours = _run_fused("slab", x, **kwargs)
-    _assert_same(ours, _run_reference(x, **kwargs), **TOL[torch.float32])
+    _assert_same(ours, _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
     if mask == "all":
         assert float(ours[0].loss.abs().sum()) == 0.0
         assert all(float(g.abs().sum()) == 0.0 for g in ours[1])
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_per_sequence_windows_and_turn_weights(mode):
+def test_per_sequence_windows_and_turn_weights(mode, fused_linear_tolerances):
     x = _make(3, 6, 16, 24, 200, torch.float32, n_turns=5)
     window = torch.tensor([[0, 2], [1, 5], [3, 3]])  # the last sequence keeps nothing
     turn_weights = torch.rand(3, 5) + 0.1
     for reduction in ["mean", "turn_mean", "seq_mean_token_mean", "none"]:
         kwargs = dict(turn_window=window, turn_weights=turn_weights, reduction=reduction)
-        _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **TOL[torch.float32])
+        _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
     kwargs = dict(turn_window=(1, 3), num_turns=5)
-    _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **TOL[torch.float32])
+    _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 @pytest.mark.parametrize("mode", ["slab", "stream"])
-def test_temperatures(temperature, mode):
+def test_temperatures(temperature, mode, fused_linear_tolerances):
     x = _make(2, 4, 16, 16, 130, torch.float32)
     kwargs = dict(temperature=temperature, num_turns=4)
-    _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **TOL[torch.float32])
+    _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_flat_rows_and_padded_vocabularies(mode):
+def test_flat_rows_and_padded_vocabularies(mode, fused_linear_tolerances):
     """(N, H) input; a teacher with a larger padded vocabulary restricted by vocab_size."""
     x = _make(1, 9, 16, 24, 211, torch.float32, v_teacher=230, flat=True)
     x["target_ids"] = torch.randint(0, 200, (9,))
     kwargs = dict(vocab_size=200, reduction="turn_mean", num_turns=4)
     ours = _run_fused(mode, x, **kwargs)
-    _assert_same(ours, _run_reference(x, **kwargs), **TOL[torch.float32])
+    _assert_same(ours, _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
     assert ours[0].kl.shape == (9,)
     _, grad_w, grad_b = ours[1]
     assert float(grad_w[200:].abs().sum()) == 0.0 and float(grad_b[200:].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_banned_tokens_via_inf_bias_never_give_nan(mode, divergence):
+def test_banned_tokens_via_inf_bias_never_give_nan(mode, divergence, fused_linear_tolerances):
     x = _make(2, 4, 16, 16, 200, torch.float32, mask="none")
     banned = torch.zeros(200, dtype=torch.bool)
     banned[:70] = True  # whole first blocks are -inf
@@ -230,7 +190,7 @@ def test_banned_tokens_via_inf_bias_never_give_nan(mode, divergence):
     kwargs = dict(divergence=divergence, beta=0.4, num_turns=4)
     ours = _run_fused(mode, x, **kwargs)
     assert torch.isfinite(ours[0].loss) and torch.isfinite(ours[0].kl).all()
-    _assert_same(ours, _run_reference(x, **kwargs), **TOL[torch.float32])
+    _assert_same(ours, _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
     _, grad_w, grad_b = ours[1]
     assert float(grad_w[banned].abs().sum()) == 0.0 and float(grad_b[banned].abs().sum()) == 0.0
 

@@ -2,7 +2,7 @@
 form) computes what the AVX2/FMA copy computes. The extension is built for baseline x86-64 and
 holds both copies, chosen at run time (csrc/turn_kl_cpu.cpp); CI machines and users' CPUs
 differ, so both are checked on every machine that runs them, here against each other (tight
-tolerances, including extreme logit ranges) and in tests/test_native_isa.py against float64."""
+tolerances, including extreme logit ranges) and in tests/ops/turn_kl/test_native_isa.py against float64."""
 
 import platform
 
@@ -34,7 +34,7 @@ def _run(isa, student, teacher, keep, divergence, temperature):
 
 def test_portable_copy_matches_the_avx2_copy():
     if "avx2" not in native_backend.available_isas():
-        pytest.skip("this CPU runs only the portable copy (tests/test_native_isa.py still checks it)")
+        pytest.skip("this CPU runs only the portable copy (tests/ops/turn_kl/test_native_isa.py still checks it)")
     B, T, V = 2, 9, 1037  # two full 512-column blocks (the vector loops) and a ragged tail
     keep = torch.ones(B, T, dtype=torch.bool)
     keep[1, 4] = False

@@ -1,5 +1,6 @@
-"""Every backend of fused_turn_kl and fused_linear_turn_kl at extreme logit scales and
-temperatures, against the float64 reference, and one answer per edge input.
+"""Every backend of fused_turn_kl at extreme logit scales and temperatures, against the float64
+reference, and one answer per edge input (tests/ops/fused_linear_turn_kl/ has the same for
+fused_linear_turn_kl).
 
 Scales go to 1e8 and temperatures down to 1e-6, i.e. scaled logits up to ~1e15 and gaps of
 1e14 between them: softmaxes are one-hot there and the exact KL is a finite difference of
@@ -12,34 +13,10 @@ import pytest
 import torch
 
 from tcod_fast import fused_turn_kl, turn_kl_reference
-from tcod_fast.ops.fused_linear_turn_kl import api as flk_api
-from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl, fused_linear_turn_kl_reference
-from tcod_fast.ops.fused_linear_turn_kl import chunked as flk_chunked
-from tcod_fast.ops.turn_kl import native_backend, triton_backend
+from tcod_fast.ops.common import DIVERGENCES, REDUCTIONS
+from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
 
-DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
-REDUCTIONS = ["mean", "sum", "none", "seq_mean_token_mean", "turn_mean"]
-_TRITON_OK = triton_backend.HAS_TRITON and (torch.cuda.is_available() or triton_backend.interpreter_enabled())
-BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not native_backend.is_available(), reason="native kernel disabled or no C++ toolchain")),
-    pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_OK, reason="no CUDA and TRITON_INTERPRET unset")),
-]
-_FLK_TRITON_OK = flk_api.triton_backend is not None and flk_api.triton_backend.is_available(torch.device("cpu"))
-FLK_MODES = ["slab", "stream", pytest.param("triton", marks=pytest.mark.skipif(not _FLK_TRITON_OK, reason="no triton"))]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Small vocabulary blocks so small rows span several blocks and a ragged tail."""
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(triton_backend, "DEFAULT_BLOCK_V", 64)
-    monkeypatch.setattr(flk_chunked, "DEFAULT_VOCAB_BLOCK", 64)
-    if flk_api.triton_backend is not None:
-        monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_M", 16)
-        monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_V", 32)
-        monkeypatch.setattr(flk_api.triton_backend, "DEFAULT_BLOCK_K", 16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +66,6 @@ def _check_against_reference(backend, student, teacher, divergence, temperature,
     assert (err <= bound).all(), f"{label}: gradient error {err.tolist()} > {bound.tolist()}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_exact_at_extreme_scales_and_temperatures(backend, divergence):
     rows, vocab = (3, 1037) if backend != "triton" else (2, 150)  # several blocks, a ragged tail
@@ -102,7 +78,6 @@ def test_exact_at_extreme_scales_and_temperatures(backend, divergence):
             _check_against_reference(backend, student, teacher, divergence, temperature, label)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_hot_limit_is_the_finite_difference_of_scaled_logits(backend):
     """Scaled logits 1e14 apart: p and q are one-hot at different entries, KL(p||q) is exactly
     (max x_t - x_t[argmax x_s]) / T, and the gradient is exactly 0 (a one-hot softmax is flat)."""
@@ -125,44 +100,9 @@ def test_temperature_outside_the_float32_range_is_an_error():
             fused_turn_kl(torch.randn(2, 5), torch.randn(2, 5), temperature=temperature)
 
 
-@pytest.mark.parametrize("mode", FLK_MODES)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_fused_linear_exact_where_float32_logits_are_exact(mode, divergence):
-    """Integer hidden states and weights times 2^k: the float32 matmul is exact, so the op must
-    match the float64 reference however large the logits and however small the temperature."""
-    N, H, V = 5, 16, 150
-    for k in (0, 20):
-        for temperature in (1.0, 1e-3, 1e-6):
-            h_s = torch.randint(-4, 5, (N, H)).float().requires_grad_(True)
-            w_s = (torch.randint(-4, 5, (V, H)).float() * 2.0**k).requires_grad_(True)
-            h_t = torch.randint(-4, 5, (N, H)).float()
-            w_t = torch.randint(-4, 5, (V, H)).float() * 2.0**k
-            kwargs = dict(divergence=divergence, beta=0.3, temperature=temperature, reduction="sum")
-            if mode == "triton":
-                loss = fused_linear_turn_kl(h_s, w_s, h_t, w_t, backend="triton", **kwargs)
-            else:
-                old, flk_chunked.DEFAULT_MODE = flk_chunked.DEFAULT_MODE, mode
-                try:
-                    loss = fused_linear_turn_kl(h_s, w_s, h_t, w_t, backend="torch", chunk_size=4, **kwargs)
-                finally:
-                    flk_chunked.DEFAULT_MODE = old
-            grads = torch.autograd.grad(loss, (h_s, w_s))
-            ref = fused_linear_turn_kl_reference(h_s, w_s, h_t, w_t, **kwargs)
-            ref_grads = torch.autograd.grad(ref, (h_s, w_s))
-            label = f"{mode} {divergence} 2^{k} T={temperature:g}"
-            assert abs(float(loss) - float(ref)) <= 1e-4 * abs(float(ref)) + 1e-5, (label, float(loss), float(ref))
-            for name, g, r in zip(["hidden", "weight"], grads, ref_grads):
-                assert torch.isfinite(g).all(), f"{label}: non-finite {name} gradient"
-                # G is O(1/T) per row; dh = G W and dW = G^T h scale with W and h
-                natural = (r.abs().max() + 2.0**k * 64 / temperature).double()
-                err = float((g.double() - r.double()).abs().max() / natural)
-                assert err <= 1e-4, f"{label}: {name} gradient error {err}"
-
-
 # --------------------------------------------------------------------------------------------
 # edge inputs: one answer on every backend
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_vocabulary_is_an_error(backend):
     with pytest.raises(ValueError, match=r"student_logits has an empty vocabulary \(0 columns\); expected at least 1"):
         fused_turn_kl(torch.randn(2, 0, device=DEVICE), torch.randn(2, 0, device=DEVICE), backend=backend)
@@ -170,15 +110,6 @@ def test_empty_vocabulary_is_an_error(backend):
         fused_turn_kl(torch.randn(2, 5, device=DEVICE), torch.randn(2, 0, device=DEVICE), vocab_size=5, backend=backend)
 
 
-@pytest.mark.parametrize("mode", ["torch", "triton"])
-def test_fused_linear_empty_vocabulary_is_an_error(mode):
-    if mode == "triton" and not _FLK_TRITON_OK:
-        pytest.skip("no triton")
-    with pytest.raises(ValueError, match=r"student_weight has an empty vocabulary \(0 rows\)"):
-        fused_linear_turn_kl(torch.randn(2, 8), torch.randn(0, 8), torch.randn(2, 8), torch.randn(0, 8), backend=mode)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=["N=0", "T=0", "B=0"])
 def test_empty_batch(backend, lead):
     student = torch.randn(*lead, 10, device=DEVICE, requires_grad=True)
@@ -192,31 +123,6 @@ def test_empty_batch(backend, lead):
         assert grad.shape == student.shape
 
 
-@pytest.mark.parametrize("mode", FLK_MODES)
-@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=["N=0", "T=0", "B=0"])
-def test_fused_linear_empty_batch(mode, lead):
-    h_s = torch.randn(*lead, 8, requires_grad=True)
-    w_s = torch.randn(12, 8, requires_grad=True)
-    b_s = torch.randn(12, requires_grad=True)
-    for reduction in REDUCTIONS:
-        kwargs = dict(student_bias=b_s, reduction=reduction, return_stats=True)
-        if mode == "triton":
-            result = fused_linear_turn_kl(h_s, w_s, torch.randn(*lead, 6), torch.randn(12, 6), backend="triton",
-                                          **kwargs)
-        else:
-            old, flk_chunked.DEFAULT_MODE = flk_chunked.DEFAULT_MODE, mode
-            try:
-                result = fused_linear_turn_kl(h_s, w_s, torch.randn(*lead, 6), torch.randn(12, 6), **kwargs)
-            finally:
-                flk_chunked.DEFAULT_MODE = old
-        assert result.loss.shape == (lead if reduction == "none" else ())
-        assert float(result.loss.sum()) == 0.0
-        grads = torch.autograd.grad(result.loss.sum(), (h_s, w_s, b_s))
-        assert grads[0].shape == h_s.shape
-        assert float(grads[1].abs().sum()) == 0.0 and float(grads[2].abs().sum()) == 0.0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_on_shared_memory_is_an_error(backend):
     teacher = torch.randn(2, 3, 40, device=DEVICE)
     expanded = torch.randn(1, 1, 40, device=DEVICE, requires_grad=True).expand(2, 3, 40)
@@ -252,7 +158,6 @@ def test_non_finite_turn_weights_are_an_error(bad):
                              torch.zeros(2, 4, dtype=torch.long), turn_weights=turn_weights)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_turn_weights_are_linear(backend):
     """Negative turn weights are allowed: the loss is linear in them, as in the reference."""
     student = torch.randn(2, 4, 70, device=DEVICE, requires_grad=True)
@@ -270,7 +175,6 @@ def test_negative_turn_weights_are_linear(backend):
         torch.testing.assert_close(grad.double(), ref_grad.to(grad.device), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_nan_row_gives_nan_loss_and_nan_gradient_row(backend, divergence):
     """A NaN logit in a kept row: that row's divergence and its whole gradient row are NaN (what
@@ -299,26 +203,3 @@ def _nan_row_results(backend, student, teacher, divergence):
     yield "reference", ref, ref_grad
 
 
-@pytest.mark.parametrize("mode", FLK_MODES)
-def test_fused_linear_nan_row(mode):
-    h_s = torch.randn(3, 8)
-    h_s[1, 2] = math.nan
-    h_s.requires_grad_(True)
-    w_s = torch.randn(70, 8, requires_grad=True)
-    h_t, w_t = torch.randn(3, 6), torch.randn(70, 6)
-    for divergence in DIVERGENCES:
-        kwargs = dict(divergence=divergence, beta=0.3, return_stats=True, reduction="sum")
-        if mode == "triton":
-            result = fused_linear_turn_kl(h_s, w_s, h_t, w_t, backend="triton", **kwargs)
-        else:
-            old, flk_chunked.DEFAULT_MODE = flk_chunked.DEFAULT_MODE, mode
-            try:
-                result = fused_linear_turn_kl(h_s, w_s, h_t, w_t, **kwargs)
-            finally:
-                flk_chunked.DEFAULT_MODE = old
-        ref = fused_linear_turn_kl_reference(h_s, w_s, h_t, w_t, **kwargs)
-        for name, res in (("ours", result), ("reference", ref)):
-            dh, dw = torch.autograd.grad(res.loss, (h_s, w_s))
-            assert torch.isnan(res.loss) and torch.isnan(res.kl[1]) and torch.isfinite(res.kl[[0, 2]]).all(), name
-            assert torch.isnan(dh[1]).all() and torch.isfinite(dh[[0, 2]]).all(), name
-            assert torch.isnan(dw).all(), name  # every column of dW = G^T h meets the NaN row
