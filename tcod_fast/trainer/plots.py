@@ -4,6 +4,9 @@
 * ``kl_by_turn.png``: the teacher-student KL at each turn index of the final evaluation
   episodes (TCOD's escalation curve);
 * :func:`plot_demo`: the built-in demo's plots over seeds.
+
+Each plot is built by a ``*_figure`` function that returns the matplotlib figure (what a test
+or a notebook inspects) and saved by its ``plot_*`` function.
 """
 
 from __future__ import annotations
@@ -12,7 +15,15 @@ from pathlib import Path
 
 from tcod_fast.trainer.metrics_log import read_metrics
 
-__all__ = ["plot_demo", "plot_kl_by_turn", "plot_training_curves", "plot_run"]
+__all__ = [
+    "demo_figures",
+    "kl_by_turn_figure",
+    "plot_demo",
+    "plot_kl_by_turn",
+    "plot_run",
+    "plot_training_curves",
+    "training_curves_figure",
+]
 
 
 def _pyplot():
@@ -24,8 +35,17 @@ def _pyplot():
     return plt
 
 
-def plot_training_curves(curves: dict[str, dict[str, list]], path: str | Path) -> Path:
-    """``curves[name] = {"step": [...], "success": [...], "kl": [...]}`` -> two panels."""
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and release it."""
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def training_curves_figure(curves: dict[str, dict[str, list]]):
+    """``curves[name] = {"step": [...], "success": [...], "kl": [...]}`` -> two panels (success,
+    KL), one line per name that has that series."""
     plt = _pyplot()
     fig, (ax_success, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for name, curve in curves.items():
@@ -40,14 +60,16 @@ def plot_training_curves(curves: dict[str, dict[str, list]], path: str | Path) -
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_kl_by_turn(curves: dict[str, list[float]], path: str | Path, *, title: str = "KL by turn index") -> Path:
-    """``curves[name] = [kl_turn0, kl_turn1, ...]`` -> one line per name."""
+def plot_training_curves(curves: dict[str, dict[str, list]], path: str | Path) -> Path:
+    """:func:`training_curves_figure` saved as a PNG at ``path``."""
+    return _save(training_curves_figure(curves), path)
+
+
+def kl_by_turn_figure(curves: dict[str, list[float]], *, title: str = "KL by turn index"):
+    """``curves[name] = [kl_turn0, kl_turn1, ...]`` -> one line per non-empty curve."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, values in curves.items():
@@ -57,10 +79,12 @@ def plot_kl_by_turn(curves: dict[str, list[float]], path: str | Path, *, title: 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_kl_by_turn(curves: dict[str, list[float]], path: str | Path, *, title: str = "KL by turn index") -> Path:
+    """:func:`kl_by_turn_figure` saved as a PNG at ``path``."""
+    return _save(kl_by_turn_figure(curves, title=title), path)
 
 
 def _mean_band(series: list[list[float]]):
@@ -85,7 +109,12 @@ def _eval_curve(run: dict, split: str, start: float | None) -> tuple[list[int], 
 
 
 def plot_demo(out: str | Path, results: dict) -> list[Path]:
-    """The demo's plots from its ``results.json`` content:
+    """:func:`demo_figures` saved as PNGs in the folder ``out``; returns their paths."""
+    return [_save(fig, Path(out) / name) for name, fig in demo_figures(results).items()]
+
+
+def demo_figures(results: dict) -> dict:
+    """The demo's plots from its ``results.json`` content, by file name:
 
     * ``success_vs_step.png``: evaluation success against training step per algorithm (mean
       over seeds, band = min to max), seen and unseen tasks, one column per teacher, the
@@ -96,11 +125,10 @@ def plot_demo(out: str | Path, results: dict) -> list[Path]:
       played by the expert (the prefix) and by the student.
     """
     plt = _pyplot()
-    out = Path(out)
     headline, runs = results["headline"], results["runs"]
     teachers = [t for t in ("robust", "narrow") if headline.get(t)]
     inits = results["setup"].get("student_init_evals", {})
-    paths = []
+    figures = {}
 
     fig, axes = plt.subplots(2, len(teachers), figsize=(6 * len(teachers), 7.5), squeeze=False)
     for column, teacher in enumerate(teachers):
@@ -122,9 +150,7 @@ def plot_demo(out: str | Path, results: dict) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "success_vs_step.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    figures["success_vs_step.png"] = fig
 
     fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4), squeeze=False)
     for column, teacher in enumerate(teachers):
@@ -144,9 +170,7 @@ def plot_demo(out: str | Path, results: dict) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "kl_by_turn.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    figures["kl_by_turn.png"] = fig
 
     b2f_teachers = [t for t in teachers if "tcod_b2f" in headline[t]]
     if b2f_teachers:
@@ -169,10 +193,8 @@ def plot_demo(out: str | Path, results: dict) -> list[Path]:
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(out / "b2f_training.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+        figures["b2f_training.png"] = fig
+    return figures
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
