@@ -96,3 +96,25 @@ def test_supervised_finetune_fits_the_expert(game):
     assert correct >= 0.5 * len(pairs), (correct, len(pairs))
     with pytest.raises(ValueError, match="at least one"):
         sft.supervised_finetune(model, [], pad_token_id=0, epochs=1)
+
+
+def test_sft_loss_is_the_token_mean_cross_entropy_of_the_replies(game):
+    """One full batch at lr 0: the reported loss is the cross-entropy of each reply token given
+    everything before it, averaged over the reply tokens of all pairs (prompt tokens and
+    padding excluded), here recomputed in float64 one unpadded pair at a time."""
+    config, prompter, tokenizer, tasks = game
+    envs = build.build_envs(config.env, 3)
+    demos = sft.expert_trajectories(tasks[:3], envs, tokenizer=tokenizer, prompter=prompter, context_mode="window", max_turns=MAX_TURNS)
+    pairs = sft.labelled_turns(demos, tokenizer=tokenizer, prompter=prompter)
+    assert len({len(p) + len(r) for p, r in pairs}) > 1  # ragged: the batch is padded
+    model = tiny_model(tokenizer, seed=5)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, reply in pairs:
+            logits = model(input_ids=torch.tensor([prompt + reply])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)
+            for j, token in enumerate(reply):
+                nll -= float(logp[len(prompt) - 1 + j, token])
+                count += 1
+    (loss,) = sft.supervised_finetune(model, pairs, pad_token_id=tokenizer.pad_token_id, epochs=1, lr=0.0, batch_size=len(pairs))
+    assert loss == pytest.approx(nll / count, rel=1e-5)
