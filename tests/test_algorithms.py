@@ -3,6 +3,8 @@ needs, and that a new algorithm is one record that the sampler and config accept
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tcod_fast.algorithms import (
@@ -17,6 +19,8 @@ from tcod_fast.algorithms import (
 )
 from tcod_fast.curriculum import ATODAnnealing, CurriculumConfig, CurriculumSampler
 from tcod_fast.trainer.config import TrainConfig
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "algorithms.md"
 
 
 def _config(algorithm: str) -> TrainConfig:
@@ -64,6 +68,50 @@ def test_coefficient_table_at_a_few_steps(algorithm):
         assert got.opd_coef == pytest.approx(opd_coef, abs=1e-12), (algorithm, step)
         assert got.grpo_coef == pytest.approx(grpo_coef, abs=1e-12), (algorithm, step)
         assert got.turn_weighting == weighting, (algorithm, step)
+
+
+def _documented_table() -> dict[str, list[str]]:
+    """docs/algorithms.md's table: algorithm -> [OPD coefficient, GRPO coefficient, turn weights]."""
+    rows = {}
+    for line in DOCS.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`") and cells[0] != "`--algorithm`":
+            rows[cells[0].strip("`")] = cells[2:]
+    return rows
+
+
+def _documented_value(expression: str, config: TrainConfig, step: int) -> float:
+    """A coefficient cell of the docs' table at ``step``, with ATOD's annealing as the docs write
+    it: p(s) = min(s/T, 1), kappa(s) = max(kappa_min, kappa_init - (kappa_init - kappa_min) p(s)),
+    rho(s) = rho_init + (rho_max - rho_init) p(s)."""
+    c = config.curriculum
+    progress = min(step / c.atod_anneal_steps, 1.0)
+    values = {
+        "0": 0.0,
+        "1": 1.0,
+        "`loss.kl_coef`": config.loss.kl_coef,
+        "`loss.sod_coef`": config.loss.sod_coef,
+        "`κ(s)`": max(c.atod_kappa_min, c.atod_kappa_init - (c.atod_kappa_init - c.atod_kappa_min) * progress),
+        "`ρ(s)`": c.atod_rho_init + (c.atod_rho_max - c.atod_rho_init) * progress,
+    }
+    return values[expression]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_coefficients_follow_the_documented_table_at_every_step(algorithm):
+    """Each record's coefficients at every step of an annealing of odd length and values, against
+    the table and formulas of docs/algorithms.md."""
+    table = _documented_table()
+    assert set(table) == set(ALGORITHMS)
+    opd_cell, grpo_cell, weights_cell = table[algorithm]
+    config = _config(algorithm, anneal_steps=37, kappa_init=0.9, kappa_min=0.15, rho_init=0.2, rho_max=0.85)
+    sampler = CurriculumSampler(config.curriculum)
+    record = get_algorithm(algorithm)
+    for step in range(0, 2 * 37 + 1):
+        got = record.coefficients(config, sampler, step)
+        assert got.opd_coef == pytest.approx(_documented_value(opd_cell, config, step), abs=1e-12), step
+        assert got.grpo_coef == pytest.approx(_documented_value(grpo_cell, config, step), abs=1e-12), step
+        assert got.turn_weighting == {"none": None, "T-DUR": "tdur", "SOD": "sod"}[weights_cell]
 
 
 def test_what_each_algorithm_needs():
