@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from run_report import cuda_peak_extra_bytes
 from turn_kl_impls import forward_backward, implementations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,12 +30,7 @@ def _extra_peak_memory(impl_name, impl, n, v, dtype):
         teacher = torch.empty(n, v, dtype=dtype, device="cuda").normal_(0, 2)
         forward_backward(impl, student, teacher)
         student.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        forward_backward(impl, student, teacher)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return cuda_peak_extra_bytes(lambda: forward_backward(impl, student, teacher))
     probe = Path(__file__).resolve().parent / "memory_probe.py"
     out = subprocess.run(
         [sys.executable, str(probe), impl_name, str(n), str(v), str(dtype).removeprefix("torch.")],

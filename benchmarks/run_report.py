@@ -48,3 +48,13 @@ def cuda_copy_bandwidth(nbytes: int) -> float:
     dst = torch.empty_like(src)
     seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") / 1e3
     return 2 * src.numel() * src.element_size() / seconds
+
+
+def cuda_peak_extra_bytes(step) -> int:
+    """Peak CUDA memory ``step()`` allocates beyond what is allocated when it starts, in bytes."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

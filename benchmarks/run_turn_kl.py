@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_report import cuda_copy_bandwidth, report_header, write_report  # noqa: E402
+from run_report import cuda_copy_bandwidth, cuda_peak_extra_bytes, report_header, write_report  # noqa: E402
 from turn_kl_impls import forward_backward, implementations  # noqa: E402
 
 
@@ -70,12 +70,7 @@ def memory_cpu(name, rows, vocab, dtype):
 def memory_cuda(impl, pairs):
     student, teacher = pairs[0]
     student.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    forward_backward(impl, student, teacher)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = cuda_peak_extra_bytes(lambda: forward_backward(impl, student, teacher))
     student.grad = None
     return peak
 

@@ -80,19 +80,18 @@ def _documented_table() -> dict[str, list[str]]:
     return rows
 
 
-def _documented_value(expression: str, config: TrainConfig, step: int) -> float:
+def _documented_value(expression: str, config: TrainConfig, atod: ATODAnnealing, step: int) -> float:
     """A coefficient cell of the docs' table at ``step``, with ATOD's annealing as the docs write
     it: p(s) = min(s/T, 1), kappa(s) = max(kappa_min, kappa_init - (kappa_init - kappa_min) p(s)),
     rho(s) = rho_init + (rho_max - rho_init) p(s)."""
-    c = config.curriculum
-    progress = min(step / c.atod_anneal_steps, 1.0)
+    progress = min(step / atod.anneal_steps, 1.0)
     values = {
         "0": 0.0,
         "1": 1.0,
         "`loss.kl_coef`": config.loss.kl_coef,
         "`loss.sod_coef`": config.loss.sod_coef,
-        "`κ(s)`": max(c.atod_kappa_min, c.atod_kappa_init - (c.atod_kappa_init - c.atod_kappa_min) * progress),
-        "`ρ(s)`": c.atod_rho_init + (c.atod_rho_max - c.atod_rho_init) * progress,
+        "`κ(s)`": max(atod.kappa_min, atod.kappa_init - (atod.kappa_init - atod.kappa_min) * progress),
+        "`ρ(s)`": atod.rho_init + (atod.rho_max - atod.rho_init) * progress,
     }
     return values[expression]
 
@@ -104,13 +103,14 @@ def test_coefficients_follow_the_documented_table_at_every_step(algorithm):
     table = _documented_table()
     assert set(table) == set(ALGORITHMS)
     opd_cell, grpo_cell, weights_cell = table[algorithm]
-    config = _config(algorithm, anneal_steps=37, kappa_init=0.9, kappa_min=0.15, rho_init=0.2, rho_max=0.85)
+    config = _config(algorithm)
     sampler = CurriculumSampler(config.curriculum)
+    sampler.atod = atod = ATODAnnealing(anneal_steps=37, kappa_init=0.9, kappa_min=0.15, rho_init=0.2, rho_max=0.85)
     record = get_algorithm(algorithm)
     for step in range(0, 2 * 37 + 1):
         got = record.coefficients(config, sampler, step)
-        assert got.opd_coef == pytest.approx(_documented_value(opd_cell, config, step), abs=1e-12), step
-        assert got.grpo_coef == pytest.approx(_documented_value(grpo_cell, config, step), abs=1e-12), step
+        assert got.opd_coef == pytest.approx(_documented_value(opd_cell, config, atod, step), abs=1e-12), step
+        assert got.grpo_coef == pytest.approx(_documented_value(grpo_cell, config, atod, step), abs=1e-12), step
         assert got.turn_weighting == {"none": None, "T-DUR": "tdur", "SOD": "sod"}[weights_cell]
 
 

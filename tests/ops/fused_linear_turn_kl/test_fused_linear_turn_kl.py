@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from fused_linear_helpers import backend_keywords
+from op_inputs import random_turn_ids
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tcod_fast import fused_turn_kl
@@ -37,13 +38,7 @@ def _make(B, T, H_s, H_t, V, dtype, *, bias=True, mask="partial", n_turns=4, v_t
     w_t = (torch.randn(v_teacher or V, H_t) * 2.5 / math.sqrt(H_t)).to(dtype)
     b_s = torch.randn(V).to(dtype).requires_grad_(True) if bias else None
     b_t = torch.randn(v_teacher or V).to(dtype) if bias else None
-    if mask == "none":
-        turn_ids = torch.randint(0, n_turns, lead)
-    elif mask == "all":
-        turn_ids = torch.full(lead, -1)
-    else:
-        turn_ids = torch.randint(-1, n_turns, lead)
-        turn_ids.view(-1)[0] = 0
+    turn_ids = random_turn_ids(lead, mask, n_turns)
     target_ids = torch.randint(0, min(V, v_teacher or V), lead)
     return dict(h_s=h_s, w_s=w_s, b_s=b_s, h_t=h_t, w_t=w_t, b_t=b_t, turn_ids=turn_ids, target_ids=target_ids)
 

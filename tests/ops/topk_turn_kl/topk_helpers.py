@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from op_inputs import random_turn_ids
 
 from tcod_fast import fused_topk_turn_kl, topk_turn_kl_reference
 
@@ -32,13 +33,7 @@ def make_inputs(B, T, V, K, dtype=torch.float32, *, student_scale=3.0, teacher_s
         ids = torch.where(pad, torch.full_like(ids, -1), ids)
     order = torch.rand(*lead, K).argsort(-1)
     ids, logprobs = ids.gather(-1, order), logprobs.gather(-1, order)
-    if mask == "none":
-        turn_ids = torch.randint(0, n_turns, lead)
-    elif mask == "all":
-        turn_ids = torch.full(lead, -1)
-    else:
-        turn_ids = torch.randint(-1, n_turns, lead)
-        turn_ids.view(-1)[0] = 0  # at least one kept token
+    turn_ids = random_turn_ids(lead, mask, n_turns)
     target_ids = torch.randint(0, V, lead)
     # half of the targets among the top-k (their teacher log-prob is known), half maybe not
     first_valid = ids.gather(-1, (ids >= 0).long().argmax(-1, keepdim=True)).squeeze(-1)
