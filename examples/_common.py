@@ -7,6 +7,17 @@ from tcod_fast.trainer.config import load_config
 from tcod_fast.trainer.loop import train
 from tcod_fast.trainer.plots import plot_run
 
+#: The papers' settings for long text-game episodes (the windowed history prompt, 30 turns,
+#: eta 5), at the examples' size (4 tasks a step, 4 evaluation tasks, 32-token replies).
+PAPER_LONG_EPISODE_SETTINGS = [
+    "env.context_mode=window",
+    "curriculum.max_turns=30",
+    "curriculum.eta=5",
+    "rollout.tasks_per_step=4",
+    "eval.num_tasks=4",
+    "rollout.max_new_tokens=32",
+]
+
 
 def run_example(description: str, env_overrides: list[str], *, default_out: str, default_steps: int = 20) -> None:
     parser = argparse.ArgumentParser(description=description)

@@ -10,7 +10,7 @@ The papers' settings are 30 turns, eta=5-6, and the windowed history prompt.
 
 import sys
 
-from _common import run_example
+from _common import PAPER_LONG_EPISODE_SETTINGS, run_example
 
 if __name__ == "__main__":
     data = "data/alfworld"
@@ -25,12 +25,7 @@ if __name__ == "__main__":
             f"env.kwargs={{data_path: {data}, max_episode_steps: 30}}",
             "env.pool_workers=2",
             "env.vocab_tasks_per_split=8",  # each costs a whole expert episode on a slow engine
-            "env.context_mode=window",
-            "curriculum.max_turns=30",
-            "curriculum.eta=5",
-            "rollout.tasks_per_step=4",
-            "eval.num_tasks=4",
-            "rollout.max_new_tokens=32",
+            *PAPER_LONG_EPISODE_SETTINGS,
         ],
         default_out="runs/alfworld",
         default_steps=10,

@@ -6,7 +6,7 @@ ScienceWorld steps take ~0.1 s and its prompts list many admissible actions (cap
 here); the papers use eta=5-6 and 30 turns.
 """
 
-from _common import run_example
+from _common import PAPER_LONG_EPISODE_SETTINGS, run_example
 
 if __name__ == "__main__":
     run_example(
@@ -16,12 +16,7 @@ if __name__ == "__main__":
             "env.pool_workers=2",
             "env.vocab_tasks_per_split=4",  # each costs a whole expert episode on a slow engine
             "env.max_admissible_actions=50",
-            "env.context_mode=window",
-            "curriculum.max_turns=30",
-            "curriculum.eta=5",
-            "rollout.tasks_per_step=4",
-            "eval.num_tasks=4",
-            "rollout.max_new_tokens=32",
+            *PAPER_LONG_EPISODE_SETTINGS,
         ],
         default_out="runs/sciworld",
         default_steps=10,
