@@ -142,14 +142,15 @@ def test_reductions_and_masks(reduction, mask, fused_linear_tolerances):
 
 
 def test_per_sequence_windows_and_turn_weights(mode, fused_linear_tolerances):
+    tol = fused_linear_tolerances[torch.float32]
     x = _make(3, 6, 16, 24, 200, torch.float32, n_turns=5)
     window = torch.tensor([[0, 2], [1, 5], [3, 3]])  # the last sequence keeps nothing
     turn_weights = torch.rand(3, 5) + 0.1
     for reduction in ["mean", "turn_mean", "seq_mean_token_mean", "none"]:
         kwargs = dict(turn_window=window, turn_weights=turn_weights, reduction=reduction)
-        _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
+        _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **tol)
     kwargs = dict(turn_window=(1, 3), num_turns=5)
-    _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **fused_linear_tolerances[torch.float32])
+    _assert_same(_run_fused(mode, x, **kwargs), _run_reference(x, **kwargs), **tol)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
