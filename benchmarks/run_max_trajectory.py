@@ -109,14 +109,22 @@ def try_step(loss_kind, student, teacher, optimizer, tokens, vocab, device):
     return True, seconds, peak
 
 
-def longest(loss_kind, student, teacher, optimizer, vocab, device, start, cap, resolution, trials):
+def longest(loss_kind, student, teacher, optimizer, vocab, device, start, cap, resolution, trials, *, step=try_step):
+    """The longest trajectory (in tokens, a multiple of ``resolution``) one training step fits
+    in: doubling from ``start`` up to ``cap``, then bisecting. Each attempt runs ``step`` (with
+    ``try_step``'s arguments and ``(fits, seconds, peak_bytes)`` result) and is appended to
+    ``trials``. Returns ``(tokens, reached_cap)``."""
+
+    def fits(tokens):
+        ok, seconds, peak = step(loss_kind, student, teacher, optimizer, tokens, vocab, device)
+        trials.append({"loss": loss_kind, "tokens": tokens, "fits": ok, "step_s": seconds, "peak_bytes": peak})
+        print(trials[-1], flush=True)
+        return ok
+
     ok, fail = 0, None
     tokens = start
     while tokens <= cap:
-        fits, seconds, peak = try_step(loss_kind, student, teacher, optimizer, tokens, vocab, device)
-        trials.append({"loss": loss_kind, "tokens": tokens, "fits": fits, "step_s": seconds, "peak_bytes": peak})
-        print(trials[-1], flush=True)
-        if not fits:
+        if not fits(tokens):
             fail = tokens
             break
         ok = tokens
@@ -127,10 +135,7 @@ def longest(loss_kind, student, teacher, optimizer, vocab, device, start, cap, r
         mid = (ok + fail) // 2 // resolution * resolution or resolution
         if mid <= ok:
             break
-        fits, seconds, peak = try_step(loss_kind, student, teacher, optimizer, mid, vocab, device)
-        trials.append({"loss": loss_kind, "tokens": mid, "fits": fits, "step_s": seconds, "peak_bytes": peak})
-        print(trials[-1], flush=True)
-        ok, fail = (mid, fail) if fits else (ok, mid)
+        ok, fail = (mid, fail) if fits(mid) else (ok, mid)
     return ok, False
 
 

@@ -82,12 +82,10 @@ def test_max_trajectory_search_bisects_to_the_resolution():
         sys.path.remove(str(BENCHMARKS))
 
     def search(limit, start=2048, cap=131072):
-        original = script.try_step
-        script.try_step = lambda loss, s, t, o, tokens, vocab, device: (tokens <= limit, 0.1, None)
-        try:
-            return script.longest("fused_linear", None, None, None, 0, "cpu", start, cap, 1024, [])
-        finally:
-            script.try_step = original
+        def step(loss, student, teacher, optimizer, tokens, vocab, device):
+            return tokens <= limit, 0.1, None
+
+        return script.longest("fused_linear", None, None, None, 0, "cpu", start, cap, 1024, [], step=step)
 
     assert search(5000) == (4096, False)  # 2048, 4096 fit; 8192 fails; 6144, 5120 fail
     assert search(6200) == (6144, False)
@@ -97,3 +95,28 @@ def test_max_trajectory_search_bisects_to_the_resolution():
 
 def test_gpu_session_script_parses():
     subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_session.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_run_topk_turn_kl_cpu(tmp_path):
+    out = tmp_path / "topk.json"
+    _run([str(BENCHMARKS / "run_topk_turn_kl.py"), "--rows", "8", "--vocab", "1031", "--k", "3", "17", "--repeats", "2",
+          "--no-memory", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert [case["K"] for case in report["cases"]] == [3, 17]
+    for case in report["cases"]:
+        results = case["results"]
+        assert set(results) == {"fused-native", "fused-torch", "trl-eager", "trl-compiled", "full-logits-native"}
+        assert all("error" not in entry for entry in results.values()), results
+        assert all(len(entry["times_s"]) == 2 for entry in results.values())
+        assert case["speedup_of_fused"]["vs_trl-compiled"] > 0
+        assert case["floor_bytes_3NVe"] == 3 * 8 * 1031 * 4
+    assert report["device"] and report["command"] and "load_average_1_5_15_min_at_write" in report
+
+
+@pytest.mark.slow
+def test_topk_memory_probe_runs(tmp_path):
+    args = [str(BENCHMARKS / "run_topk_turn_kl.py"), "--probe", "fused-native", "--rows", "8", "--vocab", "1031", "--k", "5"]
+    line = _run(args, tmp_path).stdout.splitlines()[-1]
+    probe = json.loads(line)
+    assert probe["extra_peak_bytes"] >= 0 and "extra_peak_over_gradient" in probe
