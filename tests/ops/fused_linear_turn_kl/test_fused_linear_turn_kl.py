@@ -329,6 +329,7 @@ def test_float64_gradcheck():
         (dict(kw=dict(vocab_size=51)), "vocab_size must be an integer in \\[1, min\\(student vocab 50"),
         (dict(kw=dict(turn_window=(3, 1))), "turn_window lo must be <= hi"),
         (dict(kw=dict(target_ids=torch.full((2, 3), 50))), "target_ids must lie in \\[0, vocab_size=50\\)"),
+        (dict(kw=dict(chunk_mode="tiles")), "chunk_mode must be one of \\('slab', 'stream'\\), got 'tiles'"),
     ],
 )
 def test_validation_errors(change, message):
