@@ -50,6 +50,27 @@ def cuda_copy_bandwidth(nbytes: int) -> float:
     return 2 * src.numel() * src.element_size() / seconds
 
 
+def fused_speed_summary(results: dict, fused_name: str, floor_bytes: int, floor_label: str, device: str) -> dict:
+    """How the fused implementation ``fused_name`` compares, from ``results[name]["median_s"]``:
+    ``speedup_of_fused`` (every other implementation's median over the fused one's) and the fused
+    one's bytes per second at the ``floor_bytes`` it must move (``fused_bytes_per_s_at_<floor_label>``),
+    on CUDA also as a fraction of the device's copy bandwidth. Only ``speedup_of_fused`` (empty)
+    when the fused implementation has no time."""
+    summary = {"speedup_of_fused": {}}
+    fused = results.get(fused_name, {}).get("median_s")
+    if not fused:
+        return summary
+    for name, entry in results.items():
+        if name != fused_name and "median_s" in entry:
+            summary["speedup_of_fused"][f"vs_{name}"] = entry["median_s"] / fused
+    summary[f"fused_bytes_per_s_at_{floor_label}"] = floor_bytes / fused
+    if device == "cuda":
+        bandwidth = cuda_copy_bandwidth(floor_bytes)
+        summary["device_copy_bytes_per_s"] = bandwidth
+        summary["fused_fraction_of_copy_bandwidth"] = floor_bytes / fused / bandwidth
+    return summary
+
+
 def cuda_peak_extra_bytes(step) -> int:
     """Peak CUDA memory ``step()`` allocates beyond what is allocated when it starts, in bytes."""
     torch.cuda.synchronize()

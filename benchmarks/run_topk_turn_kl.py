@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_report import cuda_copy_bandwidth, cuda_peak_extra_bytes, report_header, write_report  # noqa: E402
+from run_report import cuda_peak_extra_bytes, fused_speed_summary, report_header, write_report  # noqa: E402
 from topk_turn_kl_impls import forward_backward, implementations, make_case  # noqa: E402
 
 
@@ -135,20 +135,9 @@ def run_case(args, dtype, k: int) -> dict:
 
     elem = torch.finfo(dtype).bits // 8
     fused_name = "fused-native" if args.device == "cpu" else "fused-triton"
-    out = {"K": k, "results": results, "speedup_of_fused": {}}
-    fused = results.get(fused_name, {}).get("median_s")
-    if fused:
-        for name, entry in results.items():
-            if name != fused_name and "median_s" in entry:
-                out["speedup_of_fused"][f"vs_{name}"] = entry["median_s"] / fused
-        floor_bytes = 3 * args.rows * args.vocab * elem
-        out["floor_bytes_3NVe"] = floor_bytes
-        out["fused_bytes_per_s_at_3NVe"] = floor_bytes / fused
-        if args.device == "cuda":
-            bandwidth = cuda_copy_bandwidth(floor_bytes)
-            out["device_copy_bytes_per_s"] = bandwidth
-            out["fused_fraction_of_copy_bandwidth"] = floor_bytes / fused / bandwidth
-    return out
+    floor_bytes = 3 * args.rows * args.vocab * elem
+    return {"K": k, "results": results, "floor_bytes_3NVe": floor_bytes,
+            **fused_speed_summary(results, fused_name, floor_bytes, "3NVe", args.device)}
 
 
 def main(argv=None) -> dict:

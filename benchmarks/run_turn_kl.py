@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_report import cuda_copy_bandwidth, cuda_peak_extra_bytes, report_header, write_report  # noqa: E402
+from run_report import cuda_peak_extra_bytes, fused_speed_summary, report_header, write_report  # noqa: E402
 from turn_kl_impls import forward_backward, implementations  # noqa: E402
 
 
@@ -150,19 +150,8 @@ def main(argv=None) -> dict:
         "load_average_1_5_15_min_at_write": list(os.getloadavg()),
         "native_isa": _native_isa() if args.device == "cpu" else None,
         "results": results,
-        "speedup_of_fused": {},
+        **fused_speed_summary(results, fused_name, 5 * args.rows * args.vocab * elem, "5NVe", args.device),
     }
-    fused = results.get(fused_name, {}).get("median_s")
-    if fused:
-        for name, entry in results.items():
-            if name != fused_name and "median_s" in entry:
-                report["speedup_of_fused"][f"vs_{name}"] = entry["median_s"] / fused
-        floor_bytes = 5 * args.rows * args.vocab * elem
-        report["fused_bytes_per_s_at_5NVe"] = floor_bytes / fused
-        if args.device == "cuda":
-            bandwidth = cuda_copy_bandwidth(floor_bytes)
-            report["device_copy_bytes_per_s"] = bandwidth
-            report["fused_fraction_of_copy_bandwidth"] = floor_bytes / fused / bandwidth
     print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
     write_report(report, args.out)
     return report
