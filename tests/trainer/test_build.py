@@ -6,11 +6,10 @@ import pytest
 import torch
 from trainer_helpers import tiny_config
 
-from tcod_fast.tiny_models import build_word_tokenizer
+from tcod_fast.tiny_models import TinyModelConfig, build_word_tokenizer
 from tcod_fast.trainer import build
-from tcod_fast.trainer.config import TinyModelSpec
 
-SPEC = TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, seed=3)
+SPEC = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, seed=3)
 
 
 def test_torch_dtype_names_and_error():
@@ -76,7 +75,7 @@ def test_tiny_model_follows_its_spec_and_seed(toy_tokenizer):
     assert model.config.vocab_size >= len(toy_tokenizer)
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
     again = build.build_model(None, SPEC, toy_tokenizer)
-    other_seed = build.build_model(None, TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, seed=4),
+    other_seed = build.build_model(None, TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, seed=4),
                                    toy_tokenizer)
     for (name, a), b, c in zip(model.state_dict().items(), again.state_dict().values(), other_seed.state_dict().values()):
         assert torch.equal(a, b), name
