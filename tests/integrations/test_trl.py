@@ -1,0 +1,129 @@
+"""FusedDistillationTrainer against TRL's own DistillationTrainer, on tiny models built in code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.[trl]' (part of .[all])")
+
+from trl import DistillationTrainer  # noqa: E402
+from trl_helpers import make_trainer, random_batch, tiny_pair, tiny_tokenizer  # noqa: E402
+
+from tcod_fast import fused_linear_turn_kl_reference  # noqa: E402
+from tcod_fast.integrations.trl import FusedDistillationTrainer, turn_ids_from_loss_mask  # noqa: E402
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent  # this checkout's tcod_fast, whatever the environment has installed
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _student_grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_turn_ids_from_loss_mask():
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0, 1], [0, 0, 1, 1, 1, 1, 0]])
+    expected = torch.tensor([[0, 0, -1, -1, 1, -1, 2], [-1, -1, 0, 0, 0, 0, -1]])
+    assert torch.equal(turn_ids_from_loss_mask(mask), expected)
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.5, 0.7), (1.0, 1.3)])
+@pytest.mark.parametrize("tool_mask", [False, True])
+def test_compute_loss_matches_trl(tokenizer, tmp_path, beta, temperature, tool_mask):
+    student, teacher = tiny_pair(tokenizer)
+    ours = make_trainer(FusedDistillationTrainer, tokenizer, student, teacher, tmp_path / "a", beta=beta,
+                        temperature=temperature)
+    student2, teacher2 = tiny_pair(tokenizer)
+    trl = make_trainer(DistillationTrainer, tokenizer, student2, teacher2, tmp_path / "b", beta=beta,
+                       temperature=temperature)
+    inputs = random_batch(len(tokenizer), tool_mask=tool_mask)
+    for num_items in (None, torch.tensor(17.0)):
+        student.zero_grad()
+        student2.zero_grad()
+        loss, entropy, count = ours._compute_loss(student, inputs, num_items)
+        loss.backward()
+        ref_loss, ref_entropy, ref_count = trl._compute_loss(student2, inputs, num_items)
+        ref_loss.backward()
+        assert loss.item() > 0.05  # the models disagree: the comparison is not between two zeros
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(entropy, ref_entropy, rtol=1e-5, atol=1e-5)
+        assert int(count) == int(ref_count)
+        grads, ref_grads = _student_grads(student), _student_grads(student2)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_multiturn_window_and_turn_stats_match_float64(tokenizer, tmp_path):
+    """Tool tokens are not trained, turn_window keeps the listed agent turns, and the
+    per-turn KL means equal a float64 reference."""
+    student, teacher = tiny_pair(tokenizer)
+    trainer = make_trainer(FusedDistillationTrainer, tokenizer, student, teacher, tmp_path, beta=1.0,
+                           turn_window=lambda step: (1, 3))
+    inputs = random_batch(len(tokenizer), tool_mask=True)
+    loss, _, count = trainer._compute_loss(student, inputs, None)
+    kl_sums, counts = trainer._pending_turn_stats.pop()
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    keep = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        hs = student.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -keep - 1:-1]
+        ht = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -keep - 1:-1]
+    turn_ids = turn_ids_from_loss_mask(inputs["completion_mask"] * inputs["tool_mask"])
+    assert turn_ids.max() == 2
+    ref = fused_linear_turn_kl_reference(
+        hs.double(), student.lm_head.weight.double(), ht.double(), teacher.lm_head.weight.double(), turn_ids,
+        turn_window=(1, 3), divergence="reverse_kl", reduction="none", return_stats=True,
+    )
+    kept = (turn_ids >= 1) & (turn_ids < 3)
+    assert int(count) == int(kept.sum())
+    torch.testing.assert_close(loss.double(), ref.kl[kept].sum() / kept.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl_sums.double(), ref.turn_kl_sum.sum(0), rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == [0.0, float((turn_ids == 1).sum()), float((turn_ids == 2).sum())]
+
+
+def test_two_training_steps_match_trl(tokenizer, tmp_path):
+    """Same tiny models, data and seed: the first step's losses agree; both runs finish."""
+    histories = {}
+    for name, trainer_class in (("fused", FusedDistillationTrainer), ("trl", DistillationTrainer)):
+        student, teacher = tiny_pair(tokenizer)
+        trainer = make_trainer(trainer_class, tokenizer, student, teacher, tmp_path / name, beta=0.5)
+        trainer.train()
+        assert trainer.state.global_step == 2
+        histories[name] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    fused, trl = histories["fused"], histories["trl"]
+    assert len(fused) == len(trl) == 2
+    assert fused[0]["loss"] > 0.05
+    assert abs(fused[0]["loss"] - trl[0]["loss"]) <= 1e-4, (fused[0]["loss"], trl[0]["loss"])
+    assert all(key in fused[0] for key in ("turn_kl/0", "entropy"))
+    assert abs(fused[0]["entropy"] - trl[0]["entropy"]) <= 1e-4
+
+
+def test_peak_memory_of_one_step_at_vocab_32k():
+    """One loss + backward step at V = 32768, each trainer in its own process: the fused one
+    peaks lower (measured, printed; the numbers also land in benchmarks/results)."""
+    script = HERE / "trl_peak_memory.py"
+    peaks = {}
+    for name in ("fused", "trl"):
+        out = subprocess.run(
+            [sys.executable, str(script), name], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1",
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    print("peak memory of one step (MiB above the models):", {k: v["step_peak_mib"] for k, v in peaks.items()})
+    torch.testing.assert_close(peaks["fused"]["loss"], peaks["trl"]["loss"], rtol=1e-4, atol=1e-5)
+    assert peaks["fused"]["step_peak_mib"] < peaks["trl"]["step_peak_mib"]
