@@ -127,3 +127,14 @@ def test_peak_memory_of_one_step_at_vocab_32k():
     print("peak memory of one step (MiB above the models):", {k: v["step_peak_mib"] for k, v in peaks.items()})
     torch.testing.assert_close(peaks["fused"]["loss"], peaks["trl"]["loss"], rtol=1e-4, atol=1e-5)
     assert peaks["fused"]["step_peak_mib"] < peaks["trl"]["step_peak_mib"]
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch):
+    """README's "Use with TRL" snippet, run as written."""
+    from readme_snippets import section_blocks
+
+    (snippet,) = section_blocks("Use with TRL", "python")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md: Use with TRL", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 2

@@ -182,3 +182,17 @@ def test_opd_policy_losses_through_verl_match_float64(name):
 def test_turn_ids_from_response_mask():
     mask = torch.tensor([[1, 1, 0, 1, 0, 0, 1]])
     assert tcod_verl.turn_ids_from_response_mask(mask).tolist() == [[0, 0, -1, 1, -1, -1, 2]]
+
+
+def test_readme_snippet_runs(capsys):
+    """README's "Use with verl" snippet, run as written, and its install line is the one CI runs."""
+    from pathlib import Path
+
+    from readme_snippets import section_blocks
+
+    (snippet,) = section_blocks("Use with verl", "python")
+    exec(compile(snippet, "README.md: Use with verl", "exec"), {})
+    loss, weight = capsys.readouterr().out.split()
+    assert math.isfinite(float(loss)) and 0.0 < float(weight) <= 1.0
+    install = [block for block in section_blocks("Use with verl", "bash") if "venv" in block]
+    assert install and install[0].strip() in (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
