@@ -138,3 +138,48 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(snippet, "README.md: Use with TRL", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 2
+
+
+def _server_trainer(cls, beta, add_tail):
+    # The server trainers' constructors connect to a running vLLM teacher; their loss methods read
+    # only these settings, so the real classes are instantiated without it.
+    trainer = object.__new__(cls)
+    trainer.beta, trainer.loss_add_tail, trainer.reverse_kl_top_1_mode = beta, add_tail, "sampled"
+    return trainer
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_server_losses_match_trl(beta, add_tail):
+    from trl.experimental.server_distillation import ServerDistillationTrainer
+
+    from tcod_fast.integrations.trl import FusedServerDistillationTrainer
+
+    g = torch.Generator().manual_seed(3)
+    B, T, V, K = 2, 6, 40, 3
+    logits = torch.randn(B, T, V, generator=g) * 2
+    teacher = torch.log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2, -1)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 4:] = -100
+    completion = labels.clamp(min=0)
+    ours, theirs = (_server_trainer(c, beta, add_tail) for c in (FusedServerDistillationTrainer, ServerDistillationTrainer))
+    results = []
+    for trainer in (ours, theirs):
+        student = logits.clone().requires_grad_(True)
+        log_probs = torch.log_softmax(student, -1)
+        if beta == 0:
+            top = teacher.float().topk(K, dim=-1)
+            result = {"topk_logprobs": top.values, "topk_token_ids": top.indices}
+            loss = trainer._compute_server_forward_kl_loss(result, log_probs, labels)
+        else:
+            top = teacher.float().topk(1, dim=-1)
+            loss = trainer._compute_sparse_top_1_divergence_loss(
+                log_probs, top.indices[..., 0], top.values[..., 0], completion,
+                teacher.float().gather(-1, completion.unsqueeze(-1))[..., 0], labels,
+            )
+        loss.backward()
+        results.append((loss.detach(), student.grad))
+    if beta < 1 or add_tail:  # (beta = 1 without a tail: one outcome, both losses are exactly 0)
+        assert results[0][0] > 1e-3
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
