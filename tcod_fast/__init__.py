@@ -13,7 +13,8 @@ Public kernel API (see each function's docstring for shapes, dtypes and reductio
   materialising the logits.
 * :func:`topk_turn_kl_reference` -- their float64 reference.
 
-Submodules: ``curriculum``, ``objectives``, ``envs``, ``rollout``, ``trainer``.
+Submodules: ``curriculum``, ``objectives``, ``envs``, ``rollout``, ``trainer``, ``integrations``
+(TRL and verl).
 
 The kernel exports are imported on first use so that light users (environment worker
 processes, the CLI's ``--help``) do not pay for importing torch.
