@@ -183,3 +183,17 @@ def test_server_losses_match_trl(beta, add_tail):
         assert results[0][0] > 1e-3
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
+
+
+def test_explicit_turn_ids_are_used(tokenizer, tmp_path):
+    """A batch's own completion-aligned turn ids replace the ones read off the tool mask."""
+    student, teacher = tiny_pair(tokenizer)
+    trainer = make_trainer(FusedDistillationTrainer, tokenizer, student, teacher, tmp_path, beta=1.0,
+                           turn_window=(0, 1))
+    inputs = random_batch(len(tokenizer), tool_mask=True)
+    full, _, full_count = trainer._compute_loss(student, {**inputs, "turn_ids": torch.zeros_like(inputs["tool_mask"])},
+                                                None)
+    assert int(full_count) == int((inputs["completion_mask"] * inputs["tool_mask"]).sum())
+    windowed, _, count = trainer._compute_loss(student, inputs, None)
+    assert int(count) == int((turn_ids_from_loss_mask(inputs["completion_mask"] * inputs["tool_mask"]) == 0).sum())
+    assert int(count) < int(full_count) and not torch.isclose(full, windowed)
