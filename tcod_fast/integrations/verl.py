@@ -8,9 +8,14 @@ Importing this module (verl 0.9.1) registers, through verl's own registries:
   top-k ids plus one tail bucket holding the rest of the mass, exact (the student's tail is a
   log-sum-exp over the complement) and computed in one streaming pass over the logits, so no
   ``tokens x vocab`` log-softmax is formed. verl's ``forward_kl_topk`` instead drops the tail
-  (and so can go negative and is clamped at 0). The per-token loss is formed where verl hands
-  the student logits over (its FSDP/FSDP2/VeOmni top-k step); the registered function then
-  reports it exactly as ``forward_kl_topk`` does (teacher/student top-k mass metrics).
+  (and so can go negative and is clamped at 0). verl 0.9.1 forms every top-k loss in one fixed
+  function of its FSDP/FSDP2/VeOmni step, the only place it hands over the student logits, not
+  through the registry: this module wraps that function
+  (``verl.trainer.distillation.fsdp.losses.compute_forward_kl_topk``) so it computes
+  ``tcod_fused_kl`` when that is the configured ``loss_mode`` and is unchanged otherwise. The
+  registered function then reports the per-token losses as ``forward_kl_topk`` does (top-k
+  mass metrics). Megatron's step is not wrapped (its logits are vocabulary-parallel):
+  ``tcod_fused_kl`` with ``strategy=megatron`` is an error.
 * advantage estimator ``tcod_opd`` (``register_adv_est``): TCOD's sampled-token OPD
   advantage ``A_t = r_t``, the per-token reward ``r_t = log q(a_t) - log p(a_t)`` (teacher
   minus student log-prob of the sampled token) that the reward code writes into
@@ -166,6 +171,11 @@ def compute_tcod_fused_kl(config, distillation_config, model_output: dict, data)
 
     The per-token losses were formed by :func:`fused_topk_forward_kl` in verl's top-k step;
     this reports them as verl's ``forward_kl_topk`` does (they are >= 0 already)."""
+    if getattr(config, "strategy", None) == "megatron":
+        raise ValueError(
+            "distillation loss tcod_fused_kl runs on verl's fsdp, fsdp2 and veomni strategies, got strategy=megatron "
+            "(use loss_mode=forward_kl_topk there)"
+        )
     return get_distillation_loss_fn("forward_kl_topk")(
         config=config, distillation_config=distillation_config, model_output=model_output, data=data
     )
