@@ -17,7 +17,7 @@ Example (TCOD-F2B with TRL: train only the first ``1 + step // 5`` agent turns):
 
 Guided-OPD in a rollout loop::
 
-    guided = TurnCurriculum("guided_opd", max_turns=10, guided_p_init=0.5, guided_decay_steps=100)
+    guided = TurnCurriculum("guided_opd", max_turns=10, guided={"p_init": 0.5, "decay_steps": 100})
     for k in range(10):
         actor = teacher if guided.teacher_acts(step, k, trajectory_index=i) else student
 """
@@ -29,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler, EpisodePlan, EpisodeSlot
+from tcod_fast.curriculum import (
+    ATODAnnealing,
+    CurriculumConfig,
+    CurriculumSampler,
+    EpisodePlan,
+    EpisodeSlot,
+    InterventionSchedule,
+)
 
 __all__ = ["TurnCurriculum"]
 
@@ -44,8 +51,10 @@ class TurnCurriculum:
         seed: seeds every coin (Guided-OPD turns, smooth pacing).
         **options: any other :class:`tcod_fast.curriculum.CurriculumConfig` field: ``eta``,
             ``pacing``, ``stage_starts``, ``f2b_after_depth``, ``b2f_prefix_source``,
-            ``b2f_default_expert_len``, ``guided_*``, ``atod_*``. An unknown name is a
-            ``TypeError`` naming it.
+            ``b2f_default_expert_len``, ``guided`` (an
+            :class:`~tcod_fast.curriculum.InterventionSchedule` or a dict of its fields) and
+            ``atod`` (an :class:`~tcod_fast.curriculum.ATODAnnealing` or a dict of its fields).
+            An unknown name is a ``TypeError`` naming it.
 
     Plans depend only on ``(seed, step, trajectory_index)``: the same call gives the same plan,
     in any order and on any worker, and ``trajectory_index = i`` gives the plan the trainer's
@@ -53,6 +62,9 @@ class TurnCurriculum:
     """
 
     def __init__(self, algorithm: str, *, max_turns: int, seed: int = 0, **options: Any) -> None:
+        for name, schedule in (("guided", InterventionSchedule), ("atod", ATODAnnealing)):
+            if isinstance(options.get(name), dict):
+                options[name] = schedule(**options[name])
         self.config = CurriculumConfig(algorithm=algorithm, max_turns=max_turns, seed=seed, **options)
         self.sampler = CurriculumSampler(self.config)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler, b2f_prefix_len, f2b_depth
+from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler, InterventionSchedule, b2f_prefix_len, f2b_depth
 from tcod_fast.integrations.curriculum import TurnCurriculum
 
 
@@ -29,7 +29,7 @@ def test_b2f_prefix_is_the_tcod_prefix(step):
 
 @pytest.mark.parametrize("algorithm", ["guided_opd", "tcod_f2b", "opd"])
 def test_plans_equal_the_trainers_sampler(algorithm):
-    options = dict(max_turns=6, seed=3, eta=2.5, pacing="smooth", guided_p_init=0.6, guided_decay_steps=10)
+    options = dict(max_turns=6, seed=3, eta=2.5, pacing="smooth", guided=InterventionSchedule(p_init=0.6, decay_steps=10))
     api = TurnCurriculum(algorithm, **options)
     for step in (0, 4, 7):
         sampler = CurriculumSampler(CurriculumConfig(algorithm=algorithm, **options))
@@ -38,7 +38,7 @@ def test_plans_equal_the_trainers_sampler(algorithm):
 
 
 def test_guided_coin_follows_the_intervention_probability():
-    guided = TurnCurriculum("guided_opd", max_turns=10, guided_p_init=0.5, guided_decay_steps=100)
+    guided = TurnCurriculum("guided_opd", max_turns=10, guided={"p_init": 0.5, "decay_steps": 100})
     for step in (0, 50, 100):
         p = guided.intervention_prob(step)
         coins = [guided.teacher_acts(step, k, trajectory_index=i) for i in range(400) for k in range(10)]
@@ -53,7 +53,7 @@ def test_turn_ids_and_atod():
     plan = f2b.plan(step=1)  # depth 2
     ids = TurnCurriculum.turn_ids(plan, [-1, 0, 0, -1, 1, 1, 2])
     assert torch.equal(ids, torch.tensor([-1, 0, 0, -1, 1, 1, -1]))
-    atod = TurnCurriculum("atod", max_turns=5, atod_anneal_steps=10, atod_kappa_min=0.2)
+    atod = TurnCurriculum("atod", max_turns=5, atod={"anneal_steps": 10, "kappa_min": 0.2})
     assert atod.atod_coefficients(0) == (1.0, 0.0)
     assert atod.atod_coefficients(10) == (pytest.approx(0.2), 1.0)
     with pytest.raises(TypeError, match="not_an_option"):
