@@ -31,7 +31,7 @@ from tcod_fast.algorithms import algorithm_names
 from tcod_fast.curriculum import ALGORITHMS
 from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.trainer.config import TrainerSettings, apply_overrides, config_to_dict, load_config
-from tcod_fast.trainer.run_folder import check_resume_compatible, checkpoint_step, existing_run_files, list_checkpoints
+from tcod_fast.trainer.run_folder import check_new_run_folder, check_resume_compatible, checkpoint_step, list_checkpoints
 
 # The torch-backed modules (trainer, kernels, demo) are imported inside the commands that use
 # them, so `--help` and a mistake in the config are answered before torch loads.
@@ -275,13 +275,10 @@ def _check_run_folder(config, resume: bool) -> bool:
     run_dir = Path(config.trainer.output_dir)
     if not resume:
         # Under torchrun only the main process looks: the others may start after it has
-        # written config.yaml into the new folder.
-        existing = existing_run_files(run_dir) if os.environ.get("RANK", "0") == "0" else []
-        if existing:
-            raise UserError(
-                f"--output-dir must be a new run folder (add --resume to continue the run in it), "
-                f"got {str(run_dir)!r}, which holds {', '.join(existing)}"
-            )
+        # written config.yaml into the new folder. (train() checks the same; this says it
+        # before the trainer is imported, in the command's own words.)
+        if os.environ.get("RANK", "0") == "0":
+            check_new_run_folder(run_dir, setting="--output-dir", hint="add --resume to continue the run in it")
         return False
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     if not checkpoints:

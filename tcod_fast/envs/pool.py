@@ -181,8 +181,10 @@ def _worker_main(conn: Connection, env_factory: EnvFactory, max_observation_char
             if local_slot not in envs:
                 envs[local_slot] = env_factory()
             env = envs[local_slot]
-            if op == "reset":
-                payload: Any = env.reset(argument)
+            if op == "start":  # the env above is all that was asked for
+                payload: Any = None
+            elif op == "reset":
+                payload = env.reset(argument)
             elif op == "step":
                 payload = env.step(argument)
             elif op == "expert":
@@ -366,6 +368,27 @@ class EnvPool:
         results.update(self._run(commands, self.config.step_timeout_s))
         return [results[slot] for slot in slots]
 
+    def start_envs(self, *, progress: bool = False, description: str = "starting envs") -> list[EnvError | None]:
+        """Construct every slot's env now, in parallel across the workers, instead of at its
+        first reset (engines such as a JVM take seconds to start).
+
+        Args:
+            progress: show a bar of the started envs on stderr.
+            description: the bar's label.
+
+        Returns:
+            One entry per slot: None when its env started, else the :class:`EnvError` (the
+            slot's next reset tries again with a fresh env).
+        """
+        from tqdm.auto import tqdm
+
+        if self._closed:
+            raise RuntimeError("the pool is closed")
+        commands = {slot: ("start", None) for slot in range(self.num_slots) if self._slots[slot].task is None}
+        with tqdm(total=len(commands), desc=description, unit="env", disable=not progress) as bar:
+            results = self._run(commands, self.config.reset_timeout_s, on_result=lambda: bar.update(1))
+        return [results.get(slot) if isinstance(results.get(slot), EnvError) else None for slot in range(self.num_slots)]
+
     def list_tasks(self, split: str) -> list[str]:
         """The env's task ids of ``split``, asked of a throwaway env in worker 0."""
         if self.num_workers == 0:
@@ -449,12 +472,20 @@ class EnvPool:
         self.errors.append((slot, error))
         return error
 
-    def _run(self, commands: dict[int, tuple[str, Any]], timeout_s: float) -> dict[int, Any]:
+    def _run(
+        self, commands: dict[int, tuple[str, Any]], timeout_s: float, on_result: Callable[[], None] | None = None
+    ) -> dict[int, Any]:
+        """Run one command per slot; ``on_result`` is called as each one finishes."""
         if not commands:
             return {}
-        if self.num_workers == 0:
-            return self._run_inline(commands)
-        return self._run_in_workers(commands, timeout_s)
+        if self.num_workers > 0:
+            return self._run_in_workers(commands, timeout_s, on_result)
+        results: dict[int, Any] = {}
+        for slot, command in commands.items():
+            results.update(self._run_inline({slot: command}))
+            if on_result is not None:
+                on_result()
+        return results
 
     def _run_inline(self, commands: dict[int, tuple[str, Any]]) -> dict[int, Any]:
         results: dict[int, Any] = {}
@@ -463,7 +494,9 @@ class EnvPool:
                 if slot not in self._inline_envs:
                     self._inline_envs[slot] = self.env_factory()
                 env = self._inline_envs[slot]
-                if op == "reset":
+                if op == "start":
+                    result = None
+                elif op == "reset":
                     result = env.reset(argument)
                 elif op == "step":
                     result = env.step(argument)
@@ -490,7 +523,9 @@ class EnvPool:
     def _slot_text(self, slot: int, op: str) -> str:
         return f"slot {slot} ({self._slots[slot].task}) {op}"
 
-    def _run_in_workers(self, commands: dict[int, tuple[str, Any]], timeout_s: float) -> dict[int, Any]:
+    def _run_in_workers(
+        self, commands: dict[int, tuple[str, Any]], timeout_s: float, on_result: Callable[[], None] | None = None
+    ) -> dict[int, Any]:
         self._replace_out_of_step_workers()
         queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         for slot, (op, argument) in sorted(commands.items()):
@@ -529,6 +564,8 @@ class EnvPool:
                 else:
                     continue
                 del in_flight[worker_index]
+                if on_result is not None:
+                    on_result()
                 if error is None:
                     self._record(slot, op, argument, payload)
                     results[slot] = payload

@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from tcod_fast.envs.pool import EnvPool, PoolConfig
 from tcod_fast.envs.registry import EnvSpec, make_env
+from tcod_fast.errors import UserError
 from tcod_fast.rollout import EnvListDriver, PaperPrompter, PromptState
 from tcod_fast.rollout.prompts import parse_action, prompt_config_for
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
@@ -54,11 +56,17 @@ def make_one_env(env: EnvSettings):
     return make_env(env.name, **env.kwargs)
 
 
-def build_envs(env: EnvSettings, num_slots: int):
-    """``num_slots`` episode slots: in-process environments, or an ``EnvPool`` of workers."""
+def build_envs(env: EnvSettings, num_slots: int, *, progress: bool = False):
+    """``num_slots`` episode slots: in-process environments, or an ``EnvPool`` of workers.
+
+    Every slot's environment is started here (engines such as ScienceWorld's JVM take
+    seconds each); ``progress`` shows a bar of the started ones on stderr."""
     if env.pool_workers > 0:
-        return EnvPool(EnvSpec(env.name, dict(env.kwargs)), num_slots, PoolConfig(num_workers=env.pool_workers))
-    return EnvListDriver([make_one_env(env) for _ in range(num_slots)])
+        pool = EnvPool(EnvSpec(env.name, dict(env.kwargs)), num_slots, PoolConfig(num_workers=env.pool_workers))
+        pool.start_envs(progress=progress, description=f"starting {env.name} envs")
+        return pool
+    slots = tqdm(range(num_slots), desc=f"starting {env.name} envs", unit="env", disable=not progress)
+    return EnvListDriver([make_one_env(env) for _ in slots])
 
 
 def env_task_splits(env_settings: EnvSettings, env=None) -> dict[str, list[str]]:
@@ -76,8 +84,11 @@ def env_task_splits(env_settings: EnvSettings, env=None) -> dict[str, list[str]]
     }
 
 
-def collect_env_texts(env, prompter, tasks, *, max_tasks: int | None = None) -> list[str]:
-    """Every message an expert episode of ``tasks`` shows, in both prompt layouts.
+def collect_env_texts(
+    env, prompter, tasks, *, max_tasks: int | None = None, include_feedback: bool = True
+) -> list[str]:
+    """Every message an expert episode of ``tasks`` shows, in both prompt layouts, and
+    (``include_feedback``) the feedback messages for malformed replies.
 
     A word-level tokenizer learnt from these covers the prompts, observations and expert
     replies; states off the expert path may still show a few unseen words (``<unk>``).
@@ -107,22 +118,40 @@ def collect_env_texts(env, prompter, tasks, *, max_tasks: int | None = None) -> 
         # A step after a wasted turn shows the wasted-turn marker in the history.
         wasted = PromptState(first.task_text, first.observation, list(first.admissible_actions), 1, [(first.observation, None)])
         texts.append(prompter.window_message(wasted))
-    for reply in ("no tags", "<action></action>", "<think>x</think>"):
+    for reply in ("no tags", "<action></action>", "<think>x</think>") if include_feedback else ():
         texts.append(prompter.format_error_feedback(parse_action(reply, None, prompter.prompt_config)))
     return texts
 
 
-def build_tokenizer(config: TrainConfig, prompter, *, max_tasks_per_split: int | None = None):
+def build_tokenizer(
+    config: TrainConfig, prompter, *, max_tasks_per_split: int | None = None, progress: bool | None = None
+):
     """A word-level tokenizer learnt from the environment's expert episodes (all splits;
-    ``env.vocab_tasks_per_split`` tasks of each unless ``max_tasks_per_split`` says otherwise)."""
+    ``env.vocab_tasks_per_split`` tasks of each unless ``max_tasks_per_split`` says otherwise).
+
+    Playing those episodes takes minutes in the slower engines (ScienceWorld), so a bar on
+    stderr counts them (``progress``, default ``config.logging.progress``)."""
     if max_tasks_per_split is None:
         max_tasks_per_split = config.env.vocab_tasks_per_split
+    if progress is None:
+        progress = config.logging.progress
     env = make_one_env(config.env)
     try:
         splits = env_task_splits(config.env, env)
+        chosen = [list(tasks)[: max_tasks_per_split or None] for tasks in splits.values()]
+        bar = tqdm(
+            total=sum(map(len, chosen)),
+            desc=f"vocabulary from {config.env.name} expert episodes",
+            unit="episode",
+            disable=not progress,
+        )
         texts = []
-        for tasks in splits.values():
-            texts += collect_env_texts(env, prompter, tasks, max_tasks=max_tasks_per_split)
+        with bar:
+            for tasks in chosen:  # the same texts, in the same order, as one call per split
+                for task in tasks:
+                    texts += collect_env_texts(env, prompter, [task], include_feedback=False)
+                    bar.update(1)
+                texts += collect_env_texts(env, prompter, [])
     finally:
         env.close()
     return build_word_tokenizer(texts)
@@ -136,15 +165,21 @@ def load_tokenizer(path: str | Path):
 
 
 def build_model(path: str | None, tiny: TinyModelConfig, tokenizer, *, dtype: torch.dtype = torch.float32):
-    """A causal LM from a local folder, or the tiny random-init model of ``tiny``."""
-    if path is not None:
-        from transformers import AutoModelForCausalLM
+    """A causal LM from a local folder, or the tiny random-init model of ``tiny``.
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model at {path} has vocab_size "
-                f"{model.config.vocab_size}"
+    Raises:
+        UserError: before any weight is read, when the folder's model has fewer embedding
+            rows (``vocab_size``) than ``tokenizer`` has tokens."""
+    if path is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        vocab_size = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "vocab_size", None)
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            source = getattr(tokenizer, "name_or_path", "") or "the run's"
+            raise UserError(
+                f"the model at {path} must cover the run's tokenizer ({len(tokenizer)} tokens, from {source}), "
+                f"got vocab_size {vocab_size}: teacher and student must share a vocabulary "
+                "(model.tokenizer_path names the tokenizer to use)"
             )
-        return model
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return build_tiny_causal_lm(tiny, tokenizer, dtype=dtype)

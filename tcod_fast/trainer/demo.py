@@ -43,6 +43,7 @@ import json
 import math
 import multiprocessing
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -367,7 +368,9 @@ def job_reference_eval(settings: DemoSettings, out: Path, name: str, model_dir: 
 def job_student_run(settings: DemoSettings, out: Path, teacher: str, algorithm: str, seed: int) -> dict:
     """One distillation run; returns its summary with its full metrics history."""
     started = time.perf_counter()
-    run = loop.train(run_config(settings, out, teacher, algorithm, seed))
+    config = run_config(settings, out, teacher, algorithm, seed)
+    shutil.rmtree(config.trainer.output_dir, ignore_errors=True)  # a rerun of the demo starts the job afresh
+    run = loop.train(config)
     final = run.state.last_eval or {}
     return {
         "teacher": teacher,

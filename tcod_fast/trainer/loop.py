@@ -25,6 +25,7 @@ with the GRPO advantage.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer.distributed import all_reduce_gradients, all_reduce_sum
 from tcod_fast.trainer.evaluation import evaluate, kl_metrics
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
+from tcod_fast.trainer.run_folder import check_new_run_folder
 from tcod_fast.trainer.setup import (
     TrainingRun,
     generators,
@@ -101,11 +103,13 @@ def train(
 
     Raises:
         UserError: before any model is built or any file written, when the config is
-            refused (:func:`~tcod_fast.trainer.setup.preflight`), or ``resume`` finds no
-            checkpoint, or one made with another curriculum or student, or one past
-            ``trainer.steps``.
+            refused (:func:`~tcod_fast.trainer.setup.preflight`), or ``output_dir`` holds a
+            run already and ``resume`` is False, or ``resume`` finds no checkpoint, or one
+            made with another curriculum or student, or one past ``trainer.steps``.
     """
     preflight(config)
+    if not resume and os.environ.get("RANK", "0") == "0":  # other ranks may start after rank 0 wrote
+        check_new_run_folder(config.trainer.output_dir)
     resume_state = checkpoint_to_resume(config)[1] if resume else None
     finished = resume_state is not None and int(resume_state["step"]) >= config.trainer.steps
     if not finished:

@@ -2,7 +2,7 @@
 
 Records are flat ``{"step": s, "kind": "train" | "eval", name: value, ...}`` dicts; lists
 (e.g. ``kl_by_turn``) stay lists in JSON and are expanded to ``name/<i>`` scalars for
-TensorBoard. On resume the file is cut back to the records before the resumed step, so a
+TensorBoard. On resume both are cut back to the records before the resumed step, so a
 crash between a log line and its checkpoint never leaves duplicated steps. A line cut short
 by a kill mid-write is skipped with a warning when read, and dropped by that cut.
 """
@@ -50,11 +50,15 @@ class MetricsLogger:
         self.jsonl = jsonl and enabled
         self.enabled = enabled
         self._writer = None
+        self.tensorboard = False
+        # Made at the first record, so that a resumed run's writer starts with its purge.
+        self._purge_step: int | None = None
+        self._replay: list[dict] = []
         if tensorboard and enabled:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
-                self._writer = SummaryWriter(str(self.folder / "tensorboard"))
+                self.tensorboard = True
             except ImportError as exc:
                 print(f"[tcod-fast] TensorBoard logging is off: {exc} (pip install tensorboard)")
         if self.jsonl:
@@ -63,9 +67,22 @@ class MetricsLogger:
     def truncate_from(self, step: int) -> None:
         """Drop what a run resumed at ``step`` will write again: training records of ``step``
         and later, and evaluation records after ``step`` (the evaluation *at* ``step`` ran
-        before the checkpoint was written, so it is kept)."""
+        before the checkpoint was written, so it is kept).
+
+        Both logs are cut: ``metrics.jsonl`` is rewritten without those records, and the
+        next TensorBoard event file starts with a purge at ``step`` (TensorBoard then drops
+        every older event of ``step`` and later) followed by the kept records of ``step``
+        again, written with the next record (a resumed run that logs nothing adds nothing)."""
+        kept = self._truncate_jsonl(step)
+        if self.tensorboard:
+            self.close()
+            self._purge_step = step
+            self._replay = [record for record in kept if int(record.get("step", 0)) >= step]
+
+    def _truncate_jsonl(self, step: int) -> list[dict]:
+        """Cut ``metrics.jsonl`` as :meth:`truncate_from` says; returns the kept records."""
         if not self.jsonl or not self.path.exists():
-            return
+            return []
 
         def keep(record):
             recorded = int(record.get("step", 0))
@@ -75,9 +92,10 @@ class MetricsLogger:
         kept = [r for r in records if keep(r)]
         lines = sum(1 for line in self.path.read_text(errors="replace").splitlines() if line.strip())
         if len(kept) == lines:
-            return  # nothing to drop, no torn line: leave the file as it is
+            return kept  # nothing to drop, no torn line: leave the file as it is
         # Rewritten atomically: a kill now leaves the old file or the cut one, never half.
         atomic_write_bytes(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
+        return kept
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -86,18 +104,29 @@ class MetricsLogger:
         if self.jsonl:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            step = int(record.get("step", 0))
-            prefix = record.get("kind", "train")
-            for name, value in record.items():
-                if name in ("step", "kind"):
-                    continue
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{prefix}/{name}", value, step)
-                elif isinstance(value, list):
-                    for index, item in enumerate(value):
-                        if isinstance(item, (int, float)):
-                            self._writer.add_scalar(f"{prefix}/{name}/{index}", item, step)
+        if self.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=self._purge_step)
+                self._purge_step = None
+                for kept in self._replay:
+                    self._log_tensorboard(kept)
+                self._replay = []
+            self._log_tensorboard(record)
+
+    def _log_tensorboard(self, record: dict) -> None:
+        step = int(record.get("step", 0))
+        prefix = record.get("kind", "train")
+        for name, value in record.items():
+            if name in ("step", "kind"):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{prefix}/{name}", value, step)
+            elif isinstance(value, list):
+                for index, item in enumerate(value):
+                    if isinstance(item, (int, float)):
+                        self._writer.add_scalar(f"{prefix}/{name}/{index}", item, step)
 
     def close(self) -> None:
         if self._writer is not None:

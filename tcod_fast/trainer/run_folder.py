@@ -25,6 +25,7 @@ from tcod_fast.trainer.config import config_to_dict
 __all__ = [
     "FROZEN_ON_RESUME",
     "RUN_FILES",
+    "check_new_run_folder",
     "check_resume_compatible",
     "checkpoint_step",
     "existing_run_files",
@@ -47,6 +48,20 @@ def existing_run_files(output_dir: str | Path) -> list[str]:
     """The :data:`RUN_FILES` already in ``output_dir`` (folders with a trailing ``/``)."""
     folder = Path(output_dir)
     return [name + ("/" if (folder / name).is_dir() else "") for name in RUN_FILES if (folder / name).exists()]
+
+
+def check_new_run_folder(
+    output_dir: str | Path, *, setting: str = "trainer.output_dir", hint: str = "train(..., resume=True) continues the run in it"
+) -> None:
+    """Raise :class:`~tcod_fast.errors.UserError` when ``output_dir`` already holds a run
+    (:data:`RUN_FILES`): a new run there would mix its steps, metrics and checkpoints with
+    the old one's. ``setting`` and ``hint`` word the message for the caller (the CLI
+    speaks of ``--output-dir`` and ``--resume``)."""
+    existing = existing_run_files(output_dir)
+    if existing:
+        raise UserError(
+            f"{setting} must be a new run folder ({hint}), got {str(output_dir)!r}, which holds {', '.join(existing)}"
+        )
 
 
 def checkpoint_step(path: str | Path) -> int:

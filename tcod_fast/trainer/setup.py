@@ -194,7 +194,7 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
         elif tokenizer_dir.is_dir():
             tokenizer = build.load_tokenizer(tokenizer_dir)
         else:
-            tokenizer = build.build_tokenizer(config, prompter)
+            tokenizer = build.build_tokenizer(config, prompter, progress=config.logging.progress and context.is_main)
     if context.is_main and write_run_files:
         tokenizer.save_pretrained(str(output_dir / "tokenizer"))
         save_config(config, output_dir / "config.yaml")
@@ -225,7 +225,8 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
     sampler = CurriculumSampler(config.curriculum)
     tasks = build.env_task_splits(config.env)
     per_rank = math.ceil(config.rollout.tasks_per_step / context.world_size) * config.curriculum.episodes_per_task
-    envs = build.build_envs(config.env, max(per_rank, min(config.eval.num_tasks, 32), 1))
+    slots = max(per_rank, min(config.eval.num_tasks, 32), 1)
+    envs = build.build_envs(config.env, slots, progress=config.logging.progress and context.is_main)
     use_bf16 = config.trainer.bf16 == "always" or (config.trainer.bf16 == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
         raise ValueError("trainer.bf16='always' needs a CUDA device (bf16 autocast is GPU-only here)")
