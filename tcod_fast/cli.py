@@ -9,6 +9,8 @@ Subcommands::
     tcod-fast kernel-demo                         the same on a tiny batch, printing the numbers
     tcod-fast envs make-alfworld-tasks ...        generate ALFWorld task folders offline
 
+``TCOD_FAST_TINY=1`` runs any command on tiny settings (:mod:`tcod_fast.tiny_settings`).
+
 A mistake in what was asked (an unknown config key, a value out of range, a missing folder)
 is printed as one line, ``tcod-fast <command>: <what was expected>, got <what was given>``,
 with exit code 2, before any model is built or any run folder is made. ``--debug`` (or
@@ -30,6 +32,7 @@ from pathlib import Path
 from tcod_fast.algorithms import algorithm_names
 from tcod_fast.curriculum import ALGORITHMS
 from tcod_fast.errors import TcodFastWarning, UserError
+from tcod_fast.tiny_settings import TINY_ENV_VAR, TINY_TRAIN_OVERRIDES, tiny_requested
 from tcod_fast.trainer.config import TrainerSettings, apply_overrides, config_to_dict, load_config
 from tcod_fast.trainer.run_folder import check_new_run_folder, check_resume_compatible, checkpoint_step, list_checkpoints
 
@@ -157,7 +160,9 @@ resuming:
         "here (native C++ on CPU, triton on GPU, torch everywhere) next to a materialised log-softmax "
         "reference; print the loss, the KL of each turn and the median time per backend.",
     )
-    _add_bench_arguments(bench, batch=4, seq=256, vocab=32768, turns=8, repeats=3)
+    bench_sizes = dict(batch=4, seq=256, vocab=32768, turns=8, repeats=3)
+    tiny_sizes = dict(batch=2, seq=16, vocab=64, turns=3, repeats=1)
+    _add_bench_arguments(bench, **(tiny_sizes if tiny_requested() else bench_sizes))
 
     kernel_demo = commands.add_parser(
         "kernel-demo",
@@ -165,7 +170,7 @@ resuming:
         description="A tiny version of 'bench': shows what fused_turn_kl returns (loss, per-turn KL, "
         "statistics) on every available backend.",
     )
-    _add_bench_arguments(kernel_demo, batch=2, seq=16, vocab=64, turns=3, repeats=1)
+    _add_bench_arguments(kernel_demo, **tiny_sizes)
 
     for subcommand in (demo, train, evaluate, bench, kernel_demo):
         _add_debug_argument(subcommand)
@@ -208,7 +213,7 @@ def _cmd_demo(args) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    preset = "quick" if args.quick else "full" if args.full else "default"
+    preset = "tiny" if tiny_requested() else "quick" if args.quick else "full" if args.full else "default"
     settings = demo_settings(preset, seed=args.seed, workers=args.workers)
     for teacher in ("robust", "narrow"):
         listed = getattr(args, teacher)
@@ -246,6 +251,9 @@ def _train_config(args):
     if getattr(args, "device", None):
         overrides.append(f"trainer.device={args.device}")
     if not getattr(args, "resume", False):
+        if tiny_requested():
+            warnings.warn(f"{TINY_ENV_VAR} is set: a tiny run (2 steps of the toy game, tiny random models; --set values apply on top)", TcodFastWarning, stacklevel=2)
+            overrides = [*TINY_TRAIN_OVERRIDES, *overrides]
         return load_config(args.config, overrides)
     if args.config is not None:
         raise UserError(

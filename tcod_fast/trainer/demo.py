@@ -137,8 +137,9 @@ class DemoSettings:
 
 
 def demo_settings(preset: str = "default", *, seed: int = 0, workers: int | None = None) -> DemoSettings:
-    """``default`` (about 10 minutes on 2 cores), ``quick`` (about 3 minutes, for CI) or
-    ``full`` (every algorithm of the trainer and reverse-KL OPD, 5 seeds, 60 steps)."""
+    """``default`` (about 10 minutes on 2 cores), ``quick`` (about 3 minutes, for CI),
+    ``full`` (every algorithm of the trainer and reverse-KL OPD, 5 seeds, 60 steps) or
+    ``tiny`` (seconds, to check that every stage runs; ``TCOD_FAST_TINY=1``)."""
     if preset == "default":
         settings = DemoSettings()
     elif preset == "quick":
@@ -156,6 +157,29 @@ def demo_settings(preset: str = "default", *, seed: int = 0, workers: int | None
             steps=16,
             eval_every=8,
         )
+    elif preset == "tiny":  # checks that everything runs (TCOD_FAST_TINY=1); its numbers mean nothing
+        tiny_model = TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        settings = DemoSettings(
+            robust_algorithms=("opd", "grpo"),
+            narrow_algorithms=("opd",),
+            num_seeds=2,
+            max_turns=8,
+            train_tasks=16,
+            eval_tasks=4,
+            teacher=tiny_model,
+            teacher_sft_tasks=8,
+            teacher_epochs=1,
+            dagger_rounds=1,
+            dagger_tasks=4,
+            student=tiny_model,
+            student_warmup_tasks=4,
+            student_warmup_epochs=1,
+            steps=2,
+            tasks_per_step=2,
+            updates_per_step=1,
+            warmup_steps=0,
+            eval_every=0,
+        )
     elif preset == "full":
         settings = DemoSettings(
             robust_algorithms=("opd", "tcod_f2b", "tcod_b2f", "guided_opd", "atod", "sod", "grpo", "opd@reverse_kl"),
@@ -165,7 +189,7 @@ def demo_settings(preset: str = "default", *, seed: int = 0, workers: int | None
             steps=60,
         )
     else:
-        raise ValueError(f"demo preset must be 'default', 'quick' or 'full', got {preset!r}")
+        raise ValueError(f"demo preset must be 'default', 'quick', 'full' or 'tiny', got {preset!r}")
     settings.base_seed = seed
     if workers is not None:
         settings.workers = workers
