@@ -33,13 +33,16 @@ from pathlib import Path
 import torch
 from run_report import cpu_model
 
+from tcod_fast.tiny_settings import tiny_requested
+
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "cpu_fused_linear.json"
 VARIANTS = ("fused", "unfused", "eager")
 INTERLEAVED_ROUNDS = int(os.environ.get("FLK_BENCH_INTERLEAVED_ROUNDS", "5"))
 
 
 def _sizes():
-    spec = os.environ.get("FLK_BENCH_SIZES", "4096x256x32000")
+    # TCOD_FAST_TINY=1 (tcod_fast/tiny_settings.py): one tiny shape, to check that the suite runs.
+    spec = os.environ.get("FLK_BENCH_SIZES", "16x24x301" if tiny_requested() else "4096x256x32000")
     return [tuple(int(v) for v in item.split("x")) for item in spec.split(",") if item]
 
 
@@ -203,7 +206,7 @@ def _dump(records, interleaved):
     payload = {
         "command": " ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]]) if "pytest" in sys.modules
         else " ".join(sys.argv),
-        "env": {k: v for k, v in os.environ.items() if k.startswith("FLK_BENCH_")},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("FLK_BENCH_", "TCOD_FAST_TINY"))},
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -20,8 +20,12 @@ import torch
 from run_report import cuda_peak_extra_bytes
 from turn_kl_impls import forward_backward, implementations
 
+from tcod_fast.tiny_settings import tiny_requested
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = implementations(DEVICE)
+# TCOD_FAST_TINY=1 (tcod_fast/tiny_settings.py): one tiny shape, to check that the suite runs.
+ROWS, VOCABS = ([8], [1031]) if tiny_requested() else ([256, 1024], [32000, 151936])
 
 
 def _extra_peak_memory(impl_name, impl, n, v, dtype):
@@ -40,8 +44,8 @@ def _extra_peak_memory(impl_name, impl, n, v, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("vocab", [32000, 151936])
-@pytest.mark.parametrize("rows", [256, 1024])
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("impl_name", list(IMPLS))
 def test_forward_backward(benchmark, impl_name, rows, vocab, dtype):
     impl = IMPLS[impl_name]

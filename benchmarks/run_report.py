@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tcod_fast.tiny_settings import tiny_requested
+
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` where there is none)."""
@@ -23,13 +25,24 @@ def cpu_model() -> str:
 
 
 def report_header(device: str) -> dict:
-    """The command as typed, UTC timestamp, the device's name (GPU or CPU model) and torch version."""
-    return {
+    """The command as typed, UTC timestamp, the device's name (GPU or CPU model) and torch
+    version (and ``"tiny": true`` for a run on :func:`tiny_defaults`' shapes)."""
+    header = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "torch": torch.__version__,
     }
+    if tiny_requested():
+        header["tiny"] = True  # TCOD_FAST_TINY: a check that the script runs; no measurement
+    return header
+
+
+def tiny_defaults(parser, **defaults) -> None:
+    """Under ``TCOD_FAST_TINY=1`` (see ``tcod_fast/tiny_settings.py``), make ``defaults``
+    (tiny shapes, few repeats) the script's defaults; options given still win."""
+    if tiny_requested():
+        parser.set_defaults(**defaults)
 
 
 def write_report(report: dict, path: Path | None) -> None:

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_report import cuda_peak_extra_bytes, fused_speed_summary, report_header, write_report  # noqa: E402
+from run_report import cuda_peak_extra_bytes, fused_speed_summary, report_header, tiny_defaults, write_report  # noqa: E402
 from topk_turn_kl_impls import forward_backward, implementations, make_case  # noqa: E402
 
 
@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory probe, fresh process
     parser.add_argument("--out", type=Path)
+    tiny_defaults(parser, rows=8, vocab=1031, k=[4], repeats=2, no_memory=True)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.probe:

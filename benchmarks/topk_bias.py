@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_report import report_header, write_report  # noqa: E402
+from run_report import tiny_defaults, report_header, write_report  # noqa: E402
 
 from tcod_fast.ops.topk_turn_kl.topk import prepare_topk  # noqa: E402
 from tcod_fast.ops.topk_turn_kl.torch_backend import rows_forward  # noqa: E402
@@ -62,6 +62,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    tiny_defaults(parser, rows=8, vocab=1031, k=[1, 5], chunk=4)
     args = parser.parse_args(argv)
 
     sums: dict = {}
