@@ -189,7 +189,7 @@ def demo_settings(preset: str = "default", *, seed: int = 0, workers: int | None
             steps=60,
         )
     else:
-        raise ValueError(f"demo preset must be 'default', 'quick', 'full' or 'tiny', got {preset!r}")
+        raise ValueError(f"demo preset must be 'default', 'quick' or 'full' (or 'tiny', which only checks that it runs), got {preset!r}")
     settings.base_seed = seed
     if workers is not None:
         settings.workers = workers
