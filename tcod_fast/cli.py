@@ -32,7 +32,7 @@ from pathlib import Path
 from tcod_fast.algorithms import algorithm_names
 from tcod_fast.curriculum import ALGORITHMS
 from tcod_fast.errors import TcodFastWarning, UserError
-from tcod_fast.tiny_settings import TINY_ENV_VAR, TINY_TRAIN_OVERRIDES, tiny_requested
+from tcod_fast.tiny_settings import TINY_ENV_VAR, tiny_requested, tiny_train_overrides
 from tcod_fast.trainer.config import TrainerSettings, apply_overrides, config_to_dict, load_config
 from tcod_fast.trainer.run_folder import check_new_run_folder, check_resume_compatible, checkpoint_step, list_checkpoints
 
@@ -252,8 +252,9 @@ def _train_config(args):
         overrides.append(f"trainer.device={args.device}")
     if not getattr(args, "resume", False):
         if tiny_requested():
-            warnings.warn(f"{TINY_ENV_VAR} is set: a tiny run (2 steps of the toy game, tiny random models; --set values apply on top)", TcodFastWarning, stacklevel=2)
-            overrides = [*TINY_TRAIN_OVERRIDES, *overrides]
+            warnings.warn(f"{TINY_ENV_VAR} is set: a tiny run (2 steps, tiny random models; --set values apply on top)", TcodFastWarning, stacklevel=2)
+            asked = load_config(args.config, overrides)  # which env the tiny settings must fit
+            overrides = [*tiny_train_overrides(asked.env.name), *overrides]
         return load_config(args.config, overrides)
     if args.config is not None:
         raise UserError(

@@ -3,8 +3,8 @@
 With this environment variable set, a command runs exactly as typed but on the smallest
 settings that still exercise all of it, in seconds instead of minutes:
 
-* ``train`` starts a new run with :data:`TINY_TRAIN_OVERRIDES` (2 steps of the toy game with
-  tiny random-init models) over its ``--config`` and below its ``--set`` values; ``--resume``
+* ``train`` starts a new run with :func:`tiny_train_overrides` (2 steps, few tasks, tiny
+  random-init models; the toy game's smallest layout) over its ``--config`` and below its ``--set`` values; ``--resume``
   reads the run's own ``config.yaml`` as always;
 * ``demo`` uses the ``tiny`` preset whatever ``--quick``/``--full`` say;
 * ``bench`` uses ``kernel-demo``'s tiny batch unless sizes are given;
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TINY_ENV_VAR", "TINY_TRAIN_OVERRIDES", "tiny_requested"]
+__all__ = ["TINY_ENV_VAR", "TINY_TRAIN_OVERRIDES", "tiny_requested", "tiny_train_overrides"]
 
 TINY_ENV_VAR = "TCOD_FAST_TINY"
 
@@ -28,7 +28,6 @@ TINY_TRAIN_OVERRIDES = (
     "trainer.num_threads=1",
     "trainer.micro_batch_tokens=4096",
     "trainer.lr=1e-3",
-    "env.kwargs={max_rooms: 2, max_steps: 6}",
     "env.num_train_tasks=8",
     "env.vocab_tasks_per_split=8",
     "rollout.tasks_per_step=2",
@@ -41,6 +40,15 @@ TINY_TRAIN_OVERRIDES = (
     "model.student_tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, seed: 1}",
     "model.teacher_tiny={hidden_size: 48, intermediate_size: 96, num_hidden_layers: 1, seed: 2}",
 )
+
+
+#: Extra ``--set`` values per environment (the toy game's smallest layout).
+TINY_ENV_OVERRIDES = {"toy": ("env.kwargs={max_rooms: 2, max_steps: 6}",)}
+
+
+def tiny_train_overrides(env_name: str) -> list[str]:
+    """The tiny ``--set`` values for a new run in environment ``env_name``."""
+    return [*TINY_TRAIN_OVERRIDES, *TINY_ENV_OVERRIDES.get(env_name, ())]
 
 
 def tiny_requested() -> bool:

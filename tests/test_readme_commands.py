@@ -14,7 +14,8 @@ What does not run here, and why (each is a test that reports its reason):
 * ``python -m pytest -q`` is CI's own test command (``.ci/run``); run from inside the suite
   it would run the suite again;
 * commands that need what this machine lacks (a CUDA GPU, an optional engine such as vLLM)
-  are skipped with a reason naming it, and run where it is present (:data:`NEEDS`).
+  are skipped with a reason naming it, and run where it is present (:data:`NEEDS`); a line
+  that only installs such an engine is not run (the suite installs nothing).
 
 ``test_readme_commands_are_accounted_for`` prints the list of commands and what happened to
 each (``pytest -s``); the ids of ``test_readme_command`` name them too.
@@ -60,9 +61,9 @@ def _module(name: str):
 #: the need. Add a line here when README gains a command for another engine or device.
 NEEDS = [
     (re.compile(r"--device[ =]cuda|gpu_session\.sh|trainer\.device=cuda|\bnvidia-smi\b"), _cuda, "a CUDA GPU"),
-    (re.compile(r"\bvllm\b|rollout\.backend=vllm"), _module("vllm"), "vLLM (pip install -e '.[vllm]')"),
-    (re.compile(r"\btrl\b", re.I), _module("trl"), "TRL"),
-    (re.compile(r"\bverl\b"), _module("verl"), "verl"),
+    (re.compile(r"(?<![a-z])vllm(?![a-z])", re.I), _module("vllm"), "vLLM"),
+    (re.compile(r"(?<![a-z])trl(?![a-z])", re.I), _module("trl"), "TRL"),
+    (re.compile(r"(?<![a-z])verl(?![a-z])", re.I), _module("verl"), "verl"),
     (re.compile(r"--parallelism[ =]fsdp2|parallelism=fsdp2"), _cuda, "a CUDA GPU (FSDP2)"),
     (re.compile(r"env\.name=(scienceworld|alfworld)|make-alfworld-tasks"), _module("alfworld"), "the [envs] extra (real environment engines)"),
 ]
@@ -152,14 +153,21 @@ def _treatment(command: Command) -> tuple[str, str]:
     """``("run", steps to run)``, ``("ci", reason)`` or ``("skip", reason)``."""
     if command.text in CI_ONLY:
         return "ci", CI_ONLY[command.text]
-    for pattern, available, what in NEEDS:
-        if pattern.search(command.text) and not available():
+    needs = [(available, what) for pattern, available, what in NEEDS if pattern.search(command.text)]
+    for available, what in needs:
+        if not available():
             return "skip", f"needs {what}, which this machine lacks"
     steps = _split_top_level(command.text, "&&")
     rest = [step for step in steps if not INSTALL_STEP.match(step)]
+    if not rest and needs:
+        return "skip", f"installs {', '.join(what for _, what in needs)}; the test suite installs nothing"
     if not rest:
         return "ci", ".ci/run performs these install steps (README's fresh-machine install)"
     return "run", " && ".join(rest)
+
+
+def _needs_something(command: Command) -> bool:
+    return any(pattern.search(command.text) for pattern, _, _ in NEEDS)
 
 
 def _scratch_copy(root: Path) -> Path:
@@ -228,7 +236,7 @@ def test_readme_command(command, sessions):
     kind, detail = _treatment(command)
     ci_script = CI_SCRIPT.read_text()
     for step in _split_top_level(command.text, "&&"):
-        if kind != "skip" and (INSTALL_STEP.match(step) or command.text in CI_ONLY):
+        if not _needs_something(command) and (INSTALL_STEP.match(step) or command.text in CI_ONLY):
             assert step in ci_script, f"README line {command.line}: {step!r} is not in .ci/run, which runs it for README"
     if kind == "ci":
         pytest.skip(f"run by CI, not here: {detail}")
