@@ -191,8 +191,8 @@ class _BlockSessions:
         self.done: dict[Command, subprocess.CompletedProcess] = {}
 
     def run(self, command: Command, steps: str) -> subprocess.CompletedProcess:
-        for earlier in COMMANDS:  # what the block's earlier commands made (a run to resume...)
-            if earlier.block == command.block and earlier.line <= command.line and earlier != command:
+        for earlier in COMMANDS[: COMMANDS.index(command)]:  # what they made (a run to resume...)
+            if earlier.block == command.block:
                 kind, earlier_steps = _treatment(earlier)
                 if kind == "run" and earlier not in self.done:
                     self._run(earlier, earlier_steps)

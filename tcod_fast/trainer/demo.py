@@ -158,7 +158,7 @@ def demo_settings(preset: str = "default", *, seed: int = 0, workers: int | None
             eval_every=8,
         )
     elif preset == "tiny":  # checks that everything runs (TCOD_FAST_TINY=1); its numbers mean nothing
-        tiny_model = TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        tiny_model = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
         settings = DemoSettings(
             robust_algorithms=("opd", "grpo"),
             narrow_algorithms=("opd",),
