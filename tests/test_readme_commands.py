@@ -70,6 +70,10 @@ NEEDS = [
 #: Commands that use environments with real engines also carry the ``envs`` marker.
 ENVS_COMMAND = re.compile(r"env\.name=(scienceworld|alfworld|twx-)|make-alfworld-tasks")
 
+#: ``section.key=value``: not a shell word (bash has no dotted variables); such lines list
+#: overrides for another tool's command line (verl's Hydra config).
+HYDRA_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=\S*$")
+
 #: Seconds one command may take (tiny settings; a torchrun or demo start-up on 2 shared cores).
 TIMEOUT_S = 900
 
@@ -153,6 +157,8 @@ def _treatment(command: Command) -> tuple[str, str]:
     """``("run", steps to run)``, ``("ci", reason)`` or ``("skip", reason)``."""
     if command.text in CI_ONLY:
         return "ci", CI_ONLY[command.text]
+    if all(HYDRA_OVERRIDE.match(word) for word in command.text.split()):
+        return "skip", "a list of dotted key=value overrides (a config fragment for another tool), not a shell command"
     needs = [(available, what) for pattern, available, what in NEEDS if pattern.search(command.text)]
     for available, what in needs:
         if not available():
