@@ -8,7 +8,8 @@ checkpoint a resumed run continues from, :func:`restore` puts it back into a run
 A checkpoint is one ``torch.save`` file ``checkpoints/step_00000012.pt`` holding the student's
 weights, the optimiser, the LR scheduler, the curriculum sampler, every RNG state (Python,
 NumPy, torch CPU and CUDA), the step to run next and the config. ``checkpoints/latest`` names
-the newest one.
+the newest one. Under ``trainer.parallelism=fsdp2`` a checkpoint is a sharded DCP folder
+``checkpoints/step_00000012.dcp/`` instead (:mod:`tcod_fast.trainer.sharded_checkpoint`).
 
 Atomicity: each file is written to a temporary name in the same folder, flushed and fsynced,
 then ``os.replace``d onto its final name (atomic on POSIX and Windows), and ``latest`` is
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from tcod_fast.errors import TcodFastWarning, UserError
+from tcod_fast.trainer import parallel, sharded_checkpoint
 from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
 from tcod_fast.trainer.run_folder import CHECKPOINT_NAME as _NAME
 from tcod_fast.trainer.config import TrainConfig, config_to_dict
@@ -85,14 +87,17 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep: int = 2
     checkpoints = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
     for old in checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]:
         if old != path:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     for stale in folder.glob(TMP_PREFIX + "*"):
-        stale.unlink(missing_ok=True)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (on CPU)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (on CPU); for a sharded
+    checkpoint's folder, its non-tensor state (:func:`~tcod_fast.trainer.sharded_checkpoint.load_meta`)."""
+    if Path(path).is_dir():
+        return sharded_checkpoint.load_meta(path)
     # The file holds optimiser state, RNG tuples and plain config data, not just tensors.
     return torch.load(Path(path), map_location="cpu", weights_only=False)
 
@@ -147,7 +152,20 @@ def checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict]:
 
 
 def checkpoint(run: TrainingRun) -> Path | None:
-    """Save everything needed to continue at ``run.state.next_step`` (main process; atomic)."""
+    """Save everything needed to continue at ``run.state.next_step`` (main process; atomic; a
+    sharded DCP checkpoint written by every process under ``trainer.parallelism=fsdp2``)."""
+    if run.config.trainer.parallelism == "fsdp2":
+        meta = {
+            "step": run.state.next_step,
+            "scheduler": run.scheduler.state_dict(),
+            "sampler": run.sampler.state_dict(),
+            "config": config_to_dict(run.config),
+            "expert_lens": dict(run.state.expert_lens),
+        }
+        return sharded_checkpoint.save_sharded(
+            run.output_dir / "checkpoints", run.state.next_step, run.student, run.optimizer, meta, run.dist,
+            keep=run.config.trainer.keep_checkpoints,
+        )
     path = None
     if run.dist.is_main:
         state = {
@@ -182,11 +200,19 @@ def resume_from_checkpoint(run: TrainingRun, path: str | Path | None = None) -> 
 def restore(run: TrainingRun, state: dict) -> None:
     """Put a checkpoint's ``state`` into ``run``: weights, optimiser, scheduler, sampler,
     RNG states, and the run state (the metrics file cut back to the checkpoint's step)."""
-    run.student.load_state_dict(state["student"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if sharded_checkpoint.is_sharded_state(state):  # DCP: reshards onto this run's processes
+        sharded_checkpoint.load_sharded(state, run.student, run.optimizer, run.dist)
+    elif parallel.is_sharded(run.student):
+        raise UserError(
+            "trainer.parallelism=fsdp2 on several processes resumes from a sharded (.dcp) checkpoint, "
+            "got a single-file one; resume it with trainer.parallelism=ddp"
+        )
+    else:
+        run.student.load_state_dict(state["student"])
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.sampler.load_state_dict(state["sampler"])
-    restore_rng_state(state["rng"])
+    restore_rng_state(sharded_checkpoint.rank_rng_state(state, run.dist.rank))
     run.state.expert_lens.update(state.get("expert_lens", {}))
     run.state.next_step = int(state["step"])
     # Records of steps after the checkpoint are redone: drop them (and a torn last line).
@@ -203,12 +229,15 @@ def export_student(run: TrainingRun, folder: Path) -> None:
     """The trained student as a Hugging Face folder (weights + tokenizer) for ``tcod-fast eval``.
 
     Written beside ``folder`` and renamed onto it, so ``folder`` is either the previous
-    export or the complete new one, never half of one."""
+    export or the complete new one, never half of one. A sharded student is gathered to
+    rank 0 first and saved as a plain model."""
+    gathered = parallel.export_state_dict(run.student)
     if run.dist.is_main:
         folder = Path(folder)
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        run.student.save_pretrained(str(partial))
+        student = run.student if gathered is None else parallel.plain_copy(run.student, gathered)
+        student.save_pretrained(str(partial))
         run.tokenizer.save_pretrained(str(partial))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(partial, folder)

@@ -217,6 +217,14 @@ class TrainerSettings:
         keep_checkpoints: newest checkpoints kept on disk (>= 1; with 2, a checkpoint that
             cannot be read falls back to the one before it).
         num_threads: torch CPU threads (``None``: torch's default).
+        parallelism: how processes launched by ``torchrun`` share the work: ``ddp``
+            (replicated models, gradients summed across processes) or ``fsdp2`` (FSDP2
+            shards the student per decoder layer; sharded DCP checkpoints). See
+            :mod:`tcod_fast.trainer.parallel`.
+        fsdp_param_dtype: ``fsdp2`` only: dtype the sharded student computes in,
+            ``float32`` or ``bfloat16`` (mixed precision; gradients are reduced in float32).
+        fsdp_teacher: ``fsdp2`` only: ``shard`` the teacher for forward only, or keep it
+            ``whole`` on every process (faster, when it fits).
     """
 
     steps: int = 20
@@ -237,6 +245,9 @@ class TrainerSettings:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     num_threads: int | None = None
+    parallelism: Literal["ddp", "fsdp2"] = "ddp"
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = "float32"
+    fsdp_teacher: Literal["shard", "whole"] = "shard"
 
 
 @dataclass

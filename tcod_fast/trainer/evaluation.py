@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -15,7 +14,8 @@ from tcod_fast.algorithms import LossCoefficients
 from tcod_fast.curriculum import EpisodePlan
 from tcod_fast.rollout import run_episodes
 from tcod_fast.trainer.config import TrainConfig
-from tcod_fast.trainer.distributed import DistContext
+from tcod_fast.trainer import parallel
+from tcod_fast.trainer.distributed import DistContext, all_reduce_sum
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
 from tcod_fast.trainer.setup import TrainingRun, generators, rollout_config, setup_run
 
@@ -36,19 +36,20 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
     """Full-depth student episodes on held-out tasks at ``eval.temperature``.
 
     Returns per split: success rate, average turns and, with a teacher, the teacher-student
-    KL by turn index on those episodes (the escalation curve of the final policy). Runs on
-    the main process only (others wait).
+    KL by turn index on those episodes (the escalation curve of the final policy). Under
+    ``torchrun`` each process plays every ``world_size``-th task and the metrics are reduced
+    over all of them.
     """
     results: dict[str, Any] = {"step": step}
-    if run.dist.is_main:
-        student, _ = generators(run, for_eval=True)
-        for split in splits:
-            tasks = run.tasks[split][: run.config.eval.num_tasks]
-            if not tasks:
-                continue
-            plans = run.sampler.plan_eval_batch(tasks)
+    student, _ = generators(run, for_eval=True)
+    for split in splits:
+        tasks = run.tasks[split][: run.config.eval.num_tasks]
+        if not tasks:
+            continue
+        plans = run.sampler.plan_eval_batch(tasks)[run.dist.rank :: run.dist.world_size]
+        with parallel.gathered_for_generation(run.student):  # FSDP2: the whole student while playing
             trajectories = run_episodes(
-                tasks,
+                [tasks[p.task_index] for p in plans],
                 plans,
                 run.envs,
                 tokenizer=run.tokenizer,
@@ -58,19 +59,22 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
                     run, temperature=run.config.eval.temperature, seed=run.config.eval.seed, description=f"eval {split}"
                 ),
             )
-            results[f"success_{split}"] = float(np.mean([t.won for t in trajectories]))
-            results[f"turns_{split}"] = float(np.mean([t.num_turns for t in trajectories]))
-            settings = run.config.eval
-            final = step >= run.config.trainer.steps
-            if (
-                run.teacher is not None
-                and settings.kl_by_turn
-                and split in settings.kl_by_turn_splits
-                and (final or not settings.kl_by_turn_final_only)
-            ):
-                for key, value in measure_kl_by_turn(run, trajectories, plans).items():
-                    results[f"{key}_{split}" if not key.startswith("kl/") else f"kl_{split}/{key[3:]}"] = value
-    run.dist.barrier()
+        won, turns = all_reduce_sum(
+            torch.tensor([sum(t.won for t in trajectories), sum(t.num_turns for t in trajectories)], dtype=torch.float64),
+            run.dist,
+        ).tolist()
+        results[f"success_{split}"] = won / len(tasks)
+        results[f"turns_{split}"] = turns / len(tasks)
+        settings = run.config.eval
+        final = step >= run.config.trainer.steps
+        if (
+            run.teacher is not None
+            and settings.kl_by_turn
+            and split in settings.kl_by_turn_splits
+            and (final or not settings.kl_by_turn_final_only)
+        ):
+            for key, value in measure_kl_by_turn(run, trajectories, plans).items():
+                results[f"{key}_{split}" if not key.startswith("kl/") else f"kl_{split}/{key[3:]}"] = value
     run.state.last_eval = results
     return results
 
@@ -78,12 +82,15 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
 @torch.no_grad()
 def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Sequence[EpisodePlan]) -> dict:
     """Teacher-student reverse KL(student || teacher) per turn index on already played
-    episodes (no update), whatever divergence the training loss uses."""
+    episodes (no update), whatever divergence the training loss uses; over every process's
+    episodes under ``torchrun`` (each process passes its own)."""
     indices = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if trained_token_count(t, p) > 0]
     turn_kl_sum = torch.zeros(len(trajectories), run.max_turns)
     turn_count = torch.zeros(len(trajectories), run.max_turns)
     no_signal = LossCoefficients(run.config.loss.kl_coef, 0.0, None)
-    for group in micro_batches(trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens):
+    groups = micro_batches(trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens)
+    parallel.pad_micro_batches(run, len(groups), with_grad=False)  # FSDP2: equal counts
+    for group in groups:
         out = compute_loss(
             run,
             [trajectories[i] for i in group],
@@ -97,7 +104,7 @@ def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Seq
         index = torch.tensor(group)
         turn_kl_sum.index_add_(0, index, out.turn_kl_sum.cpu())
         turn_count.index_add_(0, index, out.turn_token_count.cpu())
-    return kl_metrics(turn_kl_sum, turn_count)
+    return kl_metrics(turn_kl_sum, turn_count, run.dist)
 
 
 def kl_metrics(turn_kl_sum: torch.Tensor, turn_count: torch.Tensor, context: DistContext | None = None) -> dict:

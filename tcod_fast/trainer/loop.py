@@ -43,7 +43,8 @@ from tcod_fast.rollout import run_episodes
 from tcod_fast.trainer import build
 from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, export_student, restore
 from tcod_fast.trainer.config import TrainConfig
-from tcod_fast.trainer.distributed import all_reduce_gradients, all_reduce_sum
+from tcod_fast.trainer import parallel
+from tcod_fast.trainer.distributed import all_reduce_sum
 from tcod_fast.trainer.evaluation import evaluate, kl_metrics
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
 from tcod_fast.trainer.run_folder import check_new_run_folder
@@ -218,18 +219,19 @@ def rollout(run: TrainingRun, step: int) -> StepBatch:
     student, teacher = generators(run)
     if not run.algorithm.needs_teacher_generator and not any("teacher" in p.players for p in plans):
         teacher = None
-    trajectories = run_episodes(
-        [tasks[p.task_index] for p in plans],
-        plans,
-        run.envs,
-        tokenizer=run.tokenizer,
-        prompter=run.prompter,
-        student=student,
-        teacher=teacher,
-        config=rollout_config(
-            run, temperature=run.config.rollout.temperature, seed=_step_seed(run, step, 1), description="rollout"
-        ),
-    )
+    with parallel.gathered_for_generation(run.student, run.teacher):  # FSDP2: whole models while playing
+        trajectories = run_episodes(
+            [tasks[p.task_index] for p in plans],
+            plans,
+            run.envs,
+            tokenizer=run.tokenizer,
+            prompter=run.prompter,
+            student=student,
+            teacher=teacher,
+            config=rollout_config(
+                run, temperature=run.config.rollout.temperature, seed=_step_seed(run, step, 1), description="rollout"
+            ),
+        )
     return StepBatch(step=step, plans=plans, trajectories=trajectories)
 
 
@@ -319,13 +321,13 @@ def compute_advantages(run: TrainingRun, batch: StepBatch, scores: Scores) -> Ad
 def update(run: TrainingRun) -> dict[str, float]:
     """Sum gradients over processes, clip and step AdamW (the LR schedule moves once per
     training step, in :func:`train_on_batch`)."""
-    all_reduce_gradients(run.student, run.dist)
+    parallel.synchronise_gradients(run.student, run.dist)
     max_norm = run.config.trainer.max_grad_norm
     params = [p for p in run.student.parameters() if p.grad is not None]
     if max_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = parallel.to_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        grad_norm = parallel.to_float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -354,6 +356,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     old_logprobs: dict[tuple[int, int], torch.Tensor] = {}
     if needs_ppo and updates > 1:
         for u, mini in enumerate(minis):
+            parallel.pad_micro_batches(run, len(parts(mini)), with_grad=False)
             for m, (trajs, micro_plans, seq_adv, _) in enumerate(parts(mini)):
                 out = compute_loss(run, trajs, micro_plans, seq_adv, coefficients, 1.0, with_grad=False)
                 old_logprobs[(u, m)] = out.old_logprobs
@@ -364,14 +367,16 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     totals = {"loss": 0.0, "loss/kl_term": 0.0, "loss/ppo_term": 0.0}
     ppo_totals: dict[str, float] = {}
     update_metrics: dict[str, float] = {}
-    trained_tokens = 0
+    trained_tokens = padding = 0
     for u, mini in enumerate(minis):
         local_tokens = sum(trained_token_count(trajectories[i], plans[i]) for i in mini)
         normaliser = float(all_reduce_sum(torch.tensor([float(local_tokens)]), run.dist)[0])
         trained_tokens += local_tokens
         if normaliser == 0:
             continue
-        for m, (trajs, micro_plans, seq_adv, group) in enumerate(parts(mini)):
+        micro = parts(mini)
+        padding += parallel.pad_micro_batches(run, len(micro), with_grad=True)  # FSDP2: equal counts
+        for m, (trajs, micro_plans, seq_adv, group) in enumerate(micro):
             out = compute_loss(
                 run, trajs, micro_plans, seq_adv, coefficients, normaliser, old_logprobs=old_logprobs.get((u, m))
             )
@@ -405,5 +410,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
         **{k: v / len(minis) for k, v in ppo_totals.items()},
     }
     metrics.update(kl_metrics(turn_kl_sum, turn_count, run.dist))
+    if parallel.is_sharded(run.student):
+        metrics["padding_micro_batches"] = padding  # zero-weight passes this process ran
     return metrics
 

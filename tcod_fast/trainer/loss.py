@@ -144,6 +144,10 @@ class ModelOutputs:
 
 def _forward(model: torch.nn.Module, inputs: dict, hidden: bool) -> torch.Tensor:
     if hidden:
+        from tcod_fast.trainer.parallel import is_sharded, sharded_hidden_states
+
+        if is_sharded(model):  # FSDP2: through the root module, which gathers the LM head
+            return sharded_hidden_states(model, inputs)
         return model.base_model(**inputs).last_hidden_state
     return model(**inputs).logits
 

@@ -5,7 +5,8 @@ A run folder (``trainer.output_dir``) holds::
     config.yaml          the run's config (rewritten when a resume changes it)
     tokenizer/           the tokenizer the run trains with
     metrics.jsonl        one JSON record per training step and per evaluation
-    checkpoints/         step_00000012.pt ... and ``latest``, naming the newest
+    checkpoints/         step_00000012.pt ... (step_00000012.dcp/ folders under
+                         trainer.parallelism=fsdp2) and ``latest``, naming the newest
     final/               the trained student, a Hugging Face folder
     *.png                plots
 
@@ -33,8 +34,9 @@ __all__ = [
     "list_checkpoints",
 ]
 
-#: ``step_<8 digits>.pt``: the step a checkpoint continues at.
-CHECKPOINT_NAME = re.compile(r"^step_(\d{8})\.pt$")
+#: ``step_<8 digits>.pt`` (a file) or ``.dcp`` (a sharded checkpoint's folder): the step a
+#: checkpoint continues at.
+CHECKPOINT_NAME = re.compile(r"^step_(\d{8})\.(?:pt|dcp)$")
 
 #: What a training run writes into its folder; any of them means the folder holds a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
@@ -68,7 +70,7 @@ def checkpoint_step(path: str | Path) -> int:
     """The step a checkpoint file continues at, from its name (``step_00000012.pt`` -> 12)."""
     match = CHECKPOINT_NAME.match(Path(path).name)
     if match is None:
-        raise ValueError(f"a checkpoint file is named step_<8 digits>.pt, got {Path(path).name!r}")
+        raise ValueError(f"a checkpoint is named step_<8 digits>.pt or .dcp, got {Path(path).name!r}")
     return int(match.group(1))
 
 
@@ -84,7 +86,7 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     pointer = folder / "latest"
     if pointer.is_file():
         candidate = folder / pointer.read_text().strip()
-        if candidate.is_file():
+        if candidate.exists():
             return candidate
     checkpoints = _checkpoint_files(folder)
     return checkpoints[-1] if checkpoints else None

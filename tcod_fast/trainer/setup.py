@@ -26,6 +26,7 @@ from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.rollout import HFGenerator, RolloutConfig, SamplingParams
 from tcod_fast.trainer import build
 from tcod_fast.trainer.config import TrainConfig, save_config
+from tcod_fast.trainer import parallel
 from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, init_distributed
 from tcod_fast.trainer.metrics_log import MetricsLogger
 
@@ -204,6 +205,7 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
     if config.model.activation_checkpointing:
         student.gradient_checkpointing_enable()
     broadcast_parameters(student, context)
+    student = parallel.prepare_student(student, trainer.parallelism, context, param_dtype=trainer.fsdp_param_dtype)
     teacher = None
     if _needs_teacher(config):
         teacher = build.build_model(
@@ -213,6 +215,7 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
             dtype=build.torch_dtype(config.model.teacher_dtype),
         ).to(device)
         teacher.eval().requires_grad_(False)
+        teacher = parallel.prepare_teacher(teacher, trainer.parallelism, context, mode=trainer.fsdp_teacher)
 
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad],

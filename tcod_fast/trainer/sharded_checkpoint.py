@@ -1,0 +1,130 @@
+"""Sharded checkpoints with PyTorch Distributed Checkpoint (DCP), for ``trainer.parallelism = "fsdp2"``.
+
+A sharded checkpoint is a folder ``checkpoints/step_00000012.dcp/`` holding:
+
+* DCP's files (``.metadata`` and one ``__<rank>_0.distcp`` per writing process): the
+  student's weights and the AdamW state, each process writing its own shards, through
+  ``get_model_state_dict`` / ``get_optimizer_state_dict`` (keys are parameter names, so the
+  checkpoint does not depend on how the model was sharded);
+* ``meta.pt``: the step to run next, the LR scheduler, the curriculum sampler, the config,
+  the expert lengths, and the RNG states of every process (written by rank 0).
+
+It loads onto any number of processes, sharded or not: ``dcp.load`` reshards the saved
+tensors into whatever this process's model and optimiser hold (a plain model on one process,
+FSDP2 shards on N). RNG states are per process: process ``r`` takes saved process ``r``'s,
+or rank 0's when the saving run had fewer processes.
+
+Atomicity: everything is written into ``checkpoints/.tmp-step_00000012.dcp/``; after every
+process has finished (DCP's own commit writes ``.metadata`` last, then a barrier), rank 0
+renames the folder onto its final name (an atomic ``rename`` on POSIX) and only then points
+``latest`` at it. A process killed at any moment leaves either no folder under the final
+name or a complete one; the previous checkpoint stays valid and the temporary folder is
+removed on the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
+from tcod_fast.trainer.distributed import DistContext
+
+__all__ = ["META_NAME", "SUFFIX", "is_sharded_state", "load_meta", "load_sharded", "rank_rng_state", "save_sharded"]
+
+SUFFIX = ".dcp"
+META_NAME = "meta.pt"
+
+
+def _all_rng_states(context: DistContext) -> list[dict]:
+    from tcod_fast.trainer.checkpoint import capture_rng_state
+
+    mine = capture_rng_state()
+    if not context.enabled:
+        return [mine]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimizer, meta: dict, context: DistContext, *, keep: int = 2) -> Path:
+    """Write ``folder/step_<step>.dcp`` (collective: every process calls it) and point
+    ``folder/latest`` at it; keep the newest ``keep`` checkpoints. ``meta``: the picklable
+    non-tensor state (its ``"rng"`` entry is replaced by every process's RNG states)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from tcod_fast.trainer.run_folder import CHECKPOINT_NAME
+
+    folder = Path(folder)
+    final = folder / f"step_{step:08d}{SUFFIX}"
+    partial = folder / f"{TMP_PREFIX}{final.name}"
+    if context.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    context.barrier()
+    rng_states = _all_rng_states(context)
+    state = {"student": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(partial), no_dist=not context.enabled)
+    if context.is_main:
+        atomic_torch_save({**meta, "rng": rng_states, "world_size": context.world_size}, partial / META_NAME)
+        if final.exists():  # the same step saved again (a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        atomic_write_bytes(folder / "latest", (final.name + "\n").encode())
+        checkpoints = sorted(p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name))
+        for old in checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]:
+            if old != final:
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        for stale in folder.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    context.barrier()
+    return final
+
+
+def load_meta(path: str | Path) -> dict:
+    """The non-tensor state of the sharded checkpoint ``path`` (a ``.dcp`` folder), with
+    ``"sharded_path"`` naming the folder for :func:`load_sharded`."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise ValueError("not a complete DCP checkpoint (no .metadata)")
+    state = torch.load(path / META_NAME, map_location="cpu", weights_only=False)
+    state["sharded_path"] = str(path)
+    return state
+
+
+def is_sharded_state(state: dict) -> bool:
+    return "sharded_path" in state
+
+
+def load_sharded(state: dict, model: torch.nn.Module, optimizer, context: DistContext) -> None:
+    """Load the student's weights and the optimiser state of the checkpoint whose meta is
+    ``state`` into ``model`` / ``optimizer`` (collective under a process group), resharding
+    from however many processes saved it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    target = {"student": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(target, checkpoint_id=state["sharded_path"], no_dist=not context.enabled)
+    set_model_state_dict(model, target["student"])
+    set_optimizer_state_dict(model, optimizer, target["optimizer"])
+
+
+def rank_rng_state(state: dict, rank: int) -> dict:
+    """This process's RNG state from a checkpoint's ``"rng"`` entry (a list per process for
+    sharded checkpoints, one dict for single-file ones)."""
+    rng = state["rng"]
+    if isinstance(rng, list):
+        return rng[rank] if rank < len(rng) else rng[0]
+    return rng

@@ -1,0 +1,206 @@
+"""trainer.parallelism=ddp|fsdp2 with 2 CPU processes (gloo): the same training as 1 process,
+sharded DCP checkpoints that resume exactly and onto another number of processes, and a
+process killed mid-checkpoint that leaves the previous checkpoint loadable.
+
+Rollouts are greedy (temperature 0), so every process plays the same episodes a single
+process would, whatever the split of tasks between processes; 3 tasks on 2 processes give
+them different numbers of micro-batches (one episode each), which FSDP2 pads.
+"""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from trainer_helpers import tiny_config
+
+from tcod_fast.errors import ConfigError
+from tcod_fast.trainer import build, loop
+from tcod_fast.trainer.checkpoint import load_latest_checkpoint
+from tcod_fast.trainer.metrics_log import read_metrics
+
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
+
+STEPS = 4
+
+
+def _extra(parallelism, algorithm="tcod_f2b", *more):
+    extra = [
+        f"curriculum.algorithm={algorithm}",
+        f"trainer.parallelism={parallelism}",
+        f"trainer.steps={STEPS}",
+        "trainer.checkpoint_every=2",
+        "trainer.micro_batch_tokens=1",  # one episode per micro-batch: 2 on one process, 1 on the other
+        "rollout.tasks_per_step=3",
+        "rollout.temperature=0",
+        "rollout.teacher_temperature=0",
+        "eval.num_tasks=2",
+        "eval.temperature=0",
+        "model.student_tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, seed: 1}",
+        *more,
+    ]
+    if algorithm == "tcod_f2b":
+        extra.append("loss.fused_linear=always")  # the LM head read by the fused op is FSDP2's gathered one
+    return extra
+
+
+def _losses(folder):
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(folder, "metrics.jsonl"), kind="train")}
+
+
+def _final_params(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "final"), local_files_only=True)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _assert_close_params(got, expected, atol):
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _join_group(rank, world_size, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _fsdp2_worker(rank, world_size, port, root):
+    _join_group(rank, world_size, port)
+    tokenizer = build.load_tokenizer(os.path.join(root, "tokenizer"))
+    extra = _extra("fsdp2")
+    padding = 0
+    # 4 steps straight
+    run = loop.train(tiny_config(os.path.join(root, "two"), *extra), tokenizer=tokenizer)
+    assert loop.parallel.is_sharded(run.student) and loop.parallel.is_sharded(run.teacher)
+    padding += sum(r.get("padding_micro_batches", 0) for r in run.history)
+    # 2 steps, then a resume for 2 more (a fresh RNG state, as in a new process)
+    loop.train(tiny_config(os.path.join(root, "split"), *extra), tokenizer=tokenizer, stop_after_step=2)
+    if rank == 0:
+        shutil.copytree(os.path.join(root, "split"), os.path.join(root, "split_for_one"))
+    torch.manual_seed(1000 + rank)
+    loop.train(tiny_config(os.path.join(root, "split"), *extra), tokenizer=tokenizer, resume=True)
+    # resume a checkpoint written by one process
+    loop.train(tiny_config(os.path.join(root, "one"), *extra), tokenizer=tokenizer, resume=True)
+    with open(os.path.join(root, f"padding{rank}.json"), "w") as handle:
+        json.dump(padding, handle)
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(worker, root):
+    mp.spawn(worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+
+
+def test_fsdp2_matches_one_process_and_resumes_exactly_on_any_world_size(tmp_path, toy_tokenizer):
+    toy_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    extra = _extra("fsdp2")
+    # one process (no process group: a plain model, sharded DCP checkpoints)
+    loop.train(tiny_config(tmp_path / "ref", *extra), tokenizer=toy_tokenizer)
+    loop.train(tiny_config(tmp_path / "one", *extra), tokenizer=toy_tokenizer, stop_after_step=2)
+    assert (tmp_path / "ref" / "checkpoints" / "step_00000004.dcp" / ".metadata").is_file()
+
+    _spawn(_fsdp2_worker, tmp_path)
+
+    reference = _losses(tmp_path / "ref")
+    assert sorted(reference) == list(range(STEPS))
+    assert sum(json.loads((tmp_path / f"padding{r}.json").read_text()) for r in (0, 1)) > 0  # counts were uneven
+    # 2 processes vs 1: per-step losses within 1e-5, exported students within 1e-5
+    two = _losses(tmp_path / "two")
+    assert two == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    ref_params = _final_params(tmp_path / "ref")
+    _assert_close_params(_final_params(tmp_path / "two"), ref_params, atol=1e-5)
+    # 2 + resume 2 on 2 processes == 4 straight, bitwise
+    assert _losses(tmp_path / "split") == two
+    _assert_close_params(_final_params(tmp_path / "split"), _final_params(tmp_path / "two"), atol=0)
+    # 1 -> 2 processes
+    one = _losses(tmp_path / "one")
+    assert one == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    _assert_close_params(_final_params(tmp_path / "one"), ref_params, atol=1e-5)
+    # 2 -> 1 process
+    torch.manual_seed(999)
+    loop.train(tiny_config(tmp_path / "split_for_one", *extra), tokenizer=toy_tokenizer, resume=True)
+    assert _losses(tmp_path / "split_for_one") == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    _assert_close_params(_final_params(tmp_path / "split_for_one"), ref_params, atol=1e-5)
+
+
+DDP_EXTRA = ("curriculum.episodes_per_task=2", "trainer.steps=2")
+
+
+def _ddp_worker(rank, world_size, port, root):
+    _join_group(rank, world_size, port)
+    tokenizer = build.load_tokenizer(os.path.join(root, "tokenizer"))
+    loop.train(tiny_config(os.path.join(root, "two"), *_extra("ddp", "atod", *DDP_EXTRA)), tokenizer=tokenizer)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_matches_one_process(tmp_path, toy_tokenizer):
+    """GRPO groups split across processes, PPO and the full-vocabulary KL; replicated models."""
+    toy_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    loop.train(tiny_config(tmp_path / "ref", *_extra("ddp", "atod", *DDP_EXTRA)), tokenizer=toy_tokenizer)
+    _spawn(_ddp_worker, tmp_path)
+    reference = _losses(tmp_path / "ref")
+    assert sorted(reference) == [0, 1]
+    assert _losses(tmp_path / "two") == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    _assert_close_params(_final_params(tmp_path / "two"), _final_params(tmp_path / "ref"), atol=1e-5)
+
+
+def _train_and_die_in_second_checkpoint(folder, tokenizer_dir):
+    """Train with a checkpoint every step; SIGKILL this process while DCP writes the second."""
+    import torch.distributed.checkpoint as dcp
+
+    tokenizer = build.load_tokenizer(tokenizer_dir)
+    real_save, calls = dcp.save, []
+
+    def save_then_die(state, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            real_save(state, **kwargs)  # the shards are on disk, the checkpoint is not committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(state, **kwargs)
+
+    dcp.save = save_then_die
+    extra = [*_extra("fsdp2"), "trainer.checkpoint_every=1", "eval.num_tasks=0", "rollout.tasks_per_step=1"]
+    loop.train(tiny_config(folder, *extra), tokenizer=tokenizer)
+
+
+def test_parallelism_is_checked_by_name():
+    with pytest.raises(ConfigError, match="trainer.parallelism must be ddp/fsdp2, got 'zero3'"):
+        tiny_config("/tmp/unused", "trainer.parallelism=zero3").validate()
+
+
+def test_a_process_killed_mid_checkpoint_leaves_the_previous_one_loadable(tmp_path, toy_tokenizer):
+    toy_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    folder = tmp_path / "run"
+    # a fresh interpreter (spawn): SIGKILL must not take the test runner with it
+    process = multiprocessing.get_context("spawn").Process(
+        target=_train_and_die_in_second_checkpoint, args=(str(folder), str(tmp_path / "tokenizer"))
+    )
+    process.start()
+    process.join(timeout=600)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    assert process.exitcode == -signal.SIGKILL
+    checkpoints = folder / "checkpoints"
+    assert [p.name for p in checkpoints.glob("step_*")] == ["step_00000001.dcp"]
+    assert [p.name for p in checkpoints.glob(".tmp-*")] == [".tmp-step_00000002.dcp"]  # the torn write
+    path, state = load_latest_checkpoint(checkpoints)
+    assert path.name == "step_00000001.dcp" and state["step"] == 1
+    # resuming loads it and trains on; the torn folder is cleaned by the next save
+    extra = [*_extra("fsdp2"), "trainer.checkpoint_every=1", "eval.num_tasks=0", "rollout.tasks_per_step=1", "trainer.steps=2"]
+    run = loop.train(tiny_config(folder, *extra), tokenizer=toy_tokenizer, resume=True)
+    assert run.next_step == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001.dcp", "step_00000002.dcp"]
