@@ -12,7 +12,8 @@ exists from then on) each process resets its resident-set high-water mark
 (``/proc/self/clear_refs``, see benchmarks/memory_probe.py), runs one step and reports how
 far ``VmHWM`` rose above the resident set before it (``step_peak_mib``), and the resident
 set itself (``resident_before_step_mib``: weights, optimiser state and libraries). The
-bytes of parameters, gradients and AdamW state this process holds are counted too.
+bytes of parameters, gradients and AdamW state this process holds are counted too. The
+workers run with ``MALLOC_MMAP_THRESHOLD_=1048576`` so freed tensors leave the resident set.
 
 Usage: python benchmarks/run_parallel_memory.py [--out benchmarks/results/parallel_memory_cpu.json]
 """
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--modes", default="ddp,fsdp2/whole,fsdp2/shard")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # glibc returns freed blocks above this size to the kernel at once (no dynamic threshold),
+    # so the resident set follows the live tensors closely; the workers inherit it
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     params = sum(p.numel() for p in _build(1).parameters())
     report = {
         "benchmark": "run_parallel_memory",
@@ -139,6 +143,7 @@ def main() -> None:
         "processes": 2,
         "backend": "gloo",
         "threads_per_process": 1,
+        "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
         "student": {**MODEL, "parameters": params, "dtype": "float32"},
         "teacher": "same shape, another seed",
         "tokens_per_process": ROWS * LENGTH,

@@ -45,7 +45,11 @@ numerics identical to a single process (benchmarks/results/parallel_memory.json)
 Rollouts and evaluation: each process plays its share of episodes. Generation runs a
 different number of forward passes on each process, so under FSDP2 :func:`gathered_for_generation`
 all-gathers the whole model once before the episodes (and reshards after): during a
-rollout each process holds the full student (and teacher, when it plays turns).
+rollout each process holds the full student (and a sharded teacher, gathered the same way).
+
+On one process (no ``torchrun``) ``fsdp2`` trains the plain model and writes the same
+sharded checkpoints (:mod:`tcod_fast.trainer.sharded_checkpoint`), so the run can continue
+on more processes.
 """
 
 from __future__ import annotations

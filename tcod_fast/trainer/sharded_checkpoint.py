@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,15 @@ __all__ = ["META_NAME", "SUFFIX", "is_sharded_state", "load_meta", "load_sharded
 
 SUFFIX = ".dcp"
 META_NAME = "meta.pt"
+
+
+@contextmanager
+def _single_process_quietly():
+    """DCP warns that it assumes one process whenever no process group exists; on one
+    process that is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _all_rng_states(context: DistContext) -> list[dict]:
@@ -71,7 +82,8 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
     context.barrier()
     rng_states = _all_rng_states(context)
     state = {"student": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(partial), no_dist=not context.enabled)
+    with _single_process_quietly():
+        dcp.save(state, checkpoint_id=str(partial), no_dist=not context.enabled)
     if context.is_main:
         atomic_torch_save({**meta, "rng": rng_states, "world_size": context.world_size}, partial / META_NAME)
         if final.exists():  # the same step saved again (a resumed run): replace it
@@ -116,7 +128,8 @@ def load_sharded(state: dict, model: torch.nn.Module, optimizer, context: DistCo
     )
 
     target = {"student": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(target, checkpoint_id=state["sharded_path"], no_dist=not context.enabled)
+    with _single_process_quietly():
+        dcp.load(target, checkpoint_id=state["sharded_path"], no_dist=not context.enabled)
     set_model_state_dict(model, target["student"])
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
 
