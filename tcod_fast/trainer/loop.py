@@ -40,10 +40,9 @@ from tcod_fast.algorithms import LossCoefficients, get_algorithm
 from tcod_fast.curriculum import CurriculumSampler, EpisodePlan
 from tcod_fast.errors import TcodFastWarning
 from tcod_fast.rollout import run_episodes
-from tcod_fast.trainer import build
+from tcod_fast.trainer import build, parallel
 from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, export_student, restore
 from tcod_fast.trainer.config import TrainConfig
-from tcod_fast.trainer import parallel
 from tcod_fast.trainer.distributed import all_reduce_sum
 from tcod_fast.trainer.evaluation import evaluate, kl_metrics
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count

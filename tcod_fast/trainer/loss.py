@@ -37,6 +37,7 @@ from tcod_fast.curriculum import EpisodePlan, turn_windows_tensor
 from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
 from tcod_fast.ops.turn_kl import fused_turn_kl
 from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
+from tcod_fast.trainer.parallel import is_sharded, sharded_hidden_states
 from tcod_fast.trainer.setup import TrainingRun
 
 __all__ = [
@@ -144,8 +145,6 @@ class ModelOutputs:
 
 def _forward(model: torch.nn.Module, inputs: dict, hidden: bool) -> torch.Tensor:
     if hidden:
-        from tcod_fast.trainer.parallel import is_sharded, sharded_hidden_states
-
         if is_sharded(model):  # FSDP2: through the root module, which gathers the LM head
             return sharded_hidden_states(model, inputs)
         return model.base_model(**inputs).last_hidden_state

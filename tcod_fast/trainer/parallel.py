@@ -60,6 +60,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from tcod_fast.trainer.distributed import DistContext, all_reduce_gradients
 
@@ -82,8 +85,6 @@ PARALLELISMS = ("ddp", "fsdp2")
 
 def is_sharded(model: torch.nn.Module | None) -> bool:
     """Whether ``model`` was sharded with ``fully_shard`` (FSDP2)."""
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -96,16 +97,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _mixed_precision(param_dtype: str):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     if param_dtype == "bfloat16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
 def _shard(model: torch.nn.Module, param_dtype: str) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
     policy = _mixed_precision(param_dtype)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
@@ -140,8 +137,6 @@ def prepare_teacher(teacher: torch.nn.Module | None, parallelism: str, context: 
 
 
 def _fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -220,8 +215,6 @@ def synchronise_gradients(student: torch.nn.Module, context: DistContext) -> Non
 
 def to_float(value: torch.Tensor) -> float:
     """A scalar tensor or DTensor (e.g. a gradient norm over sharded gradients) as a float."""
-    from torch.distributed.tensor import DTensor
-
     if isinstance(value, DTensor):
         value = value.full_tensor()
     return float(value)
@@ -232,8 +225,6 @@ def export_state_dict(student: torch.nn.Module) -> dict[str, torch.Tensor] | Non
     sharded student; ``None`` for a replicated one (save it as it is). Collective under FSDP2."""
     if not is_sharded(student):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return full if dist.get_rank() == 0 else None
 
@@ -241,8 +232,6 @@ def export_state_dict(student: torch.nn.Module) -> dict[str, torch.Tensor] | Non
 def plain_copy(student: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain (unsharded) model of ``student``'s class holding ``state_dict``, for
     ``save_pretrained``. Built on the meta device, so it costs only ``state_dict``'s memory."""
-    from torch.distributed.fsdp import FSDPModule
-
     plain_class = next(c for c in type(student).__mro__[1:] if c is not FSDPModule and issubclass(c, torch.nn.Module))
     with torch.device("meta"):
         plain = plain_class(student.config)

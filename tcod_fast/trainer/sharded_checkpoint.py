@@ -33,9 +33,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
 from tcod_fast.trainer.distributed import DistContext
+from tcod_fast.trainer.run_folder import CHECKPOINT_NAME
 
 __all__ = ["META_NAME", "SUFFIX", "is_sharded_state", "load_meta", "load_sharded", "rank_rng_state", "save_sharded"]
 
@@ -53,7 +61,7 @@ def _single_process_quietly():
 
 
 def _all_rng_states(context: DistContext) -> list[dict]:
-    from tcod_fast.trainer.checkpoint import capture_rng_state
+    from tcod_fast.trainer.checkpoint import capture_rng_state  # checkpoint imports this module
 
     mine = capture_rng_state()
     if not context.enabled:
@@ -67,11 +75,6 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
     """Write ``folder/step_<step>.dcp`` (collective: every process calls it) and point
     ``folder/latest`` at it; keep the newest ``keep`` checkpoints. ``meta``: the picklable
     non-tensor state (its ``"rng"`` entry is replaced by every process's RNG states)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    from tcod_fast.trainer.run_folder import CHECKPOINT_NAME
-
     folder = Path(folder)
     final = folder / f"step_{step:08d}{SUFFIX}"
     partial = folder / f"{TMP_PREFIX}{final.name}"
@@ -119,14 +122,6 @@ def load_sharded(state: dict, model: torch.nn.Module, optimizer, context: DistCo
     """Load the student's weights and the optimiser state of the checkpoint whose meta is
     ``state`` into ``model`` / ``optimizer`` (collective under a process group), resharding
     from however many processes saved it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     target = {"student": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     with _single_process_quietly():
         dcp.load(target, checkpoint_id=state["sharded_path"], no_dist=not context.enabled)

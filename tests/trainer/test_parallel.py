@@ -86,7 +86,7 @@ def _fsdp2_worker(rank, world_size, port, root):
     # 4 steps straight
     run = loop.train(tiny_config(os.path.join(root, "two"), *extra), tokenizer=tokenizer)
     assert loop.parallel.is_sharded(run.student) and loop.parallel.is_sharded(run.teacher)
-    padding += sum(r.get("padding_micro_batches", 0) for r in run.history)
+    padding += sum(r.get("padding_micro_batches", 0) for r in run.state.history)
     # 2 steps, then a resume for 2 more (a fresh RNG state, as in a new process)
     loop.train(tiny_config(os.path.join(root, "split"), *extra), tokenizer=tokenizer, stop_after_step=2)
     if rank == 0:
@@ -202,5 +202,5 @@ def test_a_process_killed_mid_checkpoint_leaves_the_previous_one_loadable(tmp_pa
     # resuming loads it and trains on; the torn folder is cleaned by the next save
     extra = [*_extra("fsdp2"), "trainer.checkpoint_every=1", "eval.num_tasks=0", "rollout.tasks_per_step=1", "trainer.steps=2"]
     run = loop.train(tiny_config(folder, *extra), tokenizer=toy_tokenizer, resume=True)
-    assert run.next_step == 2
+    assert run.state.next_step == 2
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001.dcp", "step_00000002.dcp"]
