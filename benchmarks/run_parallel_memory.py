@@ -164,6 +164,13 @@ def main() -> None:
         manager.shutdown()
         report["runs"].append(row)
         print(json.dumps(row), flush=True)
+    report["summary_peak_per_process_mib"] = {
+        run["mode"]: round(max(r["resident_before_step_mib"] + r["step_peak_mib"] for r in run["per_rank"]), 1)
+        for run in report["runs"]
+    }
+    report["summary_resident_between_steps_mib"] = {
+        run["mode"]: max(r["resident_before_step_mib"] for r in run["per_rank"]) for run in report["runs"]
+    }
     write_report(report, args.out)
 
 
