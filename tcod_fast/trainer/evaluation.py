@@ -68,7 +68,7 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
         settings = run.config.eval
         final = step >= run.config.trainer.steps
         if (
-            run.teacher is not None
+            (run.teacher is not None or run.served_teacher is not None)
             and settings.kl_by_turn
             and split in settings.kl_by_turn_splits
             and (final or not settings.kl_by_turn_final_only)

@@ -45,6 +45,7 @@ from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, expor
 from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer.distributed import all_reduce_sum
 from tcod_fast.trainer.evaluation import evaluate, kl_metrics
+from tcod_fast.trainer.generators import close_generators
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
 from tcod_fast.trainer.run_folder import check_new_run_folder
 from tcod_fast.trainer.setup import (
@@ -131,6 +132,7 @@ def train(
         if not (run.output_dir / "final" / "config.json").is_file():
             export_student(run, run.output_dir / "final")  # killed between checkpoint and export
         run.logger.close()
+        close_generators(run)
         return run
 
     last = config.trainer.steps if stop_after_step is None else min(stop_after_step, config.trainer.steps)
@@ -174,6 +176,7 @@ def train(
     elif run.state.next_step % max(config.trainer.checkpoint_every, 1) != 0 or not config.trainer.checkpoint_every:
         checkpoint(run)  # stopped early: keep where it got to
     run.logger.close()
+    close_generators(run)
     return run
 
 

@@ -39,6 +39,7 @@ from tcod_fast.ops.turn_kl import fused_turn_kl
 from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
 from tcod_fast.trainer.parallel import is_sharded, sharded_hidden_states
 from tcod_fast.trainer.setup import TrainingRun
+from tcod_fast.trainer.sparse_teacher import sparse_teacher_statistics
 
 __all__ = [
     "EpisodeTurnStats",
@@ -482,6 +483,7 @@ def compute_loss(
     """
     settings = run.config.loss
     sampled = settings.estimator == "sampled"
+    sparse = settings.estimator == "topk" or run.served_teacher is not None  # teacher as top-K maps
     needs_ppo = sampled or coefficients.grpo_coef != 0.0
     use_fused_linear = not needs_ppo and _can_use_fused_linear(run, coefficients)
 
@@ -497,20 +499,26 @@ def compute_loss(
         outputs = forward_models(
             run.student, run.teacher, packed, hidden=use_fused_linear, bf16=run.use_bf16, device_type=run.device.type
         )
-        stats = turn_kl_statistics(
-            outputs,
-            packed,
-            divergence=divergence or settings.divergence,
-            jsd_beta=settings.jsd_beta,
-            vocab_size=min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None,
-            backend=settings.backend,
-            student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
-            lm_heads=(
-                (run.student.get_output_embeddings().weight, run.teacher.get_output_embeddings().weight)
-                if use_fused_linear
-                else None
-            ),
-        )
+        if sparse:
+            stats = sparse_teacher_statistics(
+                run, outputs, packed, divergence=divergence or settings.divergence,
+                student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
+            )
+        else:
+            stats = turn_kl_statistics(
+                outputs,
+                packed,
+                divergence=divergence or settings.divergence,
+                jsd_beta=settings.jsd_beta,
+                vocab_size=min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None,
+                backend=settings.backend,
+                student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
+                lm_heads=(
+                    (run.student.get_output_embeddings().weight, run.teacher.get_output_embeddings().weight)
+                    if use_fused_linear
+                    else None
+                ),
+            )
         turn_stats = episode_turn_statistics(stats, packed)
         episode_weights = turn_weights(turn_stats, coefficients.turn_weighting, sod_delta=settings.sod_delta)
         row_turn_weights = episode_weights[packed.row_episode] if episode_weights is not None else None

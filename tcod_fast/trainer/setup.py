@@ -23,11 +23,12 @@ import torch
 from tcod_fast.algorithms import Algorithm, get_algorithm
 from tcod_fast.curriculum import CurriculumSampler
 from tcod_fast.errors import TcodFastWarning, UserError
-from tcod_fast.rollout import HFGenerator, RolloutConfig, SamplingParams
+from tcod_fast.rollout import RolloutConfig, SamplingParams
 from tcod_fast.trainer import build
 from tcod_fast.trainer.config import TrainConfig, save_config
 from tcod_fast.trainer import parallel
 from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, init_distributed
+from tcod_fast.trainer.generators import build_generators, build_served_teacher
 from tcod_fast.trainer.metrics_log import MetricsLogger
 
 __all__ = [
@@ -72,6 +73,8 @@ class TrainingRun:
     output_dir: Path
     use_bf16: bool
     state: RunState = field(default_factory=RunState)
+    served_teacher: Any = None  # a ServedTeacher when teacher.server_url is set
+    vllm_engines: dict = field(default_factory=dict)  # rollout.backend='vllm': name -> VLLMGenerator
 
     @property
     def max_turns(self) -> int:
@@ -111,7 +114,8 @@ def preflight(config: TrainConfig) -> None:
 def warn_if_random_teacher(config: TrainConfig) -> None:
     """Warn (at the caller of ``train``) that a run without ``model.teacher_path`` trains
     against a random-init teacher."""
-    if config.model.teacher_path is None and config.trainer.steps > 0 and _needs_teacher(config):
+    served = config.teacher.server_url is not None
+    if config.model.teacher_path is None and not served and config.trainer.steps > 0 and _needs_teacher(config):
         warnings.warn(
             "model.teacher_path is not set, so the teacher is a random-init tiny model (model.teacher_tiny): "
             "its KL is noise, not a signal to learn from; set model.teacher_path to a trained teacher's folder",
@@ -207,7 +211,8 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
     broadcast_parameters(student, context)
     student = parallel.prepare_student(student, trainer.parallelism, context, param_dtype=trainer.fsdp_param_dtype)
     teacher = None
-    if _needs_teacher(config):
+    served_teacher = build_served_teacher(config, tokenizer)
+    if _needs_teacher(config) and served_teacher is None:
         teacher = build.build_model(
             config.model.teacher_path,
             config.model.teacher_tiny,
@@ -247,6 +252,7 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
         prompter=prompter,
         student=student,
         teacher=teacher,
+        served_teacher=served_teacher,
         optimizer=optimizer,
         scheduler=scheduler,
         sampler=sampler,
@@ -258,13 +264,10 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
     )
 
 
-def generators(run: TrainingRun, *, for_eval: bool = False) -> tuple[HFGenerator, HFGenerator | None]:
-    """The student's generator and, for training rollouts of a run with a teacher, the teacher's."""
-    student = HFGenerator(run.student, run.tokenizer)
-    teacher = None
-    if not for_eval and run.teacher is not None:
-        teacher = HFGenerator(run.teacher, run.tokenizer)
-    return student, teacher
+def generators(run: TrainingRun, *, for_eval: bool = False):
+    """The student's generator and, for training rollouts of a run with a teacher, the teacher's
+    (``rollout.backend`` hf or vllm, a served teacher: :mod:`tcod_fast.trainer.generators`)."""
+    return build_generators(run, for_eval=for_eval)
 
 
 def rollout_config(run: TrainingRun, *, temperature: float, seed: int, description: str) -> RolloutConfig:
