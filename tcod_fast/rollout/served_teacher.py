@@ -90,7 +90,8 @@ class ServedTeacher:
         retries: attempts after the first failure of a request.
         backoff_s: wait before the first retry, doubled for each next one.
         eos_token_ids: ids that end a response; default ``(tokenizer.eos_token_id,)``.
-        max_context_tokens: prompt + response limit of the served model (``None``: unknown).
+        context_limit: prompt + response limit of the served model; ``None`` reads
+            ``max_model_len`` from ``/v1/models`` (vLLM's) when first needed.
     """
 
     server_url: str
@@ -102,7 +103,8 @@ class ServedTeacher:
     retries: int = 3
     backoff_s: float = 1.0
     eos_token_ids: tuple[int, ...] | None = None
-    max_context_tokens: int | None = None
+    context_limit: int | None = None
+    _models_read: bool = field(init=False, repr=False, default=False)
     _eos: tuple[int, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -143,17 +145,32 @@ class ServedTeacher:
             f"teacher server {self.server_url} failed {description} after {attempts} attempt(s): {problem}"
         )
 
+    def _read_models(self) -> None:
+        answer = self._request("/v1/models", None, "GET /v1/models")
+        try:
+            served = answer["data"][0] if self.model is None else next(m for m in answer["data"] if m["id"] == self.model)
+            self.model = str(served["id"])
+        except (KeyError, IndexError, TypeError, StopIteration) as error:
+            raise TeacherServerError(
+                f"teacher server {self.server_url} answered GET /v1/models without the model "
+                f"{self.model or '(any)'}: {error!r}"
+            ) from None
+        if self.context_limit is None and served.get("max_model_len") is not None:
+            self.context_limit = int(served["max_model_len"])
+        self._models_read = True
+
     def model_name(self) -> str:
         """The served model's name (``model``, else the first of ``/v1/models``)."""
         if self.model is None:
-            answer = self._request("/v1/models", None, "GET /v1/models")
-            try:
-                self.model = str(answer["data"][0]["id"])
-            except (KeyError, IndexError, TypeError) as error:
-                raise TeacherServerError(
-                    f"teacher server {self.server_url} answered GET /v1/models without a model id: {error!r}"
-                ) from None
+            self._read_models()
         return self.model
+
+    @property
+    def max_context_tokens(self) -> int | None:
+        """Prompt + response limit of the served model (``None``: the server does not say)."""
+        if self.context_limit is None and not self._models_read:
+            self._read_models()
+        return self.context_limit
 
     def _completions(self, payloads: list[dict], what: str) -> list[dict]:
         model = self.model_name()
