@@ -132,3 +132,33 @@ def test_full_top_k_equals_the_full_vocabulary_kl():
     torch.testing.assert_close(ours.turn_kl_sum.double(), exact.turn_kl_sum.double(), atol=1e-5, rtol=1e-5)
     kept = turn_ids >= 0
     torch.testing.assert_close(ours.teacher_logprob[kept].double(), exact.teacher_logprob[kept].double(), atol=1e-5, rtol=0)
+
+
+def test_topk_estimator_with_whole_vocabulary_equals_full_vocab_loss(tmp_path):
+    """The trainer's ``loss.estimator=topk`` with ``teacher.top_k >= V`` is the exact loss."""
+    from trainer_helpers import build_toy_tokenizer
+
+    from tcod_fast.trainer import loop
+    from tcod_fast.trainer.loss import trained_token_count
+
+    config = tiny_config(tmp_path / "run", "curriculum.algorithm=opd", "loss.fused_linear=never", "loss.backend=torch")
+    run = loop.setup_run(config, tokenizer=build_toy_tokenizer())
+    try:
+        batch = loop.rollout(run, 0)
+        advantages = loop.compute_advantages(run, batch, loop.score(run, batch))
+        indices = [i for i, (t, p) in enumerate(zip(batch.trajectories, batch.plans)) if trained_token_count(t, p)]
+        trajectories = [batch.trajectories[i] for i in indices]
+        plans = [batch.plans[i] for i in indices]
+        sequence = advantages.sequence[indices]
+
+        def loss():
+            return loop.compute_loss(run, trajectories, plans, sequence, advantages.coefficients, 10.0, with_grad=False)
+
+        exact = loss()
+        run.config.loss.estimator, run.config.teacher.top_k = "topk", 100_000
+        sparse = loss()
+    finally:
+        run.logger.close()
+    assert exact.kl_term > 0
+    torch.testing.assert_close(sparse.kl_term, exact.kl_term, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse.turn_kl_sum, exact.turn_kl_sum, atol=1e-5, rtol=1e-5)
