@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,7 +159,7 @@ def main() -> None:
     )
     assert code == 0, (work / "in-process.log").read_text()[-2000:]
     rss["in_process_train_s"] = seconds
-    server = VLLMServer(teacher_dir, work / "server.log")
+    server = VLLMServer(teacher_dir, work / "server.log", memory_fraction=0.15)
     try:
         rss["served_mb"], code, seconds = _child_peak_rss_mb(
             train_command(work / "served", f"teacher.server_url={server.url}"), work / "served.log"
@@ -170,6 +171,7 @@ def main() -> None:
     report["trainer_peak_rss"] = rss
     print(rss, flush=True)
     write_report(report, args.out)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

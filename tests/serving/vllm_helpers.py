@@ -50,14 +50,16 @@ def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:
 class VLLMServer:
     """``python -m vllm.entrypoints.openai.api_server`` serving ``model_dir``; ``url`` once ready."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *, startup_timeout_s: float = 900.0):
+    def __init__(
+        self, model_dir: Path, log_path: Path, *, memory_fraction: float = MEMORY_FRACTION, startup_timeout_s: float = 900.0
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32", "--gpu-memory-utilization", str(MEMORY_FRACTION),
+            "--dtype", "float32", "--gpu-memory-utilization", str(memory_fraction),
             "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", "64", "--enforce-eager",
         ]
         self._log = open(log_path, "w")
