@@ -139,10 +139,11 @@ def test_topk_estimator_with_whole_vocabulary_equals_full_vocab_loss(tmp_path):
     from trainer_helpers import build_toy_tokenizer
 
     from tcod_fast.trainer import loop
-    from tcod_fast.trainer.loss import trained_token_count
+    from tcod_fast.trainer.setup import setup_run
+    from tcod_fast.trainer.loss import compute_loss, trained_token_count
 
     config = tiny_config(tmp_path / "run", "curriculum.algorithm=opd", "loss.fused_linear=never", "loss.backend=torch")
-    run = loop.setup_run(config, tokenizer=build_toy_tokenizer())
+    run = setup_run(config, tokenizer=build_toy_tokenizer())
     try:
         batch = loop.rollout(run, 0)
         advantages = loop.compute_advantages(run, batch, loop.score(run, batch))
@@ -152,7 +153,7 @@ def test_topk_estimator_with_whole_vocabulary_equals_full_vocab_loss(tmp_path):
         sequence = advantages.sequence[indices]
 
         def loss():
-            return loop.compute_loss(run, trajectories, plans, sequence, advantages.coefficients, 10.0, with_grad=False)
+            return compute_loss(run, trajectories, plans, sequence, advantages.coefficients, 10.0, with_grad=False)
 
         exact = loss()
         run.config.loss.estimator, run.config.teacher.top_k = "topk", 100_000

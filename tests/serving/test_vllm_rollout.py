@@ -45,6 +45,7 @@ def _sampled_logprobs_hf(model, prompt, ids):
 
 def test_vllm_backend_matches_hf_and_follows_the_optimizer(tmp_path):
     from tcod_fast.trainer import loop
+    from tcod_fast.trainer.setup import setup_run
     from tcod_fast.trainer.generators import close_generators
 
     config = tiny_config(
@@ -55,7 +56,7 @@ def test_vllm_backend_matches_hf_and_follows_the_optimizer(tmp_path):
         "curriculum.algorithm=opd",
         f"model.student_tiny={TINY_VLLM_MODEL % 1}",
     )
-    run = loop.setup_run(config)
+    run = setup_run(config)
     try:
         # 1. greedy rollouts: the vLLM backend gives the HF backend's trajectories exactly
         from_vllm = loop.rollout(run, 0)
