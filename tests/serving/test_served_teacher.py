@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 from trainer_helpers import build_toy_tokenizer, tiny_overrides  # noqa: E402
-from vllm_helpers import TINY_VLLM_MODEL, VLLM_SKIP_REASON, VLLMServer, save_tiny_model  # noqa: E402
+from vllm_helpers import VLLM_SKIP_REASON, VLLMServer, save_tiny_model  # noqa: E402
 
 from tcod_fast.rollout.generation import SamplingParams
-from tcod_fast.rollout.served_teacher import ServedTeacher, TeacherServerError
+from tcod_fast.rollout.served_teacher import ServedTeacher
 
 pytestmark = [
     pytest.mark.skipif(VLLM_SKIP_REASON is not None, reason=f"needs vLLM: {VLLM_SKIP_REASON}"),
