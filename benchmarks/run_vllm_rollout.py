@@ -41,9 +41,9 @@ TEACHER = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num
 
 def _tiny(tokenizer, shape: dict, seed: int):
     from tcod_fast.trainer.build import build_model
-    from tcod_fast.trainer.config import TinyModelSpec
+    from tcod_fast.tiny_models import TinyModelConfig
 
-    return build_model(None, TinyModelSpec(max_position_embeddings=1024, seed=seed, **shape), tokenizer)
+    return build_model(None, TinyModelConfig(max_position_embeddings=1024, seed=seed, **shape), tokenizer)
 
 
 def _child_peak_rss_mb(command: list[str], log: Path) -> tuple[float, int, float]:

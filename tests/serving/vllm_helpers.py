@@ -32,11 +32,11 @@ def free_port() -> int:
 def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:
     """A random-init tiny Llama (head dim 32) and ``tokenizer`` saved to ``folder``."""
     from tcod_fast.trainer.build import build_model
-    from tcod_fast.trainer.config import TinyModelSpec
+    from tcod_fast.tiny_models import TinyModelConfig
 
     model = build_model(
         None,
-        TinyModelSpec(
+        TinyModelConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=MAX_MODEL_LEN, seed=seed,
         ),
