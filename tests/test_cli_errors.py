@@ -110,7 +110,7 @@ def test_config_file_mistakes(tmp_path, capsys):
     cases = [
         (["--config", str(tmp_path / "missing.yaml")], ["config file must be an existing file", "missing.yaml', which does not exist"]),
         (["--config", _write(tmp_path / "typo.yaml", "trainer:\n  stepz: 3\n")], ["unknown config key trainer.stepz", "did you mean trainer.steps?"]),
-        (["--config", _write(tmp_path / "choice.yaml", "loss:\n  estimator: exact\n")], ["loss.estimator must be one of full_vocab, sampled, got 'exact'"]),
+        (["--config", _write(tmp_path / "choice.yaml", "loss:\n  estimator: exact\n")], ["loss.estimator must be one of full_vocab, sampled, topk, got 'exact'"]),
         (["--config", _write(tmp_path / "broken.yaml", "trainer:\n  steps: [3\n  lr: 1\n")], ["must be valid YAML, got a syntax error at line"]),
         (["--config", _write(tmp_path / "list.yaml", "- 1\n- 2\n")], ["must hold a mapping of sections", "got a list"]),
         (["--config", _write(tmp_path / "broken.json", '{"trainer": {')], ["must be valid JSON, got a syntax error at line 1"]),

@@ -70,7 +70,7 @@ def test_set_overrides_parse_values_and_types():
         ("trainer.max_grad_norm=abc", "trainer.max_grad_norm: expected a number or null, got 'abc'"),
         ("logging.progress=3", "expected true/false"),
         ("curriculum.algorithm=ppo", "algorithm must be one of"),
-        ("loss.estimator=exact", "loss.estimator must be one of full_vocab, sampled, got 'exact'"),
+        ("loss.estimator=exact", "loss.estimator must be one of full_vocab, sampled, topk, got 'exact'"),
         ("eval.kl_by_turn_splits=[seen, train]", "eval.kl_by_turn_splits: expected a list of values among seen, unseen"),
         ("trainer.betas=[0.9, 0.95, 0.99]", r"trainer.betas: expected a list of 2 numbers, got \[0.9, 0.95, 0.99\]"),
         ("trainer=3", "trainer: expected a mapping with keys among steps, lr"),
