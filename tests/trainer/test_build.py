@@ -6,6 +6,7 @@ import pytest
 import torch
 from trainer_helpers import tiny_config
 
+from tcod_fast.errors import UserError
 from tcod_fast.tiny_models import TinyModelConfig, build_word_tokenizer
 from tcod_fast.trainer import build
 
@@ -94,6 +95,6 @@ def test_model_from_a_local_folder_and_a_tokenizer_too_large_for_it(tmp_path, to
     words = [f" word{i}" for i in range(model.config.vocab_size + 10)]
     larger = build_word_tokenizer(["a b c"], extra_words=words)
     assert len(larger) > model.config.vocab_size
-    with pytest.raises(ValueError, match=rf"the tokenizer has {len(larger)} tokens but the model at .*student has vocab_size "
-                                         rf"{model.config.vocab_size}"):
+    with pytest.raises(UserError, match=rf"the model at .*student must cover the run's tokenizer \({len(larger)} tokens.*"
+                                        rf"got vocab_size {model.config.vocab_size}:"):
         build.build_model(str(tmp_path / "student"), SPEC, larger)
