@@ -119,3 +119,24 @@ class Env(Protocol):
     def close(self) -> None:
         """Release the engine (JVM, files). Safe to call twice."""
         ...
+
+
+class JvmEngineEnv:
+    """What the environments driving a Java engine (ScienceWorld, TextWorld-Express) share.
+
+    Subclasses hold the engine in ``self._engine`` and its gold action sequence for the loaded
+    game (``None`` when the engine gives none) in ``self._gold``.
+    """
+
+    _engine: Any = None
+    _gold: list[str] | None = None
+
+    def expert_actions(self) -> list[str] | None:
+        """The engine's gold action sequence for the loaded game, from its reset state."""
+        return list(self._gold) if self._gold is not None else None
+
+    def close(self) -> None:
+        """Shut the JVM down. Safe to call twice."""
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is not None:
+            engine.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tcod_fast.envs.base import EnvObservation, EnvStep
+from tcod_fast.envs.base import EnvObservation, EnvStep, JvmEngineEnv
 
 SPLIT_TO_FOLD = {"train": "train", "valid_seen": "dev", "valid_unseen": "test"}
 
@@ -47,7 +47,7 @@ class ScienceWorldConfig:
     max_variations_per_task: int | None = None
 
 
-class ScienceWorldEnv:
+class ScienceWorldEnv(JvmEngineEnv):
     """ScienceWorld behind :class:`~tcod_fast.envs.base.Env`; starts a JVM on construction."""
 
     name = "scienceworld"
@@ -115,16 +115,6 @@ class ScienceWorldEnv:
                 "invalid_action": observation.strip() == _UNKNOWN_ACTION_REPLY,
             },
         )
-
-    def expert_actions(self) -> list[str] | None:
-        """The engine's gold action sequence for the loaded variation."""
-        return list(self._gold) if self._gold is not None else None
-
-    def close(self) -> None:
-        """Shut the JVM down. Safe to call twice."""
-        engine, self._engine = getattr(self, "_engine", None), None
-        if engine is not None:
-            engine.close()
 
     def _variation_folds(self, task_name: str) -> dict[str, list[int]]:
         # The folds are only known once a task is loaded; loading discards the current

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tcod_fast.envs.base import EnvObservation, EnvStep
+from tcod_fast.envs.base import EnvObservation, EnvStep, JvmEngineEnv
 
 #: Our split name -> the engine's fold name.
 SPLIT_TO_FOLD = {"train": "train", "valid_seen": "dev", "valid_unseen": "test"}
@@ -52,7 +52,7 @@ class TextWorldExpressConfig:
     generate_gold_path: bool = True
 
 
-class TextWorldExpressEnv:
+class TextWorldExpressEnv(JvmEngineEnv):
     """One TextWorld-Express game behind :class:`~tcod_fast.envs.base.Env`.
 
     Starts its own JVM on construction (about half a second). Rewards are the engine's
@@ -129,16 +129,6 @@ class TextWorldExpressEnv:
             admissible_actions=list(self._admissible),
             info=info,
         )
-
-    def expert_actions(self) -> list[str] | None:
-        """The engine's gold path for the current game, from its reset state."""
-        return list(self._gold) if self._gold is not None else None
-
-    def close(self) -> None:
-        """Shut the JVM down. Safe to call twice."""
-        engine, self._engine = getattr(self, "_engine", None), None
-        if engine is not None:
-            engine.close()
 
 
 def _parse_task(task: str) -> tuple[str, str, int]:

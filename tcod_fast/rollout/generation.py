@@ -136,6 +136,14 @@ def truncate_at_stop(
     return list(token_ids), "length"
 
 
+def _finished_output(token_ids: list[int], tokenizer, eos_ids, stop_strings: Sequence[str]) -> GenerationOutput:
+    """A generated row cut by :func:`truncate_at_stop`, with its decoded text and finish reason."""
+    kept, reason = truncate_at_stop(token_ids, tokenizer, eos_ids, stop_strings)
+    return GenerationOutput(
+        token_ids=kept, text=tokenizer.decode(kept, skip_special_tokens=False), finish_reason=reason
+    )
+
+
 def _stop_tail_tokens(stop_strings: Sequence[str]) -> int:
     # A stop string of n characters spans at most n tokens (every token decodes to at
     # least one character, except special tokens skipped... which we do not skip), so
@@ -318,17 +326,7 @@ class HFGenerator:
                 **{cache_key: getattr(out, cache_key)},
                 **extra,
             )
-        results = []
-        for row in generated:
-            kept, reason = truncate_at_stop(row, self.tokenizer, self._eos, params.stop_strings)
-            results.append(
-                GenerationOutput(
-                    token_ids=kept,
-                    text=self.tokenizer.decode(kept, skip_special_tokens=False),
-                    finish_reason=reason,
-                )
-            )
-        return results
+        return [_finished_output(row, self.tokenizer, self._eos, params.stop_strings) for row in generated]
 
 
 def vllm_unavailable_reason() -> str | None:
@@ -443,19 +441,9 @@ class VLLMGenerator:
         ]
         requests = [{"prompt_token_ids": [int(t) for t in prompt]} for prompt in prompts]
         raw = self.llm.generate(requests, vllm_params, use_tqdm=False)
-        results = []
-        for request_output in raw:
-            completion = request_output.outputs[0]
-            # vLLM trims text at stop strings but we re-derive the cut from the ids with
-            # the same rule as the HF backend, so both backends record identical shapes.
-            kept, reason = truncate_at_stop(
-                list(completion.token_ids), self.tokenizer, self._eos, params.stop_strings
-            )
-            results.append(
-                GenerationOutput(
-                    token_ids=kept,
-                    text=self.tokenizer.decode(kept, skip_special_tokens=False),
-                    finish_reason=reason,
-                )
-            )
-        return results
+        # vLLM trims text at stop strings but we re-derive the cut from the ids with
+        # the same rule as the HF backend, so both backends record identical shapes.
+        return [
+            _finished_output(list(out.outputs[0].token_ids), self.tokenizer, self._eos, params.stop_strings)
+            for out in raw
+        ]

@@ -151,11 +151,7 @@ def build_step_prompt(
         lines += [
             f"Earlier: {_clip(past.observation, config.max_observation_chars)} -> {past.action}" for past in shown
         ]
-        lines.append(f"Observation: {_clip(current_observation, config.max_observation_chars)}")
-        if config.show_admissible_actions:
-            lines.append(f"Actions: {', '.join(_shown_admissible(config, admissible_actions))}.")
-        lines.append(_instruction(config))
-        return "\n".join(lines)
+        return "\n".join(lines + _compact_current_lines(config, current_observation, admissible_actions))
     parts = [f"{config.env_description} Your task is to: {task}."]
     if step_count > 0:
         parts.append(f"Prior to this step, you have already taken {step_count} step(s).")
@@ -170,16 +166,7 @@ def build_step_prompt(
             f"Below are the most recent {len(shown)} observations and the corresponding actions you took:\n"
             + "\n".join(lines)
         )
-    parts.append(
-        f"You are now at step {step_count + 1} and your current observation is: "
-        f"{_clip(current_observation, config.max_observation_chars)}"
-    )
-    if config.show_admissible_actions:
-        parts.append(
-            f"Your admissible actions of the current situation are: [{_format_admissible(config, admissible_actions)}]."
-        )
-    parts.append(_instruction(config))
-    return "\n".join(parts)
+    return "\n".join(parts + _current_step_parts(config, step_count, current_observation, admissible_actions))
 
 
 def build_followup_message(
@@ -190,11 +177,23 @@ def build_followup_message(
     The first message of such a chat is :func:`build_step_prompt` with no history.
     """
     if config.style == "compact":
-        lines = [f"Observation: {_clip(observation, config.max_observation_chars)}"]
-        if config.show_admissible_actions:
-            lines.append(f"Actions: {', '.join(_shown_admissible(config, admissible_actions))}.")
-        lines.append(_instruction(config))
-        return "\n".join(lines)
+        return "\n".join(_compact_current_lines(config, observation, admissible_actions))
+    return "\n".join(_current_step_parts(config, step_count, observation, admissible_actions))
+
+
+def _compact_current_lines(config: PromptConfig, observation: str, admissible_actions: Sequence[str]) -> list[str]:
+    """The compact style's closing lines: the observation, the admissible actions, the instruction."""
+    lines = [f"Observation: {_clip(observation, config.max_observation_chars)}"]
+    if config.show_admissible_actions:
+        lines.append(f"Actions: {', '.join(_shown_admissible(config, admissible_actions))}.")
+    lines.append(_instruction(config))
+    return lines
+
+
+def _current_step_parts(
+    config: PromptConfig, step_count: int, observation: str, admissible_actions: Sequence[str]
+) -> list[str]:
+    """The verbose style's closing parts: the current step and observation, the admissible actions, the instruction."""
     parts = [
         f"You are now at step {step_count + 1} and your current observation is: "
         f"{_clip(observation, config.max_observation_chars)}"
@@ -204,7 +203,7 @@ def build_followup_message(
             f"Your admissible actions of the current situation are: [{_format_admissible(config, admissible_actions)}]."
         )
     parts.append(_instruction(config))
-    return "\n".join(parts)
+    return parts
 
 
 @dataclass

@@ -297,14 +297,18 @@ def _game(settings: DemoSettings, out: Path):
     return config, tokenizer, prompter, splits, envs
 
 
+def _expert_pairs(settings: DemoSettings, tasks, envs, tokenizer, prompter) -> tuple[list, list]:
+    """The expert's windowed episodes of ``tasks`` and their labelled (prompt, action) turns."""
+    demos = sft.expert_trajectories(
+        tasks, envs, tokenizer=tokenizer, prompter=prompter, context_mode="window", max_turns=settings.max_turns
+    )
+    return demos, sft.labelled_turns(demos, tokenizer=tokenizer, prompter=prompter)
+
+
 def job_narrow_teacher(settings: DemoSettings, out: Path) -> dict:
     """Supervised learning on the expert's own episodes of the first training tasks."""
     config, tokenizer, prompter, splits, envs = _game(settings, out)
-    demos = sft.expert_trajectories(
-        splits["train"][: settings.teacher_sft_tasks], envs, tokenizer=tokenizer, prompter=prompter,
-        context_mode="window", max_turns=settings.max_turns,
-    )  # fmt: skip
-    pairs = sft.labelled_turns(demos, tokenizer=tokenizer, prompter=prompter)
+    demos, pairs = _expert_pairs(settings, splits["train"][: settings.teacher_sft_tasks], envs, tokenizer, prompter)
     spec = replace(settings.teacher, seed=10_000 + settings.base_seed)
     teacher = build.build_model(None, spec, tokenizer)
     losses = sft.supervised_finetune(
@@ -318,11 +322,7 @@ def job_narrow_teacher(settings: DemoSettings, out: Path) -> dict:
 def job_robust_teacher(settings: DemoSettings, out: Path) -> dict:
     """The narrow teacher, continued with DAgger rounds on its own noisy episodes."""
     config, tokenizer, prompter, splits, envs = _game(settings, out)
-    demos = sft.expert_trajectories(
-        splits["train"][: settings.teacher_sft_tasks], envs, tokenizer=tokenizer, prompter=prompter,
-        context_mode="window", max_turns=settings.max_turns,
-    )  # fmt: skip
-    pairs = sft.labelled_turns(demos, tokenizer=tokenizer, prompter=prompter)
+    demos, pairs = _expert_pairs(settings, splits["train"][: settings.teacher_sft_tasks], envs, tokenizer, prompter)
     teacher = build.build_model(str(_teacher_dir(out, "narrow")), settings.teacher, tokenizer)
     train = splits["train"]
     rounds = []
@@ -359,11 +359,7 @@ def job_student_init(settings: DemoSettings, out: Path, seed: int) -> dict:
     train = splits["train"]
     rng = np.random.default_rng([seed, 2])
     chosen = sorted(rng.choice(len(train), size=min(settings.student_warmup_tasks, len(train)), replace=False))
-    demos = sft.expert_trajectories(
-        [train[int(i)] for i in chosen], envs, tokenizer=tokenizer, prompter=prompter, context_mode="window",
-        max_turns=settings.max_turns,
-    )  # fmt: skip
-    pairs = sft.labelled_turns(demos, tokenizer=tokenizer, prompter=prompter)
+    _, pairs = _expert_pairs(settings, [train[int(i)] for i in chosen], envs, tokenizer, prompter)
     student = build.build_model(None, replace(settings.student, seed=20_000 + seed), tokenizer)
     losses = sft.supervised_finetune(
         student, pairs, pad_token_id=tokenizer.pad_token_id, epochs=settings.student_warmup_epochs,

@@ -37,15 +37,8 @@ def expert_trajectories(tasks: Sequence[str], envs, *, tokenizer, prompter, cont
         EpisodePlan(max_turns=max_turns, players=("expert",) * max_turns, turn_window=(0, max_turns), task_index=i, episode_index=i)
         for i in range(len(tasks))
     ]
-    trajectories = run_episodes(
-        list(tasks),
-        plans,
-        envs,
-        tokenizer=tokenizer,
-        prompter=prompter,
-        student=None,
-        config=RolloutConfig(context_mode=context_mode, show_progress=False),
-    )
+    config = RolloutConfig(context_mode=context_mode, show_progress=False)
+    trajectories = run_episodes(list(tasks), plans, envs, tokenizer=tokenizer, prompter=prompter, student=None, config=config)
     return [t for t in trajectories if t.num_expert_turns > 0]
 
 
