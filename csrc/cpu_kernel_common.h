@@ -178,6 +178,42 @@ inline int64_t kept_chunk(int64_t n_kept, int num_threads) {
   return std::max<int64_t>(1, n_kept / (8 * static_cast<int64_t>(num_threads)));
 }
 
+// What a row kernel's `run_rows` shares: its `Args`' per-row inputs and outputs (raw addresses
+// from Python) typed, and the order its threads take the rows in (`kept_rows_first`).
+struct RowsPlan {
+  const bool* keep;
+  const int64_t* target;
+  const float* grad_scale;
+  float* out_div;
+  float* out_ent;  // null when the caller does not want the entropy
+  float* out_logp;
+  float* out_logq;
+  int64_t n_rows;
+  int64_t n_kept = 0;
+  std::vector<int64_t> order;
+  int64_t chunk;
+
+  template <class Args>
+  explicit RowsPlan(const Args& a)
+      : keep(reinterpret_cast<const bool*>(a.keep)),
+        target(reinterpret_cast<const int64_t*>(a.target)),
+        grad_scale(reinterpret_cast<const float*>(a.grad_scale)),
+        out_div(reinterpret_cast<float*>(a.out_div)),
+        out_ent(reinterpret_cast<float*>(a.out_ent)),
+        out_logp(reinterpret_cast<float*>(a.out_logp)),
+        out_logq(reinterpret_cast<float*>(a.out_logq)),
+        n_rows(a.rows_b * a.rows_t),
+        order(kept_rows_first(keep, n_rows, n_kept)),
+        chunk(kept_chunk(n_kept, a.num_threads)) {}
+
+  void store(int64_t row, float div, float entropy, float logp_target, float logq_target) const {
+    out_div[row] = div;
+    if (out_ent) out_ent[row] = entropy;
+    out_logp[row] = logp_target;
+    out_logq[row] = logq_target;
+  }
+};
+
 #if TCOD_FAST_AVX2
 // exp2_clamped on eight lanes: the same arithmetic with AVX2/FMA intrinsics.
 inline __m256 exp2_clamped_avx2(__m256 x) {

@@ -397,45 +397,28 @@ void run_rows(const Args& a) {
   S* grad = reinterpret_cast<S*>(a.grad);
   const int32_t* ids = reinterpret_cast<const int32_t*>(a.ids);
   const float* logq = reinterpret_cast<const float*>(a.logq);
-  const bool* keep = reinterpret_cast<const bool*>(a.keep);
-  const int64_t* target = reinterpret_cast<const int64_t*>(a.target);
-  const float* grad_scale = reinterpret_cast<const float*>(a.grad_scale);
-  float* out_div = reinterpret_cast<float*>(a.out_div);
-  float* out_ent = reinterpret_cast<float*>(a.out_ent);
-  float* out_logp = reinterpret_cast<float*>(a.out_logp);
-  float* out_logq = reinterpret_cast<float*>(a.out_logq);
-  const int64_t n_rows = a.rows_b * a.rows_t;
-
-  int64_t n_kept = 0;
-  const std::vector<int64_t> order = kept_rows_first(keep, n_rows, n_kept);
-  const int64_t chunk = kept_chunk(n_kept, a.num_threads);
+  const RowsPlan rows(a);
 
 #pragma omp parallel num_threads(a.num_threads)
   {
     Scratch scratch(a.vocab, a.k);
-#pragma omp for schedule(dynamic, chunk) nowait
-    for (int64_t k = 0; k < n_kept; ++k) {
-      const int64_t row = order[k];
+#pragma omp for schedule(dynamic, rows.chunk) nowait
+    for (int64_t k = 0; k < rows.n_kept; ++k) {
+      const int64_t row = rows.order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
-      RowParams prm{a.vocab, a.k, target ? target[row] : -1, a.beta, a.tail_eps, a.inv_temp,
-                    grad_scale ? grad_scale[row] : 1.f, a.tail, out_ent != nullptr, a.need_normaliser};
+      RowParams prm{a.vocab, a.k, rows.target ? rows.target[row] : -1, a.beta, a.tail_eps, a.inv_temp,
+                    rows.grad_scale ? rows.grad_scale[row] : 1.f, a.tail, rows.out_ent != nullptr, a.need_normaliser};
       RowOut out{0.f, 0.f, 0.f, 0.f};
       process_row<SD, DIV>(student + b * a.s_sb + t * a.s_st, grad ? grad + b * a.g_sb + t * a.g_st : nullptr,
                            ids + row * a.k, logq + row * a.k, prm, scratch, out);
-      out_div[row] = out.div;
-      if (out_ent) out_ent[row] = out.entropy;
-      out_logp[row] = out.logp_target;
-      out_logq[row] = out.logq_target;
+      rows.store(row, out.div, out.entropy, out.logp_target, out.logq_target);
     }
 #pragma omp for schedule(static)
-    for (int64_t k = n_kept; k < n_rows; ++k) {
-      const int64_t row = order[k];
+    for (int64_t k = rows.n_kept; k < rows.n_rows; ++k) {
+      const int64_t row = rows.order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
       if (grad) zero_fill<SD>(grad + b * a.g_sb + t * a.g_st, a.vocab);
-      out_div[row] = 0.f;
-      if (out_ent) out_ent[row] = 0.f;
-      out_logp[row] = 0.f;
-      out_logq[row] = 0.f;
+      rows.store(row, 0.f, 0.f, 0.f, 0.f);
     }
   }
 }

@@ -244,6 +244,28 @@ inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c
 // Forward KL and JSD gradients, p - q and p (log p - log m - KL(p||m)), cancel at a in the same
 // limit; there the last pass sets g_a = -sum_{v != a} g_v (every gradient here sums to 0 over
 // the vocabulary) when p_a > 1/2, i.e. when that is the more accurate of the two.
+// g[i] = vec8(i) eight floats at a time (two vectors per step), scalar(i) for the tail, each
+// value also added to `sum_g` (vector lanes summed once, then the tail in order).
+template <class Vec8, class Scalar>
+inline void store_and_sum(float* g, int64_t n, float& sum_g, Vec8 vec8, Scalar scalar) {
+  v8f acc0 = {}, acc1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v8f g0 = vec8(i);
+    const v8f g1 = vec8(i + 8);
+    store8(g + i, g0);
+    store8(g + i + 8, g1);
+    acc0 += g0;
+    acc1 += g1;
+  }
+  sum_g += sum8(acc0 + acc1);
+  for (; i < n; ++i) {
+    const float gi = scalar(i);
+    g[i] = gi;
+    sum_g += gi;
+  }
+}
+
 template <int SD, int TD, int DIV>
 void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>::type* t,
                  typename Storage<SD>::type* grad, int64_t vocab, int64_t grad_cols, int64_t target,
@@ -438,45 +460,24 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     } else if (DIV == FORWARD_KL) {
       // g = p - q (scaled) and its sum; explicit vectors: GCC's `omp simd reduction` version of
       // this loop was measured 20% slower per row than the loop without the sum
-      v8f acc0 = {}, acc1 = {};
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        const v8f g0 = load8(first + i) * to_p - load8(second + i) * to_q;
-        const v8f g1 = load8(first + i + 8) * to_p - load8(second + i + 8) * to_q;
-        store8(g + i, g0);
-        store8(g + i + 8, g1);
-        acc0 += g0;
-        acc1 += g1;
-      }
-      sum_g += sum8(acc0 + acc1);
-      for (; i < n; ++i) {
-        const float gi = first[i] * to_p - second[i] * to_q;
-        g[i] = gi;
-        sum_g += gi;
-      }
+      store_and_sum(
+          g, n, sum_g, [&](int64_t i) { return load8(first + i) * to_p - load8(second + i) * to_q; },
+          [&](int64_t i) { return first[i] * to_p - second[i] * to_q; });
     } else {
       // second = log p - log m, left there by pass 2
       const float jsd_scale = 1.f - beta;
       const float jsd_to_p = jsd_scale * to_p;
       const v8f zero = {};
-      v8f acc0 = {}, acc1 = {};
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        const v8f p0 = load8(first + i) * jsd_to_p, p1 = load8(first + i + 8) * jsd_to_p;
-        const v8f g0 = p0 != 0.f ? p0 * (load8(second + i) - kl_p_m) : zero;
-        const v8f g1 = p1 != 0.f ? p1 * (load8(second + i + 8) - kl_p_m) : zero;
-        store8(g + i, g0);
-        store8(g + i + 8, g1);
-        acc0 += g0;
-        acc1 += g1;
-      }
-      sum_g += sum8(acc0 + acc1);
-      for (; i < n; ++i) {
-        const float p_scaled = first[i] * jsd_to_p;
-        const float gi = p_scaled != 0.f ? p_scaled * (second[i] - kl_p_m) : 0.f;
-        g[i] = gi;
-        sum_g += gi;
-      }
+      store_and_sum(
+          g, n, sum_g,
+          [&](int64_t i) {
+            const v8f p8 = load8(first + i) * jsd_to_p;
+            return p8 != 0.f ? p8 * (load8(second + i) - kl_p_m) : zero;
+          },
+          [&](int64_t i) {
+            const float p_scaled = first[i] * jsd_to_p;
+            return p_scaled != 0.f ? p_scaled * (second[i] - kl_p_m) : 0.f;
+          });
     }
     if (argmax_s >= v0 && argmax_s < v0 + n) g_at_argmax = g[argmax_s - v0];
     if constexpr (SD != F32) store_block<SD>(g_buf, grad + v0, n);
@@ -507,46 +508,29 @@ void run_rows(const Args& a) {
   const S* student = reinterpret_cast<const S*>(a.student);
   const Tt* teacher = reinterpret_cast<const Tt*>(a.teacher);
   S* grad = reinterpret_cast<S*>(a.grad);
-  const bool* keep = reinterpret_cast<const bool*>(a.keep);
-  const int64_t* target = reinterpret_cast<const int64_t*>(a.target);
-  const float* grad_scale = reinterpret_cast<const float*>(a.grad_scale);
-  float* out_div = reinterpret_cast<float*>(a.out_div);
-  float* out_ent = reinterpret_cast<float*>(a.out_ent);
-  float* out_logp = reinterpret_cast<float*>(a.out_logp);
-  float* out_logq = reinterpret_cast<float*>(a.out_logq);
-  const int64_t n_rows = a.rows_b * a.rows_t;
-
-  int64_t n_kept = 0;
-  const std::vector<int64_t> order = kept_rows_first(keep, n_rows, n_kept);
-  const int64_t chunk = kept_chunk(n_kept, a.num_threads);
+  const RowsPlan rows(a);
 #pragma omp parallel num_threads(a.num_threads)
   {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats(a.vocab)));
-#pragma omp for schedule(dynamic, chunk) nowait
-    for (int64_t k = 0; k < n_kept; ++k) {
-      const int64_t row = order[k];
+#pragma omp for schedule(dynamic, rows.chunk) nowait
+    for (int64_t k = 0; k < rows.n_kept; ++k) {
+      const int64_t row = rows.order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
       S* grad_row = grad ? grad + b * a.g_sb + t * a.g_st : nullptr;
       RowOut out{0.f, 0.f, 0.f, 0.f};
-      const int64_t tgt = target ? target[row] : -1;
-      const float scale = grad_scale ? grad_scale[row] : 1.f;
+      const int64_t tgt = rows.target ? rows.target[row] : -1;
+      const float scale = rows.grad_scale ? rows.grad_scale[row] : 1.f;
       process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st, grad_row,
-                               a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, out_ent != nullptr,
+                               a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, rows.out_ent != nullptr,
                                scratch.data(), out);
-      out_div[row] = out.div;
-      if (out_ent) out_ent[row] = out.entropy;
-      out_logp[row] = out.logp_target;
-      out_logq[row] = out.logq_target;
+      rows.store(row, out.div, out.entropy, out.logp_target, out.logq_target);
     }
 #pragma omp for schedule(static)
-    for (int64_t k = n_kept; k < n_rows; ++k) {
-      const int64_t row = order[k];
+    for (int64_t k = rows.n_kept; k < rows.n_rows; ++k) {
+      const int64_t row = rows.order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
       if (grad) zero_fill<SD>(grad + b * a.g_sb + t * a.g_st, a.grad_cols);
-      out_div[row] = 0.f;
-      if (out_ent) out_ent[row] = 0.f;
-      out_logp[row] = 0.f;
-      out_logq[row] = 0.f;
+      rows.store(row, 0.f, 0.f, 0.f, 0.f);
     }
   }
 }

@@ -36,3 +36,16 @@ def fit_linear_head(loss_of_logits: Callable[[torch.Tensor], torch.Tensor], *, v
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def assert_compiles_like_eager(loss_fn: Callable[..., torch.Tensor], student: torch.Tensor, *rest, backend: str):
+    """``torch.compile(loss_fn, fullgraph=True)`` gives eager's loss and gradient w.r.t. ``student``
+    (a leaf that requires grad; ``rest`` are the other arguments)."""
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    loss = compiled(student, *rest)
+    loss.backward()
+    expected_student = student.detach().clone().requires_grad_(True)
+    expected = loss_fn(expected_student, *rest)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(student.grad, expected_student.grad)

@@ -182,26 +182,22 @@ def reference_result(loss, per_token, entropy, kept, ids, num_turns, logp_a, log
     ``(B, T)`` float64 sampled-token log-probs (0 at dropped tokens), or None without targets."""
     B, T = kept.shape
     ent = torch.where(kept, entropy.cpu(), torch.zeros_like(entropy.cpu()))
-    counts = torch.zeros(B, num_turns, dtype=torch.float64)
-    kl_sum = torch.zeros(B, num_turns, dtype=torch.float64)
-    ent_sum = torch.zeros(B, num_turns, dtype=torch.float64)
-    for b in range(B):
-        for i in range(T):
-            if kept[b, i]:
-                k = int(ids[b, i])
-                counts[b, k] += 1
-                kl_sum[b, k] += float(per_token[b, i].detach())
-                ent_sum[b, k] += float(ent[b, i])
-    abs_sum = nlp_sum = None
-    if logp_a is not None:
-        abs_sum = torch.zeros(B, num_turns, dtype=torch.float64)
-        nlp_sum = torch.zeros(B, num_turns, dtype=torch.float64)
+
+    def turn_sums(values):
+        sums = torch.zeros(B, num_turns, dtype=torch.float64)
         for b in range(B):
             for i in range(T):
                 if kept[b, i]:
-                    k = int(ids[b, i])
-                    abs_sum[b, k] += abs(float(logp_a[b, i]) - float(logq_a[b, i]))
-                    nlp_sum[b, k] += -float(logp_a[b, i])
+                    sums[b, int(ids[b, i])] += float(values[b, i])
+        return sums
+
+    counts = turn_sums(torch.ones(B, T, dtype=torch.float64))
+    kl_sum = turn_sums(per_token.detach())
+    ent_sum = turn_sums(ent)
+    abs_sum = nlp_sum = None
+    if logp_a is not None:
+        abs_sum = turn_sums((logp_a.double() - logq_a.double()).abs())
+        nlp_sum = turn_sums(-logp_a.double())
 
     def shape_back(x):
         return None if x is None else (x.squeeze(0) if squeeze else x)
