@@ -43,3 +43,22 @@ if HAS_TRITON:
         lo = tl.minimum(a, b)
         safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
         return hi + tl.log(1.0 + tl.exp(lo - safe_hi))
+
+    @triton.jit
+    def store_dropped_row(
+        row, div_ptr, ent_ptr, logp_ptr, logq_ptr, g_ptr, g_row, n_cols,
+        HAS_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """A row outside the turn mask: zero divergence, entropy and sampled-token log-probs, and
+        (with ``WRITE_GRAD``) zeros over the ``n_cols`` gradient columns at ``g_row``."""
+        tl.store(div_ptr + row, 0.0)
+        tl.store(ent_ptr + row, 0.0)
+        if HAS_TARGET:
+            tl.store(logp_ptr + row, 0.0)
+            tl.store(logq_ptr + row, 0.0)
+        if WRITE_GRAD:
+            cols = tl.arange(0, BLOCK_V)
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for v0 in range(0, n_cols, BLOCK_V):
+                offs = v0 + cols
+                tl.store(g_row + offs, zeros.to(g_ptr.dtype.element_ty), mask=offs < n_cols)

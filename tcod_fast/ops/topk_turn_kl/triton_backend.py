@@ -41,6 +41,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from tcod_fast.ops.triton_common import store_dropped_row
+
 DEFAULT_BLOCK_V = 4096
 
 
@@ -237,16 +239,9 @@ if HAS_TRITON:
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=in_vocab & (in_topk == 0))
                 tl.store(g_row + ids, (coef_k * to_x).to(tl.float32).to(g_ptr.dtype.element_ty), mask=valid)
         else:
-            tl.store(div_ptr + row, 0.0)
-            tl.store(ent_ptr + row, 0.0)
-            if HAS_TARGET:
-                tl.store(logp_ptr + row, 0.0)
-                tl.store(logq_ptr + row, 0.0)
-            if WRITE_GRAD:
-                zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
-                for v0 in range(0, vocab, BLOCK_V):
-                    offs = v0 + cols
-                    tl.store(g_row + offs, zeros.to(g_ptr.dtype.element_ty), mask=offs < vocab)
+            store_dropped_row(
+                row, div_ptr, ent_ptr, logp_ptr, logq_ptr, g_ptr, g_row, vocab, HAS_TARGET, WRITE_GRAD, BLOCK_V
+            )
 
 
 def forward(

@@ -30,7 +30,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tcod_fast.ops.triton_common import log_mixture
+    from tcod_fast.ops.triton_common import log_mixture, store_dropped_row
 
 DEFAULT_BLOCK_V = 4096
 
@@ -188,16 +188,9 @@ if HAS_TRITON:
                         tl.debug_barrier()  # the block stores above are visible before this one
                         tl.store(g_row + arg_s, (-others).to(g_ptr.dtype.element_ty))
         else:
-            tl.store(div_ptr + row, 0.0)
-            tl.store(ent_ptr + row, 0.0)
-            if HAS_TARGET:
-                tl.store(logp_ptr + row, 0.0)
-                tl.store(logq_ptr + row, 0.0)
-            if WRITE_GRAD:
-                zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
-                for v0 in range(0, grad_cols, BLOCK_V):
-                    offs = v0 + cols
-                    tl.store(g_row + offs, zeros.to(g_ptr.dtype.element_ty), mask=offs < grad_cols)
+            store_dropped_row(
+                row, div_ptr, ent_ptr, logp_ptr, logq_ptr, g_ptr, g_row, grad_cols, HAS_TARGET, WRITE_GRAD, BLOCK_V
+            )
 
 
     @triton.jit
