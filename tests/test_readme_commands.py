@@ -64,7 +64,6 @@ NEEDS = [
     (re.compile(r"(?<![a-z])vllm(?![a-z])", re.I), _module("vllm"), "vLLM"),
     (re.compile(r"(?<![a-z])trl(?![a-z])", re.I), _module("trl"), "TRL"),
     (re.compile(r"(?<![a-z])verl(?![a-z])", re.I), _module("verl"), "verl"),
-    (re.compile(r"--parallelism[ =]fsdp2|parallelism=fsdp2"), _cuda, "a CUDA GPU (FSDP2)"),
     (re.compile(r"env\.name=(scienceworld|alfworld)|make-alfworld-tasks"), _module("alfworld"), "the [envs] extra (real environment engines)"),
 ]
 #: Commands that use environments with real engines also carry the ``envs`` marker.
