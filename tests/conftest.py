@@ -3,7 +3,7 @@ the backends each op runs on, the tolerances against the float64 reference and t
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors, so CI checks
 the very kernel code a GPU runs. The variable must be set before triton is first imported, which
-is why it is set here, in the conftest every test session loads first.
+is why it is set here, in the conftest pytest loads before any test module.
 """
 
 import os
