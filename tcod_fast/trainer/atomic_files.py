@@ -5,6 +5,7 @@ Leftover temporary files start with :data:`TMP_PREFIX`."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def publish_newest(folder: Path, newest: Path, name_pattern, *, keep: int) -> None:
+    """Point ``folder/latest`` at ``newest`` (atomically), then delete all but the newest
+    ``keep`` entries whose names match ``name_pattern`` (files or folders, sorted by name)
+    and any temporary leftovers of torn writes."""
+    atomic_write_bytes(folder / "latest", (newest.name + "\n").encode())
+    entries = sorted(p for p in folder.iterdir() if name_pattern.match(p.name))
+    for old in entries[: max(len(entries) - max(keep, 1), 0)]:
+        if old != newest:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    for stale in folder.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

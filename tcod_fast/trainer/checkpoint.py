@@ -33,7 +33,7 @@ import torch
 
 from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.trainer import parallel, sharded_checkpoint
-from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
+from tcod_fast.trainer.atomic_files import atomic_torch_save, publish_newest
 from tcod_fast.trainer.run_folder import CHECKPOINT_NAME as _NAME
 from tcod_fast.trainer.config import TrainConfig, config_to_dict
 from tcod_fast.trainer.metrics_log import read_metrics
@@ -83,13 +83,7 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep: int = 2
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
     atomic_torch_save(state, path)
-    atomic_write_bytes(folder / "latest", (path.name + "\n").encode())
-    checkpoints = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
-    for old in checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]:
-        if old != path:
-            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-    for stale in folder.glob(TMP_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    publish_newest(folder, path, _NAME, keep=keep)
     return path
 
 

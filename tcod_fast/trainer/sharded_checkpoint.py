@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
+from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, publish_newest
 from tcod_fast.trainer.distributed import DistContext
 from tcod_fast.trainer.run_folder import CHECKPOINT_NAME
 
@@ -92,13 +92,7 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
         if final.exists():  # the same step saved again (a resumed run): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
-        atomic_write_bytes(folder / "latest", (final.name + "\n").encode())
-        checkpoints = sorted(p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name))
-        for old in checkpoints[: max(len(checkpoints) - max(keep, 1), 0)]:
-            if old != final:
-                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-        for stale in folder.glob(TMP_PREFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        publish_newest(folder, final, CHECKPOINT_NAME, keep=keep)
     context.barrier()
     return final
 
