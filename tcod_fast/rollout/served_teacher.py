@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tcod_fast.errors import UserError
+from tcod_fast.server_requests import ServerRequestSettings
 from tcod_fast.rollout.generation import GenerationOutput, SamplingParams, _eos_ids, truncate_at_stop
 
 __all__ = ["ServedTeacher", "TeacherScores", "TeacherServerError", "parse_token_key"]
@@ -77,18 +78,14 @@ class TeacherScores:
 
 
 @dataclass
-class ServedTeacher:
+class ServedTeacher(ServerRequestSettings):
     """Client of a teacher served by an OpenAI-compatible server.
 
     Attributes:
         server_url: base URL, e.g. ``http://127.0.0.1:8000`` (``/v1`` is added).
         tokenizer: the tokenizer whose ids the server's model uses (decoding, eos).
-        model: the served model's name; ``None`` asks ``/v1/models`` once.
-        top_k: ids per position in :meth:`score`'s maps (the server's ``prompt_logprobs``).
-        max_concurrency: requests in flight at once.
-        timeout_s: time-out of one request.
-        retries: attempts after the first failure of a request.
-        backoff_s: wait before the first retry, doubled for each next one.
+        model, top_k, max_concurrency, timeout_s, retries, backoff_s: keyword-only, see
+            :class:`ServerRequestSettings`.
         eos_token_ids: ids that end a response; default ``(tokenizer.eos_token_id,)``.
         context_limit: prompt + response limit of the served model; ``None`` reads
             ``max_model_len`` from ``/v1/models`` (vLLM's) when first needed.
@@ -96,12 +93,6 @@ class ServedTeacher:
 
     server_url: str
     tokenizer: object
-    model: str | None = None
-    top_k: int = 20
-    max_concurrency: int = 8
-    timeout_s: float = 120.0
-    retries: int = 3
-    backoff_s: float = 1.0
     eos_token_ids: tuple[int, ...] | None = None
     context_limit: int | None = None
     _models_read: bool = field(init=False, repr=False, default=False)

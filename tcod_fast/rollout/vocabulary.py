@@ -13,8 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from tcod_fast.rollout.prompter import PaperPrompter, PromptState
+from tcod_fast.rollout.prompts import parse_action
 
 __all__ = ["expert_episode_texts"]
+
+# Replies whose format-error feedback the corpus holds: no tags, an empty action, no action.
+_MALFORMED_REPLIES = ("no tags", "<action></action>", "<think>x</think>")
 
 
 def expert_episode_texts(
@@ -22,53 +26,46 @@ def expert_episode_texts(
     tasks: Sequence[str],
     prompter: Any = None,
     *,
-    max_turns: int = 50,
+    include_feedback: bool = True,
 ) -> list[str]:
-    """Render everything an expert episode of each task shows or says.
+    """Every message an expert episode of each task shows or says, in both prompt layouts.
 
     Args:
         env: an environment (:class:`tcod_fast.envs.base.Env`); it is reset per task.
-        tasks: task ids to play.
+        tasks: task ids to play (the expert plays each to its end).
         prompter: the rollout's prompter (default :class:`PaperPrompter`).
-        max_turns: most expert actions played per task.
+        include_feedback: also render the feedback messages for malformed replies.
 
     Returns:
-        a list of texts: prompts, observations, actions, replies and the format-error
-        feedback, plus one text with every piece preceded by a space (word pieces carry
-        their leading space, so ``" look"`` and ``"look"`` are different pieces).
+        per task, in order: the first message and windowed prompt; per expert action, the
+        expert's reply, the follow-up message, the windowed prompt and the admissible
+        actions; the windowed prompt after a wasted turn (its placeholder in the history).
+        Then, with ``include_feedback``, the feedback for malformed replies. A word-level
+        tokenizer learnt from these covers the prompts, observations and expert replies;
+        states off the expert path may still show a few unseen words (``<unk>``).
     """
     prompter = prompter if prompter is not None else PaperPrompter()
     texts: list[str] = []
     for task in tasks:
         first = env.reset(task)
-        state = PromptState(first.task_text, first.observation, list(first.admissible_actions), 0)
-        texts += [first.task_text, first.observation, *first.admissible_actions]
+        state = PromptState(first.task_text, first.observation, list(first.admissible_actions), 0, [])
         texts += [prompter.first_message(state), prompter.window_message(state)]
-        for action in (env.expert_actions() or [])[:max_turns]:
-            step = env.step(action)
-            texts += [action, prompter.expert_reply(action), step.observation]
-            texts += step.admissible_actions
+        for action in env.expert_actions() or []:
+            texts.append(prompter.expert_reply(action))
+            result = env.step(action)
             state = PromptState(
-                state.task_text,
-                step.observation,
-                list(step.admissible_actions),
+                first.task_text,
+                result.observation,
+                list(result.admissible_actions),
                 state.step_count + 1,
                 state.history + [(state.observation, action)],
             )
             texts += [prompter.observation_message(state), prompter.window_message(state)]
-            if step.done:
+            texts += result.admissible_actions
+            if result.done:
                 break
-        # A wasted turn shows the feedback, and the history then lists the placeholder
-        # action of a wasted turn.
-        wasted = prompter.parse_action("", state.admissible_actions)
-        texts.append(prompter.format_error_feedback(wasted))
-        wasted_state = PromptState(
-            state.task_text,
-            state.observation,
-            state.admissible_actions,
-            state.step_count + 1,
-            state.history + [(state.observation, None)],
-        )
-        texts.append(prompter.window_message(wasted_state))
-    texts.append(" ".join(texts))
+        wasted = PromptState(first.task_text, first.observation, list(first.admissible_actions), 1, [(first.observation, None)])
+        texts.append(prompter.window_message(wasted))
+    for reply in _MALFORMED_REPLIES if include_feedback else ():
+        texts.append(prompter.format_error_feedback(parse_action(reply, None, prompter.prompt_config)))
     return texts

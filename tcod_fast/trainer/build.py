@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from tcod_fast.envs.pool import EnvPool, PoolConfig
 from tcod_fast.envs.registry import EnvSpec, make_env
 from tcod_fast.errors import UserError
-from tcod_fast.rollout import EnvListDriver, PaperPrompter, PromptState
-from tcod_fast.rollout.prompts import parse_action, prompt_config_for
+from tcod_fast.rollout import EnvListDriver, PaperPrompter, expert_episode_texts
+from tcod_fast.rollout.prompts import prompt_config_for
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
 from tcod_fast.trainer.config import EnvSettings, TrainConfig
 
@@ -24,7 +24,6 @@ __all__ = [
     "build_model",
     "build_prompter",
     "build_tokenizer",
-    "collect_env_texts",
     "env_task_splits",
     "load_tokenizer",
     "torch_dtype",
@@ -84,45 +83,6 @@ def env_task_splits(env_settings: EnvSettings, env=None) -> dict[str, list[str]]
     }
 
 
-def collect_env_texts(
-    env, prompter, tasks, *, max_tasks: int | None = None, include_feedback: bool = True
-) -> list[str]:
-    """Every message an expert episode of ``tasks`` shows, in both prompt layouts, and
-    (``include_feedback``) the feedback messages for malformed replies.
-
-    A word-level tokenizer learnt from these covers the prompts, observations and expert
-    replies; states off the expert path may still show a few unseen words (``<unk>``).
-    """
-    texts: list[str] = []
-    for task in list(tasks)[: max_tasks or None]:
-        first = env.reset(task)
-        expert = env.expert_actions() or []
-        state = PromptState(first.task_text, first.observation, list(first.admissible_actions), 0, [])
-        texts.append(prompter.first_message(state))
-        texts.append(prompter.window_message(state))
-        for action in expert:
-            texts.append(prompter.expert_reply(action))
-            result = env.step(action)
-            state = PromptState(
-                first.task_text,
-                result.observation,
-                list(result.admissible_actions),
-                state.step_count + 1,
-                state.history + [(state.observation, action)],
-            )
-            texts.append(prompter.observation_message(state))
-            texts.append(prompter.window_message(state))
-            texts.extend(result.admissible_actions)
-            if result.done:
-                break
-        # A step after a wasted turn shows the wasted-turn marker in the history.
-        wasted = PromptState(first.task_text, first.observation, list(first.admissible_actions), 1, [(first.observation, None)])
-        texts.append(prompter.window_message(wasted))
-    for reply in ("no tags", "<action></action>", "<think>x</think>") if include_feedback else ():
-        texts.append(prompter.format_error_feedback(parse_action(reply, None, prompter.prompt_config)))
-    return texts
-
-
 def build_tokenizer(
     config: TrainConfig, prompter, *, max_tasks_per_split: int | None = None, progress: bool | None = None
 ):
@@ -149,9 +109,9 @@ def build_tokenizer(
         with bar:
             for tasks in chosen:  # the same texts, in the same order, as one call per split
                 for task in tasks:
-                    texts += collect_env_texts(env, prompter, [task], include_feedback=False)
+                    texts += expert_episode_texts(env, [task], prompter, include_feedback=False)
                     bar.update(1)
-                texts += collect_env_texts(env, prompter, [])
+                texts += expert_episode_texts(env, [], prompter)
     finally:
         env.close()
     return build_word_tokenizer(texts)

@@ -49,6 +49,7 @@ from tcod_fast.algorithms import ALGORITHMS, get_algorithm
 from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler, nest_schedule_settings
 from tcod_fast.envs.registry import ENV_NAMES
 from tcod_fast.errors import ConfigError
+from tcod_fast.server_requests import ServerRequestSettings
 from tcod_fast.tiny_models import TinyModelConfig
 
 __all__ = [
@@ -205,7 +206,7 @@ class LossSettings:
 
 
 @dataclass
-class TeacherSettings:
+class TeacherSettings(ServerRequestSettings):
     """A teacher served by an OpenAI-compatible completions server (vLLM's ``api_server``).
 
     Attributes:
@@ -214,22 +215,11 @@ class TeacherSettings:
             trainer asks the server for the teacher's log-probs and top-K maps of every
             trained token (``loss.estimator`` ``sampled`` or ``topk``) and for the
             teacher-played turns; the served model must use the trainer's tokenizer.
-        model: the served model's name (``None``: the server's first model).
-        top_k: teacher log-probs per position for the ``topk`` estimator (the server's
-            ``prompt_logprobs``; vLLM caps it with ``--max-logprobs``, default 20).
-        max_concurrency: requests in flight at once.
-        timeout_s: time-out of one request, in seconds.
-        retries: retries of a failed request (refused, timed out, HTTP error, malformed JSON).
-        backoff_s: wait before the first retry, doubled for each next one.
+        model, top_k, max_concurrency, timeout_s, retries, backoff_s: how requests are made
+            (:class:`~tcod_fast.server_requests.ServerRequestSettings`).
     """
 
     server_url: str | None = None
-    model: str | None = None
-    top_k: int = 20
-    max_concurrency: int = 8
-    timeout_s: float = 120.0
-    retries: int = 3
-    backoff_s: float = 1.0
 
 
 @dataclass

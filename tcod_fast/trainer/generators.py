@@ -31,16 +31,7 @@ def build_served_teacher(config, tokenizer):
         return None
     from tcod_fast.rollout.served_teacher import ServedTeacher
 
-    return ServedTeacher(
-        server_url=settings.server_url,
-        tokenizer=tokenizer,
-        model=settings.model,
-        top_k=settings.top_k,
-        max_concurrency=settings.max_concurrency,
-        timeout_s=settings.timeout_s,
-        retries=settings.retries,
-        backoff_s=settings.backoff_s,
-    )
+    return ServedTeacher(settings.server_url, tokenizer, **settings.request_settings())
 
 
 def vllm_engine(run, name: str, model) -> Any:

@@ -7,6 +7,7 @@ import torch
 from trainer_helpers import tiny_config
 
 from tcod_fast.errors import UserError
+from tcod_fast.rollout import expert_episode_texts
 from tcod_fast.tiny_models import TinyModelConfig, build_word_tokenizer
 from tcod_fast.trainer import build
 
@@ -58,7 +59,7 @@ def test_tokenizer_covers_every_expert_episode_text(tmp_path):
     env = build.make_one_env(config.env)
     texts = []
     for tasks in build.env_task_splits(config.env, env).values():
-        texts += build.collect_env_texts(env, prompter, tasks, max_tasks=3)
+        texts += expert_episode_texts(env, tasks[:3], prompter)
     assert len(texts) > 20
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
