@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -234,19 +234,10 @@ def build_tiny_causal_lm(config: TinyModelConfig, tokenizer=None, *, dtype: torc
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": None,
         }
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.initializer_range,
-        **token_ids,
-        **config.extra_config,
-    )
+    # Every field but these is a Hugging Face config field of the same name.
+    not_hf_fields = ("architecture", "vocab_size", "seed", "extra_config")
+    shape = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in not_hf_fields}
+    common = dict(**shape, vocab_size=vocab_size, **token_ids, **config.extra_config)
     if config.architecture == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

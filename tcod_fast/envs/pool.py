@@ -329,19 +329,7 @@ class EnvPool:
         Raises ValueError for an action sent to a slot that was never reset.
         """
         self._check_batch(actions, "actions")
-        commands = {}
-        results: dict[int, Any] = {}
-        for slot, action in enumerate(actions):
-            if action is None:
-                continue
-            state = self._slots[slot]
-            if state.task is None:
-                raise ValueError(f"slot {slot} got action {action!r} but has no episode; call reset_many first")
-            if state.error is not None:
-                results[slot] = state.error
-            else:
-                commands[slot] = ("step", action)
-        results.update(self._run(commands, self.config.step_timeout_s))
+        results = self._run_on_episodes({slot: ("step", a) for slot, a in enumerate(actions) if a is not None})
         return [results.get(slot) for slot in range(len(actions))]
 
     def expert_actions_many(self, slots: Sequence[int] | None = None) -> list[list[str] | None | EnvError]:
@@ -355,18 +343,26 @@ class EnvPool:
 
     def _ask_expert(self, op: str, slots: Sequence[int] | None) -> list:
         slots = list(range(self.num_slots)) if slots is None else list(slots)
+        results = self._run_on_episodes({slot: (op, None) for slot in slots})
+        return [results[slot] for slot in slots]
+
+    def _run_on_episodes(self, commands: dict[int, tuple[str, Any]]) -> dict[int, Any]:
+        """Run ``commands`` (slot -> ``(op, argument)``) in slots that hold an episode; a slot
+        whose env failed answers its :class:`EnvError` without a command. Raises ValueError
+        for a slot that was never reset."""
         results: dict[int, Any] = {}
-        commands = {}
-        for slot in slots:
+        live = {}
+        for slot, (op, argument) in commands.items():
             state = self._slots[slot]
             if state.task is None:
-                raise ValueError(f"slot {slot} has no episode; call reset_many first")
+                sent = f" got action {argument!r} but" if op == "step" else ""
+                raise ValueError(f"slot {slot}{sent} has no episode; call reset_many first")
             if state.error is not None:
                 results[slot] = state.error
             else:
-                commands[slot] = (op, None)
-        results.update(self._run(commands, self.config.step_timeout_s))
-        return [results[slot] for slot in slots]
+                live[slot] = (op, argument)
+        results.update(self._run(live, self.config.step_timeout_s))
+        return results
 
     def start_envs(self, *, progress: bool = False, description: str = "starting envs") -> list[EnvError | None]:
         """Construct every slot's env now, in parallel across the workers, instead of at its

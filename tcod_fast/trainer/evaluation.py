@@ -12,12 +12,11 @@ import torch.distributed as dist
 from tcod_fast import objectives
 from tcod_fast.algorithms import LossCoefficients
 from tcod_fast.curriculum import EpisodePlan
-from tcod_fast.rollout import run_episodes
 from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer import parallel
 from tcod_fast.trainer.distributed import DistContext, all_reduce_sum
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
-from tcod_fast.trainer.setup import TrainingRun, generators, rollout_config, setup_run
+from tcod_fast.trainer.setup import TrainingRun, generators, play_episodes, setup_run
 
 __all__ = ["evaluate", "evaluate_model", "kl_metrics", "measure_kl_by_turn"]
 
@@ -47,18 +46,15 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
         if not tasks:
             continue
         plans = run.sampler.plan_eval_batch(tasks)[run.dist.rank :: run.dist.world_size]
-        with parallel.gathered_for_generation(run.student):  # FSDP2: the whole student while playing
-            trajectories = run_episodes(
-                [tasks[p.task_index] for p in plans],
-                plans,
-                run.envs,
-                tokenizer=run.tokenizer,
-                prompter=run.prompter,
-                student=student,
-                config=rollout_config(
-                    run, temperature=run.config.eval.temperature, seed=run.config.eval.seed, description=f"eval {split}"
-                ),
-            )
+        trajectories = play_episodes(
+            run,
+            tasks,
+            plans,
+            student=student,
+            temperature=run.config.eval.temperature,
+            seed=run.config.eval.seed,
+            description=f"eval {split}",
+        )
         won, turns = all_reduce_sum(
             torch.tensor([sum(t.won for t in trajectories), sum(t.num_turns for t in trajectories)], dtype=torch.float64),
             run.dist,

@@ -39,7 +39,6 @@ from tcod_fast import objectives
 from tcod_fast.algorithms import LossCoefficients, get_algorithm
 from tcod_fast.curriculum import CurriculumSampler, EpisodePlan
 from tcod_fast.errors import TcodFastWarning
-from tcod_fast.rollout import run_episodes
 from tcod_fast.trainer import build, parallel
 from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, export_student, restore
 from tcod_fast.trainer.config import TrainConfig
@@ -52,7 +51,7 @@ from tcod_fast.trainer.setup import (
     TrainingRun,
     generators,
     preflight,
-    rollout_config,
+    play_episodes,
     setup_run_or_remove_folder,
     warn_if_random_teacher,
 )
@@ -221,19 +220,17 @@ def rollout(run: TrainingRun, step: int) -> StepBatch:
     student, teacher = generators(run)
     if not run.algorithm.needs_teacher_generator and not any("teacher" in p.players for p in plans):
         teacher = None
-    with parallel.gathered_for_generation(run.student, run.teacher):  # FSDP2: whole models while playing
-        trajectories = run_episodes(
-            [tasks[p.task_index] for p in plans],
-            plans,
-            run.envs,
-            tokenizer=run.tokenizer,
-            prompter=run.prompter,
-            student=student,
-            teacher=teacher,
-            config=rollout_config(
-                run, temperature=run.config.rollout.temperature, seed=_step_seed(run, step, 1), description="rollout"
-            ),
-        )
+    trajectories = play_episodes(
+        run,
+        tasks,
+        plans,
+        student=student,
+        teacher=teacher,
+        temperature=run.config.rollout.temperature,
+        seed=_step_seed(run, step, 1),
+        description="rollout",
+        gather_teacher=True,
+    )
     return StepBatch(step=step, plans=plans, trajectories=trajectories)
 
 

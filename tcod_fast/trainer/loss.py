@@ -35,11 +35,12 @@ from tcod_fast import objectives
 from tcod_fast.algorithms import TURN_WEIGHTINGS, LossCoefficients
 from tcod_fast.curriculum import EpisodePlan, turn_windows_tensor
 from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
+from tcod_fast.ops.topk_turn_kl import fused_topk_turn_kl
 from tcod_fast.ops.turn_kl import fused_turn_kl
 from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
 from tcod_fast.trainer.parallel import is_sharded, sharded_hidden_states
 from tcod_fast.trainer.setup import TrainingRun
-from tcod_fast.trainer.sparse_teacher import sparse_teacher_statistics
+from tcod_fast.trainer.sparse_teacher import SparseTeacher, sparse_teacher_maps
 
 __all__ = [
     "EpisodeTurnStats",
@@ -186,38 +187,47 @@ def turn_kl_statistics(
     backend: str = "auto",
     student_grad: bool = True,
     lm_heads: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sparse_teacher: SparseTeacher | None = None,
 ):
     """Teacher-student divergence of every trained token and its per-(row, turn) sums.
 
-    ``fused_turn_kl`` on logits, or ``fused_linear_turn_kl`` on hidden states with
-    ``lm_heads = (student_weight, teacher_weight)`` when ``outputs.hidden``. Sum reduction;
-    ``student_grad=False`` detaches the student logits (the KL is then a diagnostic).
+    ``fused_turn_kl`` on logits; ``fused_linear_turn_kl`` on hidden states with
+    ``lm_heads = (student_weight, teacher_weight)`` when ``outputs.hidden``;
+    ``fused_topk_turn_kl`` against the teacher's top-K maps when ``sparse_teacher`` is given
+    (``outputs.teacher`` is then not read; ``teacher_logprob`` is the teacher's exact log-prob
+    of each target). Sum reduction; ``student_grad=False`` detaches the student logits (the
+    KL is then a diagnostic).
 
     Returns:
         A ``TurnKLResult`` with ``(R, n)`` per-turn sums and the sampled tokens'
         log-probs, or ``None`` without a teacher.
     """
-    if outputs.teacher is None:
-        return None
-    kwargs = dict(
+    options = dict(
         target_ids=packed.target_ids,
         divergence=divergence,
         beta=jsd_beta,
-        vocab_size=vocab_size,
         reduction="sum",
         return_stats=True,
         num_turns=packed.num_turns,
         backend=backend,
     )
+    if sparse_teacher is not None:
+        student_logits = outputs.student if student_grad else outputs.student.detach()
+        return fused_topk_turn_kl(
+            student_logits, sparse_teacher.topk_ids, sparse_teacher.topk_logprobs, packed.turn_ids, **options
+        )
+    if outputs.teacher is None:
+        return None
     if outputs.hidden:
         if lm_heads is None:
             raise ValueError("hidden-state outputs need lm_heads=(student_weight, teacher_weight), got None")
         student_weight, teacher_weight = lm_heads
         return fused_linear_turn_kl(
-            outputs.student, student_weight, outputs.teacher, teacher_weight, packed.turn_ids, **kwargs
+            outputs.student, student_weight, outputs.teacher, teacher_weight, packed.turn_ids,
+            vocab_size=vocab_size, **options,
         )
     student_logits = outputs.student if student_grad else outputs.student.detach()
-    return fused_turn_kl(student_logits, outputs.teacher, packed.turn_ids, **kwargs)
+    return fused_turn_kl(student_logits, outputs.teacher, packed.turn_ids, vocab_size=vocab_size, **options)
 
 
 # ======================================================================================
@@ -499,26 +509,21 @@ def compute_loss(
         outputs = forward_models(
             run.student, run.teacher, packed, hidden=use_fused_linear, bf16=run.use_bf16, device_type=run.device.type
         )
-        if sparse:
-            stats = sparse_teacher_statistics(
-                run, outputs, packed, divergence=divergence or settings.divergence,
-                student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
-            )
-        else:
-            stats = turn_kl_statistics(
-                outputs,
-                packed,
-                divergence=divergence or settings.divergence,
-                jsd_beta=settings.jsd_beta,
-                vocab_size=min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None,
-                backend=settings.backend,
-                student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
-                lm_heads=(
-                    (run.student.get_output_embeddings().weight, run.teacher.get_output_embeddings().weight)
-                    if use_fused_linear
-                    else None
-                ),
-            )
+        stats = turn_kl_statistics(
+            outputs,
+            packed,
+            divergence=divergence or settings.divergence,
+            jsd_beta=settings.jsd_beta,
+            vocab_size=min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None,
+            backend=settings.backend,
+            student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
+            lm_heads=(
+                (run.student.get_output_embeddings().weight, run.teacher.get_output_embeddings().weight)
+                if use_fused_linear
+                else None
+            ),
+            sparse_teacher=sparse_teacher_maps(run, outputs, packed) if sparse else None,
+        )
         turn_stats = episode_turn_statistics(stats, packed)
         episode_weights = turn_weights(turn_stats, coefficients.turn_weighting, sod_delta=settings.sod_delta)
         row_turn_weights = episode_weights[packed.row_episode] if episode_weights is not None else None

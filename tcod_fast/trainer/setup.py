@@ -23,7 +23,7 @@ import torch
 from tcod_fast.algorithms import Algorithm, get_algorithm
 from tcod_fast.curriculum import CurriculumSampler
 from tcod_fast.errors import TcodFastWarning, UserError
-from tcod_fast.rollout import RolloutConfig, SamplingParams
+from tcod_fast.rollout import RolloutConfig, SamplingParams, run_episodes
 from tcod_fast.trainer import build
 from tcod_fast.trainer.config import TrainConfig, save_config
 from tcod_fast.trainer import parallel
@@ -36,7 +36,7 @@ __all__ = [
     "TrainingRun",
     "generators",
     "preflight",
-    "rollout_config",
+    "play_episodes",
     "setup_run",
     "setup_run_or_remove_folder",
     "warn_if_random_teacher",
@@ -270,10 +270,26 @@ def generators(run: TrainingRun, *, for_eval: bool = False):
     return build_generators(run, for_eval=for_eval)
 
 
-def rollout_config(run: TrainingRun, *, temperature: float, seed: int, description: str) -> RolloutConfig:
-    """How a rollout of ``run`` plays: its context mode, sampling, seed and progress label."""
+def play_episodes(
+    run: TrainingRun,
+    tasks,
+    plans,
+    *,
+    student,
+    teacher=None,
+    temperature: float,
+    seed: int,
+    description: str,
+    gather_teacher: bool = False,
+) -> list:
+    """Play ``plans`` on ``tasks`` in the run's environments: the run's context mode and reply
+    limits, the student sampled at ``temperature`` (the teacher at ``rollout.teacher_temperature``),
+    seeded by ``seed``, with a progress bar ``description`` on the main process. Under FSDP2
+    the student (and, with ``gather_teacher``, the in-process teacher) is gathered whole for
+    the episodes; every process must pass the same ``gather_teacher`` (the gather is
+    collective)."""
     settings = run.config.rollout
-    return RolloutConfig(
+    config = RolloutConfig(
         context_mode=run.config.env.context_mode,
         student_sampling=SamplingParams(
             temperature=temperature,
@@ -290,3 +306,14 @@ def rollout_config(run: TrainingRun, *, temperature: float, seed: int, descripti
         show_progress=run.config.logging.progress and run.dist.is_main,
         progress_description=description,
     )
+    with parallel.gathered_for_generation(run.student, run.teacher if gather_teacher else None):
+        return run_episodes(
+            [tasks[p.task_index] for p in plans],
+            plans,
+            run.envs,
+            tokenizer=run.tokenizer,
+            prompter=run.prompter,
+            student=student,
+            teacher=teacher,
+            config=config,
+        )

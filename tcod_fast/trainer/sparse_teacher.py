@@ -24,8 +24,7 @@ __all__ = [
     "SparseTeacher",
     "in_process_sparse_teacher",
     "served_sparse_teacher",
-    "sparse_teacher_statistics",
-    "sparse_turn_kl_statistics",
+    "sparse_teacher_maps",
 ]
 
 
@@ -89,54 +88,12 @@ def served_sparse_teacher(teacher, packed) -> SparseTeacher:
     return SparseTeacher(topk_ids=sparse.topk_ids.to(device), topk_logprobs=sparse.topk_logprobs.to(device))
 
 
-def sparse_turn_kl_statistics(
-    student_logits: torch.Tensor,
-    sparse: SparseTeacher,
-    packed,
-    *,
-    divergence: str,
-    jsd_beta: float = 0.5,
-    backend: str = "auto",
-    student_grad: bool = True,
-):
-    """``fused_topk_turn_kl`` of the micro-batch, sum reduction, with statistics: the
-    sparse counterpart of :func:`tcod_fast.trainer.loss.turn_kl_statistics` (the same
-    ``TurnKLResult``; ``teacher_logprob`` is the teacher's exact log-prob of each target)."""
-    from tcod_fast.ops.topk_turn_kl import fused_topk_turn_kl
-
-    logits = student_logits if student_grad else student_logits.detach()
-    return fused_topk_turn_kl(
-        logits,
-        sparse.topk_ids,
-        sparse.topk_logprobs,
-        packed.turn_ids,
-        target_ids=packed.target_ids,
-        divergence=divergence,
-        beta=jsd_beta,
-        reduction="sum",
-        return_stats=True,
-        num_turns=packed.num_turns,
-        backend=backend,
-    )
-
-
-def sparse_teacher_statistics(run, outputs, packed, *, divergence: str, student_grad: bool):
-    """The trainer's hook: top-K maps from ``run.served_teacher`` when set, else from the
-    in-process teacher's logits (``outputs.teacher``), then
-    :func:`sparse_turn_kl_statistics`. ``None`` without any teacher."""
-    settings = run.config
+def sparse_teacher_maps(run, outputs, packed) -> SparseTeacher | None:
+    """The teacher's top-K maps of ``packed``: from ``run.served_teacher`` when set, else from
+    the in-process teacher's logits (``outputs.teacher``, ``teacher.top_k`` ids per position);
+    ``None`` without any teacher."""
     if run.served_teacher is not None:
-        sparse = served_sparse_teacher(run.served_teacher, packed)
-    elif outputs.teacher is not None:
-        sparse = in_process_sparse_teacher(outputs.teacher, packed, settings.teacher.top_k)
-    else:
-        return None
-    return sparse_turn_kl_statistics(
-        outputs.student,
-        sparse,
-        packed,
-        divergence=divergence,
-        jsd_beta=settings.loss.jsd_beta,
-        backend=settings.loss.backend,
-        student_grad=student_grad,
-    )
+        return served_sparse_teacher(run.served_teacher, packed)
+    if outputs.teacher is not None:
+        return in_process_sparse_teacher(outputs.teacher, packed, run.config.teacher.top_k)
+    return None

@@ -116,6 +116,20 @@ def config(mode="append", **kwargs):
     )
 
 
+def play(tasks, plans, envs, tokenizer, *, student=None, teacher=None, rollout=None):
+    """``run_episodes`` with the tests' prompter and (unless ``rollout``) rollout settings."""
+    return run_episodes(
+        tasks,
+        plans,
+        envs,
+        tokenizer=tokenizer,
+        prompter=PROMPTER,
+        student=student,
+        teacher=teacher,
+        config=rollout if rollout is not None else config(),
+    )
+
+
 MIXED_PLANS = [
     plan(["student", "student", "stop"], max_turns=6),  # F2B: cut after 2 student turns
     plan(["expert", "expert", "student", "student"]),  # B2F: expert prefix of 2
@@ -162,16 +176,7 @@ def check_trajectory(traj, tokenizer, episode_plan):
 @pytest.mark.parametrize("mode", ["append", "window"])
 def test_mixed_players_give_well_formed_trajectories(mode, tokenizer, student, teacher):
     envs = [KeyDoorEnv() for _ in TASKS]
-    trajs = run_episodes(
-        TASKS,
-        MIXED_PLANS,
-        envs,
-        tokenizer=tokenizer,
-        prompter=PROMPTER,
-        student=student,
-        teacher=teacher,
-        config=config(mode),
-    )
+    trajs = play(TASKS, MIXED_PLANS, envs, tokenizer, student=student, teacher=teacher, rollout=config(mode))
     assert [t.task for t in trajs] == TASKS
     for traj, episode_plan in zip(trajs, MIXED_PLANS):
         assert traj.context_mode == mode
@@ -222,15 +227,9 @@ def test_mixed_players_give_well_formed_trajectories(mode, tokenizer, student, t
 
 def test_window_prompt_shows_the_history(tokenizer):
     replies = ["<think>a</think><action>look</action>"] * 4
-    traj = run_episodes(
-        TASKS[:1],
-        [plan(["student"] * 4)],
-        [KeyDoorEnv(KeyDoorConfig(max_idle_steps=0))],  # four looks in a row must not lose
-        tokenizer=tokenizer,
-        prompter=PROMPTER,
-        student=ScriptedGenerator(tokenizer, replies),
-        config=config("window"),
-    )[0]
+    env = KeyDoorEnv(KeyDoorConfig(max_idle_steps=0))  # four looks in a row must not lose
+    scripted = ScriptedGenerator(tokenizer, replies)
+    traj = play(TASKS[:1], [plan(["student"] * 4)], [env], tokenizer, student=scripted, rollout=config("window"))[0]
     last_prompt = tokenizer.decode(traj.turns[3].window_prompt_token_ids)
     assert "you have already taken 3 step(s)" in last_prompt
     assert "[Action 3: look]" in last_prompt and "[Action 1: look]" not in last_prompt  # k = 2
@@ -241,15 +240,7 @@ def test_expert_replay_wins_and_rewards_are_recorded(tokenizer):
     env = KeyDoorEnv()
     env.reset(TASKS[2])
     num_expert = len(env.expert_actions())
-    traj = run_episodes(
-        TASKS[2:3],
-        [plan(["expert"] * 30)],
-        [KeyDoorEnv()],
-        tokenizer=tokenizer,
-        prompter=PROMPTER,
-        student=None,
-        config=config(),
-    )[0]
+    traj = play(TASKS[2:3], [plan(["expert"] * 30)], [KeyDoorEnv()], tokenizer, student=None)[0]
     assert traj.won and traj.stop_reason == "env_done"
     assert traj.num_turns == num_expert and traj.num_expert_turns == num_expert
     assert traj.rewards[-1] == 1.0 and traj.total_reward == 1.0
@@ -270,15 +261,8 @@ def test_malformed_replies_are_wasted_turns_not_crashes(tokenizer):
         f"<action>{good_action}</action>",  # action without <think>: played, error recorded
         f"<think>ok</think><action>{good_action}</action>",  # clean
     ]
-    traj = run_episodes(
-        TASKS[:1],
-        [plan(["student"] * 3)],
-        [KeyDoorEnv()],
-        tokenizer=tokenizer,
-        prompter=PROMPTER,
-        student=ScriptedGenerator(tokenizer, replies),
-        config=config(),
-    )[0]
+    scripted = ScriptedGenerator(tokenizer, replies)
+    traj = play(TASKS[:1], [plan(["student"] * 3)], [KeyDoorEnv()], tokenizer, student=scripted)[0]
     wasted, no_think, clean = traj.turns
     assert wasted.action is None and "no <action></action> block" in wasted.format_error
     assert wasted.observation.startswith("Your reply could not be used") and wasted.reward == 0.0
@@ -295,15 +279,7 @@ def test_env_failures_end_only_their_episode(tokenizer, student):
         FaultInjectingEnv(make_key_door_env, {TASKS[2]: "raise"}, fault_at_step=0),
     ]
     envs = [KeyDoorEnv(), faulty[0], faulty[1]]
-    trajs = run_episodes(
-        TASKS[:3],
-        [plan(["expert"] * 4)] * 3,
-        envs,
-        tokenizer=tokenizer,
-        prompter=PROMPTER,
-        student=student,
-        config=config(),
-    )
+    trajs = play(TASKS[:3], [plan(["expert"] * 4)] * 3, envs, tokenizer, student=student)
     healthy, mid, at_reset = trajs
     assert (
         healthy.stop_reason == "max_turns" and healthy.num_turns == 4 and healthy.env_error is None
@@ -324,15 +300,7 @@ def test_runs_through_the_worker_pool_in_waves(tokenizer, student):
 
     with EnvPool(make_key_door_env, num_slots=2, config=PoolConfig(num_workers=0)) as pool:
         plans = [plan(["expert", "student"]), plan(["student"]), plan(["student", "student"])]
-        trajs = run_episodes(
-            TASKS[:3],
-            plans,
-            pool,
-            tokenizer=tokenizer,
-            prompter=PROMPTER,
-            student=student,
-            config=config(),
-        )
+        trajs = play(TASKS[:3], plans, pool, tokenizer, student=student)
     assert [t.task for t in trajs] == TASKS[:3]
     assert [t.episode_index for t in trajs] == [0, 1, 2]
     for traj, episode_plan in zip(trajs, plans):
@@ -366,15 +334,7 @@ def test_pool_env_error_is_recorded(tokenizer, student):
         def expert_actions_many(self, slots):
             return [self.envs[s].expert_actions() for s in slots]
 
-    trajs = run_episodes(
-        TASKS[:2],
-        [plan(["expert"] * 3)] * 2,
-        OneShotPool(),
-        tokenizer=tokenizer,
-        prompter=PROMPTER,
-        student=student,
-        config=config(),
-    )
+    trajs = play(TASKS[:2], [plan(["expert"] * 3)] * 2, OneShotPool(), tokenizer, student=student)
     assert trajs[0].num_turns == 3 and trajs[0].env_error is None
     assert (
         trajs[1].stop_reason == "env_error"
@@ -409,15 +369,7 @@ def test_a_malformed_env_result_ends_only_its_episode(tokenizer, student):
 
     factory = functools.partial(StepReturnsNoneEnv, TASKS[1])
     with EnvPool(factory, num_slots=2, config=PoolConfig(num_workers=0)) as pool:
-        trajs = run_episodes(
-            TASKS[:2],
-            [plan(["expert"] * 3)] * 2,
-            pool,
-            tokenizer=tokenizer,
-            prompter=PROMPTER,
-            student=student,
-            config=config(),
-        )
+        trajs = play(TASKS[:2], [plan(["expert"] * 3)] * 2, pool, tokenizer, student=student)
         assert pool.restarts == 0
     assert [t.stop_reason for t in trajs] == ["max_turns", "env_error"]
     assert trajs[1].num_turns == 2 and trajs[1].turns[1].env_error == trajs[1].env_error
@@ -434,16 +386,9 @@ def test_a_malformed_env_result_ends_only_its_episode(tokenizer, student):
 def test_rollouts_are_reproducible_from_the_seed(tokenizer, student, teacher):
     def run(seed):
         # Student and teacher both sample, in two episodes.
-        return run_episodes(
-            TASKS[:2],
-            [plan(["student", "teacher"]), plan(["teacher", "student"])],
-            [KeyDoorEnv(), KeyDoorEnv()],
-            tokenizer=tokenizer,
-            prompter=PROMPTER,
-            student=student,
-            teacher=teacher,
-            config=config(seed=seed),
-        )
+        plans = [plan(["student", "teacher"]), plan(["teacher", "student"])]
+        envs = [KeyDoorEnv(), KeyDoorEnv()]
+        return play(TASKS[:2], plans, envs, tokenizer, student=student, teacher=teacher, rollout=config(seed=seed))
 
     first, again, other = run(3), run(3), run(4)
     assert [t.token_ids for t in first] == [t.token_ids for t in again]
@@ -452,36 +397,12 @@ def test_rollouts_are_reproducible_from_the_seed(tokenizer, student, teacher):
 
 def test_context_limit_and_missing_teacher(tokenizer, student):
     small = RecordingGenerator(HFGenerator(student.inner.model, tokenizer, max_context_tokens=64))
-    traj = run_episodes(
-        TASKS[:1],
-        [plan(["student"])],
-        [KeyDoorEnv()],
-        tokenizer=tokenizer,
-        prompter=PROMPTER,
-        student=small,
-        config=config(),
-    )[0]
+    traj = play(TASKS[:1], [plan(["student"])], [KeyDoorEnv()], tokenizer, student=small)[0]
     assert traj.stop_reason == "context_limit" and traj.num_turns == 0 and small.calls == []
     with pytest.raises(ValueError, match="no teacher generator"):
-        run_episodes(
-            TASKS[:1],
-            [plan(["teacher"])],
-            [KeyDoorEnv()],
-            tokenizer=tokenizer,
-            prompter=PROMPTER,
-            student=student,
-            config=config(),
-        )
+        play(TASKS[:1], [plan(["teacher"])], [KeyDoorEnv()], tokenizer, student=student)
     with pytest.raises(ValueError, match="2 tasks but 1 plans"):
-        run_episodes(
-            TASKS[:2],
-            [plan(["student"])],
-            [KeyDoorEnv()] * 2,
-            tokenizer=tokenizer,
-            prompter=PROMPTER,
-            student=student,
-            config=config(),
-        )
+        play(TASKS[:2], [plan(["student"])], [KeyDoorEnv()] * 2, tokenizer, student=student)
 
 
 def test_a_worker_process_dying_ends_only_its_episode(tokenizer, student):
@@ -492,15 +413,7 @@ def test_a_worker_process_dying_ends_only_its_episode(tokenizer, student):
 
     factory = functools.partial(FaultInjectingEnv, make_key_door_env, {TASKS[2]: "die"}, 2)
     with EnvPool(factory, num_slots=3, config=PoolConfig(num_workers=2)) as pool:
-        trajs = run_episodes(
-            TASKS[:3],
-            [plan(["expert"] * 4)] * 3,
-            pool,
-            tokenizer=tokenizer,
-            prompter=PROMPTER,
-            student=student,
-            config=config(),
-        )
+        trajs = play(TASKS[:3], [plan(["expert"] * 4)] * 3, pool, tokenizer, student=student)
         assert pool.restarts >= 1
     assert [t.stop_reason for t in trajs] == ["max_turns", "max_turns", "env_error"]
     assert trajs[2].num_turns == 2 and trajs[2].env_error.startswith("worker_died")
@@ -521,11 +434,11 @@ def test_random_player_and_expert_labels(tokenizer, through_pool):
 
     def run(seed):
         plans = [plan(["random"] * 3)] * 2
-        kwargs = dict(tokenizer=tokenizer, prompter=PROMPTER, student=None, config=config(seed=seed, record_expert_labels=True))
+        rollout = config(seed=seed, record_expert_labels=True)
         if through_pool:
             with EnvPool(make_key_door_env, num_slots=2, config=PoolConfig(num_workers=1)) as pool:
-                return run_episodes(TASKS[:2], plans, pool, **kwargs)
-        return run_episodes(TASKS[:2], plans, [KeyDoorEnv(), KeyDoorEnv()], **kwargs)
+                return play(TASKS[:2], plans, pool, tokenizer, rollout=rollout)
+        return play(TASKS[:2], plans, [KeyDoorEnv(), KeyDoorEnv()], tokenizer, rollout=rollout)
 
     trajs = run(5)
     assert [[t.action for t in traj.turns] for traj in trajs] == [[t.action for t in traj.turns] for traj in run(5)]
@@ -549,8 +462,5 @@ def test_random_player_and_expert_labels(tokenizer, through_pool):
 
 
 def test_expert_labels_are_none_when_not_asked(tokenizer):
-    traj = run_episodes(
-        TASKS[:1], [plan(["expert"] * 2)], [KeyDoorEnv()], tokenizer=tokenizer, prompter=PROMPTER, student=None,
-        config=config(),
-    )[0]  # fmt: skip
+    traj = play(TASKS[:1], [plan(["expert"] * 2)], [KeyDoorEnv()], tokenizer)[0]
     assert [t.expert_label for t in traj.turns] == [None, None]

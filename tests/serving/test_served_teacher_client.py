@@ -116,7 +116,8 @@ def test_full_top_k_equals_the_full_vocabulary_kl():
     from types import SimpleNamespace
 
     from tcod_fast import fused_turn_kl
-    from tcod_fast.trainer.sparse_teacher import in_process_sparse_teacher, sparse_turn_kl_statistics
+    from tcod_fast.trainer.loss import ModelOutputs, turn_kl_statistics
+    from tcod_fast.trainer.sparse_teacher import in_process_sparse_teacher
 
     rows, positions, vocab = 3, 11, 37
     student = torch.randn(rows, positions, vocab, dtype=torch.float64, requires_grad=True)
@@ -125,7 +126,8 @@ def test_full_top_k_equals_the_full_vocabulary_kl():
     turn_ids = torch.randint(-1, 3, (rows, positions))
     packed = SimpleNamespace(target_ids=target_ids, turn_ids=turn_ids, trained=turn_ids >= 0, num_turns=3)
     sparse = in_process_sparse_teacher(teacher, packed, top_k=vocab)
-    ours = sparse_turn_kl_statistics(student, sparse, packed, divergence="reverse_kl", backend="torch")
+    outputs = ModelOutputs(student=student, teacher=None, hidden=False)
+    ours = turn_kl_statistics(outputs, packed, divergence="reverse_kl", backend="torch", sparse_teacher=sparse)
     exact = fused_turn_kl(
         student, teacher, turn_ids, target_ids=target_ids, reduction="sum", return_stats=True, num_turns=3, backend="torch"
     )

@@ -2,24 +2,17 @@
 
 import pytest
 
-from tcod_fast.trainer.config import (
-    TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    save_config,
-)
+from tcod_fast.trainer import config as cfg
 
 
 def test_defaults_validate_and_round_trip(tmp_path):
-    config = TrainConfig()
+    config = cfg.TrainConfig()
     config.validate()
-    again = config_from_dict(config_to_dict(config))
+    again = cfg.config_from_dict(cfg.config_to_dict(config))
     assert again == config
     for name in ("run.yaml", "run.json"):
-        save_config(config, tmp_path / name)
-        assert load_config(tmp_path / name) == config
+        cfg.save_config(config, tmp_path / name)
+        assert cfg.load_config(tmp_path / name) == config
 
 
 def test_yaml_and_toml_files_fill_nested_sections(tmp_path):
@@ -27,19 +20,19 @@ def test_yaml_and_toml_files_fill_nested_sections(tmp_path):
         "trainer:\n  lr: 3.0e-5\n  betas: [0.8, 0.95]\ncurriculum:\n  algorithm: tcod_b2f\n  eta: 3\n"
         "model:\n  student_tiny:\n    hidden_size: 48\n"
     )
-    config = load_config(tmp_path / "run.yaml")
+    config = cfg.load_config(tmp_path / "run.yaml")
     assert config.trainer.lr == 3e-5 and config.trainer.betas == (0.8, 0.95)
     assert config.algorithm == "tcod_b2f" and config.curriculum.eta == 3
     assert config.model.student_tiny.hidden_size == 48
     (tmp_path / "run.toml").write_text('[trainer]\nsteps = 7\n[loss]\nestimator = "sampled"\n[env.kwargs]\nmax_rooms = 3\n')
-    config = load_config(tmp_path / "run.toml")
+    config = cfg.load_config(tmp_path / "run.toml")
     assert config.trainer.steps == 7 and config.loss.estimator == "sampled"
     assert config.env.kwargs == {"max_rooms": 3}
 
 
 def test_set_overrides_parse_values_and_types():
-    config = apply_overrides(
-        TrainConfig(),
+    config = cfg.apply_overrides(
+        cfg.TrainConfig(),
         [
             "trainer.lr=1e-5",  # YAML 1.1 reads this as a string; the float field converts it
             "trainer.max_grad_norm=null",
@@ -84,46 +77,46 @@ def test_set_overrides_parse_values_and_types():
 )
 def test_bad_overrides_say_what_was_expected(override, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        load_config(None, [override])
+        cfg.load_config(None, [override])
 
 
 def test_unknown_file_keys_and_rl_algorithms_without_groups_are_rejected(tmp_path):
     (tmp_path / "bad.yaml").write_text("trainer:\n  learning_rate: 1\n")
     with pytest.raises(ValueError, match="trainer.learning_rate"):
-        load_config(tmp_path / "bad.yaml")
+        cfg.load_config(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="episodes_per_task >= 2"):
-        load_config(None, ["curriculum.algorithm=grpo"])
-    assert load_config(None, ["curriculum.algorithm=grpo", "curriculum.episodes_per_task=4"]).algorithm == "grpo"
+        cfg.load_config(None, ["curriculum.algorithm=grpo"])
+    assert cfg.load_config(None, ["curriculum.algorithm=grpo", "curriculum.episodes_per_task=4"]).algorithm == "grpo"
     with pytest.raises(ValueError, match=r"\.yaml, \.yml, \.toml or \.json"):
         (tmp_path / "run.ini").write_text("")
-        load_config(tmp_path / "run.ini")
+        cfg.load_config(tmp_path / "run.ini")
 
 
 def test_schedules_nest_under_curriculum_and_old_flat_keys_are_moved(tmp_path):
-    config = load_config(None, ["curriculum.guided.p_init=0.3", "curriculum.atod={anneal_steps: 7, kappa_min: 0.2}"])
+    config = cfg.load_config(None, ["curriculum.guided.p_init=0.3", "curriculum.atod={anneal_steps: 7, kappa_min: 0.2}"])
     assert config.curriculum.guided.p_init == 0.3 and config.curriculum.guided.decay_steps == 100
     assert config.curriculum.atod.anneal_steps == 7 and config.curriculum.atod.kappa_min == 0.2
     # a config.yaml written before the nesting: flat keys, and loss_agg's only accepted value
     (tmp_path / "old.yaml").write_text(
         "curriculum:\n  guided_p_init: 0.25\n  guided_shape: cosine\n  atod_rho_max: 0.5\nloss:\n  loss_agg: token_mean\n"
     )
-    old = load_config(tmp_path / "old.yaml", ["curriculum.guided.decay_steps=9"])
+    old = cfg.load_config(tmp_path / "old.yaml", ["curriculum.guided.decay_steps=9"])
     assert (old.curriculum.guided.p_init, old.curriculum.guided.shape, old.curriculum.guided.decay_steps) == (0.25, "cosine", 9)
     assert old.curriculum.atod.rho_max == 0.5
-    save_config(old, tmp_path / "again.yaml")
+    cfg.save_config(old, tmp_path / "again.yaml")
     assert "guided_p_init" not in (tmp_path / "again.yaml").read_text()
-    assert load_config(tmp_path / "again.yaml") == old
+    assert cfg.load_config(tmp_path / "again.yaml") == old
     (tmp_path / "both.yaml").write_text("curriculum:\n  guided_p_init: 0.25\n  guided:\n    p_init: 0.5\n")
     with pytest.raises(ValueError, match="curriculum.guided.p_init is given twice, as 0.5 and as the older flat curriculum.guided_p_init=0.25"):
-        load_config(tmp_path / "both.yaml")
+        cfg.load_config(tmp_path / "both.yaml")
 
 
 def test_a_config_built_in_python_is_type_checked_by_validate():
-    config = TrainConfig()
+    config = cfg.TrainConfig()
     config.loss.divergence = "kl"
     with pytest.raises(ValueError, match="loss.divergence must be one of reverse_kl, forward_kl, jsd, got 'kl'"):
         config.validate()
-    config = TrainConfig()
+    config = cfg.TrainConfig()
     config.logging.progress = "yes"
     with pytest.raises(ValueError, match="logging.progress: expected true/false, got 'yes'"):
         config.validate()
