@@ -89,8 +89,13 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
         dcp.save(state, checkpoint_id=str(partial), no_dist=not context.enabled)
     if context.is_main:
         atomic_torch_save({**meta, "rng": rng_states, "world_size": context.world_size}, partial / META_NAME)
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(final)
+        if final.exists():
+            # The same step saved again (a resumed run): move the old folder aside with one
+            # rename (publish_newest removes it) instead of deleting it before the new one is
+            # in place, so a crash here never leaves the step without a checkpoint for long.
+            replaced = folder / f"{TMP_PREFIX}{final.name}.replaced"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(partial, final)
         publish_newest(folder, final, CHECKPOINT_NAME, keep=keep)
     context.barrier()

@@ -176,3 +176,26 @@ def test_a_run_saved_with_flat_schedule_keys_resumes(tmp_path, toy_tokenizer):
     resumed = loop.train(tiny_config(run_dir, "trainer.steps=3", *extra), tokenizer=toy_tokenizer, resume=True)
     assert _losses(run_dir) == _losses(tmp_path / "straight")
     assert straight.sampler.state_dict() == resumed.sampler.state_dict()
+
+
+def test_a_dcp_checkpoint_saved_again_at_its_step_is_replaced(tmp_path):
+    """A resumed run that saves a step it had saved: the new DCP folder takes the name, the
+    old one is gone, and nothing temporary is left beside them."""
+    from tcod_fast.trainer.distributed import DistContext
+    from tcod_fast.trainer.sharded_checkpoint import load_meta, load_sharded, save_sharded
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 5)).sum().backward()
+    optimizer.step()
+    save_sharded(tmp_path, 4, model, optimizer, {"saved": "first"}, DistContext())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    final = save_sharded(tmp_path, 4, model, optimizer, {"saved": "second"}, DistContext())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", final.name]
+    meta = load_meta(final)
+    assert meta["saved"] == "second"
+    fresh = torch.nn.Linear(5, 3)
+    load_sharded(meta, fresh, torch.optim.AdamW(fresh.parameters()), DistContext())
+    torch.testing.assert_close(fresh.weight, model.weight)
