@@ -42,10 +42,13 @@ import copy
 import json
 import math
 import multiprocessing
+import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -281,9 +284,23 @@ def run_config(settings: DemoSettings, out: Path, teacher: str, algorithm: str, 
 # ======================================================================================
 # jobs (each runs in a worker process, one torch thread)
 # ======================================================================================
-def _worker_init() -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, ask the kernel to end this worker when the process that started it dies,
+    however it dies (``kill -9`` too): a demo stopped by its user leaves no job running."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the request
+        os._exit(1)
+
+
+def _worker_init(parent_pid: int) -> None:
     import transformers
 
+    _die_with_parent(parent_pid)
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()  # no bar per saved model; the demo has its own
 
@@ -427,7 +444,9 @@ def _run_jobs(jobs: list[_Job], workers: int, on_done: Callable[[_Job, dict, flo
     results: dict[str, dict] = {}
     pending = list(jobs)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+    ) as pool:
         running: dict[concurrent.futures.Future, tuple[_Job, float]] = {}
         while pending or running:
             while len(running) < workers:

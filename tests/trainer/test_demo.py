@@ -4,7 +4,12 @@ every test of this module."""
 
 import json
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -137,3 +142,58 @@ def test_verdicts_follow_the_numbers():
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="'default', 'quick' or 'full'"):
         demo_settings("fast")
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses Linux's parent-death signal")
+def test_killing_the_demo_ends_its_worker_processes():
+    """``kill -9`` of the demo's process: its job workers end too instead of finishing their runs."""
+    script = (
+        "import time\n"
+        "from tcod_fast.trainer.demo import _Job, _run_jobs\n"
+        "print('ready', flush=True)\n"
+        "_run_jobs([_Job('sleep', time.sleep, (600,))], 1, lambda *args: None)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 120
+        while not _children(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(5)  # the worker has run its initializer and started the job
+        workers = _children(parent.pid)
+        assert workers, "the job pool started no worker"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"worker processes {left} outlived the killed demo"
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
