@@ -128,7 +128,7 @@ def test_a_larger_step_count_continues_a_finished_run(tmp_path, toy_tokenizer):
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, toy_tokenizer):
     run_dir = tmp_path / "done"
-    extra = ["trainer.steps=2", "trainer.checkpoint_every=1", "eval.num_tasks=1"]
+    extra = ["trainer.steps=2", "trainer.checkpoint_every=1", "eval.num_tasks=1", "logging.tensorboard=true"]
     first = loop.train(tiny_config(run_dir, *extra), tokenizer=toy_tokenizer)
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
     with pytest.warns(TcodFastWarning, match="finished at step 2 .*nothing to do"):
