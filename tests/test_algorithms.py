@@ -3,9 +3,11 @@ needs, and that a new algorithm is one record that the sampler and config accept
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+from toy_algorithm import TEACHER_FIRST_TURN_OPD
 
 from tcod_fast.algorithms import (
     ALGORITHMS,
@@ -13,6 +15,7 @@ from tcod_fast.algorithms import (
     LossCoefficients,
     algorithm_names,
     get_algorithm,
+    no_curriculum_summary,
     opd_coefficients,
     register_algorithm,
     unregister_algorithm,
@@ -156,19 +159,13 @@ def test_registry_errors_name_what_was_expected():
         Algorithm("x", "x", get_algorithm("opd").plan_episode, 0.5)
 
 
-def _plan_teacher_first_turn(sampler, slot):
-    """The teacher plays turn 0; the student plays and is trained from turn 1."""
-    return slot.plan(("teacher",) + ("student",) * (slot.max_turns - 1), (1, slot.max_turns))
-
-
 def test_a_registered_algorithm_plans_validates_and_goes_away():
-    record = Algorithm(
+    record = dataclasses.replace(
+        TEACHER_FIRST_TURN_OPD,
         name="teacher_first_turn_trio",
         summary="OPD after a teacher-played first turn, in groups of three.",
-        plan_episode=_plan_teacher_first_turn,
-        coefficients=opd_coefficients,
         min_group_size=3,
-        needs_teacher_generator=True,
+        curriculum_summary=no_curriculum_summary,
     )
     register_algorithm(record)
     try:
