@@ -29,17 +29,16 @@ def fused_linear_turn_kl_reference(
     *,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    **kwargs,
+    **options,
 ):
-    """Float64 reference with the signature and semantics of ``fused_linear_turn_kl``.
+    """Float64 reference with the semantics of ``fused_linear_turn_kl``: float64 logits
+    ``h @ W.T + b`` of both heads, then :func:`~tcod_fast.ops.turn_kl.reference.turn_kl_reference`
+    with the same ``**options`` (backend-only keywords such as ``chunk_size`` are ignored there).
 
     Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` through autograd
-    (in their own dtypes); the teacher side is detached. Backend-only keywords (``backend``,
-    ``chunk_size``, ``fp32_weight_grad``) are ignored. No input validation.
+    (in their own dtypes); the teacher side is detached. No input validation.
     """
-    for backend_only in ("backend", "chunk_size", "fp32_weight_grad"):
-        kwargs.pop(backend_only, None)
     student_logits = materialise_logits(student_hidden, student_weight, student_bias)
     with torch.no_grad():
         teacher_logits = materialise_logits(teacher_hidden, teacher_weight, teacher_bias)
-    return turn_kl_reference(student_logits, teacher_logits, turn_ids, **kwargs)
+    return turn_kl_reference(student_logits, teacher_logits, turn_ids, **options)

@@ -10,10 +10,12 @@ in either cannot hide in both.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from tcod_fast.ops.turn_kl.reference import reference_loss, reference_result, reference_turns
+from tcod_fast.ops.fused_linear_turn_kl.reference import materialise_logits
+from tcod_fast.ops.turn_kl.reference import TurnOptions, reference_loss, reference_result, reference_turns
 
 
 def _weighted_log_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -100,36 +102,39 @@ def sparse_divergence_per_row(
     return value, entropy.detach(), log_p
 
 
+@dataclass(frozen=True)
+class TopkTurnKLOptions(TurnOptions):
+    """The keyword options of :func:`topk_turn_kl_reference`."""
+
+    tail: str = "bucket"
+    tail_eps: float = 1e-6
+
+
 def topk_turn_kl_reference(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
     turn_ids: torch.Tensor | None = None,
-    *,
-    turn_window=None,
-    turn_weights: torch.Tensor | None = None,
-    target_ids: torch.Tensor | None = None,
-    divergence: str = "reverse_kl",
-    beta: float = 0.5,
-    tail: str = "bucket",
-    tail_eps: float = 1e-6,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    num_turns: int | None = None,
-    **_ignored,
+    **options,
 ):
-    """Float64 reference with the signature and semantics of :func:`tcod_fast.fused_topk_turn_kl`.
+    """Float64 reference of :func:`tcod_fast.fused_topk_turn_kl`: the student's full softmax
+    against the teacher's top-k, then the token masks, reductions and statistics of
+    :func:`~tcod_fast.ops.turn_kl.reference.turn_kl_reference` (same return types, float64).
 
-    Backend-only keywords are ignored; no input validation (feed it valid inputs). Returns float64
-    results; gradients reach ``student_logits`` through autograd.
+    ``student_logits`` is ``(B, T, V)`` or ``(N, V)`` in any float dtype (gradients reach it
+    through autograd), ``teacher_topk_ids`` integer ``(..., K)`` with ``-1`` for padding,
+    ``teacher_topk_logprobs`` float ``(..., K)``, ``turn_ids`` integer with the leading shape or
+    None. ``**options`` are :class:`TopkTurnKLOptions`: the keywords of ``fused_topk_turn_kl``
+    with its defaults (``tail`` and ``tail_eps`` besides the shared ones); its backend-only
+    keywords are ignored, any other is a TypeError. No input validation.
     """
+    options = TopkTurnKLOptions.from_keywords("topk_turn_kl_reference", options)
     squeeze = student_logits.dim() == 2
     s = student_logits.unsqueeze(0) if squeeze else student_logits
     ids = teacher_topk_ids.unsqueeze(0) if squeeze else teacher_topk_ids
     logq = teacher_topk_logprobs.unsqueeze(0) if squeeze else teacher_topk_logprobs
     B, T = s.shape[:2]
-    turn, kept, num_turns, weights = reference_turns(turn_ids, turn_window, turn_weights, num_turns, B, T)
+    turn, kept, num_turns, weights = reference_turns(turn_ids, options, B, T)
 
     # Dropped rows never take part: give them harmless stand-ins (their ids and log-probs may be
     # anything) so nothing there reaches the kept rows' gradient.
@@ -137,15 +142,17 @@ def topk_turn_kl_reference(
     s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
     ids = torch.where(row_kept.to(ids.device), ids, torch.full_like(ids, -1))
     logq = torch.where(row_kept.to(logq.device), logq, torch.zeros_like(logq))
-    div, entropy, log_p = sparse_divergence_per_row(s, ids, logq, divergence, beta, temperature, tail, tail_eps)
-    per_token, loss = reference_loss(div.cpu(), kept, turn, weights, reduction, num_turns, squeeze)
-    if not return_stats:
+    div, entropy, log_p = sparse_divergence_per_row(
+        s, ids, logq, options.divergence, options.beta, options.temperature, options.tail, options.tail_eps
+    )
+    per_token, loss = reference_loss(div.cpu(), kept, turn, weights, options.reduction, num_turns, squeeze)
+    if not options.return_stats:
         return loss
 
     logp_a = logq_a = None
-    if target_ids is not None:
+    if options.target_ids is not None:
         # the teacher's log q(a) is known only when a is among the row's top-k: NaN otherwise
-        tgt = target_ids.reshape(B, T).long().cpu()
+        tgt = options.target_ids.reshape(B, T).long().cpu()
         logp_a = torch.zeros(B, T, dtype=torch.float64)
         logq_a = torch.zeros(B, T, dtype=torch.float64)
         ids_cpu, logq_cpu, log_p_cpu = ids.cpu(), logq.double().cpu(), log_p.detach().cpu()
@@ -163,18 +170,15 @@ def topk_turn_kl_reference(
 def fused_linear_topk_turn_kl_reference(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    turn_ids: torch.Tensor | None = None,
-    *,
+    *teacher_topk_and_turn_ids: torch.Tensor | None,
     student_bias: torch.Tensor | None = None,
-    **kwargs,
+    **options,
 ):
-    """Float64 reference of ``fused_linear_topk_turn_kl``: float64 logits ``h @ W.T + b``, then
-    :func:`topk_turn_kl_reference`. Gradients reach the hidden states, weight and bias."""
-    for backend_only in ("backend", "chunk_size"):
-        kwargs.pop(backend_only, None)
-    logits = student_hidden.double() @ student_weight.double().t()
-    if student_bias is not None:
-        logits = logits + student_bias.double()
-    return topk_turn_kl_reference(logits, teacher_topk_ids, teacher_topk_logprobs, turn_ids, **kwargs)
+    """Float64 reference of ``fused_linear_topk_turn_kl``: the float64 logits ``h @ W.T + b`` of
+    ``student_hidden`` ``(B, T, H)`` or ``(N, H)``, ``student_weight`` ``(V, H)`` and
+    ``student_bias`` ``(V,)`` or None, then :func:`topk_turn_kl_reference` on them with the rest
+    as given (``teacher_topk_ids, teacher_topk_logprobs[, turn_ids], **options``; backend-only
+    keywords such as ``chunk_size`` are ignored there). Gradients reach the hidden states,
+    weight and bias."""
+    logits = materialise_logits(student_hidden, student_weight, student_bias)
+    return topk_turn_kl_reference(logits, *teacher_topk_and_turn_ids, **options)

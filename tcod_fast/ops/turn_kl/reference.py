@@ -8,6 +8,8 @@ reduction code so a bug there cannot hide in both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
 from tcod_fast.ops.turn_kl.result import TurnKLResult
@@ -63,60 +65,104 @@ def divergence_per_row(
     return value, entropy.detach(), log_p, log_q
 
 
+# Keywords of the public functions that choose how, not what, to compute. The references accept
+# and ignore them, so a call of a public function can be replayed on its reference unchanged.
+BACKEND_ONLY_KEYWORDS = ("backend", "inplace", "chunk_size", "chunk_mode", "fp32_weight_grad")
+
+
+@dataclass(frozen=True)
+class TurnOptions:
+    """The keywords every reference shares with its public function, with the same defaults
+    (their meaning: :func:`tcod_fast.fused_turn_kl`)."""
+
+    turn_window: tuple[int, int] | torch.Tensor | None = None
+    turn_weights: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    divergence: str = "reverse_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    reduction: str = "mean"
+    return_stats: bool = False
+    num_turns: int | None = None
+
+    @classmethod
+    def from_keywords(cls, function_name: str, keywords: dict):
+        """The options given to ``function_name`` as ``**keywords``; backend-only keywords are
+        dropped, any other unknown keyword is a TypeError."""
+        names = {field.name for field in fields(cls)}
+        unknown = sorted(set(keywords) - names - set(BACKEND_ONLY_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"{function_name} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                f"expected some of {', '.join(sorted(names))} (or the ignored {', '.join(BACKEND_ONLY_KEYWORDS)})"
+            )
+        return cls(**{name: value for name, value in keywords.items() if name in names})
+
+
+@dataclass(frozen=True)
+class TurnKLOptions(TurnOptions):
+    """The keyword options of :func:`turn_kl_reference`."""
+
+    vocab_size: int | None = None
+
+
 def turn_kl_reference(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     turn_ids: torch.Tensor | None = None,
-    *,
-    turn_window=None,
-    turn_weights: torch.Tensor | None = None,
-    target_ids: torch.Tensor | None = None,
-    divergence: str = "reverse_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    vocab_size: int | None = None,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    num_turns: int | None = None,
-    **_ignored,
+    **options,
 ):
-    """Float64 reference with the signature and semantics of :func:`tcod_fast.fused_turn_kl`.
+    """Float64 reference with the semantics of :func:`tcod_fast.fused_turn_kl`.
 
-    Accepts the same arguments (backend-only keywords such as ``backend``/``inplace`` are
-    ignored) and returns float64 results. Gradients reach ``student_logits`` through autograd.
-    No input validation: feed it valid inputs.
+    Args:
+        student_logits: ``(B, T, V_s)`` or ``(N, V_s)``, any float dtype (upcast to float64).
+            Gradients reach it through autograd.
+        teacher_logits: ``(B, T, V_t)`` or ``(N, V_t)``, any float dtype; detached.
+        turn_ids: integer tensor with the leading shape (``-1`` = not trained), or None (every
+            token is turn 0).
+        **options: the keywords of ``fused_turn_kl`` (:class:`TurnKLOptions`: ``turn_window``,
+            ``turn_weights``, ``target_ids``, ``divergence``, ``beta``, ``temperature``,
+            ``vocab_size``, ``reduction``, ``return_stats``, ``num_turns``), with its defaults.
+            Backend-only keywords (``backend``, ``inplace``, ...) are ignored; any other is a
+            TypeError.
+
+    Returns:
+        The float64 loss (per-token with the leading shape for ``reduction="none"``), or a
+        ``TurnKLResult`` of float64 tensors. No input validation: feed it valid inputs.
     """
+    options = TurnKLOptions.from_keywords("turn_kl_reference", options)
     squeeze = student_logits.dim() == 2
     s = student_logits.unsqueeze(0) if squeeze else student_logits
     t = teacher_logits.unsqueeze(0) if squeeze else teacher_logits
-    if vocab_size is not None:
-        s, t = s[..., :vocab_size], t[..., :vocab_size]
+    if options.vocab_size is not None:
+        s, t = s[..., :options.vocab_size], t[..., :options.vocab_size]
     B, T = s.shape[:2]
-    ids, kept, num_turns, weights = reference_turns(turn_ids, turn_window, turn_weights, num_turns, B, T)
+    ids, kept, num_turns, weights = reference_turns(turn_ids, options, B, T)
 
     # Dropped rows never take part: zero them so garbage (NaN, a teacher -inf under student
     # mass) there cannot reach the kept rows' gradient through autograd.
     row_kept = kept.to(s.device).unsqueeze(-1)
     s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
     t = torch.where(row_kept, t, torch.zeros((), dtype=t.dtype, device=t.device))
-    div, entropy, log_p, log_q = divergence_per_row(s, t, divergence, beta, temperature)
-    per_token, loss = reference_loss(div.cpu(), kept, ids, weights, reduction, num_turns, squeeze)
-    if not return_stats:
+    div, entropy, log_p, log_q = divergence_per_row(s, t, options.divergence, options.beta, options.temperature)
+    per_token, loss = reference_loss(div.cpu(), kept, ids, weights, options.reduction, num_turns, squeeze)
+    if not options.return_stats:
         return loss
 
     logp_a = logq_a = None
-    if target_ids is not None:
-        tgt = target_ids.reshape(B, T, 1).long().to(log_p.device)
+    if options.target_ids is not None:
+        tgt = options.target_ids.reshape(B, T, 1).long().to(log_p.device)
         logp_a = torch.where(kept, log_p.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
         logq_a = torch.where(kept, log_q.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
     return reference_result(loss, per_token, entropy, kept, ids, num_turns, logp_a, logq_a, squeeze)
 
 
 # ---- the turn structure, reductions and statistics, shared with the top-k op's reference ----
-def reference_turns(turn_ids, turn_window, turn_weights, num_turns, B: int, T: int):
+def reference_turns(turn_ids, options: TurnOptions, B: int, T: int):
     """``(ids, kept, num_turns, weights)`` on CPU, token by token: ``ids`` ``(B, T)`` int64 turn
     ids, ``kept`` ``(B, T)`` bool (``turn_id >= 0 and lo <= turn_id < hi``), the width of the
     per-turn tensors, and the turn weights ``(B, num_turns)`` float64 or None."""
+    turn_window, turn_weights, num_turns = options.turn_window, options.turn_weights, options.num_turns
     ids = torch.zeros(B, T, dtype=torch.long) if turn_ids is None else turn_ids.reshape(B, T).long().cpu()
     kept = torch.zeros(B, T, dtype=torch.bool)
     for b in range(B):
