@@ -22,7 +22,7 @@ from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, shape_str
 from tcod_fast.ops.topk_turn_kl import native_backend, torch_backend, triton_backend
 from tcod_fast.ops.topk_turn_kl.topk import check_tail_options, check_topk_tensors, prepare_topk
 # turn_kl.api also registers tcod_fast::scale_grad_rows_, which backward calls
-from tcod_fast.ops.turn_kl.api import scale_stored_gradient
+from tcod_fast.ops.turn_kl.api import scale_stored_gradient, store_gradient
 from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns
 
 
@@ -87,10 +87,7 @@ class _FusedTopkTurnKL(torch.autograd.Function):
             tail_eps, compute_grad, need_entropy, backend,
         )
         ctx.mark_non_differentiable(entropy, logp, logq)
-        if compute_grad:
-            ctx.save_for_backward(grad, grad_scale)
-        ctx.backend = backend
-        ctx.backward_done = False
+        store_gradient(ctx, grad if compute_grad else None, grad_scale, backend)
         return div, entropy, logp, logq
 
     @staticmethod

@@ -142,10 +142,7 @@ class _FusedTurnKL(torch.autograd.Function):
                 compute_grad, need_entropy, backend,
             )
         ctx.mark_non_differentiable(entropy, logp, logq)
-        if compute_grad:
-            ctx.save_for_backward(grad, grad_scale)
-        ctx.backend = backend
-        ctx.backward_done = False
+        store_gradient(ctx, grad if compute_grad else None, grad_scale, backend)
         return div, entropy, logp, logq
 
     @staticmethod
@@ -154,10 +151,19 @@ class _FusedTurnKL(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
+def store_gradient(ctx, grad: torch.Tensor | None, grad_scale: torch.Tensor | None, backend: str) -> None:
+    """Forward's half of :func:`scale_stored_gradient`: keeps ``grad`` (``grad_scale * d div / d
+    student``, or None when no gradient is wanted) for backward. Shared with ``fused_topk_turn_kl``."""
+    if grad is not None:
+        ctx.save_for_backward(grad, grad_scale)
+    ctx.backend = backend
+    ctx.backward_done = False
+
+
 def scale_stored_gradient(ctx, grad_div: torch.Tensor, op_name: str) -> torch.Tensor:
-    """Backward of an op whose forward stored ``grad_scale * d div / d student`` (saved as
-    ``(grad, grad_scale)``, with ``ctx.backend`` and ``ctx.backward_done``): the student gradient
-    for the upstream per-token gradient ``grad_div``. Shared with ``fused_topk_turn_kl``.
+    """Backward of an op whose forward stored ``grad_scale * d div / d student`` with
+    :func:`store_gradient`: the student gradient for the upstream per-token gradient
+    ``grad_div``. Shared with ``fused_topk_turn_kl``.
 
     The stored gradient already carries grad_scale (the reduction's coefficients); rows whose
     upstream gradient equals it (factor exactly 1) are left as they are. In place: the stored
