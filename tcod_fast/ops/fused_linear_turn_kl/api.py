@@ -151,25 +151,78 @@ class _Config:
     fp32_weight_grad: bool
     grad_enabled: bool
 
-
-def _run(config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b):
-    return torch.ops.tcod_fast.fused_linear_turn_kl_forward(
-        h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale,
-        config.divergence, config.beta, config.temperature, config.vocab_size,
-        want_h, want_w, want_b, config.chunk_rows, config.backend, config.chunk_mode,
-    )
+    def run(self, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b):
+        """The custom op on these inputs (see :func:`linear_op_forward`)."""
+        return torch.ops.tcod_fast.fused_linear_turn_kl_forward(
+            h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale,
+            self.divergence, self.beta, self.temperature, self.vocab_size,
+            want_h, want_w, want_b, self.chunk_rows, self.backend, self.chunk_mode,
+        )
 
 
 def backward_token_scale(keep, coeff, grad_loss, grad_div) -> torch.Tensor:
     """``d total / d div_n`` per token ``(B, T)`` when backward must recompute: the upstream
-    gradient of the per-token divergence plus the loss's gradient times each token's coefficient.
-    Shared with ``fused_linear_topk_turn_kl``."""
+    gradient of the per-token divergence plus the loss's gradient times each token's coefficient."""
     token_scale = torch.zeros_like(keep, dtype=coeff.dtype if coeff is not None else grad_div.dtype)
     if grad_div is not None:
         token_scale = token_scale + grad_div.to(token_scale.dtype)
     if grad_loss is not None and coeff is not None:
         token_scale = token_scale + grad_loss.to(token_scale.dtype) * coeff
     return token_scale
+
+
+# ---- the autograd of a fused-linear op, shared with fused_linear_topk_turn_kl ----
+# Its inputs are the student head ``(h, w, b)``, the teacher's tensors, ``keep`` and
+# ``target_ids`` (``inputs``), the per-token coefficients ``coeff`` of the reduction and a frozen
+# config whose ``run(h, w, b, *inputs, token_scale, want_h, want_w, want_b)`` calls the op's
+# custom op: per-token ``(div, entropy, logp_target, logq_target)`` and the gradients ``(dh, dW,
+# db)`` of ``sum_n token_scale_n div_n`` (empty tensors for those not asked for, or without
+# ``token_scale``).
+def linear_op_forward(ctx, config, coeff, h, w, b, *inputs):
+    """``(loss = sum_n coeff_n div_n, div, entropy, logp_target, logq_target)``. With a scalar
+    reduction the gradients are produced here and kept for backward."""
+    want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    want_b = b is not None and ctx.needs_input_grad[2]
+    grads_now = config.grad_enabled and coeff is not None and (want_h or want_w or want_b)
+    div, entropy, logp, logq, dh, dw, db = config.run(
+        h, w, b, *inputs, coeff if grads_now else None, want_h, want_w, want_b
+    )
+    loss = (div * coeff).sum() if coeff is not None else div.new_zeros(())
+    ctx.config = config
+    ctx.wants = (want_h, want_w, want_b)
+    ctx.stored_grads = (dh, dw, db) if grads_now else None
+    ctx.save_for_backward(h, w, b, coeff, *inputs)
+    ctx.mark_non_differentiable(entropy, logp, logq)
+    ctx.set_materialize_grads(False)
+    return loss, div, entropy, logp, logq
+
+
+def linear_op_backward(ctx, grad_loss, grad_div):
+    """``(grad_h, dW, grad_b)`` for the upstream gradients of the loss and the per-token
+    divergence: ``grad_h``/``grad_b`` in the inputs' dtypes, ``dW`` in the compute dtype (None
+    for those not wanted). The gradients kept by forward are handed out once, scaled in place;
+    otherwise (``grad_div`` given, or a second backward) the logits are recomputed."""
+    h, w, b, coeff, *inputs = ctx.saved_tensors
+    want_h, want_w, want_b = ctx.wants
+    stored, ctx.stored_grads = ctx.stored_grads, None
+    if grad_loss is None and grad_div is None:
+        return None, None, None
+    if grad_div is None and stored is not None:
+        dh, dw, db = stored
+        scale = grad_loss
+    else:
+        keep = inputs[-2]
+        token_scale = backward_token_scale(keep, coeff, grad_loss, grad_div)
+        _, _, _, _, dh, dw, db = ctx.config.run(h, w, b, *inputs, token_scale, want_h, want_w, want_b)
+        scale = None
+
+    def scaled(g):
+        # in place: these buffers belong to this op and are released here
+        return g if scale is None else g.mul_(scale.to(g.dtype))
+
+    grad_h = scaled(dh).to(h.dtype) if want_h else None
+    grad_b = scaled(db).to(b.dtype) if want_b else None
+    return grad_h, scaled(dw) if want_w else None, grad_b
 
 
 class _FusedLinearTurnKL(torch.autograd.Function):
@@ -180,49 +233,14 @@ class _FusedLinearTurnKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff, config):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_b = b_s is not None and ctx.needs_input_grad[2]
-        grads_now = config.grad_enabled and coeff is not None and (want_h or want_w or want_b)
-        div, entropy, logp, logq, dh, dw, db = _run(
-            config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff if grads_now else None,
-            want_h, want_w, want_b,
-        )
-        loss = (div * coeff).sum() if coeff is not None else div.new_zeros(())
-        ctx.config = config
-        ctx.wants = (want_h, want_w, want_b)
-        ctx.stored_grads = (dh, dw, db) if grads_now else None
-        ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff)
-        ctx.mark_non_differentiable(entropy, logp, logq)
-        ctx.set_materialize_grads(False)
-        return loss, div, entropy, logp, logq
+        return linear_op_forward(ctx, config, coeff, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_div, *_unused):
-        h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff = ctx.saved_tensors
-        want_h, want_w, want_b = ctx.wants
-        stored, ctx.stored_grads = ctx.stored_grads, None  # handed out once; a second backward recomputes
-        none = (None,) * 10
-        if grad_loss is None and grad_div is None:
-            return none
-        if grad_div is None and stored is not None:
-            dh, dw, db = stored
-            scale = grad_loss
-        else:
-            token_scale = backward_token_scale(keep, coeff, grad_loss, grad_div)
-            _, _, _, _, dh, dw, db = _run(
-                ctx.config, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b
-            )
-            scale = None
-
-        def scaled(g):
-            # in place: these buffers belong to this op and are released here
-            return g if scale is None else g.mul_(scale.to(g.dtype))
-
-        grad_h = scaled(dh).to(h_s.dtype) if want_h else None
-        grad_b = scaled(db).to(b_s.dtype) if want_b else None
+        grad_h, dw, grad_b = linear_op_backward(ctx, grad_loss, grad_div)
         grad_w = None
-        if want_w:
-            dw = scaled(dw)
+        if dw is not None:
+            w_s = ctx.saved_tensors[1]
             if ctx.config.fp32_weight_grad:
                 main_grad = getattr(w_s, "main_grad", None)
                 if main_grad is None:
@@ -237,7 +255,9 @@ class _FusedLinearTurnKL(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
-def _check_head(side, hidden, weight, bias, device):
+def check_head(side, hidden, weight, bias, device):
+    """Checks one LM head (``hidden`` ``(B, T, H)`` or ``(N, H)``, ``weight`` ``(V, H)``, ``bias``
+    ``(V,)`` or None) against itself and ``device``. Shared with ``fused_linear_topk_turn_kl``."""
     check_float_tensor(f"{side}_hidden", hidden, (2, 3))
     check_float_tensor(f"{side}_weight", weight, (2,))
     if hidden.shape[-1] != weight.shape[1]:
@@ -387,8 +407,8 @@ def fused_linear_turn_kl(
     if not isinstance(student_hidden, torch.Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
     device = student_hidden.device
-    _check_head("student", student_hidden, student_weight, student_bias, device)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
+    check_head("student", student_hidden, student_weight, student_bias, device)
+    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden leading shape {shape_str(student_hidden.shape[:-1])} does not match "

@@ -15,7 +15,8 @@ rows outside the turn mask cost no matmul work. When the per-token divergence it
 differentiated (``reduction="none"``, or ``result.kl`` in another loss) the coefficients are only
 known in backward, which then recomputes the logits chunks (one more GEMM); nothing ``N x V`` is
 stored for it. The layering (coefficients known up front, gradients produced in forward, a
-recompute only when needed) is ``fused_linear_turn_kl``'s.
+recompute only when needed) is ``fused_linear_turn_kl``'s, and so is the autograd code
+(``linear_op_forward`` / ``linear_op_backward``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tcod_fast.ops.common import check_float_tensor, compute_dtype, shape_str
-from tcod_fast.ops.fused_linear_turn_kl.api import backward_token_scale, fake_gradients
+from tcod_fast.ops.common import check_float_tensor, compute_dtype
+from tcod_fast.ops.fused_linear_turn_kl.api import check_head, fake_gradients, linear_op_backward, linear_op_forward
 from tcod_fast.ops.fused_linear_turn_kl.chunked import gather_rows
 from tcod_fast.ops.topk_turn_kl.api import resolve_backend, run_backend
 from tcod_fast.ops.topk_turn_kl.topk import check_tail_options, check_topk_tensors, prepare_topk
@@ -169,12 +170,12 @@ class _Config:
     backend: str
     grad_enabled: bool
 
-
-def _run(config, h, w, b, ids, logq, keep, target_ids, token_scale, want_h, want_w, want_b):
-    return torch.ops.tcod_fast.fused_linear_topk_turn_kl_forward(
-        h, w, b, ids, logq, keep, target_ids, token_scale, config.divergence, config.beta, config.temperature,
-        config.tail, config.tail_eps, want_h, want_w, want_b, config.need_entropy, config.chunk_rows, config.backend,
-    )
+    def run(self, h, w, b, ids, logq, keep, target_ids, token_scale, want_h, want_w, want_b):
+        """The custom op on these inputs (see ``fused_linear_turn_kl.api.linear_op_forward``)."""
+        return torch.ops.tcod_fast.fused_linear_topk_turn_kl_forward(
+            h, w, b, ids, logq, keep, target_ids, token_scale, self.divergence, self.beta, self.temperature,
+            self.tail, self.tail_eps, want_h, want_w, want_b, self.need_entropy, self.chunk_rows, self.backend,
+        )
 
 
 class _FusedLinearTopkTurnKL(torch.autograd.Function):
@@ -183,45 +184,12 @@ class _FusedLinearTopkTurnKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, ids, logq, keep, target_ids, coeff, config):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_b = b is not None and ctx.needs_input_grad[2]
-        grads_now = config.grad_enabled and coeff is not None and (want_h or want_w or want_b)
-        div, entropy, logp, logq_a, dh, dw, db = _run(
-            config, h, w, b, ids, logq, keep, target_ids, coeff if grads_now else None, want_h, want_w, want_b
-        )
-        loss = (div * coeff).sum() if coeff is not None else div.new_zeros(())
-        ctx.config = config
-        ctx.wants = (want_h, want_w, want_b)
-        ctx.stored_grads = (dh, dw, db) if grads_now else None
-        ctx.save_for_backward(h, w, b, ids, logq, keep, target_ids, coeff)
-        ctx.mark_non_differentiable(entropy, logp, logq_a)
-        ctx.set_materialize_grads(False)
-        return loss, div, entropy, logp, logq_a
+        return linear_op_forward(ctx, config, coeff, h, w, b, ids, logq, keep, target_ids)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_div, *_unused):
-        h, w, b, ids, logq, keep, target_ids, coeff = ctx.saved_tensors
-        want_h, want_w, want_b = ctx.wants
-        stored, ctx.stored_grads = ctx.stored_grads, None  # handed out once; a second backward recomputes
-        none = (None,) * 9
-        if grad_loss is None and grad_div is None:
-            return none
-        if grad_div is None and stored is not None:
-            dh, dw, db = stored
-            scale = grad_loss
-        else:
-            token_scale = backward_token_scale(keep, coeff, grad_loss, grad_div)
-            _, _, _, _, dh, dw, db = _run(
-                ctx.config, h, w, b, ids, logq, keep, target_ids, token_scale, want_h, want_w, want_b
-            )
-            scale = None
-
-        def scaled(g):
-            return g if scale is None else g.mul_(scale.to(g.dtype))  # these buffers belong to this op
-
-        grad_h = scaled(dh).to(h.dtype) if want_h else None
-        grad_w = scaled(dw).to(w.dtype) if want_w else None
-        grad_b = scaled(db).to(b.dtype) if want_b else None
+        grad_h, dw, grad_b = linear_op_backward(ctx, grad_loss, grad_div)
+        grad_w = None if dw is None else dw.to(ctx.saved_tensors[1].dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -286,23 +254,8 @@ def fused_linear_topk_turn_kl(
     """
     # ---- validation: everything is checked before any compute ----
     check_float_tensor("student_hidden", student_hidden, (2, 3))
-    check_float_tensor("student_weight", student_weight, (2,))
     device = student_hidden.device
-    if student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(
-            f"student_weight is (V, H) = {shape_str(student_weight.shape)} with hidden size {student_weight.shape[1]}, "
-            f"but student_hidden has hidden size {student_hidden.shape[-1]} (shape {shape_str(student_hidden.shape)})"
-        )
-    if student_bias is not None:
-        check_float_tensor("student_bias", student_bias, (1,))
-        if student_bias.shape[0] != student_weight.shape[0]:
-            raise ValueError(
-                f"student_bias must be shaped ({student_weight.shape[0]},) like student_weight's vocabulary, "
-                f"got {shape_str(student_bias.shape)}"
-            )
-    for name, x in (("student_weight", student_weight), ("student_bias", student_bias)):
-        if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
+    check_head("student", student_hidden, student_weight, student_bias, device)
     vocab = student_weight.shape[0]
     lead_shape = student_hidden.shape[:-1]
     check_topk_tensors(teacher_topk_ids, teacher_topk_logprobs, lead_shape, vocab, device, "the hidden states")
