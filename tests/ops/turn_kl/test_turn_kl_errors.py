@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tcod_fast import fused_turn_kl
+from tcod_fast import fused_turn_kl, topk_turn_kl_reference, turn_kl_reference
 
 
 @pytest.fixture
@@ -120,3 +120,17 @@ def test_device_mismatch_is_named():
 def test_turn_ids_device_mismatch(logits):
     with pytest.raises(ValueError, match=r"turn_ids is on meta but the logits are on cpu"):
         fused_turn_kl(*logits, torch.zeros(2, 3, dtype=torch.long, device="meta"))
+
+
+def test_references_take_the_public_keywords_and_name_an_unknown_one():
+    """A call of a public function replays unchanged on its float64 reference (backend-only
+    keywords are ignored there); a keyword neither knows is a TypeError naming it."""
+    student, teacher = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
+    plain = turn_kl_reference(student, teacher, reduction="sum", temperature=2.0)
+    replayed = turn_kl_reference(student, teacher, reduction="sum", temperature=2.0, backend="native", inplace=True)
+    assert torch.equal(replayed, plain)
+    with pytest.raises(TypeError, match=r"turn_kl_reference got unexpected keyword argument\(s\) 'reduce'"):
+        turn_kl_reference(student, teacher, reduce="sum")
+    topk_ids, topk_logprobs = torch.arange(2).expand(2, 3, 2), torch.full((2, 3, 2), -1.0)
+    with pytest.raises(TypeError, match=r"topk_turn_kl_reference got unexpected keyword argument\(s\) 'vocab_size'"):
+        topk_turn_kl_reference(student, topk_ids, topk_logprobs, vocab_size=10)
