@@ -170,15 +170,17 @@ def topk_turn_kl_reference(
 def fused_linear_topk_turn_kl_reference(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    *teacher_topk_and_turn_ids: torch.Tensor | None,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    turn_ids: torch.Tensor | None = None,
+    *,
     student_bias: torch.Tensor | None = None,
     **options,
 ):
     """Float64 reference of ``fused_linear_topk_turn_kl``: the float64 logits ``h @ W.T + b`` of
     ``student_hidden`` ``(B, T, H)`` or ``(N, H)``, ``student_weight`` ``(V, H)`` and
-    ``student_bias`` ``(V,)`` or None, then :func:`topk_turn_kl_reference` on them with the rest
-    as given (``teacher_topk_ids, teacher_topk_logprobs[, turn_ids], **options``; backend-only
-    keywords such as ``chunk_size`` are ignored there). Gradients reach the hidden states,
-    weight and bias."""
+    ``student_bias`` ``(V,)`` or None, then :func:`topk_turn_kl_reference` on them with the
+    teacher's top-k, ``turn_ids`` and ``**options`` (backend-only keywords such as
+    ``chunk_size`` are ignored there). Gradients reach the hidden states, weight and bias."""
     logits = materialise_logits(student_hidden, student_weight, student_bias)
-    return topk_turn_kl_reference(logits, *teacher_topk_and_turn_ids, **options)
+    return topk_turn_kl_reference(logits, teacher_topk_ids, teacher_topk_logprobs, turn_ids, **options)
