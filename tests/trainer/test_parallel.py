@@ -157,6 +157,31 @@ def test_ddp_matches_one_process(tmp_path, toy_tokenizer):
     _assert_close_params(_final_params(tmp_path / "two"), _final_params(tmp_path / "ref"), atol=1e-5)
 
 
+SEVERAL_UPDATES = (*DDP_EXTRA, "trainer.updates_per_step=2")
+
+
+def _several_updates_worker(rank, world_size, port, root):
+    _join_group(rank, world_size, port)
+    tokenizer = build.load_tokenizer(os.path.join(root, "tokenizer"))
+    for parallelism in ("ddp", "fsdp2"):
+        extra = _extra(parallelism, "atod", *SEVERAL_UPDATES)
+        loop.train(tiny_config(os.path.join(root, parallelism), *extra), tokenizer=tokenizer)
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_trains_like_ddp_with_several_ppo_updates_per_step(tmp_path, toy_tokenizer):
+    """Two PPO updates per step: the rollout policy's log-probs are computed mini-batch by
+    mini-batch before any update, and FSDP2 pads those passes as well as the training ones
+    (the processes hold 4 and 2 episodes). FSDP2 then trains as DDP does on the same two
+    processes (the same mini-batches; one process would split the step differently)."""
+    toy_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    _spawn(_several_updates_worker, tmp_path)
+    ddp = _losses(tmp_path / "ddp")
+    assert sorted(ddp) == [0, 1]
+    assert _losses(tmp_path / "fsdp2") == pytest.approx(ddp, rel=1e-5, abs=1e-7)
+    _assert_close_params(_final_params(tmp_path / "fsdp2"), _final_params(tmp_path / "ddp"), atol=1e-5)
+
+
 def _train_and_die_in_second_checkpoint(folder, tokenizer_dir):
     """Train with a checkpoint every step; SIGKILL this process while DCP writes the second."""
     import torch.distributed.checkpoint as dcp
