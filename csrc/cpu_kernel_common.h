@@ -1,19 +1,44 @@
 // What the CPU kernels of turn_kl_cpu.cpp and topk_turn_kl_cpu.cpp share: the option and dtype
-// codes (the Python side's tcod_fast/ops/common.py), 16-bit float conversions, block loads and
-// stores, the branch-free exp2 polynomial and the vectorised block max.
+// codes (the Python side's tcod_fast/ops/common.py) and their dispatch to template instances,
+// 16-bit float conversions, block loads and stores, the branch-free exp2 polynomial, the
+// vectorised block max, and how the rows of a batch are shared among threads (RowsPlan).
 //
 // Deliberately without include guard or includes, like turn_kl_cpu_kernels.h: it is included
 // inside the namespace of each compiled copy of the kernels (turn_kl_cpu.cpp compiles its kernels
 // twice, once under `#pragma GCC target("avx2,fma,f16c")`), so every copy gets these helpers
 // compiled for its own instruction set. The includer provides <algorithm>, <cmath>, <cstdint>,
-// <cstring>, <limits>, <vector> and, on x86-64, <immintrin.h>, and defines TCOD_FAST_AVX2 to 0 or 1: 1 selects
-// the AVX2/FMA/F16C code paths, which the surrounding target must then allow.
+// <cstring>, <limits>, <stdexcept>, <string>, <type_traits>, <vector> and, on x86-64,
+// <immintrin.h>, and defines TCOD_FAST_AVX2 to 0 or 1: 1 selects the AVX2/FMA/F16C code paths,
+// which the surrounding target must then allow.
 
 constexpr int64_t BLOCK = 512;  // columns per block: two float32 blocks stay in L1
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 enum Divergence : int { REVERSE_KL = 0, FORWARD_KL = 1, JSD = 2 };
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// The codes from Python as compile-time constants: `f(std::integral_constant<int, code>{})`, so
+// that `decltype(arg)::value` picks a kernel's template instance; any other code is an error
+// naming what was expected (`what` names the tensor whose dtype it is).
+template <class F>
+void with_dtype(int code, const char* what, F&& f) {
+  switch (code) {
+    case F32: return f(std::integral_constant<int, F32>{});
+    case BF16: return f(std::integral_constant<int, BF16>{});
+    case F16: return f(std::integral_constant<int, F16>{});
+    default: throw std::invalid_argument(std::string(what) + " dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  }
+}
+
+template <class F>
+void with_divergence(int code, F&& f) {
+  switch (code) {
+    case REVERSE_KL: return f(std::integral_constant<int, REVERSE_KL>{});
+    case FORWARD_KL: return f(std::integral_constant<int, FORWARD_KL>{});
+    case JSD: return f(std::integral_constant<int, JSD>{});
+    default: throw std::invalid_argument("divergence code must be 0 (reverse_kl), 1 (forward_kl) or 2 (jsd)");
+  }
+}
 
 // Storage types. Both 16-bit formats are plain uint16_t in memory; the dtype code (a template
 // parameter) picks the conversion. Every compute loop works on float32 block buffers, so it
@@ -178,8 +203,14 @@ inline int64_t kept_chunk(int64_t n_kept, int num_threads) {
   return std::max<int64_t>(1, n_kept / (8 * static_cast<int64_t>(num_threads)));
 }
 
+// What one kept row produces (a dropped row gets zeros).
+struct RowOut {
+  float div = 0.f, entropy = 0.f, logp_target = 0.f, logq_target = 0.f;
+};
+
 // What a row kernel's `run_rows` shares: its `Args`' per-row inputs and outputs (raw addresses
-// from Python) typed, and the order its threads take the rows in (`kept_rows_first`).
+// from Python) typed, the gradient's row strides, and the order its threads take the rows in
+// (`kept_rows_first`).
 struct RowsPlan {
   const bool* keep;
   const int64_t* target;
@@ -188,6 +219,7 @@ struct RowsPlan {
   float* out_ent;  // null when the caller does not want the entropy
   float* out_logp;
   float* out_logq;
+  int64_t rows_t, g_sb, g_st;
   int64_t n_rows;
   int64_t n_kept = 0;
   std::vector<int64_t> order;
@@ -202,15 +234,31 @@ struct RowsPlan {
         out_ent(reinterpret_cast<float*>(a.out_ent)),
         out_logp(reinterpret_cast<float*>(a.out_logp)),
         out_logq(reinterpret_cast<float*>(a.out_logq)),
+        rows_t(a.rows_t),
+        g_sb(a.g_sb),
+        g_st(a.g_st),
         n_rows(a.rows_b * a.rows_t),
         order(kept_rows_first(keep, n_rows, n_kept)),
         chunk(kept_chunk(n_kept, a.num_threads)) {}
 
-  void store(int64_t row, float div, float entropy, float logp_target, float logq_target) const {
-    out_div[row] = div;
-    if (out_ent) out_ent[row] = entropy;
-    out_logp[row] = logp_target;
-    out_logq[row] = logq_target;
+  void store(int64_t row, const RowOut& out) const {
+    out_div[row] = out.div;
+    if (out_ent) out_ent[row] = out.entropy;
+    out_logp[row] = out.logp_target;
+    out_logq[row] = out.logq_target;
+  }
+
+  // Called by every thread of a `#pragma omp parallel` region once it has taken its share of
+  // the kept rows (`order[0, n_kept)`, in chunks of `chunk`): the dropped rows, whose outputs are
+  // zeros, as are the `grad_cols` columns of their gradient row when there is a gradient.
+  template <int D>
+  void run_dropped(typename Storage<D>::type* grad, int64_t grad_cols) const {
+#pragma omp for schedule(static)
+    for (int64_t k = n_kept; k < n_rows; ++k) {
+      const int64_t row = order[k];
+      if (grad) zero_fill<D>(grad + (row / rows_t) * g_sb + (row % rows_t) * g_st, grad_cols);
+      store(row, RowOut{});
+    }
   }
 };
 

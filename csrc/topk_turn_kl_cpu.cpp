@@ -37,6 +37,8 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -183,10 +185,6 @@ Terms sparse_terms(const double* log_pi, const double* log_q, int64_t outcomes, 
   }
   return r;
 }
-
-struct RowOut {
-  float div, entropy, logp_target, logq_target;
-};
 
 struct RowParams {
   int64_t vocab, k, target;
@@ -408,28 +406,12 @@ void run_rows(const Args& a) {
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
       RowParams prm{a.vocab, a.k, rows.target ? rows.target[row] : -1, a.beta, a.tail_eps, a.inv_temp,
                     rows.grad_scale ? rows.grad_scale[row] : 1.f, a.tail, rows.out_ent != nullptr, a.need_normaliser};
-      RowOut out{0.f, 0.f, 0.f, 0.f};
+      RowOut out;
       process_row<SD, DIV>(student + b * a.s_sb + t * a.s_st, grad ? grad + b * a.g_sb + t * a.g_st : nullptr,
                            ids + row * a.k, logq + row * a.k, prm, scratch, out);
-      rows.store(row, out.div, out.entropy, out.logp_target, out.logq_target);
+      rows.store(row, out);
     }
-#pragma omp for schedule(static)
-    for (int64_t k = rows.n_kept; k < rows.n_rows; ++k) {
-      const int64_t row = rows.order[k];
-      const int64_t b = row / a.rows_t, t = row % a.rows_t;
-      if (grad) zero_fill<SD>(grad + b * a.g_sb + t * a.g_st, a.vocab);
-      rows.store(row, 0.f, 0.f, 0.f, 0.f);
-    }
-  }
-}
-
-template <int SD>
-void dispatch_div(const Args& a) {
-  switch (a.divergence) {
-    case REVERSE_KL: return run_rows<SD, REVERSE_KL>(a);
-    case FORWARD_KL: return run_rows<SD, FORWARD_KL>(a);
-    case JSD: return run_rows<SD, JSD>(a);
-    default: throw std::invalid_argument("divergence code must be 0 (reverse_kl), 1 (forward_kl) or 2 (jsd)");
+    rows.run_dropped<SD>(grad, a.vocab);
   }
 }
 
@@ -443,12 +425,9 @@ void topk_turn_kl_forward(int64_t student, int student_dtype, int64_t grad, int6
          divergence, tail, beta, tail_eps, static_cast<float>(inv_temp), out_div, out_ent, out_logp, out_logq,
          need_normaliser, std::max(1, num_threads)};
   py::gil_scoped_release release;
-  switch (student_dtype) {
-    case F32: return dispatch_div<F32>(a);
-    case BF16: return dispatch_div<BF16>(a);
-    case F16: return dispatch_div<F16>(a);
-    default: throw std::invalid_argument("student dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-  }
+  with_dtype(student_dtype, "student", [&](auto sd) {
+    with_divergence(divergence, [&](auto div) { run_rows<decltype(sd)::value, decltype(div)::value>(a); });
+  });
 }
 
 }  // namespace

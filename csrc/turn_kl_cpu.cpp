@@ -49,6 +49,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -59,6 +60,23 @@
 #endif
 
 namespace py = pybind11;
+
+namespace {
+// turn_kl_forward's arguments (raw addresses, strides and codes from Python), built once by the
+// dispatcher at the bottom and read by whichever instruction-set copy of the kernels runs.
+struct TurnKLArgs {
+  int64_t student, teacher, grad, keep, target, grad_scale;
+  int student_dtype, teacher_dtype;
+  int64_t rows_b, rows_t;
+  int64_t s_sb, s_st, t_sb, t_st, g_sb, g_st;
+  int64_t vocab, grad_cols;
+  int divergence;
+  float beta;
+  double inv_temp;
+  int64_t out_div, out_ent, out_logp, out_logq;
+  int num_threads;
+};
+}  // namespace
 
 namespace tcod_fast_portable {
 namespace {
@@ -128,19 +146,15 @@ void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int te
                      int64_t g_st, int64_t vocab, int64_t grad_cols, int divergence, double beta,
                      double inv_temp, int64_t out_div, int64_t out_ent, int64_t out_logp,
                      int64_t out_logq, int num_threads) {
+  const TurnKLArgs a{student, teacher, grad, keep, target, grad_scale, student_dtype, teacher_dtype,
+                     rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st, vocab, grad_cols, divergence,
+                     static_cast<float>(beta), inv_temp, out_div, out_ent, out_logp, out_logq,
+                     std::max(1, num_threads)};
   py::gil_scoped_release release;
 #if TCOD_FAST_HAS_AVX2_COPY
-  if (current_isa.load() == AVX2) {
-    return tcod_fast_avx2::turn_kl_forward(student, student_dtype, teacher, teacher_dtype, grad, keep, target,
-                                           grad_scale, rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st, vocab,
-                                           grad_cols, divergence, beta, inv_temp, out_div, out_ent, out_logp,
-                                           out_logq, num_threads);
-  }
+  if (current_isa.load() == AVX2) return tcod_fast_avx2::turn_kl_forward(a);
 #endif
-  tcod_fast_portable::turn_kl_forward(student, student_dtype, teacher, teacher_dtype, grad, keep, target,
-                                      grad_scale, rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st, vocab,
-                                      grad_cols, divergence, beta, inv_temp, out_div, out_ent, out_logp, out_logq,
-                                      num_threads);
+  tcod_fast_portable::turn_kl_forward(a);
 }
 
 void scale_rows(int64_t grad, int grad_dtype, int64_t factor, int64_t rows_b, int64_t rows_t, int64_t g_sb,

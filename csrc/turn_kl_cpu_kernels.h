@@ -1,12 +1,13 @@
 // The CPU kernels of turn_kl_cpu.cpp, compiled twice into one extension: once for any x86-64 (or
 // other) CPU and once, on x86-64, for AVX2 + FMA + F16C (see turn_kl_cpu.cpp). Deliberately
 // without include guard or includes: turn_kl_cpu.cpp includes it inside one namespace per
-// instruction set, with TCOD_FAST_AVX2 set to 0 or 1 and the matching `#pragma GCC target`.
+// instruction set, with TCOD_FAST_AVX2 set to 0 or 1 and the matching `#pragma GCC target`, after
+// defining TurnKLArgs (the arguments from Python, one struct that every copy reads).
 //
 // TCOD_FAST_AVX2 selects the hand-vectorised AVX2/FMA statistics loop and the F16C half-float
 // conversions; the portable loops are auto-vectorised for whatever the surrounding target allows.
 // The helpers it shares with topk_turn_kl_cpu.cpp (dtype and divergence codes, 16-bit
-// conversions, the exp2 polynomial, the block max) come from cpu_kernel_common.h, included here
+// conversions, the exp2 polynomial, the block max, the row plan) come from cpu_kernel_common.h, included here
 // so that each copy gets them compiled for its own instruction set.
 #include "cpu_kernel_common.h"
 
@@ -46,10 +47,6 @@ inline void nan_fill(typename Storage<D>::type* dst, int64_t n) {
     std::fill(dst, dst + n, static_cast<uint16_t>(D == BF16 ? 0x7fc0u : 0x7e00u));  // quiet NaN bits
   }
 }
-
-struct RowOut {
-  float div, entropy, logp_target, logq_target;
-};
 
 // Per-element JSD pieces: log m = logaddexp(log p + log(1-b), log q + log b).
 inline float log_mixture(float log_p, float log_q, float log_1m_beta, float log_beta) {
@@ -489,20 +486,8 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   zero_fill<SD>(grad + vocab, grad_cols - vocab);
 }
 
-struct Args {
-  int64_t student, teacher, grad, keep, target, grad_scale;
-  int64_t rows_b, rows_t;
-  int64_t s_sb, s_st, t_sb, t_st, g_sb, g_st;
-  int64_t vocab, grad_cols;
-  int divergence;
-  float beta;
-  double inv_temp;
-  int64_t out_div, out_ent, out_logp, out_logq;
-  int num_threads;
-};
-
 template <int SD, int TD, int DIV>
-void run_rows(const Args& a) {
+void run_rows(const TurnKLArgs& a) {
   using S = typename Storage<SD>::type;
   using Tt = typename Storage<TD>::type;
   const S* student = reinterpret_cast<const S*>(a.student);
@@ -517,60 +502,26 @@ void run_rows(const Args& a) {
       const int64_t row = rows.order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
       S* grad_row = grad ? grad + b * a.g_sb + t * a.g_st : nullptr;
-      RowOut out{0.f, 0.f, 0.f, 0.f};
+      RowOut out;
       const int64_t tgt = rows.target ? rows.target[row] : -1;
       const float scale = rows.grad_scale ? rows.grad_scale[row] : 1.f;
       process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st, grad_row,
                                a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, rows.out_ent != nullptr,
                                scratch.data(), out);
-      rows.store(row, out.div, out.entropy, out.logp_target, out.logq_target);
+      rows.store(row, out);
     }
-#pragma omp for schedule(static)
-    for (int64_t k = rows.n_kept; k < rows.n_rows; ++k) {
-      const int64_t row = rows.order[k];
-      const int64_t b = row / a.rows_t, t = row % a.rows_t;
-      if (grad) zero_fill<SD>(grad + b * a.g_sb + t * a.g_st, a.grad_cols);
-      rows.store(row, 0.f, 0.f, 0.f, 0.f);
-    }
+    rows.run_dropped<SD>(grad, a.grad_cols);
   }
 }
 
-template <int SD, int TD>
-void dispatch_div(const Args& a) {
-  switch (a.divergence) {
-    case REVERSE_KL: return run_rows<SD, TD, REVERSE_KL>(a);
-    case FORWARD_KL: return run_rows<SD, TD, FORWARD_KL>(a);
-    case JSD: return run_rows<SD, TD, JSD>(a);
-    default: throw std::invalid_argument("divergence code must be 0 (reverse_kl), 1 (forward_kl) or 2 (jsd)");
-  }
-}
-
-template <int SD>
-void dispatch_teacher(const Args& a, int teacher_dtype) {
-  switch (teacher_dtype) {
-    case F32: return dispatch_div<SD, F32>(a);
-    case BF16: return dispatch_div<SD, BF16>(a);
-    case F16: return dispatch_div<SD, F16>(a);
-    default: throw std::invalid_argument("teacher dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-  }
-}
-
-void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int teacher_dtype,
-                     int64_t grad, int64_t keep, int64_t target, int64_t grad_scale, int64_t rows_b,
-                     int64_t rows_t,
-                     int64_t s_sb, int64_t s_st, int64_t t_sb, int64_t t_st, int64_t g_sb,
-                     int64_t g_st, int64_t vocab, int64_t grad_cols, int divergence, double beta,
-                     double inv_temp, int64_t out_div, int64_t out_ent, int64_t out_logp,
-                     int64_t out_logq, int num_threads) {
-  Args a{student, teacher, grad, keep, target, grad_scale, rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st,
-         vocab, grad_cols, divergence, static_cast<float>(beta), inv_temp,
-         out_div, out_ent, out_logp, out_logq, std::max(1, num_threads)};
-  switch (student_dtype) {
-    case F32: return dispatch_teacher<F32>(a, teacher_dtype);
-    case BF16: return dispatch_teacher<BF16>(a, teacher_dtype);
-    case F16: return dispatch_teacher<F16>(a, teacher_dtype);
-    default: throw std::invalid_argument("student dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-  }
+void turn_kl_forward(const TurnKLArgs& a) {
+  with_dtype(a.student_dtype, "student", [&](auto sd) {
+    with_dtype(a.teacher_dtype, "teacher", [&](auto td) {
+      with_divergence(a.divergence, [&](auto div) {
+        run_rows<decltype(sd)::value, decltype(td)::value, decltype(div)::value>(a);
+      });
+    });
+  });
 }
 
 // grad[b, t, :] *= factor[b, t] for rows whose factor is not exactly 1 (backward's rescale when
@@ -602,10 +553,7 @@ void scale_rows_impl(int64_t grad_ptr, int64_t factor_ptr, int64_t rows_b, int64
 void scale_rows(int64_t grad, int grad_dtype, int64_t factor, int64_t rows_b, int64_t rows_t, int64_t g_sb,
                 int64_t g_st, int64_t cols, int num_threads) {
   num_threads = std::max(1, num_threads);
-  switch (grad_dtype) {
-    case F32: return scale_rows_impl<F32>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
-    case BF16: return scale_rows_impl<BF16>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
-    case F16: return scale_rows_impl<F16>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
-    default: throw std::invalid_argument("grad dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-  }
+  with_dtype(grad_dtype, "grad", [&](auto d) {
+    scale_rows_impl<decltype(d)::value>(grad, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+  });
 }
