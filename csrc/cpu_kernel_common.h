@@ -103,6 +103,33 @@ inline void store_block(const float* src, typename Storage<D>::type* dst, int64_
   }
 }
 
+// A block of logits as float32: the row itself for float32 storage, else converted into `buf`.
+template <int D>
+inline const float* block_as_float(const typename Storage<D>::type* src, float* buf, int64_t n) {
+  if constexpr (D == F32) {
+    return src;
+  } else {
+    load_block<D>(src, buf, n, 1.0f);
+    return buf;
+  }
+}
+
+// Where a block of output is computed in float32: the row itself for float32 storage, else
+// `buf`, which store_block_from_float then converts into the row.
+template <int D>
+inline float* block_for_float(typename Storage<D>::type* dst, float* buf) {
+  if constexpr (D == F32) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <int D>
+inline void store_block_from_float(const float* block, typename Storage<D>::type* dst, int64_t n) {
+  if constexpr (D != F32) store_block<D>(block, dst, n);
+}
+
 template <int D>
 inline float load_one(const typename Storage<D>::type* src, int64_t i) {
   float x;

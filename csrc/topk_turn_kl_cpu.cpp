@@ -253,13 +253,7 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
     int64_t next = 0;  // first top-k id not yet passed
     for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
       const int64_t n = std::min(BLOCK, vocab - v0);
-      const float* xs;
-      if constexpr (SD == F32) {
-        xs = s + v0;
-      } else {
-        load_block<SD>(s + v0, buf, n);
-        xs = buf;
-      }
+      const float* xs = block_as_float<SD>(s + v0, buf, n);
       if (next < k_valid && ids[next] < v0 + n) {
         if (xs != buf) {
           std::memcpy(buf, xs, n * sizeof(float));
@@ -359,17 +353,12 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
       const float factor =
           std::isnan(block_shift_b) ? 0.f : static_cast<float>(row_factor * std::exp2(block_shift_b - m2));
       const float* first = cache + v0;
-      float* g;
-      if constexpr (SD == F32) {
-        g = grad + v0;
-      } else {
-        g = g_buf;
-      }
+      float* g = block_for_float<SD>(grad + v0, g_buf);
 #pragma omp simd
       // a select, not a plain product: an infinite divergence makes the factor infinite, and
       // 0 * inf must stay 0 (the top-k columns, and -inf logits, have a cached 0)
       for (int64_t i = 0; i < n; ++i) g[i] = first[i] > 0.f ? first[i] * factor : 0.f;
-      if constexpr (SD != F32) store_block<SD>(g_buf, grad + v0, n);
+      store_block_from_float<SD>(g, grad + v0, n);
     }
   } else {
     zero_fill<SD>(grad, vocab);

@@ -76,17 +76,6 @@ inline int64_t first_index_of(const float* x, int64_t n, float value) {
   return 0;
 }
 
-// A block of logits as float32: the row itself for float32 storage, else converted into `buf`.
-template <int D>
-inline const float* block_as_float(const typename Storage<D>::type* src, float* buf, int64_t n) {
-  if constexpr (D == F32) {
-    return src;
-  } else {
-    load_block<D>(src, buf, n, 1.0f);
-    return buf;
-  }
-}
-
 struct BlockSums {
   float s = 0.f, t = 0.f, div = 0.f, ent = 0.f;
 };
@@ -434,12 +423,7 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     const float to_q = std::isnan(shift_t) ? 0.f : std::exp2((shift_t - anchor.t) * c) / l_t * inv_temp * grad_scale;
     const float* first = first_row + v0;
     const float* second = second_row + v0;
-    float* g;
-    if constexpr (SD == F32) {
-      g = grad + v0;
-    } else {
-      g = g_buf;
-    }
+    float* g = block_for_float<SD>(grad + v0, g_buf);
     if (DIV == REVERSE_KL) {
       // log p - log q - KL = (u_final - mean_u) / temperature, where u relative to the final
       // anchors is u + (A_b - A) - (B_b - B): one FMA per element
@@ -477,7 +461,7 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
           });
     }
     if (argmax_s >= v0 && argmax_s < v0 + n) g_at_argmax = g[argmax_s - v0];
-    if constexpr (SD != F32) store_block<SD>(g_buf, grad + v0, n);
+    store_block_from_float<SD>(g, grad + v0, n);
   }
   if (DIV != REVERSE_KL && argmax_s >= 0 && 2.f * first_row[argmax_s] > l_s && std::isfinite(sum_g)) {
     const float g_new = g_at_argmax - sum_g;  // -(sum of the others)
