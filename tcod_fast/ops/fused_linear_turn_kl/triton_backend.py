@@ -35,12 +35,19 @@ import torch
 from tcod_fast.ops.common import DIVERGENCE_CODES
 # HAS_TRITON, interpreter_enabled and is_available are this backend's API too
 from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
+from tcod_fast.ops.triton_common import mixture_logs, require_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tcod_fast.ops.triton_common import log_mixture
+    from tcod_fast.ops.triton_common import (
+        block_argmax,
+        jsd_block_sums,
+        log_mixture,
+        online_softmax_finish,
+        online_softmax_step,
+    )
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_V = 128
@@ -73,6 +80,17 @@ if HAS_TRITON:
         return tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
 
     @triton.jit
+    def _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask,
+                      hidden_s, hidden_t, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DOT_FP32_S: tl.constexpr,
+                      DOT_FP32_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The student's and the teacher's raw logits tiles (``_logits_tile`` at temperature 1)."""
+        zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
+                          HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
+        zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
+                          HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+        return zs, zt
+
+    @triton.jit
     def _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st):
         rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
         b = rows // rows_t
@@ -97,9 +115,9 @@ if HAS_TRITON:
         offs_v0 = tl.arange(0, BLOCK_V)
         m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        shift_s = tl.zeros((BLOCK_M,), tl.float32)  # the running max, 0 while it is -inf
+        shift_s = tl.zeros((BLOCK_M,), tl.float32)
         shift_t = tl.zeros((BLOCK_M,), tl.float32)
-        centre = tl.zeros((BLOCK_M,), tl.float32)  # the teacher's logit at the student's argmax
+        centre = tl.zeros((BLOCK_M,), tl.float32)
         arg_s = tl.zeros((BLOCK_M,), tl.int32)
         l_s = tl.zeros((BLOCK_M,), tl.float32)
         l_t = tl.zeros((BLOCK_M,), tl.float32)
@@ -107,75 +125,33 @@ if HAS_TRITON:
         acc_ent = tl.zeros((BLOCK_M,), tl.float32)
         for v0 in range(0, vocab, BLOCK_V):
             offs_v = v0 + offs_v0
-            v_mask = offs_v < vocab
             # raw logits: the temperature multiplies only differences from the running maxima, so
-            # logits 1e14 apart after scaling keep their float32 precision (see fused_turn_kl)
-            zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
-                              HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
-            zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
-                              HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
-            block_ms = tl.max(zs, axis=1)
-            block_arg = tl.argmax(tl.where(zs == zs, zs, float("-inf")), axis=1)  # NaN rows: any index
-            new_ms = tl.maximum(m_s, block_ms)
-            new_mt = tl.maximum(m_t, tl.max(zt, axis=1))
-            new_shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
-            new_shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
-            moved_arg = block_ms > m_s
+            # logits 1e14 apart after scaling keep their float32 precision (see online_softmax_step)
+            zs, zt = _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v,
+                                   offs_v < vocab, m_mask, hidden_s, hidden_t, HAS_BS, HAS_BT, DOT_FP32_S,
+                                   DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+            block_ms, block_arg = block_argmax(zs, 1)
             xt_at = tl.sum(tl.where(offs_v0[None, :] == block_arg[:, None], zt, 0.0), axis=1)
-            xt_at = tl.where(tl.abs(xt_at) < float("inf"), xt_at, 0.0)  # teacher -inf at a: +inf KL anyway
-            new_centre = tl.where(moved_arg, xt_at, centre)
-            arg_s = tl.where(moved_arg, v0 + block_arg, arg_s)
-            moved_s = shift_s - new_shift_s
-            moved_t = shift_t - new_shift_t
-            scale_s = tl.exp((m_s - new_shift_s) * inv_temp)  # 0 while the row was all -inf
-            scale_t = tl.exp((m_t - new_shift_t) * inv_temp)
-            a_s = zs - new_shift_s[:, None]
-            a_t = zt - new_shift_t[:, None]
-            es = tl.exp(a_s * inv_temp)
-            et = tl.exp(a_t * inv_temp)
-            acc_ent = tl.where(scale_s > 0, (acc_ent + moved_s * l_s) * scale_s, 0.0)
-            acc_ent += tl.sum(tl.where(es > 0, es * a_s, 0.0), axis=1)
-            if DIVERGENCE == 0:
-                u = a_s - (zt - new_centre[:, None])
-                acc_div = tl.where(scale_s > 0, (acc_div + l_s * (moved_s - (centre - new_centre))) * scale_s, 0.0)
-                acc_div += tl.sum(tl.where(es > 0, es * u, 0.0), axis=1)
-            if DIVERGENCE == 1:
-                acc_div = acc_div - l_t * moved_s
-                acc_div = tl.where(scale_t > 0, (acc_div + l_t * moved_t) * scale_t, 0.0)
-                acc_div += tl.sum(tl.where(et > 0, et * (a_t - a_s), 0.0), axis=1)
-            l_s = l_s * scale_s + tl.sum(es, axis=1)
-            l_t = l_t * scale_t + tl.sum(et, axis=1)
-            m_s = new_ms
-            m_t = new_mt
-            shift_s = new_shift_s
-            shift_t = new_shift_t
-            centre = new_centre
-        log_l_s = tl.log(l_s)
-        log_l_t = tl.log(l_t)
-        entropy = log_l_s - inv_temp * acc_ent / l_s
-        mean_u = acc_div / l_s
-        div = tl.zeros((BLOCK_M,), tl.float32)
+            m_s, m_t, shift_s, shift_t, centre, arg_s, l_s, l_t, acc_div, acc_ent = online_softmax_step(
+                zs, zt, block_ms, v0 + block_arg, xt_at, m_s, m_t, shift_s, shift_t, centre, arg_s, l_s, l_t,
+                acc_div, acc_ent, inv_temp, DIVERGENCE, 1,
+            )
+        log_l_s, log_l_t, entropy, mean_u, div = online_softmax_finish(
+            l_s, l_t, acc_div, acc_ent, shift_t, centre, inv_temp, DIVERGENCE
+        )
         kl_p_m = tl.zeros((BLOCK_M,), tl.float32)
-        if DIVERGENCE == 0:
-            div = (mean_u + (shift_t - centre)) * inv_temp + (log_l_t - log_l_s)
-        if DIVERGENCE == 1:
-            div = acc_div / l_t * inv_temp + (log_l_s - log_l_t)
         if DIVERGENCE == 2:
             sum_q = tl.zeros((BLOCK_M,), tl.float32)
             for v0 in range(0, vocab, BLOCK_V):
                 offs_v = v0 + offs_v0
-                v_mask = offs_v < vocab
-                zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
-                                  HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
-                zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
-                                  HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
-                log_p = (zs - shift_s[:, None]) * inv_temp - log_l_s[:, None]
-                log_q = (zt - shift_t[:, None]) * inv_temp - log_l_t[:, None]
-                p = tl.exp(log_p)
-                q = tl.exp(log_q)
-                log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta)
-                kl_p_m += tl.sum(tl.where(p != 0, p * (log_p - log_m), 0.0), axis=1)
-                sum_q += tl.sum(tl.where(q != 0, q * (log_q - log_m), 0.0), axis=1)
+                zs, zt = _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v,
+                                       offs_v < vocab, m_mask, hidden_s, hidden_t, HAS_BS, HAS_BT, DOT_FP32_S,
+                                       DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+                block_p, block_q = jsd_block_sums(
+                    zs, zt, shift_s, shift_t, log_l_s, log_l_t, inv_temp, log_1m_beta, log_beta, 1
+                )
+                kl_p_m += block_p
+                sum_q += block_q
             div = beta * sum_q + (1.0 - beta) * kl_p_m
         tl.store(div_ptr + offs_m, div, mask=m_mask)
         tl.store(ent_ptr + offs_m, entropy, mask=m_mask)
@@ -211,10 +187,8 @@ if HAS_TRITON:
         log_l_s = tl.load(stats + 2, mask=m_mask, other=0.0)
         log_l_t = tl.load(stats + 3, mask=m_mask, other=0.0)
         row_scale = tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0) * inv_temp
-        zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
-                          HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
-        zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
-                          HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+        zs, zt = _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask,
+                               hidden_s, hidden_t, HAS_BS, HAS_BT, DOT_FP32_S, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
         a_s = zs - shift_s[:, None]
         log_p = a_s * inv_temp - log_l_s[:, None]
         p = tl.exp(log_p)
@@ -276,8 +250,7 @@ def forward(
     block_m=None, block_v=None, block_k=None,
 ):
     """Same contract as ``chunked.forward`` (``chunk_rows`` is ignored: tiles replace chunks)."""
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package (pip install 'tcod-fast[triton]')")
+    require_triton()
     block_m = block_m or DEFAULT_BLOCK_M
     block_v = block_v or DEFAULT_BLOCK_V
     block_k = block_k or DEFAULT_BLOCK_K
@@ -293,8 +266,7 @@ def forward(
     argmax_s = torch.zeros(n_kept, dtype=torch.int32, device=device)
     rows = kept_rows.contiguous()
     inv_temp = 1.0 / temperature
-    log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
-    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
+    log_1m_beta, log_beta = mixture_logs(beta)
     # dummy pointers for absent biases: never read (HAS_BS / HAS_BT are constexpr False)
     b_s = student_bias if student_bias is not None else div
     b_t = teacher_bias if teacher_bias is not None else div

@@ -28,32 +28,24 @@ or timed on a GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES
 from tcod_fast.ops.topk_turn_kl.topk import PAD_ID
 # HAS_TRITON, interpreter_enabled and is_available are this backend's API too
 from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
+from tcod_fast.ops.triton_common import mixture_logs, require_triton, row_block_v, row_num_warps
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tcod_fast.ops.triton_common import store_dropped_row
+    from tcod_fast.ops.triton_common import logaddexp, store_dropped_row
 
 DEFAULT_BLOCK_V = 4096
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _logaddexp(a, b):
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
-        safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
-        return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - safe_hi)))
 
     @triton.jit
     def _topk_mask(ids_row, K, ptr, offs, v_end, PAD: tl.constexpr):
@@ -139,7 +131,7 @@ if HAS_TRITON:
             # NaN logits make l_c NaN (whether or not the max propagated them): keep it NaN
             lse_c = tl.where(l_c64 > 0, shift_c + tl.log(l_c64), tl.where(l_c64 == 0, float("-inf"), float("nan")))
             lse_k = (safe_max_k64 - ref) * it + tl.log(sum_k64)  # -inf when S is empty / all -inf
-            L = _logaddexp(lse_c, lse_k)
+            L = logaddexp(lse_c, lse_k)
             log_p_k = tl.where(valid, (x_k64 - ref) * it - L, float("-inf"))
 
             if BUCKET:
@@ -181,8 +173,8 @@ if HAS_TRITON:
                 b64 = tl.cast(beta, f64)
                 log_1m_b = tl.cast(log_1m_beta, f64)
                 log_b = tl.cast(log_beta, f64)
-                log_m_k = _logaddexp(log_pi_k + log_1m_b, log_q_k + log_b)
-                log_m_t = _logaddexp(log_pi_t + log_1m_b, log_q_t + log_b)
+                log_m_k = logaddexp(log_pi_k + log_1m_b, log_q_k + log_b)
+                log_m_t = logaddexp(log_pi_t + log_1m_b, log_q_t + log_b)
                 rho_k = tl.where(pi_k > 0, log_pi_k - log_m_k, 0.0)
                 rho_t = tl.where(pi_t > 0, log_pi_t - log_m_t, 0.0)
                 kl_pm = tl.sum(tl.where(pi_k > 0, pi_k * rho_k, 0.0), axis=0) + tl.where(pi_t > 0, pi_t * rho_t, 0.0)
@@ -249,15 +241,14 @@ def forward(
     grad_scale=None, want_entropy=True, block_v=None,
 ):
     """See ``torch_backend`` for the contract."""
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package (pip install 'tcod-fast[triton]')")
+    require_triton()
     B, T = keep.shape
     V = student.shape[-1]
     K = topk_ids.shape[-1]
     device = student.device
     outs = [torch.empty(B, T, dtype=torch.float32, device=device) for _ in range(4)]
     if block_v is None:
-        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(V, 16)))
+        block_v = row_block_v(V, DEFAULT_BLOCK_V)
     topk_ids = topk_ids.to(torch.int32).contiguous()
     topk_logprobs = topk_logprobs.to(torch.float32).contiguous()
     # read as flat rows: a strided view (e.g. ids[..., 0]) must not reach the kernel
@@ -267,8 +258,7 @@ def forward(
     scale = grad_scale.to(torch.float32).contiguous() if has_scale else outs[0]  # dummy when unused
     g = grad if grad is not None else student
     g_sb, g_st = (grad.stride(0), grad.stride(1)) if grad is not None else (0, 0)
-    log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
-    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
+    log_1m_beta, log_beta = mixture_logs(beta)
     if B * T > 0:
         _topk_row_kernel[(B * T,)](
             student, g, topk_ids, topk_logprobs, keep, target, scale, *outs,
@@ -278,6 +268,6 @@ def forward(
             NEED_NORMALISER=bool(want_entropy or target_ids is not None), HAS_TARGET=target_ids is not None,
             WRITE_GRAD=grad is not None, HAS_SCALE=has_scale, BLOCK_V=block_v,
             BLOCK_K=triton.next_power_of_2(max(K, 2)), PAD=PAD_ID,
-            num_warps=8 if block_v >= 2048 else 4,
+            num_warps=row_num_warps(block_v),
         )
     return tuple(outs)

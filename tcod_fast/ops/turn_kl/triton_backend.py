@@ -25,17 +25,32 @@ import torch
 from tcod_fast.ops.common import DIVERGENCE_CODES
 # HAS_TRITON, interpreter_enabled and is_available are this backend's API too
 from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
+from tcod_fast.ops.triton_common import mixture_logs, require_triton, row_block_v, row_num_warps
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tcod_fast.ops.triton_common import log_mixture, store_dropped_row
+    from tcod_fast.ops.triton_common import (
+        block_argmax,
+        jsd_block_sums,
+        log_mixture,
+        online_softmax_finish,
+        online_softmax_step,
+        store_dropped_row,
+    )
 
 DEFAULT_BLOCK_V = 4096
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _load_block(s_row, t_row, offs, in_vocab):
+        """The student's and the teacher's logits at ``offs`` as float32, -inf off the vocabulary."""
+        xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        return xs, xt
 
     @triton.jit
     def _turn_kl_row_kernel(
@@ -57,90 +72,44 @@ if HAS_TRITON:
 
         if keep != 0:
             # Raw logits x throughout, taken relative to the running maxima (the anchors) before
-            # the temperature scales them, (x - m) / T: logits far from 0, or 1e14 apart after
-            # scaling, keep their absolute precision. Reverse KL centres its log-ratio on B, the
-            # teacher's logit at the student's argmax a: u = (x_s - m_s) - (x_t - B), u_a = 0, so
-            # KL = (mean_p(u) + m_t - B) / T + log l_t - log l_s and the gradient
-            # p (u - mean_p(u)) / T^2 are exact even for a one-hot softmax.
+            # the temperature scales them, (x - m) / T, and reverse KL's log-ratio centred on the
+            # teacher's logit at the student's argmax: see online_softmax_step.
             m_s = float("-inf")
             m_t = float("-inf")
-            shift_s = 0.0  # anchors: the running max, 0 while it is -inf (never -inf - (-inf))
+            shift_s = 0.0
             shift_t = 0.0
-            centre = 0.0  # B
+            centre = 0.0
             arg_s = tl.full((), 0, tl.int64)  # int64 whatever the type of vocab (loop-carried)
             l_s = 0.0
             l_t = 0.0
-            acc_div = 0.0  # reverse: sum es u; forward: sum et ((x_t - m_t) - (x_s - m_s))
-            acc_ent = 0.0  # sum es (x_s - shift_s)
+            acc_div = 0.0
+            acc_ent = 0.0
             for v0 in range(0, vocab, BLOCK_V):
                 offs = v0 + cols
-                in_vocab = offs < vocab
-                xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                block_ms = tl.max(xs, axis=0)
-                new_ms = tl.maximum(m_s, block_ms)
-                new_mt = tl.maximum(m_t, tl.max(xt, axis=0))
-                new_shift_s = tl.where(new_ms == float("-inf"), 0.0, new_ms)
-                new_shift_t = tl.where(new_mt == float("-inf"), 0.0, new_mt)
-                # a new student argmax in this block: the teacher's logit there is the new centre
-                moved_arg = block_ms > m_s
-                block_arg = v0 + tl.argmax(tl.where(xs == xs, xs, float("-inf")), axis=0)  # NaN: any index
+                xs, xt = _load_block(s_row, t_row, offs, offs < vocab)
+                block_ms, block_arg = block_argmax(xs, 0)
+                block_arg += v0
                 xt_at = tl.load(t_row + block_arg, mask=block_arg < vocab, other=0.0).to(tl.float32)
-                # teacher -inf at a: the KL is +inf anyway; any finite centre will do
-                xt_at = tl.where(tl.abs(xt_at) < float("inf"), xt_at, 0.0)
-                new_centre = tl.where(moved_arg, xt_at, centre)
-                arg_s = tl.where(moved_arg, block_arg, arg_s)
-                moved_s = shift_s - new_shift_s  # <= 0, raw units
-                moved_t = shift_t - new_shift_t
-                scale_s = tl.exp((m_s - new_shift_s) * inv_temp)  # 0 while the row was all -inf
-                scale_t = tl.exp((m_t - new_shift_t) * inv_temp)
-                es = tl.exp((xs - new_shift_s) * inv_temp)
-                et = tl.exp((xt - new_shift_t) * inv_temp)
-                # moving the anchor adds moved_s to every term of acc_ent so far
-                acc_ent = tl.where(scale_s > 0, (acc_ent + moved_s * l_s) * scale_s, 0.0) + tl.sum(
-                    tl.where(es > 0, es * (xs - new_shift_s), 0.0), axis=0
+                m_s, m_t, shift_s, shift_t, centre, arg_s, l_s, l_t, acc_div, acc_ent = online_softmax_step(
+                    xs, xt, block_ms, block_arg, xt_at, m_s, m_t, shift_s, shift_t, centre, arg_s, l_s, l_t,
+                    acc_div, acc_ent, inv_temp, DIVERGENCE, 0,
                 )
-                if DIVERGENCE == 0:
-                    u = (xs - new_shift_s) - (xt - new_centre)
-                    acc_div = tl.where(scale_s > 0, (acc_div + l_s * (moved_s - (centre - new_centre))) * scale_s, 0.0)
-                    acc_div += tl.sum(tl.where(es > 0, es * u, 0.0), axis=0)
-                if DIVERGENCE == 1:
-                    acc_div = acc_div - l_t * moved_s
-                    acc_div = tl.where(scale_t > 0, (acc_div + l_t * moved_t) * scale_t, 0.0)
-                    acc_div += tl.sum(tl.where(et > 0, et * ((xt - new_shift_t) - (xs - new_shift_s)), 0.0), axis=0)
-                l_s = l_s * scale_s + tl.sum(es, axis=0)
-                l_t = l_t * scale_t + tl.sum(et, axis=0)
-                m_s = new_ms
-                m_t = new_mt
-                shift_s = new_shift_s
-                shift_t = new_shift_t
-                centre = new_centre
 
-            log_l_s = tl.log(l_s)
-            log_l_t = tl.log(l_t)
-            entropy = log_l_s - inv_temp * acc_ent / l_s
-            div = 0.0
+            log_l_s, log_l_t, entropy, mean_u, div = online_softmax_finish(
+                l_s, l_t, acc_div, acc_ent, shift_t, centre, inv_temp, DIVERGENCE
+            )
             kl_p_m = 0.0
-            mean_u = acc_div / l_s
-            if DIVERGENCE == 0:
-                div = (mean_u + (shift_t - centre)) * inv_temp + (log_l_t - log_l_s)
-            if DIVERGENCE == 1:
-                div = inv_temp * acc_div / l_t + (log_l_s - log_l_t)
             if DIVERGENCE == 2:
                 sum_p = 0.0
                 sum_q = 0.0
                 for v0 in range(0, vocab, BLOCK_V):
                     offs = v0 + cols
-                    in_vocab = offs < vocab
-                    xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                    xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                    log_p = (xs - shift_s) * inv_temp - log_l_s
-                    log_q = (xt - shift_t) * inv_temp - log_l_t
-                    p = tl.exp(log_p)
-                    q = tl.exp(log_q)
-                    log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta)
-                    sum_p += tl.sum(tl.where(p != 0, p * (log_p - log_m), 0.0), axis=0)
-                    sum_q += tl.sum(tl.where(q != 0, q * (log_q - log_m), 0.0), axis=0)
+                    xs, xt = _load_block(s_row, t_row, offs, offs < vocab)
+                    block_p, block_q = jsd_block_sums(
+                        xs, xt, shift_s, shift_t, log_l_s, log_l_t, inv_temp, log_1m_beta, log_beta, 0
+                    )
+                    sum_p += block_p
+                    sum_q += block_q
                 kl_p_m = sum_p
                 div = beta * sum_q + (1.0 - beta) * sum_p
             tl.store(div_ptr + row, div)
@@ -161,8 +130,7 @@ if HAS_TRITON:
                 for v0 in range(0, grad_cols, BLOCK_V):
                     offs = v0 + cols
                     in_vocab = offs < vocab
-                    xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-                    xt = tl.load(t_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                    xs, xt = _load_block(s_row, t_row, offs, in_vocab)
                     log_p = (xs - shift_s) * inv_temp - log_l_s
                     p = tl.exp(log_p)
                     if DIVERGENCE == 0:
@@ -210,22 +178,18 @@ def forward(
     student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None, block_v=None
 ):
     """See ``torch_backend`` for the contract."""
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package (pip install 'tcod-fast[triton]')")
-    import math
-
+    require_triton()
     B, T = keep.shape
     device = student.device
     outs = [torch.empty(B, T, dtype=torch.float32, device=device) for _ in range(4)]
     if block_v is None:
-        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(vocab_size, 16)))
+        block_v = row_block_v(vocab_size, DEFAULT_BLOCK_V)
     target = target_ids if target_ids is not None else keep  # dummy pointer when unused
     has_scale = grad_scale is not None and grad is not None
     scale = grad_scale.to(torch.float32).contiguous() if has_scale else outs[0]  # dummy when unused
     g = grad if grad is not None else student
     g_sb, g_st, grad_cols = (grad.stride(0), grad.stride(1), grad.shape[-1]) if grad is not None else (0, 0, 0)
-    log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
-    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
+    log_1m_beta, log_beta = mixture_logs(beta)
     if B * T > 0:
         _turn_kl_row_kernel[(B * T,)](
             student, teacher, g, keep, target, scale, *outs,
@@ -233,7 +197,7 @@ def forward(
             vocab_size, grad_cols, 1.0 / temperature, float(beta), log_1m_beta, log_beta,
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target_ids is not None,
             WRITE_GRAD=grad is not None, HAS_SCALE=has_scale, BLOCK_V=block_v,
-            num_warps=8 if block_v >= 2048 else 4,
+            num_warps=row_num_warps(block_v),
         )
     return tuple(outs)
 
@@ -247,7 +211,7 @@ def scale_rows_(grad: torch.Tensor, factor: torch.Tensor, block_v: int | None = 
     if B * T == 0 or V == 0:
         return
     if block_v is None:
-        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(V, 16)))
+        block_v = row_block_v(V, DEFAULT_BLOCK_V)
     factor = factor.to(torch.float32).contiguous()
     grid = (B * T, triton.cdiv(V, block_v))
     _scale_rows_kernel[grid](grad, factor, T, grad.stride(0), grad.stride(1), V, BLOCK_V=block_v)
