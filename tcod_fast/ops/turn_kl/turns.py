@@ -117,7 +117,7 @@ class TurnLayout:
         B, T: sequences and tokens per sequence (``B = 1`` for ``(N, ...)`` inputs).
         flat: the inputs were ``(N, ...)``; per-token outputs are returned as ``(N,)``.
         keep: ``(B, T)`` bool, the tokens that take part.
-        target_ids: ``(B, T)`` int64 or None.
+        target_ids: ``(B, T)`` int64, contiguous, or None.
         num_turns: width of the per-turn tensors, or None when nothing needs them.
     """
 
@@ -269,7 +269,8 @@ def prepare_turns(
         flat=flat,
         keep=keep,
         turn_index=turn_index,
-        target_ids=None if target_ids is None else target_ids.reshape(B, T).long(),
+        # contiguous: the kernels read row r's target at offset r (input_ids[:, 1:] is a strided view)
+        target_ids=None if target_ids is None else target_ids.reshape(B, T).long().contiguous(),
         turn_weights=turn_weights,
         num_turns=int(num_turns) if need_turns else None,
     )

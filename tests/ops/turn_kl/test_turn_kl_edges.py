@@ -175,6 +175,21 @@ def test_negative_turn_weights_are_linear(backend):
         torch.testing.assert_close(grad.double(), ref_grad.to(grad.device), rtol=1e-4, atol=1e-6)
 
 
+def test_strided_target_ids_are_read_like_contiguous_ones(backend):
+    """``target_ids=input_ids[:, 1:]``, a strided int64 view: the sampled tokens' log-probs are
+    the reference's (a kernel reading the view as if contiguous takes the wrong tokens)."""
+    student = torch.randn(3, 7, 41, device=DEVICE)
+    teacher = torch.randn(3, 7, 41, device=DEVICE)
+    input_ids = torch.randint(41, (3, 8), device=DEVICE)
+    target_ids = input_ids[:, 1:]
+    assert not target_ids.is_contiguous()
+    turn_ids = torch.tensor([[0, 0, 1, 1, -1, 2, 2]] * 3, device=DEVICE)
+    ours = fused_turn_kl(student, teacher, turn_ids, target_ids=target_ids, return_stats=True, backend=backend)
+    ref = turn_kl_reference(student.double(), teacher.double(), turn_ids, target_ids=target_ids, return_stats=True)
+    for name in ("student_logprob", "teacher_logprob", "turn_abs_logratio_sum", "turn_neg_logprob_sum"):
+        torch.testing.assert_close(getattr(ours, name).double().cpu(), getattr(ref, name), rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_nan_row_gives_nan_loss_and_nan_gradient_row(backend, divergence):
     """A NaN logit in a kept row: that row's divergence and its whole gradient row are NaN (what
