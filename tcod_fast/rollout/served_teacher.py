@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tcod_fast.errors import UserError
-from tcod_fast.server_requests import ServerRequestSettings
 from tcod_fast.rollout.generation import GenerationOutput, SamplingParams, _eos_ids, truncate_at_stop
+from tcod_fast.server_requests import ServerRequestSettings
 
 __all__ = ["ServedTeacher", "TeacherScores", "TeacherServerError", "parse_token_key"]
 

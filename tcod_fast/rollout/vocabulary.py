@@ -15,7 +15,7 @@ from typing import Any
 from tcod_fast.rollout.prompter import PaperPrompter, PromptState
 from tcod_fast.rollout.prompts import parse_action
 
-__all__ = ["expert_episode_texts"]
+__all__ = ["expert_episode_texts", "format_error_feedback_texts"]
 
 # Replies whose format-error feedback the corpus holds: no tags, an empty action, no action.
 _MALFORMED_REPLIES = ("no tags", "<action></action>", "<think>x</think>")
@@ -66,6 +66,13 @@ def expert_episode_texts(
                 break
         wasted = PromptState(first.task_text, first.observation, list(first.admissible_actions), 1, [(first.observation, None)])
         texts.append(prompter.window_message(wasted))
-    for reply in _MALFORMED_REPLIES if include_feedback else ():
-        texts.append(prompter.format_error_feedback(parse_action(reply, None, prompter.prompt_config)))
-    return texts
+    return texts + format_error_feedback_texts(prompter) if include_feedback else texts
+
+
+def format_error_feedback_texts(prompter: Any = None) -> list[str]:
+    """The feedback messages ``prompter`` shows for malformed replies (no tags, an empty
+    action, no action)."""
+    prompter = prompter if prompter is not None else PaperPrompter()
+    return [
+        prompter.format_error_feedback(parse_action(reply, None, prompter.prompt_config)) for reply in _MALFORMED_REPLIES
+    ]

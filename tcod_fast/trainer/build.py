@@ -15,6 +15,7 @@ from tcod_fast.envs.pool import EnvPool, PoolConfig
 from tcod_fast.envs.registry import EnvSpec, make_env
 from tcod_fast.errors import UserError
 from tcod_fast.rollout import EnvListDriver, PaperPrompter, expert_episode_texts
+from tcod_fast.rollout.vocabulary import format_error_feedback_texts
 from tcod_fast.rollout.prompts import prompt_config_for
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
 from tcod_fast.trainer.config import EnvSettings, TrainConfig
@@ -111,7 +112,7 @@ def build_tokenizer(
                 for task in tasks:
                     texts += expert_episode_texts(env, [task], prompter, include_feedback=False)
                     bar.update(1)
-                texts += expert_episode_texts(env, [], prompter)
+                texts += format_error_feedback_texts(prompter)
     finally:
         env.close()
     return build_word_tokenizer(texts)

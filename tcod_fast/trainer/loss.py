@@ -211,12 +211,7 @@ def turn_kl_statistics(
         num_turns=packed.num_turns,
         backend=backend,
     )
-    if sparse_teacher is not None:
-        student_logits = outputs.student if student_grad else outputs.student.detach()
-        return fused_topk_turn_kl(
-            student_logits, sparse_teacher.topk_ids, sparse_teacher.topk_logprobs, packed.turn_ids, **options
-        )
-    if outputs.teacher is None:
+    if sparse_teacher is None and outputs.teacher is None:
         return None
     if outputs.hidden:
         if lm_heads is None:
@@ -227,6 +222,10 @@ def turn_kl_statistics(
             vocab_size=vocab_size, **options,
         )
     student_logits = outputs.student if student_grad else outputs.student.detach()
+    if sparse_teacher is not None:
+        return fused_topk_turn_kl(
+            student_logits, sparse_teacher.topk_ids, sparse_teacher.topk_logprobs, packed.turn_ids, **options
+        )
     return fused_turn_kl(student_logits, outputs.teacher, packed.turn_ids, vocab_size=vocab_size, **options)
 
 
