@@ -101,10 +101,12 @@ def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict] | None:
     there is no checkpoint file at all.
 
     A newer file that cannot be read is skipped with a :class:`TcodFastWarning` naming it
-    and the one used instead; when none can be read a :class:`UserError` lists them.
+    and the one used instead; when none can be read a :class:`UserError` lists them. A
+    sharded checkpoint moved aside by an interrupted save of its step counts under ``latest``.
     """
     failures = []
-    for path in list_checkpoints(folder):
+    resaved = sharded_checkpoint.interrupted_resave(folder)
+    for path in ([resaved] if resaved is not None else []) + list_checkpoints(folder):
         try:
             state = load_checkpoint(path)
             if not isinstance(state, dict) or "step" not in state:

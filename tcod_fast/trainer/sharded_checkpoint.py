@@ -19,7 +19,10 @@ process has finished (DCP's own commit writes ``.metadata`` last, then a barrier
 renames the folder onto its final name (an atomic ``rename`` on POSIX) and only then points
 ``latest`` at it. A process killed at any moment leaves either no folder under the final
 name or a complete one; the previous checkpoint stays valid and the temporary folder is
-removed on the next save.
+removed on the next save. Saving a step that already has a checkpoint (a resumed run) first
+moves the old folder aside; a crash before the new one takes its name leaves ``latest``
+naming the moved-aside folder, which resuming reads (:func:`interrupted_resave`) and the
+next save puts back.
 """
 
 from __future__ import annotations
@@ -45,7 +48,16 @@ from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, publis
 from tcod_fast.trainer.distributed import DistContext
 from tcod_fast.trainer.run_folder import CHECKPOINT_NAME
 
-__all__ = ["META_NAME", "SUFFIX", "is_sharded_state", "load_meta", "load_sharded", "rank_rng_state", "save_sharded"]
+__all__ = [
+    "META_NAME",
+    "SUFFIX",
+    "interrupted_resave",
+    "is_sharded_state",
+    "load_meta",
+    "load_sharded",
+    "rank_rng_state",
+    "save_sharded",
+]
 
 SUFFIX = ".dcp"
 META_NAME = "meta.pt"
@@ -71,6 +83,22 @@ def _all_rng_states(context: DistContext) -> list[dict]:
     return gathered
 
 
+def _moved_aside(final: Path) -> Path:
+    """Where the checkpoint ``final`` waits while the same step is saved again."""
+    return final.with_name(f"{TMP_PREFIX}{final.name}.replaced")
+
+
+def interrupted_resave(folder: str | Path) -> Path | None:
+    """The checkpoint ``folder/latest`` names, moved aside by a save of the same step that
+    stopped before the new folder took its name; ``None`` when there is no such leftover."""
+    pointer = Path(folder) / "latest"
+    if not pointer.is_file():
+        return None
+    final = pointer.parent / pointer.read_text().strip()
+    aside = _moved_aside(final)
+    return aside if not final.exists() and (aside / ".metadata").is_file() else None
+
+
 def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimizer, meta: dict, context: DistContext, *, keep: int = 2) -> Path:
     """Write ``folder/step_<step>.dcp`` (collective: every process calls it) and point
     ``folder/latest`` at it; keep the newest ``keep`` checkpoints. ``meta``: the picklable
@@ -80,6 +108,9 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
     partial = folder / f"{TMP_PREFIX}{final.name}"
     if context.is_main:
         folder.mkdir(parents=True, exist_ok=True)
+        leftover = interrupted_resave(folder)
+        if leftover is not None:  # put it back under its name before publish_newest sweeps .tmp-*
+            os.replace(leftover, folder / (folder / "latest").read_text().strip())
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     context.barrier()
@@ -93,7 +124,7 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
             # The same step saved again (a resumed run): move the old folder aside with one
             # rename (publish_newest removes it) instead of deleting it before the new one is
             # in place, so a crash here never leaves the step without a checkpoint for long.
-            replaced = folder / f"{TMP_PREFIX}{final.name}.replaced"
+            replaced = _moved_aside(final)
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)
         os.replace(partial, final)

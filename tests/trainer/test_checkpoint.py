@@ -199,3 +199,23 @@ def test_a_dcp_checkpoint_saved_again_at_its_step_is_replaced(tmp_path):
     fresh = torch.nn.Linear(5, 3)
     load_sharded(meta, fresh, torch.optim.AdamW(fresh.parameters()), DistContext())
     torch.testing.assert_close(fresh.weight, model.weight)
+
+
+def test_a_crash_while_a_dcp_step_is_saved_again_resumes_from_that_step(tmp_path):
+    """Killed between moving the old step-4 folder aside and renaming the new one onto its
+    name: resuming reads step 4 (not step 2), and the next save puts it back under its name."""
+    from tcod_fast.trainer.distributed import DistContext
+    from tcod_fast.trainer.sharded_checkpoint import save_sharded
+
+    model = torch.nn.Linear(5, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_sharded(tmp_path, 2, model, optimizer, {"step": 2}, DistContext())
+    step_4 = save_sharded(tmp_path, 4, model, optimizer, {"step": 4}, DistContext())
+    # the state save_sharded leaves when the process dies between its two renames
+    os.replace(step_4, tmp_path / f".tmp-{step_4.name}.replaced")
+    (tmp_path / f".tmp-{step_4.name}").mkdir()
+
+    path, state = ckpt.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 4 and state["sharded_path"] == str(path)
+    save_sharded(tmp_path, 6, model, optimizer, {"step": 6}, DistContext(), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", step_4.name, "step_00000006.dcp"]
