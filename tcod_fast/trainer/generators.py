@@ -20,7 +20,7 @@ from typing import Any
 
 from tcod_fast.errors import UserError
 
-__all__ = ["build_generators", "build_served_teacher", "close_generators", "vllm_engine"]
+__all__ = ["build_generators", "build_served_teacher", "close_generators", "vllm_engine", "weight_push_metrics"]
 
 
 def build_served_teacher(config, tokenizer):
@@ -78,6 +78,15 @@ def build_generators(run, *, for_eval: bool = False):
         elif run.teacher is not None:
             teacher = vllm_engine(run, "teacher", run.teacher) if backend == "vllm" else HFGenerator(run.teacher, run.tokenizer)
     return student, teacher
+
+
+def weight_push_metrics(run) -> dict[str, float]:
+    """``{"time/weight_push_s": seconds}`` that the last push of the student's weights into its
+    vLLM engine took (part of ``time/rollout_s``); empty without a student engine."""
+    engine = run.vllm_engines.get("student")
+    if engine is None or engine.last_push_seconds is None:
+        return {}
+    return {"time/weight_push_s": engine.last_push_seconds}
 
 
 def close_generators(run) -> None:

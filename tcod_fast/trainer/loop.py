@@ -44,7 +44,7 @@ from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, expor
 from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer.distributed import all_reduce_sum
 from tcod_fast.trainer.evaluation import evaluate, kl_metrics
-from tcod_fast.trainer.generators import close_generators
+from tcod_fast.trainer.generators import close_generators, weight_push_metrics
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
 from tcod_fast.trainer.run_folder import check_new_run_folder
 from tcod_fast.trainer.setup import (
@@ -152,6 +152,7 @@ def train(
         trained = time.perf_counter()
         metrics = {**scores.metrics, **train_metrics, **run.sampler.summary(step)}
         metrics["time/rollout_s"] = rolled - started
+        metrics.update(weight_push_metrics(run))
         metrics["time/train_s"] = trained - rolled
         metrics["tokens_per_s"] = train_metrics["trained_tokens"] / max(trained - rolled, 1e-9)
         run.log(step, metrics)

@@ -46,7 +46,7 @@ def _sampled_logprobs_hf(model, prompt, ids):
 def test_vllm_backend_matches_hf_and_follows_the_optimizer(tmp_path):
     from tcod_fast.trainer import loop
     from tcod_fast.trainer.setup import setup_run
-    from tcod_fast.trainer.generators import close_generators
+    from tcod_fast.trainer.generators import close_generators, weight_push_metrics
 
     config = tiny_config(
         tmp_path / "run",
@@ -70,6 +70,7 @@ def test_vllm_backend_matches_hf_and_follows_the_optimizer(tmp_path):
             assert ours.turn_ids == theirs.turn_ids
             assert [t.action for t in ours.turns] == [t.action for t in theirs.turns]
         assert engine.last_push_seconds is not None
+        assert weight_push_metrics(run) == {"time/weight_push_s": engine.last_push_seconds}
 
         # 2. one optimiser step, pushed into the engine: its log-probs follow the HF student
         prompts = [list(t.token_ids[:12]) for t in from_vllm.trajectories[:3]]
