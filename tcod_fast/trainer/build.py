@@ -15,8 +15,8 @@ from tcod_fast.envs.pool import EnvPool, PoolConfig
 from tcod_fast.envs.registry import EnvSpec, make_env
 from tcod_fast.errors import UserError
 from tcod_fast.rollout import EnvListDriver, PaperPrompter, expert_episode_texts
-from tcod_fast.rollout.vocabulary import format_error_feedback_texts
 from tcod_fast.rollout.prompts import prompt_config_for
+from tcod_fast.rollout.vocabulary import format_error_feedback_texts
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
 from tcod_fast.trainer.config import EnvSettings, TrainConfig
 

@@ -88,15 +88,21 @@ def _moved_aside(final: Path) -> Path:
     return final.with_name(f"{TMP_PREFIX}{final.name}.replaced")
 
 
-def interrupted_resave(folder: str | Path) -> Path | None:
-    """The checkpoint ``folder/latest`` names, moved aside by a save of the same step that
-    stopped before the new folder took its name; ``None`` when there is no such leftover."""
-    pointer = Path(folder) / "latest"
+def _missing_latest(folder: Path) -> Path | None:
+    """The checkpoint ``folder/latest`` names when a save of the same step stopped after moving
+    it aside and before the new folder took its name (it waits at :func:`_moved_aside`)."""
+    pointer = folder / "latest"
     if not pointer.is_file():
         return None
-    final = pointer.parent / pointer.read_text().strip()
-    aside = _moved_aside(final)
-    return aside if not final.exists() and (aside / ".metadata").is_file() else None
+    final = folder / pointer.read_text().strip()
+    return final if not final.exists() and (_moved_aside(final) / ".metadata").is_file() else None
+
+
+def interrupted_resave(folder: str | Path) -> Path | None:
+    """Where the checkpoint ``folder/latest`` names waits, moved aside by a save of the same
+    step that did not finish; ``None`` when there is no such leftover."""
+    final = _missing_latest(Path(folder))
+    return None if final is None else _moved_aside(final)
 
 
 def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimizer, meta: dict, context: DistContext, *, keep: int = 2) -> Path:
@@ -108,9 +114,9 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
     partial = folder / f"{TMP_PREFIX}{final.name}"
     if context.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        leftover = interrupted_resave(folder)
-        if leftover is not None:  # put it back under its name before publish_newest sweeps .tmp-*
-            os.replace(leftover, folder / (folder / "latest").read_text().strip())
+        missing = _missing_latest(folder)
+        if missing is not None:  # put it back under its name before publish_newest sweeps .tmp-*
+            os.replace(_moved_aside(missing), missing)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     context.barrier()
@@ -123,7 +129,7 @@ def save_sharded(folder: str | Path, step: int, model: torch.nn.Module, optimize
         if final.exists():
             # The same step saved again (a resumed run): move the old folder aside with one
             # rename (publish_newest removes it) instead of deleting it before the new one is
-            # in place, so a crash here never leaves the step without a checkpoint for long.
+            # in place; a crash between the two renames is undone by _missing_latest.
             replaced = _moved_aside(final)
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)
