@@ -386,7 +386,8 @@ def _cmd_eval(args) -> int:
     from tcod_fast.trainer.setup import setup_run
 
     run = setup_run(config)
-    results = evaluate(run, 0)
+    with run.closing():
+        results = evaluate(run, 0)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

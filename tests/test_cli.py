@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from float32_tolerances import kl_tolerance
 
 from tcod_fast.cli import main
 
@@ -74,7 +75,9 @@ def test_kernel_demo_reports_every_backend(capsys, tmp_path):
     report = json.loads((tmp_path / "k.json").read_text())
     losses = [row["loss"] for row in report["rows"]]
     assert len(losses) >= 2  # at least the torch backend and the materialised reference
-    assert all(l == pytest.approx(losses[-1], rel=1e-4) for l in losses)  # all backends agree
+    batch, seq, vocab_size = report["shape"]
+    tolerance = kl_tolerance(vocab_size, batch * seq)  # the same sums in each backend's order
+    assert all(l == pytest.approx(losses[-1], **tolerance) for l in losses)  # all backends agree
     assert "KL by turn" in capsys.readouterr().out
 
 

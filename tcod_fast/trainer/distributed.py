@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "all_reduce_gradients", "all_reduce_sum", "broadcast_parameters", "init_distributed"]
+__all__ = [
+    "DistContext",
+    "all_reduce_gradients",
+    "all_reduce_sum",
+    "broadcast_parameters",
+    "close_distributed",
+    "init_distributed",
+]
 
 
 @dataclass
@@ -30,6 +37,9 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: the process group was created by :func:`init_distributed` (so :func:`close_distributed`
+    #: destroys it); a group the caller created is the caller's to destroy
+    owns_process_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -49,13 +59,34 @@ def init_distributed(device_type: str = "cpu") -> DistContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    return DistContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, owns_process_group=owns
+    )
+
+
+def close_distributed(context: DistContext, *, finished: bool) -> None:
+    """Destroy the process group :func:`init_distributed` created, on every way out of a run.
+
+    A process that ends with its group alive leaves the group's C++ threads (gloo's I/O loop,
+    the store's client) running while the interpreter tears down, which aborts it ("terminate
+    called without an active exception", SIGABRT) when they are still joinable. ``finished``:
+    the run ended normally on every process, so they first wait for each other (no process
+    leaves while another still talks to it); after an error or an interrupt nothing waits,
+    since the other processes may be gone."""
+    if not (context.owns_process_group and dist.is_initialized()):
+        return
+    try:
+        if finished:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:

@@ -25,9 +25,9 @@ def evaluate_model(config: TrainConfig, *, tokenizer=None) -> TrainingRun:
     """Evaluate ``config.model.student_path`` as it is (no training step, nothing saved but
     the metrics): one evaluation record, also in ``run.state.last_eval``."""
     run = setup_run(config, tokenizer=tokenizer)
-    if config.eval.num_tasks > 0:
-        run.log(0, evaluate(run, 0), kind="eval")
-    run.logger.close()
+    with run.closing():
+        if config.eval.num_tasks > 0:
+            run.log(0, evaluate(run, 0), kind="eval")
     return run
 
 

@@ -44,7 +44,7 @@ from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, expor
 from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer.distributed import all_reduce_sum
 from tcod_fast.trainer.evaluation import evaluate, kl_metrics
-from tcod_fast.trainer.generators import close_generators, weight_push_metrics
+from tcod_fast.trainer.generators import weight_push_metrics
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
 from tcod_fast.trainer.run_folder import check_new_run_folder
 from tcod_fast.trainer.setup import (
@@ -115,25 +115,30 @@ def train(
     if not finished:
         warn_if_random_teacher(config)
     run = setup_run_or_remove_folder(config, tokenizer=tokenizer, write_run_files=not finished)
-    if resume_state is not None:
-        restore(run, resume_state)
-        resume_state = None  # the checkpoint's tensors are in the run now: free the copy
-    elif config.eval.at_start and config.eval.num_tasks > 0:
-        run.log(0, evaluate(run, 0), kind="eval")
-    if finished:
-        # Its final evaluation and checkpoint exist already: do not repeat them.
-        warnings.warn(
-            f"the run in {run.output_dir} finished at step {run.state.next_step} (trainer.steps={config.trainer.steps}): "
-            "nothing to do; raise trainer.steps to train further",
-            TcodFastWarning,
-            stacklevel=2,
-        )
-        if not (run.output_dir / "final" / "config.json").is_file():
-            export_student(run, run.output_dir / "final")  # killed between checkpoint and export
-        run.logger.close()
-        close_generators(run)
-        return run
+    with run.closing():  # every way out (the end, an error, Ctrl-C) releases the process group
+        if resume_state is not None:
+            restore(run, resume_state)
+            resume_state = None  # the checkpoint's tensors are in the run now: free the copy
+        elif config.eval.at_start and config.eval.num_tasks > 0:
+            run.log(0, evaluate(run, 0), kind="eval")
+        if finished:
+            # Its final evaluation and checkpoint exist already: do not repeat them.
+            warnings.warn(
+                f"the run in {run.output_dir} finished at step {run.state.next_step} (trainer.steps={config.trainer.steps}): "
+                "nothing to do; raise trainer.steps to train further",
+                TcodFastWarning,
+                stacklevel=2,
+            )
+            if not (run.output_dir / "final" / "config.json").is_file():
+                export_student(run, run.output_dir / "final")  # killed between checkpoint and export
+        else:
+            _train_steps(run, stop_after_step)
+    return run
 
+
+def _train_steps(run: TrainingRun, stop_after_step: int | None) -> None:
+    """The steps from ``run.state.next_step`` on, then the final evaluation, checkpoint and export."""
+    config = run.config
     last = config.trainer.steps if stop_after_step is None else min(stop_after_step, config.trainer.steps)
     steps = tqdm(
         range(run.state.next_step, last),
@@ -175,9 +180,6 @@ def train(
         export_student(run, run.output_dir / "final")
     elif run.state.next_step % max(config.trainer.checkpoint_every, 1) != 0 or not config.trainer.checkpoint_every:
         checkpoint(run)  # stopped early: keep where it got to
-    run.logger.close()
-    close_generators(run)
-    return run
 
 
 # ======================================================================================

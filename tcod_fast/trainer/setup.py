@@ -10,10 +10,12 @@ records and the last evaluation).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,8 @@ from tcod_fast.rollout import RolloutConfig, SamplingParams, run_episodes
 from tcod_fast.trainer import build
 from tcod_fast.trainer.config import TrainConfig, save_config
 from tcod_fast.trainer import parallel
-from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, init_distributed
-from tcod_fast.trainer.generators import build_generators, build_served_teacher
+from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, close_distributed, init_distributed
+from tcod_fast.trainer.generators import build_generators, build_served_teacher, close_generators
 from tcod_fast.trainer.metrics_log import MetricsLogger
 
 __all__ = [
@@ -95,6 +97,27 @@ class TrainingRun:
         record.update(metrics)
         self.state.history.append(record)
         self.logger.log(record)
+
+    def close(self, *, finished: bool = True) -> None:
+        """Release what the run holds outside this process's memory: the metrics file, vLLM
+        engines and the process group it created (``finished``: every process got here
+        normally; see :func:`~tcod_fast.trainer.distributed.close_distributed`)."""
+        try:
+            self.logger.close()
+            close_generators(self)
+        finally:
+            close_distributed(self.dist, finished=finished)
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator["TrainingRun"]:
+        """``with run.closing():`` closes the run on every way out of the block: its end, an
+        error, an interrupt."""
+        try:
+            yield self
+        except BaseException:
+            self.close(finished=False)
+            raise
+        self.close(finished=True)
 
 
 def preflight(config: TrainConfig) -> None:
@@ -184,6 +207,15 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
         torch.set_num_threads(trainer.num_threads)
     device = _pick_device(trainer.device)
     context = init_distributed(device.type)
+    try:
+        return _build_run(config, tokenizer, write_run_files, device, context)
+    except BaseException:
+        close_distributed(context, finished=False)
+        raise
+
+
+def _build_run(config: TrainConfig, tokenizer, write_run_files: bool, device: torch.device, context: DistContext) -> TrainingRun:
+    trainer = config.trainer
     if context.enabled and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)
     output_dir = Path(trainer.output_dir)

@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from float32_tolerances import gradient_tolerance, kl_tolerance
 from trainer_helpers import tiny_config
 
 from tcod_fast.trainer import build, loop
@@ -81,11 +82,14 @@ def test_two_gloo_processes_match_one_process(tmp_path, toy_tokenizer, algorithm
 
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), algorithm), nprocs=2, join=True)
 
+    # the same sums in another order (per process, then gloo's all-reduce): float32's bounds
+    tokens, vocab_size = int(metrics_single["trained_tokens"]), len(toy_tokenizer)
     for rank in (0, 1):
-        result = torch.load(tmp_path / f"result{rank}.pt", weights_only=False)
+        result = torch.load(tmp_path / f"result{rank}.pt", weights_only=True)
         assert result["metrics"]["trained_tokens"] == metrics_single["trained_tokens"]
-        assert result["metrics"]["loss"] == pytest.approx(metrics_single["loss"], rel=1e-5)
-        assert result["metrics"]["kl_by_turn"] == pytest.approx(metrics_single["kl_by_turn"], rel=1e-5)
+        assert result["metrics"]["loss"] == pytest.approx(metrics_single["loss"], **kl_tolerance(vocab_size, tokens))
+        assert result["metrics"]["kl_by_turn"] == pytest.approx(metrics_single["kl_by_turn"], **kl_tolerance(vocab_size, tokens))
         assert set(result["grads"]) == set(grads_single)
         for name, grad in grads_single.items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"rank {rank} {name}")
+            tolerance = gradient_tolerance(tokens + vocab_size, float(grad.abs().max()))
+            torch.testing.assert_close(result["grads"][name], grad, **tolerance, msg=f"rank {rank} {name}")
