@@ -19,6 +19,7 @@ from tcod_fast.rollout.prompts import prompt_config_for
 from tcod_fast.rollout.vocabulary import format_error_feedback_texts
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
 from tcod_fast.trainer.config import EnvSettings, TrainConfig
+from tcod_fast.trainer.safe_loading import check_model_folder
 
 __all__ = [
     "build_envs",
@@ -130,9 +131,13 @@ def build_model(path: str | None, tiny: TinyModelConfig, tokenizer, *, dtype: to
 
     Raises:
         UserError: before any weight is read, when the folder's model has fewer embedding
-            rows (``vocab_size``) than ``tokenizer`` has tokens."""
+            rows (``vocab_size``) than ``tokenizer`` has tokens, or a pickle-based weights
+            file in it names anything but tensors (:func:`~tcod_fast.trainer.safe_loading.check_model_folder`;
+            ``*.safetensors`` hold no code, and remote code is never trusted)."""
     if path is not None:
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        check_model_folder(path)
 
         vocab_size = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "vocab_size", None)
         if vocab_size is not None and len(tokenizer) > vocab_size:

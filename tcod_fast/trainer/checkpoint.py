@@ -23,57 +23,33 @@ read (a disk fault, a copy cut short) is skipped with a warning by
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.trainer import parallel, sharded_checkpoint
 from tcod_fast.trainer.atomic_files import atomic_torch_save, publish_newest
-from tcod_fast.trainer.run_folder import CHECKPOINT_NAME as _NAME
 from tcod_fast.trainer.config import TrainConfig, config_to_dict
 from tcod_fast.trainer.metrics_log import read_metrics
+from tcod_fast.trainer.rng_state import capture_rng_state, restore_rng_state
+from tcod_fast.trainer.run_folder import CHECKPOINT_NAME as _NAME
 from tcod_fast.trainer.run_folder import check_resume_compatible, checkpoint_step, latest_checkpoint, list_checkpoints
+from tcod_fast.trainer.safe_loading import UnsafeFileError, load_torch_file
 from tcod_fast.trainer.setup import TrainingRun
 
 __all__ = [
-    "capture_rng_state",
     "checkpoint",
+    "checkpoint_step",
     "checkpoint_to_resume",
     "export_student",
-    "restore",
-    "resume_from_checkpoint",
-    "restore_rng_state",
-    "checkpoint_step",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_latest_checkpoint",
+    "restore",
     "save_checkpoint",
 ]
-
-
-def capture_rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep: int = 2) -> Path:
@@ -92,17 +68,20 @@ def load_checkpoint(path: str | Path) -> dict:
     checkpoint's folder, its non-tensor state (:func:`~tcod_fast.trainer.sharded_checkpoint.load_meta`)."""
     if Path(path).is_dir():
         return sharded_checkpoint.load_meta(path)
-    # The file holds optimiser state, RNG tuples and plain config data, not just tensors.
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    # Tensors, plain containers and numbers only (tcod_fast.trainer.safe_loading): a file
+    # naming anything else is refused unread.
+    return load_torch_file(path)
 
 
 def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict] | None:
     """The newest checkpoint of ``folder`` that loads, as ``(path, state)``; ``None`` when
     there is no checkpoint file at all.
 
-    A newer file that cannot be read is skipped with a :class:`TcodFastWarning` naming it
-    and the one used instead; when none can be read a :class:`UserError` lists them. A
-    sharded checkpoint moved aside by an interrupted save of its step counts under ``latest``.
+    A newer file that cannot be read (a torn write) is skipped with a :class:`TcodFastWarning`
+    naming it and the one used instead; when none can be read a :class:`UserError` lists them.
+    A file that names an object a checkpoint never holds is not a torn write: it raises
+    :class:`~tcod_fast.trainer.safe_loading.UnsafeFileError` at once, unread. A sharded
+    checkpoint moved aside by an interrupted save of its step counts under ``latest``.
     """
     failures = []
     resaved = sharded_checkpoint.interrupted_resave(folder)
@@ -111,7 +90,9 @@ def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict] | None:
             state = load_checkpoint(path)
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("not a training checkpoint (no 'step' entry)")
-        except Exception as exc:  # a torn or foreign file: any unpickling error means "unreadable"
+        except UnsafeFileError:
+            raise
+        except Exception as exc:  # a torn file: any other reading error means "unreadable"
             failures.append(f"{path.name} ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
             continue
         if failures:
@@ -179,18 +160,6 @@ def checkpoint(run: TrainingRun) -> Path | None:
         )
     run.dist.barrier()
     return path
-
-
-def resume_from_checkpoint(run: TrainingRun, path: str | Path | None = None) -> None:
-    """Restore the newest readable checkpoint of the run folder (or ``path``) into ``run``."""
-    if path is not None:
-        state = load_checkpoint(path)
-    else:
-        found = load_latest_checkpoint(run.output_dir / "checkpoints")
-        if found is None:
-            raise UserError(f"resuming needs a checkpoint, got none under {run.output_dir / 'checkpoints'}")
-        state = found[1]
-    restore(run, state)
 
 
 def restore(run: TrainingRun, state: dict) -> None:

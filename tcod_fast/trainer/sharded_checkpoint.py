@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -44,9 +45,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from tcod_fast.errors import UserError
 from tcod_fast.trainer.atomic_files import TMP_PREFIX, atomic_torch_save, publish_newest
 from tcod_fast.trainer.distributed import DistContext
+from tcod_fast.trainer.rng_state import capture_rng_state
 from tcod_fast.trainer.run_folder import CHECKPOINT_NAME
+from tcod_fast.trainer.safe_loading import SafeFileSystemReader, SafeLoadPlanner, load_torch_file, read_dcp_metadata
 
 __all__ = [
     "META_NAME",
@@ -73,8 +77,6 @@ def _single_process_quietly():
 
 
 def _all_rng_states(context: DistContext) -> list[dict]:
-    from tcod_fast.trainer.checkpoint import capture_rng_state  # checkpoint imports this module
-
     mine = capture_rng_state()
     if not context.enabled:
         return [mine]
@@ -145,7 +147,8 @@ def load_meta(path: str | Path) -> dict:
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise ValueError("not a complete DCP checkpoint (no .metadata)")
-    state = torch.load(path / META_NAME, map_location="cpu", weights_only=False)
+    read_dcp_metadata(path)  # data only: refused here, before any model is built, if it names code
+    state = load_torch_file(path / META_NAME)
     state["sharded_path"] = str(path)
     return state
 
@@ -159,8 +162,16 @@ def load_sharded(state: dict, model: torch.nn.Module, optimizer, context: DistCo
     ``state`` into ``model`` / ``optimizer`` (collective under a process group), resharding
     from however many processes saved it."""
     target = {"student": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_quietly():
-        dcp.load(target, checkpoint_id=state["sharded_path"], no_dist=not context.enabled)
+    folder = state["sharded_path"]
+    try:
+        with _single_process_quietly():
+            # DCP's own reader and planner unpickle without restriction: these two do not
+            dcp.load(target, storage_reader=SafeFileSystemReader(folder), planner=SafeLoadPlanner(), no_dist=not context.enabled)
+    except CheckpointException as exc:  # DCP wraps each process's error: a refusal stays one line
+        refusals = [error for error, _ in exc.failures.values() if isinstance(error, UserError)]
+        if refusals:
+            raise refusals[0] from None
+        raise
     set_model_state_dict(model, target["student"])
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
 
