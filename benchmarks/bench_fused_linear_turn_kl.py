@@ -9,8 +9,8 @@ LM-head weight from hidden states:
 * ``unfused``: ``h @ W.T`` -> logits -> ``fused_turn_kl`` (the logits kernel, native on CPU);
 * ``eager``: ``h @ W.T`` -> ``log_softmax`` -> ``sum p (log p - log q)``, what people write today.
 
-Default size is the issue's CPU target, N=4096, H=256, V=32000 float32 (targets: extra peak
-memory <= 0.25x one float32 N x V logits tensor, time <= 1.2x ``unfused``); set
+Default size N=4096, H=256, V=32000 float32, checked against two bounds (extra peak memory
+<= 0.25x one float32 N x V logits tensor, time <= 1.2x ``unfused``); set
 ``FLK_BENCH_SIZES=1024x256x32000,4096x256x32000`` for others. Peak extra memory is measured in
 a fresh process per case (``python benchmarks/bench_fused_linear_turn_kl.py --probe ...``):
 the resident-set high-water mark is reset after the inputs exist, one forward+backward runs,

@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/gpu)
 #
-# What it writes into OUT_DIR (8 files at most, so it fits the device tool's $OUT):
+# What it writes into OUT_DIR:
 #   gpu.txt                  nvidia-smi's name/memory/driver line and torch/triton versions
 #   tests.log                the op tests on CUDA (Triton backends on the GPU, not the interpreter)
 #   turn_kl_8192_bf16.json   headline: N=8192, V=151936, bf16 -- fused Triton vs Liger-Kernel's JSD

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from tcod_fast import provenance
+from tcod_fast.provenance import cpu_model
 from tcod_fast.tiny_settings import tiny_requested
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def report_header(device: str) -> dict:
@@ -32,6 +22,9 @@ def report_header(device: str) -> dict:
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "torch": torch.__version__,
+        "commit": provenance.commit(),
+        "versions": provenance.versions(),
+        "machine": provenance.machine(),
     }
     if tiny_requested():
         header["tiny"] = True  # TCOD_FAST_TINY: a check that the script runs; no measurement

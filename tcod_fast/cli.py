@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 
 from tcod_fast.algorithms import algorithm_names
-from tcod_fast.curriculum import ALGORITHMS
 from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.tiny_settings import TINY_ENV_VAR, tiny_requested, tiny_train_overrides
 from tcod_fast.trainer.config import TrainerSettings, apply_overrides, config_to_dict, load_config
@@ -79,26 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="built-in CPU demo: two teachers, students distilled with OPD, TCOD, GRPO over seeds; results and plots",
+        help="built-in CPU demo: two teachers, students distilled by the papers' algorithms over seeds; results and plots",
         description="Train two small teachers in the key-and-door game (robust: supervised on expert episodes, then "
         "DAgger rounds; narrow: the expert's own episodes only), warm-start one smaller student per seed, distil it "
-        "with OPD, TCOD-F2B, TCOD-B2F and GRPO from the robust teacher and OPD, TCOD-F2B, TCOD-B2F from the narrow "
-        "one, evaluate on held-out seen and unseen tasks, test the KL-escalation claim over seeds, and write "
-        "results.json, results.md, metrics.jsonl and PNG plots into --out. Needs nothing downloaded; about 15 "
-        "minutes on 2 CPU cores (--quick: about 3, --full: every algorithm and 5 seeds, up to an hour).",
+        "with OPD, TCOD-F2B and TCOD-B2F from the robust teacher, each in the full-vocabulary and in the papers' "
+        "sampled-token formulation, all with the same budget and each at its tuned learning rate; evaluate on "
+        "held-out seen and unseen tasks, compare every algorithm with OPD by paired differences over seeds, test the "
+        "KL-escalation claim (--full: also under the narrow teacher), and write results.json, results.md, metrics.jsonl and "
+        "PNG plots into --out. Needs nothing downloaded; about 15 minutes on 2 CPU cores (--quick: a few, --full: "
+        "every algorithm under both formulations and 5 seeds, up to 90).",
     )
     demo.add_argument("--out", default="tcod-demo", metavar="DIR", help="results folder (default: %(default)s)")
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small, fast settings (CI): 2 seeds, fewer steps and tasks")
-    size.add_argument("--full", action="store_true", help="every algorithm of the trainer, 5 seeds, more steps")
+    size.add_argument("--full", action="store_true", help="every algorithm under both formulations, 5 seeds")
     demo.add_argument("--seed", type=int, default=0, help="base seed; the student seeds are SEED, SEED+1, ... (default: 0)")
     demo.add_argument("--workers", type=int, help="worker processes, one torch thread each (default: 2)")
+    demo.add_argument(
+        "--tune", action="store_true",
+        help="first run the learning rate x updates grid for every run kind on tuning seeds and use its choices "
+        "(written to OUT/grid.json) instead of the committed ones",
+    )  # fmt: skip
+    demo.add_argument(
+        "--eta", type=int,
+        help="curriculum period (turns advance every ETA steps; default: the one that reaches full depth by half the "
+        "steps; the papers use 3-6)",
+    )  # fmt: skip
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar and per-run lines")
     for teacher in ("robust", "narrow"):
         demo.add_argument(
             f"--{teacher}", metavar="ALGOS",
-            help=f"comma-separated algorithms distilled from the {teacher} teacher instead of the preset's; "
-            "ALGO@DIVERGENCE picks the OPD divergence (reverse_kl, forward_kl, jsd), e.g. opd,opd@reverse_kl",
+            help=f"comma-separated runs distilled from the {teacher} teacher instead of the preset's: ALGO, "
+            "ALGO@sampled (the papers' sampled-token formulation) or ALGO@DIVERGENCE (reverse_kl, forward_kl, jsd), "
+            "e.g. opd,opd@sampled,opd@reverse_kl",
         )  # fmt: skip
 
     train = commands.add_parser(
@@ -213,28 +225,37 @@ def _cmd_demo(args) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.eta is not None and args.eta < 1:
+        raise UserError(f"--eta must be >= 1, got {args.eta}")
     preset = "tiny" if tiny_requested() else "quick" if args.quick else "full" if args.full else "default"
     settings = demo_settings(preset, seed=args.seed, workers=args.workers)
+    if args.eta is not None:
+        settings.eta = args.eta
     for teacher in ("robust", "narrow"):
         listed = getattr(args, teacher)
         if listed is not None:
             setattr(settings, f"{teacher}_algorithms", _demo_algorithms(f"--{teacher}", listed))
-    results = run_demo(args.out, settings=settings, progress=not args.no_progress)
+    if not args.tune:
+        for name in dict.fromkeys([*settings.robust_algorithms, *settings.narrow_algorithms]):
+            try:
+                settings.point(name)
+            except ValueError as error:
+                raise UserError(f"{error} (no committed grid point for it)") from None
+    results = run_demo(args.out, settings=settings, progress=not args.no_progress, tune=args.tune)
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {Path(args.out).resolve()} (total {results['setup']['wall_seconds']:.0f} s)")
     return 0
 
 
 def _demo_algorithms(flag: str, listed: str) -> tuple[str, ...]:
-    divergences = ("reverse_kl", "forward_kl", "jsd")
+    from tcod_fast.trainer.demo import parse_variant
+
     names = tuple(name.strip() for name in listed.split(",") if name.strip())
     for name in names:
-        algorithm, _, divergence = name.partition("@")
-        if algorithm not in ALGORITHMS or (divergence and divergence not in divergences):
-            raise UserError(
-                f"{flag} takes algorithms from {', '.join(ALGORITHMS)}, each optionally "
-                f"@{'/'.join(divergences)}; got {name!r}"
-            )
+        try:
+            parse_variant(name)
+        except ValueError as error:
+            raise UserError(f"{flag} {error}") from None
     return names
 
 
@@ -321,42 +342,14 @@ def _cmd_train(args) -> int:
         return 0
     from tcod_fast.trainer.loop import train
     from tcod_fast.trainer.plots import plot_run
+    from tcod_fast.trainer.summary import train_summary
 
     started = time.perf_counter()
     run = train(config, resume=args.resume)
     if run.dist.is_main:
         plot_run(config.trainer.output_dir)
-        print(_train_summary(run, time.perf_counter() - started))
+        print(train_summary(run, time.perf_counter() - started))
     return 0
-
-
-def _train_summary(run, seconds: float) -> str:
-    """A few lines for the end of ``train``: the final evaluation per split, the last step,
-    and where the files are (every number is in metrics.jsonl)."""
-    config, folder = run.config, run.output_dir
-    train_records = [r for r in run.state.history if r.get("kind") == "train"]
-    final = run.state.last_eval or {}
-    lines = [f"{config.logging.run_name or config.algorithm}: {run.state.next_step}/{config.trainer.steps} steps in {seconds:.0f} s"]
-    splits = [split for split in ("seen", "unseen") if f"success_{split}" in final]
-    if splits:
-        rows = [
-            ("success rate", "success_{}", "{:.3f}"),
-            ("turns per episode", "turns_{}", "{:.2f}"),
-            ("KL per token", "kl_{}/trajectory_mean", "{:.4f}"),
-        ]
-        lines.append(f"{'final evaluation (step ' + str(final.get('step', run.state.next_step)) + ')':<28}" + "".join(f"{s:>10}" for s in splits))
-        for label, key, fmt in rows:
-            values = [final.get(key.format(split)) for split in splits]
-            if any(isinstance(v, (int, float)) for v in values):
-                cells = "".join(f"{fmt.format(v) if isinstance(v, (int, float)) else '-':>10}" for v in values)
-                lines.append(f"  {label:<26}{cells}")
-    if train_records:
-        last = train_records[-1]
-        parts = [f"loss {last.get('loss', float('nan')):.4f}", f"KL {last.get('kl/trajectory_mean', float('nan')):.4f}"]
-        parts.append(f"success {last.get('success', float('nan')):.2f}")
-        lines.append(f"last training step ({last['step']}): " + ", ".join(parts))
-    lines.append(f"metrics: {folder / 'metrics.jsonl'}   student: {folder / 'final'}   plots: {folder}/*.png")
-    return "\n".join(lines)
 
 
 def _cmd_eval(args) -> int:

@@ -1,7 +1,6 @@
 """The tcod-fast command: every subcommand explains itself, and the quick demo runs end to end."""
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 from float32_tolerances import kl_tolerance
 
 from tcod_fast.cli import main
+
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
@@ -62,6 +62,8 @@ def test_demo_rejects_unknown_algorithms_before_any_work(tmp_path, capsys):
         assert main(["demo", "--quick", flag, value, "--out", str(tmp_path / "demo")]) == 2
         error = capsys.readouterr().err
         assert re.fullmatch(f"tcod-fast demo: {flag} takes algorithms from opd, .*got '{value.split(',')[-1]}'\n", error)
+    assert main(["demo", "--quick", "--robust", "grpo@sampled", "--out", str(tmp_path / "demo")]) == 2
+    assert capsys.readouterr().err == "tcod-fast demo: --robust takes grpo without @sampled (grpo has no teacher term); got 'grpo@sampled'\n"
     assert not (tmp_path / "demo").exists()
 
 

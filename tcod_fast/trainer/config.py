@@ -294,6 +294,9 @@ class EvalSettings:
         kl_by_turn_final_only: measure the KL at the final evaluation only (evaluations
             along the way then report success and turns, at a fraction of the cost).
         at_start: evaluate before the first step too.
+        interim_num_tasks: tasks per split of the evaluations before the final one (the
+            first ones of each split); ``None``: ``num_tasks``. Fewer makes frequent
+            evaluations cheap while the final one keeps its precision.
     """
 
     num_tasks: int = 16
@@ -303,6 +306,7 @@ class EvalSettings:
     kl_by_turn_splits: tuple[Literal["seen", "unseen"], ...] = ("seen", "unseen")
     kl_by_turn_final_only: bool = False
     at_start: bool = False
+    interim_num_tasks: int | None = None
 
 
 @dataclass
@@ -364,6 +368,11 @@ class TrainConfig:
             (trainer.micro_batch_tokens >= 1, f"trainer.micro_batch_tokens must be >= 1, got {trainer.micro_batch_tokens}"),
             (rollout.tasks_per_step >= 1, f"rollout.tasks_per_step must be >= 1, got {rollout.tasks_per_step}"),
             (evaluation.num_tasks >= 0, f"eval.num_tasks must be >= 0, got {evaluation.num_tasks}"),
+            (
+                evaluation.interim_num_tasks is None or 0 <= evaluation.interim_num_tasks <= evaluation.num_tasks,
+                f"eval.interim_num_tasks must be in [0, eval.num_tasks={evaluation.num_tasks}] (null: eval.num_tasks), "
+                f"got {evaluation.interim_num_tasks}",
+            ),
             # -- trainer
             (trainer.lr > 0, f"trainer.lr must be > 0, got {trainer.lr}"),
             (trainer.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {trainer.weight_decay}"),

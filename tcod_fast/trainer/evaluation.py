@@ -12,8 +12,8 @@ import torch.distributed as dist
 from tcod_fast import objectives
 from tcod_fast.algorithms import LossCoefficients
 from tcod_fast.curriculum import EpisodePlan
-from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer import parallel
+from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer.distributed import DistContext, all_reduce_sum
 from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
 from tcod_fast.trainer.setup import TrainingRun, generators, play_episodes, setup_run
@@ -41,8 +41,11 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
     """
     results: dict[str, Any] = {"step": step}
     student, _ = generators(run, for_eval=True)
+    settings = run.config.eval
+    final = step >= run.config.trainer.steps
+    count = settings.num_tasks if final or settings.interim_num_tasks is None else settings.interim_num_tasks
     for split in splits:
-        tasks = run.tasks[split][: run.config.eval.num_tasks]
+        tasks = run.tasks[split][:count]
         if not tasks:
             continue
         plans = run.sampler.plan_eval_batch(tasks)[run.dist.rank :: run.dist.world_size]
@@ -61,8 +64,7 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
         ).tolist()
         results[f"success_{split}"] = won / len(tasks)
         results[f"turns_{split}"] = turns / len(tasks)
-        settings = run.config.eval
-        final = step >= run.config.trainer.steps
+        results[f"tasks_{split}"] = len(tasks)
         if (
             (run.teacher is not None or run.served_teacher is not None)
             and settings.kl_by_turn

@@ -113,6 +113,15 @@ def plot_demo(out: str | Path, results: dict) -> list[Path]:
     return [_save(fig, Path(out) / name) for name, fig in demo_figures(results).items()]
 
 
+def _run_style(name: str, names) -> dict:
+    """One colour per algorithm, a dashed line for its sampled-token formulation
+    (``opd@sampled``) and a dotted one for another divergence (``opd@reverse_kl``)."""
+    algorithms = list(dict.fromkeys(n.partition("@")[0] for n in names))
+    algorithm, _, how = name.partition("@")
+    colour = f"C{algorithms.index(algorithm) % 10}" if algorithm in algorithms else None
+    return {"color": colour, "linestyle": "-" if not how else "--" if how == "sampled" else ":"}
+
+
 def demo_figures(results: dict) -> dict:
     """The demo's plots from its ``results.json`` content, by file name:
 
@@ -143,7 +152,7 @@ def demo_figures(results: dict) -> dict:
                     continue
                 steps = max((c[0] for c in curves), key=len)
                 mean, low, high = _mean_band([c[1] for c in curves])
-                line = ax.plot(steps[: len(mean)], mean, marker=".", label=algorithm)[0]
+                line = ax.plot(steps[: len(mean)], mean, marker=".", label=algorithm, **_run_style(algorithm, headline[teacher]))[0]
                 ax.fill_between(steps[: len(mean)], low, high, color=line.get_color(), alpha=0.15)
             ax.axhline(headline["teacher"][teacher][f"success_{split}"], color="black", linestyle="--", label=f"{teacher} teacher")
             ax.set(xlabel="training step", ylabel=f"success, {split} tasks", title=f"{teacher} teacher: {split} tasks", ylim=(-0.03, 1.03))
@@ -163,7 +172,7 @@ def demo_figures(results: dict) -> dict:
             if not any(curves):
                 continue
             mean, low, high = _mean_band(curves)
-            line = ax.plot(range(len(mean)), mean, marker="o", label=algorithm)[0]
+            line = ax.plot(range(len(mean)), mean, marker="o", label=algorithm, **_run_style(algorithm, headline[teacher]))[0]
             ax.fill_between(range(len(mean)), low, high, color=line.get_color(), alpha=0.15)
         ax.set(xlabel="turn index", ylabel="reverse KL per student token", title=f"KL(student || {teacher} teacher) by turn")
         ax.set_yscale("log")

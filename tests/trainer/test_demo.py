@@ -13,8 +13,20 @@ import time
 
 import pytest
 
+from tcod_fast.algorithms import get_algorithm
 from tcod_fast.cli import main
-from tcod_fast.trainer.demo import demo_settings, mean_ci95, verdicts
+from tcod_fast.curriculum import b2f_prefix_len, f2b_depth
+from tcod_fast.trainer.demo import (
+    compare,
+    demo_settings,
+    load_tuned_points,
+    mean_ci95,
+    pacing_eta,
+    parse_variant,
+    run_config,
+    tuned_variants,
+    verdicts,
+)
 
 # The robust teacher of the quick preset wins at least this share of held-out tasks (it
 # measured 0.94 seen / 0.69 unseen with base seed 0 on an AVX2 machine; other CPUs sample
@@ -58,6 +70,30 @@ def test_results_json_keeps_the_contract(quick_demo):
             assert math.isfinite(entry["final_kl"]) and entry["final_kl"] >= 0
             lo, hi = entry["kl_escalation_slope_ci95"]
             assert lo <= entry["kl_escalation_slope"] <= hi
+            assert entry["formulation"] == parse_variant(algorithm).formulation
+    # both formulations, and every other run against OPD in its own formulation, paired by seed
+    robust = headline["robust"]
+    assert robust["opd"]["formulation"] == "full_vocab" and robust["opd@sampled"]["formulation"] == "sampled"
+    for algorithm, entry in robust.items():
+        if algorithm in ("opd", "opd@sampled"):
+            assert "vs_opd" not in entry
+            continue
+        versus = entry["vs_opd"]
+        assert versus["opd"] == ("opd@sampled" if parse_variant(algorithm).policy_gradient else "opd")
+        for split in ("seen", "unseen"):
+            lo, hi = versus[f"success_{split}_diff_ci95"]
+            assert lo <= versus[f"success_{split}_diff"] <= hi
+            mine = {r["seed"]: r[f"success_{split}"] for r in results["runs"] if r["algorithm"] == algorithm and r["teacher"] == "robust"}
+            opd = {r["seed"]: r[f"success_{split}"] for r in results["runs"] if r["algorithm"] == versus["opd"] and r["teacher"] == "robust"}
+            assert versus[f"success_{split}_diff"] == pytest.approx(statistics.fmean(mine[k] - opd[k] for k in mine))
+    # what every run was given: the same steps and episodes, its own grid point
+    recorded = setup["settings"]["algorithms"]
+    for algorithm in {*settings.robust_algorithms, *settings.narrow_algorithms}:
+        lr, updates = settings.point(algorithm)
+        assert recorded[algorithm]["lr"] == lr and recorded[algorithm]["updates_per_step"] == updates
+        assert recorded[algorithm]["steps"] == settings.steps
+    assert setup["settings"]["grid"]["points"] == [list(p) for p in settings.grid]
+    assert setup["settings"]["grid"]["seen_success"]
 
     runs = results["runs"]
     expected = {(t, a, s) for t in ("robust", "narrow") for a in settings.algorithms(t) for s in settings.seeds}
@@ -87,6 +123,7 @@ def test_other_outputs_are_written_and_labelled(quick_demo):
     assert all(r["algorithm"] is None for r in reference)  # a teacher evaluation is not labelled "opd"
     students = [r for r in records if r.get("evaluates") == "student"]
     assert {r["algorithm"] for r in students} == {"opd", "tcod_f2b", "tcod_b2f", "grpo"}
+    assert {r["demo_run"] for r in students} == {*demo_settings("quick").robust_algorithms}
     assert all(r["teacher"] in ("robust", "narrow") and isinstance(r["seed"], int) for r in students)
     b2f = [r for r in students if r["algorithm"] == "tcod_b2f" and r["kind"] == "train"]
     assert b2f and all("turns/expert_mean" in r for r in b2f)  # the B2F plot splits turns by player
@@ -123,6 +160,72 @@ def _entry(slope, lo, hi):
     return {"success_seen": 0.5, "success_unseen": 0.5, "kl_escalation_slope": slope, "kl_escalation_slope_ci95": [lo, hi]}
 
 
+@pytest.mark.parametrize("preset", ["default", "full"])
+def test_every_run_has_the_same_budget_and_its_tuned_point(preset, tmp_path):
+    """Built run configs: the same steps, episodes per step and schedule for every run kind;
+    learning rate and updates per step are the point the committed grid chose for it."""
+    settings = demo_settings(preset)
+    tuned = load_tuned_points()
+    assert [tuple(p) for p in tuned["grid"]] == list(settings.grid)
+    configs = {
+        (teacher, name): run_config(settings, tmp_path, teacher, name, 0)
+        for teacher in ("robust", "narrow")
+        for name in settings.algorithms(teacher)
+    }
+    for (teacher, name), config in configs.items():
+        episodes = config.rollout.tasks_per_step * config.curriculum.episodes_per_task
+        assert (config.trainer.steps, episodes) == (settings.steps, settings.episodes_per_step), name
+        assert (config.trainer.lr_schedule, config.trainer.warmup_steps) == (settings.lr_schedule, settings.warmup_steps)
+        chosen = tuned["chosen"][name]
+        assert (config.trainer.lr, config.trainer.updates_per_step) == (chosen["lr"], chosen["updates_per_step"]), name
+        assert [config.trainer.lr, config.trainer.updates_per_step] in tuned["grid"]
+        variant = parse_variant(name)
+        assert config.loss.estimator == ("sampled" if variant.formulation == "sampled" else "full_vocab")
+    # the committed grid covers every run kind of the preset, at every point
+    for name in tuned_variants(settings):
+        assert len(tuned["seen_success"][name]) == len(settings.grid), name
+
+
+@pytest.mark.parametrize("preset", ["default", "full"])  # --quick's 16 steps are a smoke run: too few for 14 depths
+def test_every_curriculum_reaches_full_depth_by_half_the_steps(preset, tmp_path):
+    settings = demo_settings(preset)
+    half = settings.steps // 2
+    config = run_config(settings, tmp_path, "robust", "opd", 0)
+    eta, max_turns = config.curriculum.eta, config.curriculum.max_turns
+    assert eta == pacing_eta(settings.steps, max_turns) >= 1
+    assert f2b_depth(half, eta, max_turns) == max_turns
+    assert f2b_depth(half - 1 - eta, eta, max_turns) < max_turns or eta * (max_turns - 1) <= half  # not before needed
+    for expert_len in range(1, max_turns + 1):  # every episode length the game has
+        assert b2f_prefix_len(half, eta, expert_len) == 0
+    guided, atod = config.curriculum.guided, config.curriculum.atod
+    assert guided.warmup_steps + guided.decay_steps <= half
+    assert atod.anneal_steps <= half
+    # the papers' pacing stays available
+    settings.eta = 3
+    assert run_config(settings, tmp_path, "robust", "tcod_f2b", 0).curriculum.eta == 3
+
+
+def test_paired_comparisons_read_their_intervals():
+    def entry(seen, unseen):
+        return {"success_seen_diff_ci95": seen, "success_unseen_diff_ci95": unseen}
+
+    assert compare(entry([0.1, 0.3], [-0.1, 0.2])) == "beats"
+    assert compare(entry([-0.3, -0.1], [-0.1, 0.2])) == "loses to"
+    assert compare(entry([-0.3, 0.1], [-0.1, 0.2])) == "ties with"
+    assert compare(entry([0.1, 0.3], [-0.3, -0.2])) == "is mixed against"
+
+
+def test_run_kinds_are_parsed_once():
+    assert parse_variant("opd").formulation == "full_vocab"
+    assert parse_variant("tcod_b2f@sampled").formulation == "sampled"
+    assert parse_variant("opd@reverse_kl").divergence == "reverse_kl"
+    assert parse_variant("grpo").formulation is None and parse_variant("grpo").opd_baseline == "opd@sampled"
+    assert get_algorithm(parse_variant("atod@sampled").algorithm).min_group_size > 1
+    for wrong in ("ppo", "opd@kl", "grpo@sampled"):
+        with pytest.raises(ValueError, match="takes"):
+            parse_variant(wrong)
+
+
 def test_verdicts_follow_the_numbers():
     headline = {
         "student_init": {"success_seen": 0.1, "success_unseen": 0.0},
@@ -130,11 +233,16 @@ def test_verdicts_follow_the_numbers():
         "robust": {"opd": _entry(0.1, 0.05, 0.15), "tcod_f2b": _entry(0.0, -0.01, 0.01)},
         "narrow": {"opd": _entry(0.2, 0.1, 0.3), "tcod_b2f": _entry(0.25, 0.2, 0.3)},
     }
+    headline["robust"]["tcod_f2b"]["vs_opd"] = {
+        "opd": "opd", "success_seen_diff": 0.2, "success_seen_diff_ci95": [0.1, 0.3],
+        "success_unseen_diff": 0.0, "success_unseen_diff_ci95": [-0.1, 0.1],
+    }  # fmt: skip
     text = "\n".join(verdicts(headline))
     assert "success 0.10 before -> 0.50 after (gain +0.40; 50% of the teacher's 1.00)" in text
     assert "narrow teacher shows KL escalation" in text
-    assert "TCOD-F2B under the robust teacher is flatter than OPD" in text
-    assert "TCOD-B2F under the narrow teacher is not distinguishable from OPD" in text
+    assert "TCOD-F2B's KL escalation under the robust teacher is flatter than OPD" in text
+    assert "TCOD-B2F's KL escalation under the narrow teacher is not distinguishable from OPD" in text
+    assert "TCOD-F2B beats OPD under the robust teacher (success difference paired by seed, 95% interval: seen +0.20 [+0.10, +0.30]" in text
     headline["narrow"]["opd"] = _entry(0.0, -0.1, 0.1)
     assert "narrow teacher shows no significant KL escalation" in "\n".join(verdicts(headline))
 
@@ -197,3 +305,52 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.mark.slow
+def test_the_toy_example_makes_its_student_better(quick_demo, tmp_path):
+    """examples/train_toy.py on the quick demo's robust teacher and student start: OPD at the
+    demo's settings ends better than it started on both splits, and says so."""
+    out, _ = quick_demo
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train_toy.py")
+    done = subprocess.run(
+        [sys.executable, script, "--demo", str(out), "--out", str(tmp_path / "toy")],
+        capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the student ended better than it started: success seen" in done.stdout
+    assert "success before training" in done.stdout and "final evaluation" in done.stdout
+
+
+def _run_benchmark_script(name, *args, timeout=900):
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", name)
+    done = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_the_b2f_probe_measures_every_checkpoint_turn_by_turn(quick_demo, tmp_path):
+    out, _ = quick_demo
+    report = tmp_path / "b2f.json"
+    _run_benchmark_script("b2f_collapse_probe.py", "--demo", str(out), "--seeds", "0", "--steps", "2", "--tasks", "4", "--out", str(report))
+    (run,) = json.loads(report.read_text())["runs"]
+    assert sorted(run["expert_turns_on_path"], key=int) == ["0", "1", "2"] and len(run["training"]) == 2
+    for by_turn in run["expert_turns_on_path"].values():
+        assert "1" in by_turn  # the last turn of every episode
+        for entry in by_turn.values():
+            assert _fraction(entry["accuracy"]) and entry["kl"] >= 0 and entry["turns"] >= 1
+
+
+def test_the_estimator_probe_finds_the_sampled_gradient_unbiased_at_the_sampling_temperature(quick_demo, tmp_path):
+    """At rollout temperature 1 the k1 estimator's expected gradient is the exact reverse-KL
+    gradient (cosine 1); averaging more draws brings single draws towards it."""
+    out, _ = quick_demo
+    report = tmp_path / "estimator.json"
+    args = ("--seeds", "0", "--batches", "1", "--draws", "8", "--repeats", "4", "--temperatures", "1.0")
+    _run_benchmark_script("opd_estimator_probe.py", "--demo", str(out), *args, "--out", str(report))
+    summary = json.loads(report.read_text())["summary"]["1.0"]
+    assert summary["bias_cosine_expected_vs_reverse_kl"]["median"] > 1 - 1e-6
+    by_draws = summary["cosine_by_draws"]
+    assert by_draws["8"]["median"] > by_draws["1"]["median"]

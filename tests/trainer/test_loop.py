@@ -138,3 +138,14 @@ def test_window_packing_mode_trains(algorithm, tmp_path, toy_tokenizer):
     loop.train(tiny_config(tmp_path, *extra), tokenizer=toy_tokenizer)
     record = read_metrics(tmp_path / "metrics.jsonl", kind="train")[0]
     assert math.isfinite(record["loss"]) and record["kl_by_turn"] and record["trained_tokens"] > 0
+
+
+def test_interim_evaluations_use_fewer_tasks_and_the_final_one_all(tmp_path, toy_tokenizer):
+    config = tiny_config(
+        tmp_path, "trainer.steps=2", "trainer.eval_every=1", "eval.num_tasks=4", "eval.interim_num_tasks=2", "eval.at_start=true"
+    )
+    run = loop.train(config, tokenizer=toy_tokenizer)
+    evals = [r for r in run.state.history if r["kind"] == "eval"]
+    assert [(r["step"], r["tasks_seen"], r["tasks_unseen"]) for r in evals] == [(0, 2, 2), (1, 2, 2), (2, 4, 4)]
+    with pytest.raises(ValueError, match=r"eval.interim_num_tasks must be in \[0, eval.num_tasks=4\]"):
+        tiny_config(tmp_path / "bad", "eval.num_tasks=4", "eval.interim_num_tasks=5").validate()

@@ -18,12 +18,13 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tcod_fast.provenance import cpu_model
 
 REPO = Path(__file__).resolve().parents[2]
 #: README, "Multi-device training"
@@ -37,16 +38,6 @@ ABORT_MARKERS = ("terminate called", "SIGABRT", "Signal 6", "core dumped")
 def _busy(until: float) -> None:
     while time.time() < until:
         pass
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_once(folder: Path, timeout: float) -> dict:
@@ -99,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": len(runs),
         "failed_runs": failed,
         "load_processes": args.load,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "results": runs,
     }
