@@ -817,20 +817,25 @@ def _paired_difference(runs: list[dict], baseline_runs: list[dict]) -> dict | No
 
 
 def _last_two_evals(runs: list[dict], split: str) -> dict | None:
-    """Mean and spread over seeds of the last two evaluations' success (a converged run's
-    last two agree within their spread)."""
+    """Mean and spread over seeds of the last two evaluations' success. They agree when
+    their means differ by no more than the larger of the seed spread and one task of the
+    smaller evaluation (``1 / tasks``, the finest step an evaluation can take: at the
+    ceiling every seed scores 1.0 and the spread alone is 0)."""
     curves = [[r2 for r2 in run["history"] if r2["kind"] == "eval" and f"success_{split}" in r2] for run in runs]
     if not curves or any(len(c) < 2 for c in curves):
         return None
     previous = [c[-2][f"success_{split}"] for c in curves]
     last = [c[-1][f"success_{split}"] for c in curves]
     spread = max(_std(previous), _std(last))
+    tasks = min((c[i].get(f"tasks_{split}") or 0 for c in curves for i in (-2, -1)), default=0)
+    resolution = 1.0 / tasks if tasks else 0.0
     return {
         "steps": [curves[0][-2]["step"], curves[0][-1]["step"]],
         "previous": statistics.fmean(previous),
         "last": statistics.fmean(last),
         "seed_std": spread,
-        "agree": abs(statistics.fmean(last) - statistics.fmean(previous)) <= spread,
+        "one_task": resolution,
+        "agree": abs(statistics.fmean(last) - statistics.fmean(previous)) <= max(spread, resolution),
     }
 
 
@@ -996,10 +1001,10 @@ def verdicts(headline: dict, runs: list[dict] | None = None) -> list[str]:
             agree = all(v["agree"] for v in last_two.values())
             detail = "; ".join(
                 f"{split} {v['previous']:.2f} at step {v['steps'][0]} and {v['last']:.2f} at step {v['steps'][1]} "
-                f"(seed std {v['seed_std']:.2f})"
+                f"(seed std {v['seed_std']:.2f}, one task {v.get('one_task', 0.0):.2f})"
                 for split, v in last_two.items()
             )
-            state = "agree within their seed spread (converged)" if agree else "differ by more than their seed spread (still moving)"
+            state = "agree within their seed spread or one task (converged)" if agree else "differ by more than their seed spread and one task (still moving)"
             lines.append(f"OPD from the robust teacher: its last two evaluations {state}: {detail}.")
     for teacher_name, entries in (("robust", robust), ("narrow", narrow)):
         for algorithm, entry in entries.items():

@@ -17,6 +17,7 @@ from tcod_fast.algorithms import get_algorithm
 from tcod_fast.cli import main
 from tcod_fast.curriculum import b2f_prefix_len, f2b_depth
 from tcod_fast.trainer.demo import (
+    _last_two_evals,
     compare,
     demo_settings,
     load_tuned_points,
@@ -213,6 +214,20 @@ def test_paired_comparisons_read_their_intervals():
     assert compare(entry([-0.3, -0.1], [-0.1, 0.2])) == "loses to"
     assert compare(entry([-0.3, 0.1], [-0.1, 0.2])) == "ties with"
     assert compare(entry([0.1, 0.3], [-0.3, -0.2])) == "is mixed against"
+
+
+def test_convergence_reads_the_seed_spread_and_one_task_of_evaluation():
+    def run(previous, last):
+        return {"history": [
+            {"kind": "eval", "step": 55, "success_seen": previous, "tasks_seen": 16},
+            {"kind": "eval", "step": 60, "success_seen": last, "tasks_seen": 32},
+        ]}  # fmt: skip
+
+    at_ceiling = _last_two_evals([run(1.0, 31 / 32), run(1.0, 1.0), run(1.0, 31 / 32)], "seen")
+    assert at_ceiling["one_task"] == 1 / 16 and at_ceiling["agree"]  # one task at one seed: not a trend
+    rising = _last_two_evals([run(0.5, 0.75), run(0.5, 0.8), run(0.55, 0.75)], "seen")
+    assert not rising["agree"] and rising["last"] > rising["previous"]
+    assert _last_two_evals([{"history": [{"kind": "eval", "step": 60, "success_seen": 1.0}]}], "seen") is None
 
 
 def test_run_kinds_are_parsed_once():
