@@ -1,11 +1,12 @@
 """Does the papers' sampled-token OPD learn when each update sees more episodes?
 
 Runs the demo's ``opd@sampled`` (and, for comparison, ``opd``) from the robust teacher of a
-demo output folder (``--demo DIR``) at its tuned learning rate and updates per step, with the
-demo's steps, and ``--episodes`` episodes per step (the demo's 8, and more), for each student
-seed; records the final success on the held-out seen and unseen tasks. More episodes per step
-average more single-token draws into each update, which is what the sampled estimator's noise
-needs (``benchmarks/opd_estimator_probe.py``). Writes one JSON file (``--out``).
+demo output folder (``--demo DIR``) at its tuned learning rate and updates per step (or
+``--point``), with the demo's steps, and ``--episodes`` episodes per step (the demo's 8, and
+more), for each student seed; records the final success on the held-out seen and unseen tasks.
+More episodes per step average more single-token draws into each update, which is what the
+sampled estimator's noise needs (``benchmarks/opd_estimator_probe.py``); a less noisy update
+may also bear a larger step. Writes one JSON file (``--out``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--episodes", default="8,32", help="episodes per step to try (default: %(default)s)")
     parser.add_argument("--runs", default="opd@sampled,opd", help="demo run kinds (default: %(default)s)")
+    parser.add_argument("--point", help="LR,UPDATES for every run instead of each run kind's tuned point, e.g. 1e-3,8")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 settings = demo_settings("default")
                 settings.episodes_per_step = episodes
-                config = run_config(settings, args.demo, "robust", name, seed)
+                point = (float(args.point.split(",")[0]), int(args.point.split(",")[1])) if args.point else None
+                config = run_config(settings, args.demo, "robust", name, seed, point=point)
                 config.trainer.output_dir = str(args.out.parent / ".sweep" / f"{name}_{episodes}_{seed}")
                 config.trainer.eval_every = 0
                 shutil.rmtree(config.trainer.output_dir, ignore_errors=True)

@@ -162,6 +162,17 @@ def test_the_real_command_prints_one_line_and_debug_shows_the_traceback(tmp_path
         assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr, (args, out.stderr)
 
 
+def test_a_torchrun_worker_exits_with_its_code_and_loses_no_output(tmp_path):
+    """Under torchrun (TORCHELASTIC_RUN_ID set) the command ends with os._exit after
+    flushing: the exit code and the printed lines are those of a normal exit."""
+    run_dir = tmp_path / "run"
+    worker = {"TORCHELASTIC_RUN_ID": "test"}
+    out = run_cli("train", "--output-dir", str(run_dir), "--set", "trainer.lrr=1", env_extra=worker)
+    assert_one_line_refusal(out.returncode, out.stderr, "train", "unknown config key trainer.lrr")
+    out = run_cli("train", "--help", env_extra=worker)
+    assert out.returncode == 0 and "--resume" in out.stdout
+
+
 def test_train_help_says_how_to_choose_env_teacher_and_resume():
     out = run_cli("train", "--help")
     assert out.returncode == 0

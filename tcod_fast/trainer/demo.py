@@ -244,7 +244,7 @@ class DemoSettings:
 
 
 def demo_settings(preset: str = "default", *, seed: int = 0, workers: int | None = None) -> DemoSettings:
-    """``default`` (about 15 minutes on 2 cores), ``quick`` (a few minutes, for CI),
+    """``default`` (about 7 minutes on 2 cores), ``quick`` (a few minutes, for CI),
     ``full`` (every algorithm under both formulations, 5 seeds) or ``tiny`` (seconds, to
     check that every stage runs; ``TCOD_FAST_TINY=1``)."""
     if preset == "default":
