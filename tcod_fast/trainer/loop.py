@@ -45,7 +45,7 @@ from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer.distributed import all_reduce_sum
 from tcod_fast.trainer.evaluation import evaluate, kl_metrics
 from tcod_fast.trainer.generators import weight_push_metrics
-from tcod_fast.trainer.loss import compute_loss, micro_batches, trained_token_count
+from tcod_fast.trainer.loss import compute_loss, micro_batches, needs_ppo, trained_token_count
 from tcod_fast.trainer.run_folder import check_new_run_folder
 from tcod_fast.trainer.setup import (
     TrainingRun,
@@ -345,7 +345,6 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     updates = config.trainer.updates_per_step
     minis = [trainable[u::updates] for u in range(updates)] if updates > 1 else [trainable]
     coefficients = advantages.coefficients
-    needs_ppo = config.loss.estimator == "sampled" or coefficients.grpo_coef != 0.0
     mode, budget = config.env.context_mode, config.trainer.micro_batch_tokens
 
     def parts(indices):
@@ -356,7 +355,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
 
     # PPO with several updates: log-probs of the rollout policy, before any update.
     old_logprobs: dict[tuple[int, int], torch.Tensor] = {}
-    if needs_ppo and updates > 1:
+    if needs_ppo(config.loss, coefficients) and updates > 1:
         for u, mini in enumerate(minis):
             parallel.pad_micro_batches(run, len(parts(mini)), with_grad=False)
             for m, (trajs, micro_plans, seq_adv, _) in enumerate(parts(mini)):

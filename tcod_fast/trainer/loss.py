@@ -38,6 +38,7 @@ from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
 from tcod_fast.ops.topk_turn_kl import fused_topk_turn_kl
 from tcod_fast.ops.turn_kl import fused_turn_kl
 from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
+from tcod_fast.trainer.config import LossSettings
 from tcod_fast.trainer.parallel import is_sharded, sharded_hidden_states
 from tcod_fast.trainer.setup import TrainingRun
 from tcod_fast.trainer.sparse_teacher import SparseTeacher, sparse_teacher_maps
@@ -463,6 +464,13 @@ def _can_use_fused_linear(run: TrainingRun, coefficients: LossCoefficients) -> b
     return simple and available
 
 
+def needs_ppo(settings: LossSettings, coefficients: LossCoefficients) -> bool:
+    """Whether the loss has a PPO clipped surrogate: the sampled OPD estimator's, or a GRPO
+    term (``grpo_coef != 0``). Such a loss needs the rollout policy's log-probs when a step
+    makes several updates."""
+    return settings.estimator == "sampled" or coefficients.grpo_coef != 0.0
+
+
 def compute_loss(
     run: TrainingRun,
     trajectories: Sequence[Any],
@@ -493,8 +501,8 @@ def compute_loss(
     settings = run.config.loss
     sampled = settings.estimator == "sampled"
     sparse = settings.estimator == "topk" or run.served_teacher is not None  # teacher as top-K maps
-    needs_ppo = sampled or coefficients.grpo_coef != 0.0
-    use_fused_linear = not needs_ppo and _can_use_fused_linear(run, coefficients)
+    with_ppo = needs_ppo(settings, coefficients)
+    use_fused_linear = not with_ppo and _can_use_fused_linear(run, coefficients)
 
     packed = pack_micro_batch(
         trajectories,
@@ -535,7 +543,7 @@ def compute_loss(
             kl_term = float(opd_loss.detach())
 
         ppo = None
-        if needs_ppo:
+        if with_ppo:
             if sampled and stats is None:
                 raise ValueError("the sampled OPD estimator needs a teacher")
             ppo = ppo_term(
