@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from run_report import report_header, write_report
+from run_report import lr_and_updates, report_header, write_report
 
 from tcod_fast.trainer import build, loop, sft
 from tcod_fast.trainer.checkpoint import load_checkpoint
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, default=32, help="held-out seen tasks measured (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a demo setting for the run, e.g. lr=3e-4 (repeatable)")  # fmt: skip
-    parser.add_argument("--point", help="LR,UPDATES instead of the tuned point, e.g. 1e-3,8")
+    parser.add_argument("--point", type=lr_and_updates, help="LR,UPDATES instead of the tuned point, e.g. 1e-3,8")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -90,8 +90,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        point = (float(args.point.split(",")[0]), int(args.point.split(",")[1])) if args.point else None
-        config = run_config(settings, args.demo, "robust", "tcod_b2f", seed, point=point)
+        config = run_config(settings, args.demo, "robust", "tcod_b2f", seed, point=args.point)
         folder = args.out.parent / f".b2f_probe_seed{seed}"
         config.trainer.output_dir = str(folder)
         config.trainer.checkpoint_every = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from datetime import datetime, timezone
@@ -12,6 +13,15 @@ import torch
 from tcod_fast import provenance
 from tcod_fast.provenance import cpu_model
 from tcod_fast.tiny_settings import tiny_requested
+
+
+def lr_and_updates(text: str) -> tuple[float, int]:
+    """The argparse type of a ``--point LR,UPDATES`` option (``1e-3,8``): a demo grid point."""
+    lr, _, updates = text.partition(",")
+    try:
+        return float(lr), int(updates)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LR,UPDATES such as 1e-3,8, got {text!r}") from None
 
 
 def report_header(device: str) -> dict:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from run_report import report_header, write_report
+from run_report import lr_and_updates, report_header, write_report
 
 from tcod_fast.trainer import loop
 from tcod_fast.trainer.demo import demo_settings, run_config
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--episodes", default="8,32", help="episodes per step to try (default: %(default)s)")
     parser.add_argument("--runs", default="opd@sampled,opd", help="demo run kinds (default: %(default)s)")
-    parser.add_argument("--point", help="LR,UPDATES for every run instead of each run kind's tuned point, e.g. 1e-3,8")
+    parser.add_argument("--point", type=lr_and_updates, help="LR,UPDATES for every run instead of each run kind's tuned point, e.g. 1e-3,8")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -41,8 +41,7 @@ def main(argv=None) -> int:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 settings = demo_settings("default")
                 settings.episodes_per_step = episodes
-                point = (float(args.point.split(",")[0]), int(args.point.split(",")[1])) if args.point else None
-                config = run_config(settings, args.demo, "robust", name, seed, point=point)
+                config = run_config(settings, args.demo, "robust", name, seed, point=args.point)
                 config.trainer.output_dir = str(args.out.parent / ".sweep" / f"{name}_{episodes}_{seed}")
                 config.trainer.eval_every = 0
                 shutil.rmtree(config.trainer.output_dir, ignore_errors=True)

@@ -233,6 +233,11 @@ class DemoSettings:
     def algorithms(self, teacher: str) -> tuple[str, ...]:
         return self.robust_algorithms if teacher == "robust" else self.narrow_algorithms
 
+    def rollout_temperature_of(self, variant: Variant) -> float:
+        """The rollout temperature of ``variant``'s training episodes: a policy gradient's
+        (sampled formulation, GRPO) is sampled where its log-probs are taken, at 1.0."""
+        return self.policy_gradient_rollout_temperature if variant.policy_gradient else self.rollout_temperature
+
     def point(self, variant: str) -> tuple[float, int]:
         """``(lr, updates_per_step)`` of ``variant``: its tuned point, or for a variant the
         table does not hold, the point of OPD in the same formulation."""
@@ -382,8 +387,7 @@ def run_config(
         config.loss.estimator = "sampled"
         config.loss.sampled_kl = "k1"
         config.loss.divergence = "reverse_kl"
-    if variant.policy_gradient:
-        config.rollout.temperature = settings.policy_gradient_rollout_temperature
+    config.rollout.temperature = settings.rollout_temperature_of(variant)
     record = get_algorithm(variant.algorithm)
     if record.min_group_size > 1:
         # GRPO groups: the same number of episodes per step, as groups per task
@@ -922,9 +926,7 @@ def _algorithm_settings(settings: DemoSettings, name: str) -> dict:
         "updates_per_step": updates,
         "steps": settings.steps,
         "episodes_per_step": settings.episodes_per_step,
-        "rollout_temperature": (
-            settings.policy_gradient_rollout_temperature if variant.policy_gradient else settings.rollout_temperature
-        ),
+        "rollout_temperature": settings.rollout_temperature_of(variant),
     }
 
 
