@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from run_report import lr_and_updates, report_header, write_report
 
+from tcod_fast.demo import demo_settings, run_config
 from tcod_fast.trainer import build, loop, sft
 from tcod_fast.trainer.checkpoint import load_checkpoint
-from tcod_fast.trainer.demo import demo_settings, run_config
 from tcod_fast.trainer.metrics_log import read_metrics
 
 

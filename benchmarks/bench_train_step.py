@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from tcod_fast import fused_turn_kl
+from tcod_fast.demo import base_config, demo_settings
 from tcod_fast.rollout import PackingConfig, pack_trajectories
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm
 from tcod_fast.trainer import build, sft
-from tcod_fast.trainer.demo import base_config, demo_settings
 
 
 def _materialised_loss(student_logits, teacher_logits, turn_ids):

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from run_report import report_header, write_report
 
+from tcod_fast.demo import demo_settings, run_config
 from tcod_fast.trainer import loop
-from tcod_fast.trainer.demo import demo_settings, run_config
 from tcod_fast.trainer.loss import forward_models, pack_micro_batch
 from tcod_fast.trainer.setup import setup_run
 

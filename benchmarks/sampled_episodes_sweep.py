@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from run_report import lr_and_updates, report_header, write_report
 
+from tcod_fast.demo import demo_settings, run_config
 from tcod_fast.trainer import loop
-from tcod_fast.trainer.demo import demo_settings, run_config
 
 
 def main(argv=None) -> int:

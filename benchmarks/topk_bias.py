@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_report import report_header, tiny_defaults, write_report  # noqa: E402
 
-from tcod_fast.ops.topk_turn_kl.topk import prepare_topk  # noqa: E402
+from tcod_fast.ops.topk import prepare_topk  # noqa: E402
 from tcod_fast.ops.topk_turn_kl.torch_backend import rows_forward  # noqa: E402
 
 

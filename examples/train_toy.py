@@ -20,21 +20,23 @@ import sys
 import time
 from pathlib import Path
 
-from tcod_fast.trainer import build, demo, loop
+from tcod_fast.demo import DemoSettings, base_config, demo_settings, run_config
+from tcod_fast.demo.jobs import job_narrow_teacher, job_robust_teacher, job_student_init
+from tcod_fast.trainer import build, loop
 from tcod_fast.trainer.plots import plot_run
 from tcod_fast.trainer.summary import train_summary
 
 
-def make_models(settings: demo.DemoSettings, out: Path, seed: int) -> Path:
+def make_models(settings: DemoSettings, out: Path, seed: int) -> Path:
     """The demo's tokenizer, robust teacher and warm-started student of ``seed``, in ``out``."""
-    config = demo.base_config(settings, out)
+    config = base_config(settings, out)
     print("building the tokenizer, the robust teacher (SFT + DAgger) and the student start ...", flush=True)
     tokenizer = build.build_tokenizer(config, build.build_prompter(config.env))
     tokenizer.save_pretrained(str(out / "tokenizer"))
-    demo.job_narrow_teacher(settings, out)
-    rounds = demo.job_robust_teacher(settings, out)["dagger_rounds"]
+    job_narrow_teacher(settings, out)
+    rounds = job_robust_teacher(settings, out)["dagger_rounds"]
     print(f"  robust teacher: {len(rounds)} DAgger rounds, last collection success {rounds[-1]['success_while_collecting']:.2f}")
-    demo.job_student_init(settings, out, seed)
+    job_student_init(settings, out, seed)
     return out
 
 
@@ -55,7 +57,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="student seed (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="training steps (default: the demo's)")
     args = parser.parse_args()
-    settings = demo.demo_settings("default")
+    settings = demo_settings("default")
     if args.steps is not None:
         settings.steps = args.steps
     out = Path(args.out).resolve()
@@ -65,7 +67,7 @@ def main() -> int:
         copy_models(args.demo.resolve(), out, args.seed)
     else:
         make_models(settings, out, args.seed)
-    config = demo.run_config(settings, out, "robust", args.algorithm, args.seed)
+    config = run_config(settings, out, "robust", args.algorithm, args.seed)
     config.trainer.output_dir = str(out / "run")
     config.eval.at_start = True  # the student's start, on the same tasks
     config.logging.progress = True

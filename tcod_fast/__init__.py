@@ -29,9 +29,9 @@ _LAZY = {
     "fused_linear_turn_kl": "tcod_fast.ops.fused_linear_turn_kl",
     "fused_linear_turn_kl_reference": "tcod_fast.ops.fused_linear_turn_kl",
     "fused_topk_turn_kl": "tcod_fast.ops.topk_turn_kl",
-    "fused_linear_topk_turn_kl": "tcod_fast.ops.topk_turn_kl",
+    "fused_linear_topk_turn_kl": "tcod_fast.ops.fused_linear_topk_turn_kl",
     "topk_turn_kl_reference": "tcod_fast.ops.topk_turn_kl",
-    "fused_linear_topk_turn_kl_reference": "tcod_fast.ops.topk_turn_kl",
+    "fused_linear_topk_turn_kl_reference": "tcod_fast.ops.fused_linear_topk_turn_kl",
 }
 
 __all__ = list(_LAZY)

@@ -5,20 +5,21 @@ An :class:`Algorithm` says everything the trainer needs to know about one algori
 * **who plays each turn**: ``plan_episode(sampler, slot)`` turns one
   :class:`~tcod_fast.curriculum.EpisodeSlot` (step, task, the episode's own coin) into an
   :class:`~tcod_fast.curriculum.EpisodePlan`;
-* **what signal trains a turn**: ``coefficients(config, sampler, step)`` gives the step's
+* **what signal trains a turn**: ``coefficients(loss, sampler, step)`` gives the step's
   :class:`LossCoefficients` (OPD weight, GRPO weight, turn weighting);
 * **what it needs**: a teacher model in process, a teacher generator in the rollout, the
   tasks' expert action counts, GRPO groups of at least ``min_group_size`` episodes;
 * **what it logs**: ``curriculum_summary(sampler, step, plans)``, the ``curriculum/``
   metrics of its schedule.
 
-The records are registered once (:func:`register_algorithm`) and looked up by name
-(:func:`get_algorithm`); the sampler, the loop, config validation, the CLI, the demo and
-the examples ask the record and never branch on a name. Adding an algorithm is adding one
-record.
+The records are registered once (:func:`register_algorithm`); a run's
+``curriculum.algorithm`` is looked up once (:func:`get_algorithm`), where the run is built,
+and the sampler and the loop receive the record and never branch on a name. Adding an
+algorithm is adding one record.
 
 The built-in algorithms (:data:`ALGORITHMS`), with ``kl_coef`` and ``sod_coef`` from
-``config.loss`` and ``kappa``/``rho`` the ATOD annealing of ``config.curriculum``:
+the loss settings (:class:`~tcod_fast.loss_settings.LossSettings`) and ``kappa``/``rho`` the
+ATOD annealing of the curriculum (``sampler.atod``):
 
 ============  ==============================  ===============  ===============  ============  =====
 algorithm     who plays                       OPD coefficient  GRPO coefficient turn weights  group
@@ -40,11 +41,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tcod_fast.curriculum import depth_from_advance, prefix_from_advance
+from tcod_fast.loss_settings import LossSettings
 
 if TYPE_CHECKING:
     from tcod_fast.curriculum import CurriculumSampler, EpisodePlan, EpisodeSlot
@@ -80,7 +82,7 @@ class LossCoefficients:
 
 
 PlanEpisode = Callable[["CurriculumSampler", "EpisodeSlot"], "EpisodePlan"]
-Coefficients = Callable[[Any, "CurriculumSampler", int], LossCoefficients]
+Coefficients = Callable[[LossSettings, "CurriculumSampler", int], LossCoefficients]
 CurriculumSummary = Callable[["CurriculumSampler", int, Sequence["EpisodePlan"]], dict]
 
 
@@ -102,11 +104,13 @@ class Algorithm:
             schedules (``sampler.intervention``, ``sampler.atod``); ``slot`` the step, the
             task, its expert action count and the episode's own seeded generator
             (``slot.plan(players, turn_window, ...)`` builds the plan).
-        coefficients: ``(config, sampler, step) -> LossCoefficients``, the step's training
-            signal (``config`` is the run's ``TrainConfig``).
+        coefficients: ``(loss, sampler, step) -> LossCoefficients``, the step's training
+            signal from the run's loss settings and the sampler's schedules.
+        has_grpo_term: its loss has a GRPO term (``grpo_coef`` not always 0), trained
+            through the PPO clipped surrogate.
         min_group_size: fewest episodes per task (``curriculum.episodes_per_task``) it
-            trains with: 2 for algorithms with a GRPO term, whose advantage is 0 in a group
-            of one.
+            trains with; by default 2 for an algorithm with a GRPO term (whose advantage is 0
+            in a group of one), else 1.
         needs_teacher_model: trains on a teacher model in process (False: the teacher is
             loaded only for the KL logs).
         needs_teacher_generator: the rollout always gets a teacher generator (the teacher
@@ -122,13 +126,16 @@ class Algorithm:
     summary: str
     plan_episode: PlanEpisode
     coefficients: Coefficients
-    min_group_size: int = 1
+    has_grpo_term: bool = False
+    min_group_size: int | None = None
     needs_teacher_model: bool = True
     needs_teacher_generator: bool = False
     needs_expert_lens: bool = False
     curriculum_summary: CurriculumSummary = no_curriculum_summary
 
     def __post_init__(self) -> None:
+        if self.min_group_size is None:
+            object.__setattr__(self, "min_group_size", 2 if self.has_grpo_term else 1)
         if not self.name or not isinstance(self.name, str):
             raise ValueError(f"Algorithm.name must be a non-empty string, got {self.name!r}")
         if self.min_group_size < 1:
@@ -203,7 +210,7 @@ def plan_b2f_episode(sampler: CurriculumSampler, slot: EpisodeSlot) -> EpisodePl
     if expert_len is None:
         raise ValueError(
             f"tcod_b2f needs the expert action count of task {slot.task_index}, got None "
-            "(pass expert_lens or set CurriculumConfig.b2f_default_expert_len)"
+            "(pass expert_lens or set CurriculumSettings.b2f_default_expert_len)"
         )
     prefix = prefix_from_advance(sampler.advance(slot.step, slot.rng), int(expert_len))
     prefix = min(prefix, max_turns - 1)
@@ -224,22 +231,22 @@ def plan_guided_episode(sampler: CurriculumSampler, slot: EpisodeSlot) -> Episod
 # ------------------------------------------------------------------ coefficients
 
 
-def opd_coefficients(config: Any, sampler: CurriculumSampler, step: int) -> LossCoefficients:
+def opd_coefficients(loss: LossSettings, sampler: CurriculumSampler, step: int) -> LossCoefficients:
     """Distillation only: ``loss.kl_coef`` on the OPD term."""
-    return LossCoefficients(config.loss.kl_coef, 0.0, None)
+    return LossCoefficients(loss.kl_coef, 0.0, None)
 
 
-def atod_coefficients(config: Any, sampler: CurriculumSampler, step: int) -> LossCoefficients:
+def atod_coefficients(loss: LossSettings, sampler: CurriculumSampler, step: int) -> LossCoefficients:
     """ATOD: ``kappa(step)`` on the T-DUR-weighted OPD term, ``rho(step)`` on GRPO."""
     return LossCoefficients(sampler.atod.kappa(step), sampler.atod.rho(step), "tdur")
 
 
-def sod_coefficients(config: Any, sampler: CurriculumSampler, step: int) -> LossCoefficients:
+def sod_coefficients(loss: LossSettings, sampler: CurriculumSampler, step: int) -> LossCoefficients:
     """SOD: ``loss.sod_coef`` on the SOD-weighted OPD term, 1 on GRPO."""
-    return LossCoefficients(config.loss.sod_coef, 1.0, "sod")
+    return LossCoefficients(loss.sod_coef, 1.0, "sod")
 
 
-def grpo_coefficients(config: Any, sampler: CurriculumSampler, step: int) -> LossCoefficients:
+def grpo_coefficients(loss: LossSettings, sampler: CurriculumSampler, step: int) -> LossCoefficients:
     """GRPO alone: no teacher term."""
     return LossCoefficients(0.0, 1.0, None)
 
@@ -314,7 +321,7 @@ for _record in (
         summary="ATOD: T-DUR-weighted OPD annealed from kappa_init to kappa_min, plus GRPO rising from rho_init to rho_max.",
         plan_episode=plan_student_episode,
         coefficients=atod_coefficients,
-        min_group_size=2,
+        has_grpo_term=True,
         curriculum_summary=atod_summary,
     ),
     Algorithm(
@@ -322,14 +329,14 @@ for _record in (
         summary="SOD: GRPO plus sod_coef times OPD with step-wise weights that shrink where the student drifted from the teacher.",
         plan_episode=plan_student_episode,
         coefficients=sod_coefficients,
-        min_group_size=2,
+        has_grpo_term=True,
     ),
     Algorithm(
         name="grpo",
         summary="GRPO: group-relative success advantage in a PPO clipped surrogate, no teacher term.",
         plan_episode=plan_student_episode,
         coefficients=grpo_coefficients,
-        min_group_size=2,
+        has_grpo_term=True,
         needs_teacher_model=False,
     ),
 ):

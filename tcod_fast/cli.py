@@ -32,7 +32,7 @@ from pathlib import Path
 from tcod_fast.algorithms import algorithm_names
 from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.tiny_settings import TINY_ENV_VAR, tiny_requested, tiny_train_overrides
-from tcod_fast.trainer.config import TrainerSettings, apply_overrides, config_to_dict, load_config
+from tcod_fast.trainer.config import TrainerSettings, apply_overrides, check_paths, config_to_dict, load_config
 from tcod_fast.trainer.run_folder import check_new_run_folder, check_resume_compatible, checkpoint_step, list_checkpoints
 
 # The torch-backed modules (trainer, kernels, demo) are imported inside the commands that use
@@ -221,7 +221,7 @@ def _add_bench_arguments(parser, *, batch, seq, vocab, turns, repeats) -> None:
 # subcommands
 # --------------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
-    from tcod_fast.trainer.demo import demo_settings, run_demo
+    from tcod_fast.demo import demo_settings, run_demo
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
@@ -248,7 +248,7 @@ def _cmd_demo(args) -> int:
 
 
 def _demo_algorithms(flag: str, listed: str) -> tuple[str, ...]:
-    from tcod_fast.trainer.demo import parse_variant
+    from tcod_fast.demo import parse_variant
 
     names = tuple(name.strip() for name in listed.split(",") if name.strip())
     for name in names:
@@ -260,37 +260,37 @@ def _demo_algorithms(flag: str, listed: str) -> tuple[str, ...]:
 
 
 def _train_config(args):
-    """The run's config: ``--config`` (or the defaults) with the overrides; with ``--resume``,
-    the run folder's own ``config.yaml`` with the overrides."""
+    """The run's config: ``--config`` (or the defaults) with the overrides and the command's
+    own options (``--algorithm``, ``--output-dir``, ``--steps``, ``--device``) as values; with
+    ``--resume``, the run folder's own ``config.yaml`` with them."""
     overrides = list(args.overrides)
-    if getattr(args, "algorithm", None):
-        overrides.append(f"curriculum.algorithm={args.algorithm}")
-    if getattr(args, "output_dir", None):
-        overrides.append(f"trainer.output_dir={args.output_dir}")
-    if getattr(args, "steps", None) is not None:
-        overrides.append(f"trainer.steps={args.steps}")
-    if getattr(args, "device", None):
-        overrides.append(f"trainer.device={args.device}")
+    options = {
+        "curriculum.algorithm": getattr(args, "algorithm", None),
+        "trainer.output_dir": getattr(args, "output_dir", None),
+        "trainer.steps": getattr(args, "steps", None),
+        "trainer.device": getattr(args, "device", None),
+    }
+    values = {key: value for key, value in options.items() if value is not None}
     if not getattr(args, "resume", False):
         if tiny_requested():
             warnings.warn(f"{TINY_ENV_VAR} is set: a tiny run (2 steps, tiny random models; --set values apply on top)", TcodFastWarning, stacklevel=2)
-            asked = load_config(args.config, overrides)  # which env the tiny settings must fit
+            asked = load_config(args.config, overrides, values)  # which env the tiny settings must fit
             overrides = [*tiny_train_overrides(asked.env.name), *overrides]
-        return load_config(args.config, overrides)
+        return load_config(args.config, overrides, values)
     if args.config is not None:
         raise UserError(
             f"--resume reads the run folder's own config.yaml and takes changes as --set overrides, got --config {args.config} too"
         )
-    run_dir = Path(_output_dir_asked(overrides) or TrainerSettings().output_dir)
+    run_dir = Path(values.get("trainer.output_dir") or _output_dir_asked(overrides) or TrainerSettings().output_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         found = "does not exist" if not run_dir.exists() else "has no config.yaml"
         raise UserError(f"--resume needs a run folder made by 'tcod-fast train' (--output-dir DIR), got {str(run_dir)!r}, which {found}")
-    return load_config(saved, overrides)
+    return load_config(saved, overrides, values)
 
 
 def _output_dir_asked(overrides: list[str]) -> str | None:
-    """The last ``trainer.output_dir`` among ``--set`` overrides (shortcuts included)."""
+    """The last ``trainer.output_dir`` among ``--set`` overrides."""
     found = None
     for item in overrides:
         key, _, value = item.partition("=")
@@ -337,7 +337,7 @@ def _cmd_train(args) -> int:
 
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         return 0
-    config.check_paths()  # before importing the trainer: a wrong path is told in a second
+    check_paths(config)  # before importing the trainer: a wrong path is told in a second
     if _check_run_folder(config, args.resume):
         return 0
     from tcod_fast.trainer.loop import train
@@ -361,7 +361,7 @@ def _cmd_eval(args) -> int:
             found = "does not exist" if not run_dir.exists() else "has no config.yaml"
             raise UserError(f"--run must be a training run folder (with config.yaml), got {args.run!r}, which {found}")
     config_path = args.config or str(Path(args.run) / "config.yaml")
-    config = load_config(config_path, [*args.overrides, *([f"trainer.device={args.device}"] if args.device else [])])
+    config = load_config(config_path, args.overrides, {"trainer.device": args.device} if args.device else None)
     student = args.student or (str(Path(args.run) / "final") if args.run else None)
     if student is None:
         raise UserError("eval needs --student PATH when no --run folder is given, got neither")

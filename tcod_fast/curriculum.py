@@ -31,17 +31,17 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 __all__ = [
-    "ALGORITHMS",
     "PLAYERS",
     "ATODAnnealing",
-    "CurriculumConfig",
+    "CurriculumSettings",
     "CurriculumSampler",
     "EpisodePlan",
+    "EpisodePlanner",
     "EpisodeSlot",
     "InterventionSchedule",
     "LinearPacing",
@@ -57,21 +57,10 @@ __all__ = [
     "depth_from_advance",
     "f2b_depth",
     "prefix_from_advance",
-    "nest_schedule_settings",
     "turn_windows_tensor",
 ]
 
 PLAYERS = ("student", "teacher", "expert", "random", "stop")
-
-
-def __getattr__(name: str):
-    # The algorithm records import this module (they plan with its pieces), so the names
-    # they register are read from the registry when first asked for, not at import.
-    if name == "ALGORITHMS":
-        from tcod_fast.algorithms import ALGORITHMS
-
-        return ALGORITHMS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- plan
@@ -457,7 +446,7 @@ class ATODAnnealing:
 
 
 @dataclass
-class CurriculumConfig:
+class CurriculumSettings:
     """Everything the :class:`CurriculumSampler` needs.
 
     Attributes:
@@ -502,9 +491,6 @@ class CurriculumConfig:
     atod: ATODAnnealing = field(default_factory=ATODAnnealing)
 
     def __post_init__(self) -> None:
-        from tcod_fast.algorithms import get_algorithm
-
-        get_algorithm(self.algorithm)  # an unknown name raises, listing the registered ones
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.episodes_per_task < 1:
@@ -520,13 +506,23 @@ class CurriculumConfig:
         self.stage_starts = tuple(int(s) for s in self.stage_starts)
 
 
+class EpisodePlanner(Protocol):
+    """What the sampler asks of an algorithm's record (:class:`tcod_fast.algorithms.Algorithm`)."""
+
+    name: str
+
+    def plan_episode(self, sampler: CurriculumSampler, slot: EpisodeSlot) -> EpisodePlan: ...
+
+    def curriculum_summary(self, sampler: CurriculumSampler, step: int, plans: Sequence[EpisodePlan]) -> dict: ...
+
+
 class CurriculumSampler:
     """Plans the episodes of each training batch for the configured algorithm.
 
     ``plan_batch(step, tasks, expert_lens)`` returns ``len(tasks) * episodes_per_task``
-    :class:`EpisodePlan` objects (task-major), each planned by the configured algorithm's
-    record (``self.algorithm``, a :class:`tcod_fast.algorithms.Algorithm`; its
-    ``plan_episode`` says who plays each turn and which turns are trained).
+    :class:`EpisodePlan` objects (task-major), each planned by ``algorithm``, the record of
+    ``config.algorithm`` (a :class:`tcod_fast.algorithms.Algorithm`: its ``plan_episode``
+    says who plays each turn and which turns are trained).
 
     Coins come from a generator seeded by ``(seed, step, batch counter, episode)``, so
     the same seed gives the same plans, and :meth:`state_dict` (which saves the batch
@@ -539,12 +535,16 @@ class CurriculumSampler:
 
     def __init__(
         self,
-        config: CurriculumConfig,
+        config: CurriculumSettings,
+        algorithm: EpisodePlanner,
         *,
         pacing: Pacing | None = None,
         intervention: Schedule | None = None,
     ) -> None:
+        if algorithm.name != config.algorithm:
+            raise ValueError(f"the algorithm record must be config.algorithm's, {config.algorithm!r}, got {algorithm.name!r}")
         self.config = config
+        self.algorithm = algorithm
         self.pacing = pacing or build_pacing(
             config.pacing, eta=config.eta, stage_starts=config.stage_starts
         )
@@ -553,13 +553,6 @@ class CurriculumSampler:
         self.num_batches_planned = 0
         self.last_step: int | None = None
         self._last_plans: list[EpisodePlan] = []
-
-    @property
-    def algorithm(self):
-        """The configured algorithm's record (:class:`tcod_fast.algorithms.Algorithm`)."""
-        from tcod_fast.algorithms import get_algorithm
-
-        return get_algorithm(self.config.algorithm)
 
     # ---- planning
 
@@ -665,7 +658,7 @@ class CurriculumSampler:
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Restore :meth:`state_dict` output. With ``strict`` the saved config must equal
         this sampler's, since a different config would not reproduce the saved run."""
-        saved = nest_schedule_settings(dict(state["config"]))
+        saved = dict(state["config"])
         saved["stage_starts"] = tuple(saved.get("stage_starts", ()))
         current = asdict(self.config)
         if strict:
@@ -676,29 +669,3 @@ class CurriculumSampler:
         self.num_batches_planned = int(state["num_batches_planned"])
         self.last_step = state["last_step"]
         self._last_plans = []
-
-
-#: The flat ``guided_*`` / ``atod_*`` curriculum keys of older configs, and the nested
-#: ``guided.*`` / ``atod.*`` keys that replaced them.
-_FLAT_SCHEDULE_KEYS = {
-    **{f"guided_{name}": ("guided", name) for name in ("shape", "p_init", "decay_steps", "warmup_steps", "p_final", "exp_rate")},
-    **{f"atod_{name}": ("atod", name) for name in ("anneal_steps", "kappa_init", "kappa_min", "rho_init", "rho_max")},
-}
-
-
-def nest_schedule_settings(curriculum: dict[str, Any]) -> dict[str, Any]:
-    """Curriculum settings (plain data) with the flat keys of older configs and checkpoints
-    (``guided_p_init``, ``atod_kappa_min``, ...) moved under ``guided`` / ``atod``. A key
-    given both ways is an error."""
-    nested = {key: value for key, value in curriculum.items() if key not in _FLAT_SCHEDULE_KEYS}
-    for flat, (section, name) in _FLAT_SCHEDULE_KEYS.items():
-        if flat not in curriculum:
-            continue
-        target = nested[section] = dict(nested.get(section) or {})
-        if name in target and target[name] != curriculum[flat]:
-            raise ValueError(
-                f"curriculum.{section}.{name} is given twice, as {target[name]!r} and as the older flat "
-                f"curriculum.{flat}={curriculum[flat]!r}; keep curriculum.{section}.{name} only"
-            )
-        target[name] = curriculum[flat]
-    return nested

@@ -194,6 +194,18 @@ class TinyModelConfig:
     seed: int = 0
     extra_config: dict[str, Any] = field(default_factory=dict)
 
+    def shape_problems(self) -> list[str]:
+        """What makes this shape impossible to build, one line each (``[]``: none)."""
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in (*sizes, "max_position_embeddings") if getattr(self, name) < 1]
+        if not problems and self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size must be a multiple of num_attention_heads ({self.num_attention_heads}), got {self.hidden_size}")
+        if not problems and self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads must be a multiple of num_key_value_heads ({self.num_key_value_heads}), got {self.num_attention_heads}"
+            )
+        return problems
+
 
 _ARCHITECTURES = ("llama", "qwen2")
 

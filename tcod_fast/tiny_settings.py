@@ -42,13 +42,27 @@ TINY_TRAIN_OVERRIDES = (
 )
 
 
-#: Extra ``--set`` values per environment (the toy game's smallest layout).
-TINY_ENV_OVERRIDES = {"toy": ("env.kwargs={max_rooms: 2, max_steps: 6}",)}
-
-
 def tiny_train_overrides(env_name: str) -> list[str]:
-    """The tiny ``--set`` values for a new run in environment ``env_name``."""
-    return [*TINY_TRAIN_OVERRIDES, *TINY_ENV_OVERRIDES.get(env_name, ())]
+    """The tiny ``--set`` values for a new run in environment ``env_name``: the shared ones,
+    then its family's (``EnvFamily.tiny_overrides``; the toy game's smallest layout).
+
+    Args:
+        env_name: ``env.name`` of the run (an unknown name adds nothing).
+    """
+    from tcod_fast.envs.registry import find_env_family
+
+    family = find_env_family(env_name)
+    return [*TINY_TRAIN_OVERRIDES, *(family.tiny_overrides if family is not None else ())]
+
+
+def __getattr__(name: str):
+    # TINY_ENV_OVERRIDES, the extra --set values per env family, is read from the registry
+    # on first use so importing this module imports no environment code.
+    if name == "TINY_ENV_OVERRIDES":
+        from tcod_fast.envs.registry import env_families
+
+        return {family.name: family.tiny_overrides for family in env_families() if family.tiny_overrides}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tiny_requested() -> bool:

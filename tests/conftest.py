@@ -136,9 +136,9 @@ def _small_kernel_tiles(request, monkeypatch):
         return
     import torch
 
+    from tcod_fast.ops.fused_linear_topk_turn_kl import chunked as topk_chunked
     from tcod_fast.ops.fused_linear_turn_kl import api as fused_linear_api
     from tcod_fast.ops.fused_linear_turn_kl import chunked
-    from tcod_fast.ops.topk_turn_kl import fused_linear as topk_fused_linear
     from tcod_fast.ops.topk_turn_kl import triton_backend as topk_triton
     from tcod_fast.ops.turn_kl import triton_backend as logits_triton
 
@@ -146,7 +146,7 @@ def _small_kernel_tiles(request, monkeypatch):
         monkeypatch.setattr(logits_triton, "DEFAULT_BLOCK_V", 64)
         monkeypatch.setattr(topk_triton, "DEFAULT_BLOCK_V", 64)
     monkeypatch.setattr(chunked, "DEFAULT_VOCAB_BLOCK", 64)
-    monkeypatch.setattr(topk_fused_linear, "VOCAB_BLOCK", 64)
+    monkeypatch.setattr(topk_chunked, "VOCAB_BLOCK", 64)
     if fused_linear_api.triton_backend is not None:
         # tiles of 16 rows x 32 columns x 16 hidden
         monkeypatch.setattr(fused_linear_api.triton_backend, "DEFAULT_BLOCK_M", 16)

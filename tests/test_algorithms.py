@@ -20,15 +20,15 @@ from tcod_fast.algorithms import (
     register_algorithm,
     unregister_algorithm,
 )
-from tcod_fast.curriculum import ATODAnnealing, CurriculumConfig, CurriculumSampler
-from tcod_fast.trainer.config import TrainConfig
+from tcod_fast.curriculum import ATODAnnealing, CurriculumSampler, CurriculumSettings
+from tcod_fast.trainer.config import TrainConfig, check_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "algorithms.md"
 
 
 def _config(algorithm: str) -> TrainConfig:
     config = TrainConfig()
-    config.curriculum = CurriculumConfig(
+    config.curriculum = CurriculumSettings(
         algorithm=algorithm,
         max_turns=6,
         eta=2,
@@ -63,10 +63,10 @@ def test_builtin_names_in_table_order():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_coefficient_table_at_a_few_steps(algorithm):
     config = _config(algorithm)
-    sampler = CurriculumSampler(config.curriculum)
+    sampler = CurriculumSampler(config.curriculum, get_algorithm(config.curriculum.algorithm))
     record = get_algorithm(algorithm)
     for step, (opd_coef, grpo_coef, weighting) in zip(STEPS, COEFFICIENT_TABLE[algorithm]):
-        got = record.coefficients(config, sampler, step)
+        got = record.coefficients(config.loss, sampler, step)
         assert isinstance(got, LossCoefficients)
         assert got.opd_coef == pytest.approx(opd_coef, abs=1e-12), (algorithm, step)
         assert got.grpo_coef == pytest.approx(grpo_coef, abs=1e-12), (algorithm, step)
@@ -107,11 +107,11 @@ def test_coefficients_follow_the_documented_table_at_every_step(algorithm):
     assert set(table) == set(ALGORITHMS)
     opd_cell, grpo_cell, weights_cell = table[algorithm]
     config = _config(algorithm)
-    sampler = CurriculumSampler(config.curriculum)
+    sampler = CurriculumSampler(config.curriculum, get_algorithm(config.curriculum.algorithm))
     sampler.atod = atod = ATODAnnealing(anneal_steps=37, kappa_init=0.9, kappa_min=0.15, rho_init=0.2, rho_max=0.85)
     record = get_algorithm(algorithm)
     for step in range(0, 2 * 37 + 1):
-        got = record.coefficients(config, sampler, step)
+        got = record.coefficients(config.loss, sampler, step)
         assert got.opd_coef == pytest.approx(_documented_value(opd_cell, config, atod, step), abs=1e-12), step
         assert got.grpo_coef == pytest.approx(_documented_value(grpo_cell, config, atod, step), abs=1e-12), step
         assert got.turn_weighting == {"none": None, "T-DUR": "tdur", "SOD": "sod"}[weights_cell]
@@ -141,9 +141,9 @@ def test_group_size_rule_comes_from_the_record():
         config.curriculum.episodes_per_task = 1
         if get_algorithm(name).min_group_size > 1:
             with pytest.raises(ValueError, match=f"{name} needs curriculum.episodes_per_task >= 2"):
-                config.validate()
+                check_config(config)
         else:
-            config.validate()
+            check_config(config)
 
 
 def test_registry_errors_name_what_was_expected():
@@ -171,7 +171,7 @@ def test_a_registered_algorithm_plans_validates_and_goes_away():
     try:
         assert "teacher_first_turn_trio" in algorithm_names()
         assert "teacher_first_turn_trio" not in ALGORITHMS  # the built-ins stay as they are
-        sampler = CurriculumSampler(CurriculumConfig(algorithm="teacher_first_turn_trio", max_turns=4, episodes_per_task=3))
+        sampler = CurriculumSampler(CurriculumSettings(algorithm="teacher_first_turn_trio", max_turns=4, episodes_per_task=3), get_algorithm("teacher_first_turn_trio"))
         plans = sampler.plan_batch(5, ["a", "b"])
         assert len(plans) == 6 and [p.task_index for p in plans] == [0, 0, 0, 1, 1, 1]
         for plan in plans:
@@ -181,10 +181,10 @@ def test_a_registered_algorithm_plans_validates_and_goes_away():
         assert sampler.summary(5) == {"curriculum/step": 5.0}
         config = _config("teacher_first_turn_trio")
         with pytest.raises(ValueError, match="episodes_per_task >= 3"):
-            config.validate()
+            check_config(config)
         config.curriculum.episodes_per_task = 3
-        config.validate()
+        check_config(config)
     finally:
         assert unregister_algorithm("teacher_first_turn_trio") is record
-    with pytest.raises(ValueError, match="algorithm must be one of"):
-        CurriculumConfig(algorithm="teacher_first_turn_trio")
+    with pytest.raises(ValueError, match="curriculum.algorithm must be one of"):
+        check_config(_config("teacher_first_turn_trio"))

@@ -93,6 +93,10 @@ CONFIG_MISTAKES = [
     ("env-kwargs-typo", ["--set", "env.kwargs={max_roms: 2}"], ["unknown key env.kwargs.max_roms", "did you mean env.kwargs.max_rooms?"]),
     ("no-student-folder", ["--set", "model.student_path=/no/such/model"], ["model.student_path must be a local Hugging Face model folder", "'/no/such/model', which does not exist"]),
     ("no-teacher-folder", ["--set", "model.teacher_path=/no/such/teacher"], ["model.teacher_path must be", "does not exist"]),
+    ("jsd-beta-unused", ["--set", "loss.jsd_beta=0.3"], ["loss.jsd_beta=0.3 acts only with loss.divergence='jsd'", "remove it"]),
+    ("clip-unused", ["--set", "loss.clip_high=0.3"], ["loss.clip_high=0.3 acts only with a PPO term"]),
+    ("fsdp-unused", ["--set", "trainer.fsdp_teacher=whole"], ["trainer.fsdp_teacher='whole' acts only with trainer.parallelism='fsdp2'"]),
+    ("vllm-memory-unused", ["--set", "rollout.vllm_gpu_memory_utilization=0.5"], ["acts only with rollout.backend='vllm'"]),
 ]
 
 
@@ -103,6 +107,31 @@ def test_a_config_mistake_is_one_line_and_leaves_no_folder(case, tmp_path, capsy
     code = main(["train", *tiny_args(run_dir), *extra])
     captured = capsys.readouterr()
     assert_one_line_refusal(code, captured.err, "train", *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "env_name, module, distribution",
+    [("scienceworld", "scienceworld", "scienceworld"), ("twx-cookingworld", "textworld_express", "textworld-express"), ("alfworld", "alfworld", "alfworld")],
+)
+def test_an_environment_whose_engine_is_missing_is_one_line_naming_the_extra(env_name, module, distribution, monkeypatch, tmp_path, capsys):
+    from tcod_fast.envs import family
+
+    installed = family._find_spec
+    monkeypatch.setattr(family, "_find_spec", lambda name: None if name == module else installed(name))
+    code = main(["train", "--output-dir", str(tmp_path / "runs" / "x"), "--set", f"env.name={env_name}"])
+    fragments = [f"env.name '{env_name}' needs the Python package {distribution}", "which is not installed", 'pip install "tcod-fast[envs]"']
+    assert_one_line_refusal(code, capsys.readouterr().err, "train", *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_alfworld_without_games_is_one_line_naming_the_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    code = main(["train", "--output-dir", str(tmp_path / "runs" / "x"), "--set", "env.name=alfworld"])
+    assert_one_line_refusal(code, capsys.readouterr().err, "train", "env.kwargs.data_path must name a folder of ALFWorld games", "tcod-fast envs make-alfworld-tasks")
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "--output-dir", str(tmp_path / "runs" / "x"), "--set", "env.name=alfworld", "--set", f"env.kwargs={{data_path: {tmp_path / 'empty'}}}"])
+    assert_one_line_refusal(code, capsys.readouterr().err, "train", "which has none", "tcod-fast envs make-alfworld-tasks")
     assert not (tmp_path / "runs").exists()
 
 

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
+from tcod_fast.algorithms import get_algorithm
 from tcod_fast.curriculum import (
     ATODAnnealing,
-    CurriculumConfig,
     CurriculumSampler,
+    CurriculumSettings,
     EpisodePlan,
     InterventionSchedule,
     LinearPacing,
@@ -158,8 +159,12 @@ def test_episode_plan_player_and_turn_ids():
         EpisodePlan(max_turns=1, players=("student", "student"), turn_window=(0, 1))
 
 
+def _sampler_for(config: CurriculumSettings) -> CurriculumSampler:
+    return CurriculumSampler(config, get_algorithm(config.algorithm))
+
+
 def _sampler(**overrides) -> CurriculumSampler:
-    return CurriculumSampler(CurriculumConfig(**{"max_turns": 6, "eta": 2, **overrides}))
+    return _sampler_for(CurriculumSettings(**{"max_turns": 6, "eta": 2, **overrides}))
 
 
 @pytest.mark.parametrize("algorithm", ["opd", "atod", "sod", "grpo"])
@@ -258,8 +263,8 @@ def test_eval_plans_are_full_depth_student_only_and_leave_state_alone():
 # ------------------------------------------------------ determinism and resume
 
 
-def _guided_config(seed: int) -> CurriculumConfig:
-    return CurriculumConfig(
+def _guided_config(seed: int) -> CurriculumSettings:
+    return CurriculumSettings(
         algorithm="guided_opd", max_turns=12, seed=seed, episodes_per_task=2,
         guided=InterventionSchedule(shape="cosine", p_init=0.7, decay_steps=30, warmup_steps=3),
     )
@@ -267,70 +272,57 @@ def _guided_config(seed: int) -> CurriculumConfig:
 
 def test_sampler_is_deterministic_for_a_seed():
     tasks = list(range(8))
-    runs = [[CurriculumSampler(_guided_config(seed)).plan_batch(s, tasks) for s in range(3)] for seed in (1, 1, 2)]
+    runs = [[_sampler_for(_guided_config(seed)).plan_batch(s, tasks) for s in range(3)] for seed in (1, 1, 2)]
     first, same_seed, other_seed = runs
     assert first == same_seed
     assert first != other_seed
     # repeated calls at one step (e.g. gradient accumulation) draw fresh coins
-    sampler = CurriculumSampler(_guided_config(1))
+    sampler = _sampler_for(_guided_config(1))
     assert sampler.plan_batch(5, tasks) != sampler.plan_batch(5, tasks)
 
 
 @pytest.mark.parametrize(
     "config",
-    [_guided_config(7), CurriculumConfig(algorithm="tcod_f2b", pacing="smooth", eta=1.5, max_turns=9, seed=3)],
+    [_guided_config(7), CurriculumSettings(algorithm="tcod_f2b", pacing="smooth", eta=1.5, max_turns=9, seed=3)],
 )
 def test_sampler_resumes_exactly_from_state_dict(config):
     tasks = list(range(5))
-    reference = CurriculumSampler(config)
+    reference = _sampler_for(config)
     uninterrupted = [reference.plan_batch(step, tasks) for step in range(10)]
 
-    first_half = CurriculumSampler(copy.deepcopy(config))
+    first_half = _sampler_for(copy.deepcopy(config))
     for step in range(6):
         first_half.plan_batch(step, tasks)
     state = copy.deepcopy(first_half.state_dict())
 
-    resumed = CurriculumSampler(copy.deepcopy(config))
+    resumed = _sampler_for(copy.deepcopy(config))
     resumed.load_state_dict(state)
     assert [resumed.plan_batch(step, tasks) for step in range(6, 10)] == uninterrupted[6:]
     assert resumed.summary() == reference.summary()
 
 
 def test_load_state_dict_rejects_a_different_config():
-    state = CurriculumSampler(_guided_config(1)).state_dict()
+    state = _sampler_for(_guided_config(1)).state_dict()
     with pytest.raises(ValueError, match="seed: saved 1 vs 2"):
-        CurriculumSampler(_guided_config(2)).load_state_dict(state)
-    lenient = CurriculumSampler(_guided_config(2))
+        _sampler_for(_guided_config(2)).load_state_dict(state)
+    lenient = _sampler_for(_guided_config(2))
     lenient.load_state_dict(state, strict=False)
     assert lenient.num_batches_planned == 0
 
 
-def test_a_state_saved_with_flat_schedule_keys_still_loads():
-    sampler = CurriculumSampler(_guided_config(1))
-    sampler.plan_batch(0, ["a"])
-    state = sampler.state_dict()
-    flat = {key: value for key, value in state["config"].items() if key not in ("guided", "atod")}
-    flat.update({f"guided_{key}": value for key, value in state["config"]["guided"].items()})
-    flat.update({f"atod_{key}": value for key, value in state["config"]["atod"].items()})
-    resumed = CurriculumSampler(_guided_config(1))
-    resumed.load_state_dict({**state, "config": flat})
-    assert resumed.num_batches_planned == 1
-    flat["guided_p_init"] = 0.1
-    with pytest.raises(ValueError, match="guided: saved"):
-        CurriculumSampler(_guided_config(1)).load_state_dict({**state, "config": flat})
-
-
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="algorithm must be one of"):
-        CurriculumConfig(algorithm="ppo")
+        get_algorithm("ppo")
+    with pytest.raises(ValueError, match="the algorithm record must be config.algorithm's, 'tcod_f2b', got 'opd'"):
+        CurriculumSampler(CurriculumSettings(algorithm="tcod_f2b"), get_algorithm("opd"))
     with pytest.raises(ValueError, match="f2b_after_depth"):
-        CurriculumConfig(f2b_after_depth="expert")
+        CurriculumSettings(f2b_after_depth="expert")
     with pytest.raises(ValueError, match="b2f_prefix_source"):
-        CurriculumConfig(b2f_prefix_source="student")
+        CurriculumSettings(b2f_prefix_source="student")
 
 
 def test_summary_reports_atod_coefficients():
-    sampler = CurriculumSampler(CurriculumConfig(algorithm="atod", atod=ATODAnnealing(anneal_steps=10, kappa_min=0.2)))
+    sampler = _sampler_for(CurriculumSettings(algorithm="atod", atod=ATODAnnealing(anneal_steps=10, kappa_min=0.2)))
     sampler.plan_batch(5, ["t"])
     summary = sampler.summary()
     assert summary["curriculum/atod_kappa"] == pytest.approx(0.6)

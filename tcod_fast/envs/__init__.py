@@ -1,4 +1,5 @@
-"""Text environments for multi-turn agents: the :class:`Env` protocol and its adapters.
+"""Text environments for multi-turn agents: the :class:`Env` protocol, its adapters, and one
+:class:`EnvFamily` record per family of environments (:mod:`tcod_fast.envs.registry`).
 
 Light to import: the engines (Java-backed TextWorld-Express and ScienceWorld, ALFWorld's
 TextWorld) are imported only when an adapter is built, through :func:`make_env`.
@@ -6,10 +7,34 @@ TextWorld) are imported only when an adapter is built, through :func:`make_env`.
 
 from tcod_fast.envs.base import SPLITS, Env, EnvError, EnvObservation, EnvStep
 
-__all__ = ["SPLITS", "Env", "EnvError", "EnvObservation", "EnvStep", "EnvSpec", "EnvPool", "PoolConfig", "make_env"]
+__all__ = [
+    "SPLITS",
+    "ActionProtocol",
+    "Env",
+    "EnvError",
+    "EnvFamily",
+    "EnvObservation",
+    "EnvPool",
+    "EnvSpec",
+    "EnvStep",
+    "PoolConfig",
+    "check_env_settings",
+    "env_names",
+    "get_env_family",
+    "make_env",
+    "register_env_family",
+    "unregister_env_family",
+]
 
 _LAZY = {
+    "ActionProtocol": "tcod_fast.envs.actions",
+    "EnvFamily": "tcod_fast.envs.family",
+    "check_env_settings": "tcod_fast.envs.registry",
+    "env_names": "tcod_fast.envs.registry",
+    "get_env_family": "tcod_fast.envs.registry",
     "make_env": "tcod_fast.envs.registry",
+    "register_env_family": "tcod_fast.envs.registry",
+    "unregister_env_family": "tcod_fast.envs.registry",
     "EnvSpec": "tcod_fast.envs.registry",
     "EnvPool": "tcod_fast.envs.pool",
     "PoolConfig": "tcod_fast.envs.pool",

@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from tcod_fast.algorithms import get_algorithm
 from tcod_fast.curriculum import (
     ATODAnnealing,
-    CurriculumConfig,
     CurriculumSampler,
+    CurriculumSettings,
     EpisodePlan,
     EpisodeSlot,
     InterventionSchedule,
@@ -49,7 +50,7 @@ class TurnCurriculum:
             ``atod``, ``sod``, ``grpo`` or one registered later).
         max_turns: turn budget of a trajectory.
         seed: seeds every coin (Guided-OPD turns, smooth pacing).
-        **options: any other :class:`tcod_fast.curriculum.CurriculumConfig` field: ``eta``,
+        **options: any other :class:`tcod_fast.curriculum.CurriculumSettings` field: ``eta``,
             ``pacing``, ``stage_starts``, ``f2b_after_depth``, ``b2f_prefix_source``,
             ``b2f_default_expert_len``, ``guided`` (an
             :class:`~tcod_fast.curriculum.InterventionSchedule` or a dict of its fields) and
@@ -65,8 +66,8 @@ class TurnCurriculum:
         for name, schedule in (("guided", InterventionSchedule), ("atod", ATODAnnealing)):
             if isinstance(options.get(name), dict):
                 options[name] = schedule(**options[name])
-        self.config = CurriculumConfig(algorithm=algorithm, max_turns=max_turns, seed=seed, **options)
-        self.sampler = CurriculumSampler(self.config)
+        self.config = CurriculumSettings(algorithm=algorithm, max_turns=max_turns, seed=seed, **options)
+        self.sampler = CurriculumSampler(self.config, get_algorithm(algorithm))
 
     def plan(self, step: int, trajectory_index: int = 0, *, expert_len: int | None = None) -> EpisodePlan:
         """The :class:`~tcod_fast.curriculum.EpisodePlan` of trajectory ``trajectory_index`` at

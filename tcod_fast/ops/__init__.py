@@ -1,1 +1,8 @@
-"""Kernel ops. One sub-package per op: a plain torch reference beside the fast backends."""
+"""Kernel ops. One sub-package per op (``turn_kl``, ``fused_linear_turn_kl``, ``topk_turn_kl``,
+``fused_linear_topk_turn_kl``), each with its public function (``api.py``), a plain torch
+reference (``reference.py``) and its fast backends; what several ops share is a module here:
+``common.py`` (options, kernel codes, dtypes, checks, backend choice), ``turns.py`` (turn masks,
+reductions, per-turn statistics, ``TurnKLResult``), ``topk.py`` (the sparse teacher's checks and
+sorting), ``linear_head.py`` (the fused-linear ops' LM-head checks, row gather and autograd),
+``native_extension.py`` (building and loading the C++ kernels) and ``triton_common.py`` (the
+optional triton import and shared ``@triton.jit`` helpers)."""

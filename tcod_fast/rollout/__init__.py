@@ -4,7 +4,7 @@
 * :mod:`~tcod_fast.rollout.generation`: :class:`Generator` interface, :class:`HFGenerator`,
   :class:`VLLMGenerator`, :class:`SamplingParams`.
 * :mod:`~tcod_fast.rollout.runner`: :func:`run_episodes` (who plays each turn comes from
-  the episode plan), :class:`RolloutConfig`.
+  the episode plan), :class:`EpisodeConfig`.
 * :mod:`~tcod_fast.rollout.prompter`: the :class:`Prompter` interface, :class:`PaperPrompter`,
   :class:`ChatFormat`, :class:`PromptState`; :mod:`~tcod_fast.rollout.prompts`: the papers'
   prompt wording and the tolerant parsing of replies.
@@ -37,7 +37,7 @@ from tcod_fast.rollout.packing import (
     trajectory_sequences,
 )
 from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PromptState
-from tcod_fast.rollout.runner import RolloutConfig, run_episodes
+from tcod_fast.rollout.runner import EpisodeConfig, run_episodes
 from tcod_fast.rollout.trajectory import (
     NOT_TRAINED,
     Trajectory,
@@ -58,7 +58,7 @@ __all__ = [
     "PaperPrompter",
     "PromptState",
     "Prompter",
-    "RolloutConfig",
+    "EpisodeConfig",
     "SamplingParams",
     "Trajectory",
     "TurnRecord",

@@ -9,16 +9,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tcod_fast.envs.actions import ACTION_TAGS, ActionProtocol
 from tcod_fast.rollout.prompts import (
     HistoryStep,
     PromptConfig,
     build_followup_message,
     build_step_prompt,
     format_error_observation,
-    parse_action,
 )
 
-__all__ = ["ChatFormat", "PaperPrompter", "PromptState", "Prompter"]
+__all__ = ["ChatFormat", "PaperPrompter", "PromptState", "Prompter", "action_protocol_of"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class Prompter(Protocol):
     ``parse_action`` returns an object with ``action`` (``None`` = nothing to play, a
     wasted turn) and ``format_error`` (``None`` = well formed); an action may come with a
     format error and is then still played. :class:`PaperPrompter` is the default.
+    A prompter may also carry an ``action_protocol`` (its stop strings end generated
+    replies; :func:`action_protocol_of`).
     """
 
     system_prompt: str | None
@@ -98,12 +100,15 @@ class PaperPrompter:
             reasoning block is left empty rather than inventing reasoning. Without
             ``prompt_config.think`` the reply is the action block alone.
         wasted_turn_action: what the history shows as the action of a wasted turn.
+        action_protocol: how replies carry the action (parsing, stop strings, an action
+            alone written as a reply): the env family's (``EnvFamily.action_protocol``).
     """
 
     prompt_config: Any = None
     system_prompt: str | None = None
     expert_reply_template: str = "<think></think><action>{action}</action>"
     wasted_turn_action: str = "(no valid action)"
+    action_protocol: ActionProtocol = ACTION_TAGS
 
     def __post_init__(self) -> None:
         if self.prompt_config is None:
@@ -142,15 +147,27 @@ class PaperPrompter:
         )
 
     def parse_action(self, reply: str, admissible_actions: Sequence[str]):
-        """:func:`tcod_fast.rollout.prompts.parse_action` with this prompt's config."""
-        return parse_action(reply, admissible_actions, self.prompt_config)
+        """The action protocol's parser (:func:`tcod_fast.envs.actions.parse_action` for
+        ``<action></action>`` replies) with this prompt's config."""
+        return self.action_protocol.parse(reply, admissible_actions, self.prompt_config)
 
     def expert_reply(self, action: str) -> str:
         """An expert action written as a well-formed reply."""
         if not self.prompt_config.think:
-            return f"<action>{action}</action>"
+            return self.action_protocol.action_template.format(action=action)
         return self.expert_reply_template.format(action=action)
 
     def format_error_feedback(self, parsed) -> str:
         """Observation shown after a wasted turn."""
         return format_error_observation(parsed)
+
+
+def action_protocol_of(prompter: Any) -> ActionProtocol:
+    """The :class:`~tcod_fast.envs.actions.ActionProtocol` ``prompter`` reads replies with: its
+    ``action_protocol``, else the ``<action></action>`` protocol every built-in env uses.
+
+    Args:
+        prompter: a :class:`Prompter`.
+    """
+    protocol = getattr(prompter, "action_protocol", None)
+    return protocol if isinstance(protocol, ActionProtocol) else ACTION_TAGS

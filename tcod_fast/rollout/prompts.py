@@ -1,4 +1,4 @@
-"""Agent prompts as in the TCOD and ATOD papers, and tolerant parsing of agent replies.
+"""Agent prompts as in the TCOD and ATOD papers.
 
 The papers' ALFWorld prompt (ATOD appendix B.4, TCOD figure 10) shows the task, how many
 steps were taken, the last ``k`` (observation, action) pairs, the current observation and
@@ -10,26 +10,26 @@ short per-turn message of the *append-only* mode, where the chat grows turn by t
 (task, observation, admissible actions, a one-line instruction): about half the tokens,
 for tiny CPU models.
 
-:func:`parse_action` never raises on model output: a reply with no usable action gives
+Replies are read by the family's action protocol (:func:`tcod_fast.envs.actions.parse_action`
+for the papers' tags), which never raises on model output: a reply with no usable action gives
 ``action=None`` and a ``format_error``; the rollout then plays a wasted turn whose
 observation is :func:`format_error_observation`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from tcod_fast.envs.actions import DEFAULT_MAX_ACTION_CHARS, ParsedAction
+from tcod_fast.envs.registry import env_names, find_env_family
+
 PROMPT_STYLES = ("paper", "compact")
 
-#: The opening sentence per environment family; the rest of the template is shared.
-ENV_DESCRIPTIONS = {
-    "alfworld": "You are an expert agent operating in the ALFRED Embodied Environment.",
-    "scienceworld": "You are an expert agent operating in ScienceWorld, a text-based virtual science laboratory.",
-    "twx": "You are an expert agent playing a TextWorld-Express text game.",
-    "toy": "You are an expert agent exploring a small house in a text adventure.",
-}
+#: The opening sentence of the papers' ALFWorld prompt, :class:`PromptConfig`'s default. Each
+#: environment family has its own (``EnvFamily.prompt``, :func:`prompt_config_for`); the rest
+#: of the template is shared.
+PAPER_ENV_DESCRIPTION = "You are an expert agent operating in the ALFRED Embodied Environment."
 
 
 @dataclass
@@ -51,13 +51,13 @@ class PromptConfig:
             ``Earlier: observation -> action`` lines).
     """
 
-    env_description: str = ENV_DESCRIPTIONS["alfworld"]
+    env_description: str = PAPER_ENV_DESCRIPTION
     history_length: int = 2
     show_admissible_actions: bool = True
     max_admissible_actions: int | None = None
     max_observation_chars: int | None = None
     think: bool = True
-    max_action_chars: int = 200
+    max_action_chars: int = DEFAULT_MAX_ACTION_CHARS
     style: str = "paper"
 
     def __post_init__(self) -> None:
@@ -68,15 +68,17 @@ class PromptConfig:
 def prompt_config_for(env_name: str, **overrides) -> PromptConfig:
     """The default :class:`PromptConfig` for an env name from :func:`~tcod_fast.envs.registry.make_env`.
 
-    ``twx-<game>`` names share the ``twx`` description; ScienceWorld shows at most 50
-    admissible actions. ``overrides`` replace any field.
+    The env's family (:class:`~tcod_fast.envs.family.EnvFamily`) gives the opening sentence
+    and its preset options (ScienceWorld shows at most 50 admissible actions).
+
+    Args:
+        env_name: an env name of a registered family (``toy``, ``twx-coin``...).
+        **overrides: ``PromptConfig`` fields replacing the preset's.
     """
-    family = "twx" if env_name.startswith("twx") else env_name
-    if family not in ENV_DESCRIPTIONS:
-        raise ValueError(f"no prompt preset for env {env_name!r}; known: {sorted(ENV_DESCRIPTIONS)} and twx-<game>")
-    config = PromptConfig(env_description=ENV_DESCRIPTIONS[family])
-    if family == "scienceworld":
-        config = replace(config, max_admissible_actions=50)
+    family = find_env_family(env_name)
+    if family is None:
+        raise ValueError(f"no prompt preset for env {env_name!r}; known: {', '.join(env_names())}")
+    config = PromptConfig(env_description=family.prompt.description, **family.prompt.overrides)
     return replace(config, **overrides)
 
 
@@ -204,96 +206,6 @@ def _current_step_parts(
         )
     parts.append(_instruction(config))
     return parts
-
-
-@dataclass
-class ParsedAction:
-    """What :func:`parse_action` made of a reply.
-
-    Attributes:
-        action: the action to play, or None when the reply had none (a wasted turn).
-        think: the reasoning text, when present.
-        format_error: what was wrong with the reply's format, or None. A reply can carry
-            an error and still an action (e.g. a missing ``<think>`` block).
-        is_admissible: whether ``action`` is among the admissible actions given to the
-            parser (None when none were given or there is no action).
-    """
-
-    action: str | None
-    think: str | None = None
-    format_error: str | None = None
-    is_admissible: bool | None = None
-
-    @property
-    def wasted_turn(self) -> bool:
-        """True when there is nothing to play."""
-        return self.action is None
-
-
-_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
-_ACTION_BLOCK = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
-_ACTION_OPEN = re.compile(r"<action>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
-_QUOTES = "'\"`"
-
-
-def parse_action(
-    reply: str, admissible_actions: Sequence[str] | None = None, config: PromptConfig | None = None
-) -> ParsedAction:
-    """Pull the action out of a model reply, tolerating malformed output.
-
-    Rules: reasoning is the first ``<think>...</think>`` block (or the text before a lone
-    ``</think>``, when the chat template opened the block); the action is the last
-    ``<action>...</action>`` after the reasoning, or the text after a final unclosed
-    ``<action>`` (generation stopped at the ``</action>`` stop string). The action is
-    stripped of quotes, its spaces collapsed, and matched case-insensitively to an
-    admissible action when one is equal, returning the admissible spelling.
-
-    Never raises on the reply's content.
-    """
-    config = config or PromptConfig()
-    text = reply if isinstance(reply, str) else ""
-    think = None
-    think_match = _THINK_BLOCK.search(text)
-    closes = list(_THINK_CLOSE.finditer(text))
-    if think_match:
-        think = think_match.group(1).strip()
-    elif closes:
-        think = text[: closes[0].start()].strip()
-    # Actions mentioned while reasoning are not the answer.
-    after_think = text[closes[-1].end() :] if closes else text
-
-    errors = []
-    if config.think and think is None:
-        errors.append("missing <think></think> block")
-    candidates = _ACTION_BLOCK.findall(after_think)
-    if candidates:
-        raw_action = candidates[-1]
-        if len(candidates) > 1:
-            errors.append(f"{len(candidates)} <action> blocks, the last was used")
-    else:
-        opens = list(_ACTION_OPEN.finditer(after_think))
-        # Only the first line: anything after it is chatter, not the action.
-        raw_action = after_think[opens[-1].end() :].strip().split("\n")[0] if opens else None
-    if raw_action is None:
-        errors.append("no <action></action> block")
-        return ParsedAction(None, think, "; ".join(errors))
-
-    action = " ".join(raw_action.strip().strip(_QUOTES).split())
-    if not action:
-        errors.append("empty <action></action> block")
-        return ParsedAction(None, think, "; ".join(errors))
-    if len(action) > config.max_action_chars:
-        errors.append(f"action is {len(action)} characters, more than {config.max_action_chars}")
-        return ParsedAction(None, think, "; ".join(errors))
-
-    is_admissible = None
-    if admissible_actions is not None:
-        by_lower = {candidate.lower(): candidate for candidate in admissible_actions}
-        canonical = by_lower.get(action.lower())
-        is_admissible = canonical is not None
-        action = canonical or action
-    return ParsedAction(action, think, "; ".join(errors) or None, is_admissible)
 
 
 def format_error_observation(parsed: ParsedAction) -> str:

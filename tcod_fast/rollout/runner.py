@@ -24,7 +24,7 @@ stepped, and the agent is shown the prompter's feedback instead of an observatio
 reply with an action but a format flaw (say, no ``<think>`` block) is played and its
 format error recorded.
 
-With ``RolloutConfig.record_expert_labels`` every turn also records what the environment's
+With ``EpisodeConfig.record_expert_labels`` every turn also records what the environment's
 current-state expert (``env.expert_action()``, where the env has one) would have played in
 that turn's state, whoever played it: the labels of DAgger-style supervised data.
 
@@ -45,6 +45,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tcod_fast.envs.actions import ACTION_TAGS
 from tcod_fast.rollout.env_driver import EnvListDriver
 from tcod_fast.rollout.generation import GenerationOutput, Generator, SamplingParams
 from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PromptState
@@ -59,19 +60,21 @@ from tcod_fast.rollout.trajectory import (
     TurnRecord,
 )
 
-__all__ = ["CONTEXT_MODES", "RolloutConfig", "run_episodes"]
+__all__ = ["CONTEXT_MODES", "EpisodeConfig", "run_episodes"]
 
 CONTEXT_MODES = ("append", "window")
 
 
 @dataclass
-class RolloutConfig:
+class EpisodeConfig:
     """How episodes are played.
 
     Attributes:
         context_mode: ``"append"`` (the chat grows turn by turn) or ``"window"`` (each
             turn sees a fresh windowed-history prompt); both views are recorded.
-        student_sampling: sampling parameters of the student's replies.
+        student_sampling: sampling parameters of the student's replies (default: stop at
+            the ``<action></action>`` protocol's stop strings; the trainer passes its env
+            family's, ``PaperPrompter.action_protocol``).
         teacher_sampling: sampling of the teacher's replies (default: the student's).
         chat_format: chat markers.
         seed: base seed; each generate call is seeded from it, the turn and the player,
@@ -86,7 +89,7 @@ class RolloutConfig:
 
     context_mode: str = "append"
     student_sampling: SamplingParams = field(
-        default_factory=lambda: SamplingParams(stop_strings=("</action>",))
+        default_factory=lambda: SamplingParams(stop_strings=ACTION_TAGS.stop_strings)
     )
     teacher_sampling: SamplingParams | None = None
     chat_format: ChatFormat = field(default_factory=ChatFormat)
@@ -211,7 +214,7 @@ def run_episodes(
     prompter: Prompter | None = None,
     student: Generator | None,
     teacher: Generator | None = None,
-    config: RolloutConfig | None = None,
+    config: EpisodeConfig | None = None,
 ) -> list[Trajectory]:
     """Play one episode per ``(task, plan)`` and return their trajectories, in order.
 
@@ -227,12 +230,12 @@ def run_episodes(
             :class:`PaperPrompter` with the ALFWorld wording.
         student: generator of student turns (may be ``None`` if no plan uses it).
         teacher: generator of teacher turns (required if a plan says ``"teacher"``).
-        config: :class:`RolloutConfig`.
+        config: :class:`EpisodeConfig`.
 
     Returns:
         one validated :class:`Trajectory` per task.
     """
-    config = config or RolloutConfig()
+    config = config or EpisodeConfig()
     prompter = prompter if prompter is not None else PaperPrompter()
     if len(tasks) != len(plans):
         raise ValueError(f"got {len(tasks)} tasks but {len(plans)} plans")

@@ -83,7 +83,7 @@ class TurnRecord:
         env_error: the environment failure on this turn's step, else ``None``.
         info: the environment step's ``info`` dict.
         expert_label: the action the environment's current-state expert would play in
-            this turn's state (``RolloutConfig.record_expert_labels``), else ``None``.
+            this turn's state (``EpisodeConfig.record_expert_labels``), else ``None``.
     """
 
     turn_index: int

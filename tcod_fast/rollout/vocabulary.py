@@ -12,13 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tcod_fast.rollout.prompter import PaperPrompter, PromptState
-from tcod_fast.rollout.prompts import parse_action
+from tcod_fast.rollout.prompter import PaperPrompter, PromptState, action_protocol_of
 
 __all__ = ["expert_episode_texts", "format_error_feedback_texts"]
-
-# Replies whose format-error feedback the corpus holds: no tags, an empty action, no action.
-_MALFORMED_REPLIES = ("no tags", "<action></action>", "<think>x</think>")
 
 
 def expert_episode_texts(
@@ -70,9 +66,11 @@ def expert_episode_texts(
 
 
 def format_error_feedback_texts(prompter: Any = None) -> list[str]:
-    """The feedback messages ``prompter`` shows for malformed replies (no tags, an empty
-    action, no action)."""
+    """The feedback messages ``prompter`` shows for malformed replies: its action protocol's
+    ``malformed_replies`` (for ``<action></action>`` replies: no tags, an empty action, no action)."""
     prompter = prompter if prompter is not None else PaperPrompter()
+    protocol = action_protocol_of(prompter)
     return [
-        prompter.format_error_feedback(parse_action(reply, None, prompter.prompt_config)) for reply in _MALFORMED_REPLIES
+        prompter.format_error_feedback(protocol.parse(reply, None, prompter.prompt_config))
+        for reply in protocol.malformed_replies
     ]

@@ -1,14 +1,14 @@
 """The compact trainer: config, run setup, the loop (rollout -> score -> advantages -> loss ->
 update -> evaluate -> log -> checkpoint), the loss's named steps, evaluation, checkpoints,
-metrics logging, plots, the built-in demo, and data-parallel runs under ``torchrun``.
+metrics logging, plots, and data-parallel runs under ``torchrun``.
 
 Start at :func:`tcod_fast.trainer.loop.train`; the algorithms are tabled in :mod:`tcod_fast.algorithms`.
 """
 
 import importlib
 
+from tcod_fast.algorithms import ALGORITHMS
 from tcod_fast.trainer.config import (
-    ALGORITHMS,
     TrainConfig,
     apply_overrides,
     config_from_dict,

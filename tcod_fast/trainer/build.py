@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tcod_fast.envs.pool import EnvPool, PoolConfig
-from tcod_fast.envs.registry import EnvSpec, make_env
+from tcod_fast.envs.registry import EnvSpec, get_env_family
 from tcod_fast.errors import UserError
 from tcod_fast.rollout import EnvListDriver, PaperPrompter, expert_episode_texts
 from tcod_fast.rollout.prompts import prompt_config_for
@@ -41,7 +41,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def build_prompter(env: EnvSettings):
-    """The papers' prompt for ``env.name`` with the run's layout options."""
+    """The papers' prompt for ``env.name`` with the run's layout options, reading replies with
+    the env family's action protocol."""
     overrides = dict(
         history_length=env.history_length,
         think=env.think,
@@ -50,11 +51,12 @@ def build_prompter(env: EnvSettings):
     )
     if env.max_admissible_actions is not None:
         overrides["max_admissible_actions"] = env.max_admissible_actions
-    return PaperPrompter(prompt_config_for(env.name, **overrides))
+    return PaperPrompter(prompt_config_for(env.name, **overrides), action_protocol=get_env_family(env.name).action_protocol)
 
 
 def make_one_env(env: EnvSettings):
-    return make_env(env.name, **env.kwargs)
+    """One environment of ``env.name`` built from ``env.kwargs``, by its family's factory."""
+    return get_env_family(env.name).make(env.name, **env.kwargs)
 
 
 def build_envs(env: EnvSettings, num_slots: int, *, progress: bool = False):

@@ -36,8 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tcod_fast import objectives
-from tcod_fast.algorithms import LossCoefficients, get_algorithm
-from tcod_fast.curriculum import CurriculumSampler, EpisodePlan
+from tcod_fast.algorithms import LossCoefficients
+from tcod_fast.curriculum import EpisodePlan
 from tcod_fast.errors import TcodFastWarning
 from tcod_fast.trainer import build, parallel
 from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, export_student, restore
@@ -50,8 +50,8 @@ from tcod_fast.trainer.run_folder import check_new_run_folder
 from tcod_fast.trainer.setup import (
     TrainingRun,
     generators,
-    preflight,
     play_episodes,
+    preflight,
     setup_run_or_remove_folder,
     warn_if_random_teacher,
 )
@@ -290,9 +290,9 @@ def score(run: TrainingRun, batch: StepBatch) -> Scores:
 # ======================================================================================
 # 3. advantages
 # ======================================================================================
-def algorithm_coefficients(config: TrainConfig, sampler: CurriculumSampler, step: int) -> LossCoefficients:
-    """The training signal of ``config``'s algorithm at ``step`` (its record's ``coefficients``)."""
-    return get_algorithm(config.algorithm).coefficients(config, sampler, step)
+def algorithm_coefficients(run: TrainingRun, step: int) -> LossCoefficients:
+    """The training signal of the run's algorithm at ``step`` (its record's ``coefficients``)."""
+    return run.algorithm.coefficients(run.config.loss, run.sampler, step)
 
 
 @dataclass
@@ -309,7 +309,7 @@ def compute_advantages(run: TrainingRun, batch: StepBatch, scores: Scores) -> Ad
     Token-level OPD advantages need the teacher's and student's log-probs, which the loss
     pass produces; they are combined in :func:`~tcod_fast.trainer.loss.compute_loss`.
     """
-    coefficients = algorithm_coefficients(run.config, run.sampler, batch.step)
+    coefficients = algorithm_coefficients(run, batch.step)
     if coefficients.grpo_coef != 0.0 and len(batch.trajectories):
         sequence = objectives.grpo_advantages(scores.rewards, scores.group_ids, eps=run.config.loss.grpo_eps)
     else:
@@ -355,7 +355,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
 
     # PPO with several updates: log-probs of the rollout policy, before any update.
     old_logprobs: dict[tuple[int, int], torch.Tensor] = {}
-    if needs_ppo(config.loss, coefficients) and updates > 1:
+    if needs_ppo(run.estimator, coefficients) and updates > 1:
         for u, mini in enumerate(minis):
             parallel.pad_micro_batches(run, len(parts(mini)), with_grad=False)
             for m, (trajs, micro_plans, seq_adv, _) in enumerate(parts(mini)):

@@ -34,11 +34,11 @@ import torch
 from tcod_fast import objectives
 from tcod_fast.algorithms import TURN_WEIGHTINGS, LossCoefficients
 from tcod_fast.curriculum import EpisodePlan, turn_windows_tensor
+from tcod_fast.loss_settings import Estimator
 from tcod_fast.ops.fused_linear_turn_kl import fused_linear_turn_kl
 from tcod_fast.ops.topk_turn_kl import fused_topk_turn_kl
 from tcod_fast.ops.turn_kl import fused_turn_kl
 from tcod_fast.rollout import PackingConfig, apply_turn_windows, pack_trajectories
-from tcod_fast.trainer.config import LossSettings
 from tcod_fast.trainer.parallel import is_sharded, sharded_hidden_states
 from tcod_fast.trainer.setup import TrainingRun
 from tcod_fast.trainer.sparse_teacher import SparseTeacher, sparse_teacher_maps
@@ -450,7 +450,7 @@ class LossOutput:
 
 def _can_use_fused_linear(run: TrainingRun, coefficients: LossCoefficients) -> bool:
     setting = run.config.loss.fused_linear
-    if setting == "never" or run.config.loss.estimator != "full_vocab":
+    if setting == "never" or not run.estimator.fused_linear:
         return False
     simple = coefficients.grpo_coef == 0.0 and coefficients.turn_weighting is None
     available = all(
@@ -464,11 +464,11 @@ def _can_use_fused_linear(run: TrainingRun, coefficients: LossCoefficients) -> b
     return simple and available
 
 
-def needs_ppo(settings: LossSettings, coefficients: LossCoefficients) -> bool:
-    """Whether the loss has a PPO clipped surrogate: the sampled OPD estimator's, or a GRPO
-    term (``grpo_coef != 0``). Such a loss needs the rollout policy's log-probs when a step
-    makes several updates."""
-    return settings.estimator == "sampled" or coefficients.grpo_coef != 0.0
+def needs_ppo(estimator: Estimator, coefficients: LossCoefficients) -> bool:
+    """Whether the loss has a PPO clipped surrogate: the OPD term's as an advantage (the
+    sampled estimator), or a GRPO term (``grpo_coef != 0``). Such a loss needs the rollout
+    policy's log-probs when a step makes several updates."""
+    return estimator.ppo_advantage or coefficients.grpo_coef != 0.0
 
 
 def compute_loss(
@@ -499,9 +499,9 @@ def compute_loss(
     reverse KL, whatever the training loss uses).
     """
     settings = run.config.loss
-    sampled = settings.estimator == "sampled"
-    sparse = settings.estimator == "topk" or run.served_teacher is not None  # teacher as top-K maps
-    with_ppo = needs_ppo(settings, coefficients)
+    sampled = run.estimator.ppo_advantage  # the OPD term is an advantage of the surrogate
+    sparse = run.estimator.sparse_teacher or run.served_teacher is not None  # teacher as top-K maps
+    with_ppo = needs_ppo(run.estimator, coefficients)
     use_fused_linear = not with_ppo and _can_use_fused_linear(run, coefficients)
 
     packed = pack_micro_batch(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tcod_fast.curriculum import nest_schedule_settings
 from tcod_fast.errors import UserError
 from tcod_fast.trainer.config import config_to_dict
 
@@ -111,8 +110,6 @@ def check_resume_compatible(saved: dict, config, source: str) -> None:
     changes a setting of :data:`FROZEN_ON_RESUME` from ``saved``, the plain config data of
     the run being resumed, read from ``source`` (named in the message)."""
     current = config_to_dict(config)
-    if isinstance(saved.get("curriculum"), dict):  # older runs saved flat guided_*/atod_* keys
-        saved = {**saved, "curriculum": nest_schedule_settings(saved["curriculum"])}
     for dotted in FROZEN_ON_RESUME:
         if dotted == "model.student_tiny" and config.model.student_path is not None:
             continue  # a student folder: the tiny spec is not used

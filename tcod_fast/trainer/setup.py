@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from tcod_fast.algorithms import Algorithm, get_algorithm
+from tcod_fast.algorithms import Algorithm
 from tcod_fast.curriculum import CurriculumSampler
 from tcod_fast.errors import TcodFastWarning, UserError
-from tcod_fast.rollout import RolloutConfig, SamplingParams, run_episodes
-from tcod_fast.trainer import build
-from tcod_fast.trainer.config import TrainConfig, save_config
-from tcod_fast.trainer import parallel
+from tcod_fast.loss_settings import Estimator
+from tcod_fast.rollout import EpisodeConfig, SamplingParams, run_episodes
+from tcod_fast.trainer import build, parallel
+from tcod_fast.trainer.config import RunRecords, TrainConfig, check_config, check_paths, resolve_records, save_config
 from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, close_distributed, init_distributed
 from tcod_fast.trainer.generators import build_generators, build_served_teacher, close_generators
 from tcod_fast.trainer.metrics_log import MetricsLogger
@@ -60,6 +60,7 @@ class TrainingRun:
     """A run's components, built once by :func:`setup_run`, and its :class:`RunState`."""
 
     config: TrainConfig
+    records: RunRecords  # what config's algorithm and estimator names stand for, resolved once
     device: torch.device
     dist: DistContext
     tokenizer: Any
@@ -84,8 +85,13 @@ class TrainingRun:
 
     @property
     def algorithm(self) -> Algorithm:
-        """The record of the run's algorithm (``config.curriculum.algorithm``)."""
-        return self.sampler.algorithm
+        """The record of ``config.curriculum.algorithm``."""
+        return self.records.algorithm
+
+    @property
+    def estimator(self) -> Estimator:
+        """The record of ``config.loss.estimator``."""
+        return self.records.estimator
 
     def log(self, step: int, metrics: dict, *, kind: str = "train") -> None:
         """Append one metrics record (labelled with the run's algorithm, name and tags) to
@@ -120,25 +126,28 @@ class TrainingRun:
         self.close(finished=True)
 
 
-def preflight(config: TrainConfig) -> None:
+def preflight(config: TrainConfig) -> RunRecords:
     """Every check of a run that needs no model: the config's values
-    (:meth:`TrainConfig.validate`), its model and tokenizer folders
-    (:meth:`TrainConfig.check_paths`) and the devices it asks for. Raises
-    :class:`~tcod_fast.errors.UserError`; writes nothing."""
-    config.validate()
-    config.check_paths()
+    (:func:`~tcod_fast.trainer.config.check_config`), its model and tokenizer folders
+    (:func:`~tcod_fast.trainer.config.check_paths`) and the devices it asks for. Returns the
+    records the config's names resolve to. Raises :class:`~tcod_fast.errors.UserError`;
+    writes nothing."""
+    records = check_config(config)
+    check_paths(config)
     device = _pick_device(config.trainer.device)
     if config.trainer.bf16 == "always" and device.type != "cuda":
         raise UserError(
             f"trainer.bf16='always' needs a CUDA device (bf16 autocast is GPU-only here), got device {device.type!r}"
         )
+    return records
 
 
 def warn_if_random_teacher(config: TrainConfig) -> None:
     """Warn (at the caller of ``train``) that a run without ``model.teacher_path`` trains
     against a random-init teacher."""
     served = config.teacher.server_url is not None
-    if config.model.teacher_path is None and not served and config.trainer.steps > 0 and _needs_teacher(config):
+    needs_teacher = _needs_teacher(config, resolve_records(config).algorithm)
+    if config.model.teacher_path is None and not served and config.trainer.steps > 0 and needs_teacher:
         warnings.warn(
             "model.teacher_path is not set, so the teacher is a random-init tiny model (model.teacher_tiny): "
             "its KL is noise, not a signal to learn from; set model.teacher_path to a trained teacher's folder",
@@ -189,9 +198,9 @@ def _lr_lambda(config: TrainConfig):
     return factor
 
 
-def _needs_teacher(config: TrainConfig) -> bool:
+def _needs_teacher(config: TrainConfig, algorithm: Algorithm) -> bool:
     # An algorithm without a teacher term (GRPO) still loads a configured teacher for the KL logs.
-    trains_with_teacher = get_algorithm(config.algorithm).needs_teacher_model and config.trainer.steps > 0
+    trains_with_teacher = algorithm.needs_teacher_model and config.trainer.steps > 0
     return trains_with_teacher or config.model.teacher_path is not None or config.eval.kl_by_turn
 
 
@@ -201,21 +210,30 @@ def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = Tr
     Checks everything :func:`preflight` checks first, so a refused config builds and writes
     nothing. ``write_run_files=False`` leaves the run folder's ``config.yaml`` and
     ``tokenizer/`` as they are (a finished run that is resumed changes nothing)."""
-    preflight(config)
+    records = preflight(config)
     trainer = config.trainer
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
     device = _pick_device(trainer.device)
     context = init_distributed(device.type)
     try:
-        return _build_run(config, tokenizer, write_run_files, device, context)
+        return _build_run(config, records, tokenizer, write_run_files, device, context)
     except BaseException:
         close_distributed(context, finished=False)
         raise
 
 
-def _build_run(config: TrainConfig, tokenizer, write_run_files: bool, device: torch.device, context: DistContext) -> TrainingRun:
+def _build_run(
+    config: TrainConfig, records: RunRecords, tokenizer, write_run_files: bool, device: torch.device, context: DistContext
+) -> TrainingRun:
     trainer = config.trainer
+    if trainer.parallelism == "fsdp2" and not context.enabled:
+        warnings.warn(
+            "trainer.parallelism='fsdp2' acts only with several processes (torchrun --nproc-per-node N, N > 1); "
+            "this run has one, so the student is not sharded",
+            TcodFastWarning,
+            stacklevel=4,
+        )
     if context.enabled and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)
     output_dir = Path(trainer.output_dir)
@@ -244,7 +262,7 @@ def _build_run(config: TrainConfig, tokenizer, write_run_files: bool, device: to
     student = parallel.prepare_student(student, trainer.parallelism, context, param_dtype=trainer.fsdp_param_dtype)
     teacher = None
     served_teacher = build_served_teacher(config, tokenizer)
-    if _needs_teacher(config) and served_teacher is None:
+    if _needs_teacher(config, records.algorithm) and served_teacher is None:
         teacher = build.build_model(
             config.model.teacher_path,
             config.model.teacher_tiny,
@@ -262,7 +280,7 @@ def _build_run(config: TrainConfig, tokenizer, write_run_files: bool, device: to
         weight_decay=trainer.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    sampler = CurriculumSampler(config.curriculum)
+    sampler = CurriculumSampler(config.curriculum, records.algorithm)
     tasks = build.env_task_splits(config.env)
     per_rank = math.ceil(config.rollout.tasks_per_step / context.world_size) * config.curriculum.episodes_per_task
     slots = max(per_rank, min(config.eval.num_tasks, 32), 1)
@@ -278,6 +296,7 @@ def _build_run(config: TrainConfig, tokenizer, write_run_files: bool, device: to
     )
     return TrainingRun(
         config=config,
+        records=records,
         device=device,
         dist=context,
         tokenizer=tokenizer,
@@ -321,18 +340,18 @@ def play_episodes(
     the episodes; every process must pass the same ``gather_teacher`` (the gather is
     collective)."""
     settings = run.config.rollout
-    config = RolloutConfig(
+    config = EpisodeConfig(
         context_mode=run.config.env.context_mode,
         student_sampling=SamplingParams(
             temperature=temperature,
             top_p=settings.top_p,
             max_new_tokens=settings.max_new_tokens,
-            stop_strings=("</action>",),
+            stop_strings=run.prompter.action_protocol.stop_strings,
         ),
         teacher_sampling=SamplingParams(
             temperature=settings.teacher_temperature,
             max_new_tokens=settings.max_new_tokens,
-            stop_strings=("</action>",),
+            stop_strings=run.prompter.action_protocol.stop_strings,
         ),
         seed=seed,
         show_progress=run.config.logging.progress and run.dist.is_main,

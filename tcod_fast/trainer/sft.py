@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tcod_fast.curriculum import EpisodePlan
-from tcod_fast.rollout import ChatFormat, RolloutConfig, SamplingParams, run_episodes
+from tcod_fast.rollout import ChatFormat, EpisodeConfig, SamplingParams, run_episodes
+from tcod_fast.rollout.prompter import action_protocol_of
 
 __all__ = ["dagger_trajectories", "expert_trajectories", "labelled_turns", "supervised_finetune"]
 
@@ -37,7 +38,7 @@ def expert_trajectories(tasks: Sequence[str], envs, *, tokenizer, prompter, cont
         EpisodePlan(max_turns=max_turns, players=("expert",) * max_turns, turn_window=(0, max_turns), task_index=i, episode_index=i)
         for i in range(len(tasks))
     ]
-    config = RolloutConfig(context_mode=context_mode, show_progress=False)
+    config = EpisodeConfig(context_mode=context_mode, show_progress=False)
     trajectories = run_episodes(list(tasks), plans, envs, tokenizer=tokenizer, prompter=prompter, student=None, config=config)
     return [t for t in trajectories if t.num_expert_turns > 0]
 
@@ -74,7 +75,8 @@ def dagger_trajectories(
         )
         for i in range(len(tasks))
     ]
-    sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop_strings=("</action>",))
+    stop_strings = action_protocol_of(prompter).stop_strings
+    sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop_strings=stop_strings)
     return run_episodes(
         list(tasks),
         plans,
@@ -83,7 +85,7 @@ def dagger_trajectories(
         prompter=prompter,
         student=None,
         teacher=policy,
-        config=RolloutConfig(
+        config=EpisodeConfig(
             context_mode="window",
             teacher_sampling=sampling,
             student_sampling=sampling,

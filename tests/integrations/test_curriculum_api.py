@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcod_fast.curriculum import CurriculumConfig, CurriculumSampler, InterventionSchedule, b2f_prefix_len, f2b_depth
+from tcod_fast.algorithms import get_algorithm
+from tcod_fast.curriculum import CurriculumSampler, CurriculumSettings, InterventionSchedule, b2f_prefix_len, f2b_depth
 from tcod_fast.integrations.curriculum import TurnCurriculum
 
 
@@ -32,7 +33,7 @@ def test_plans_equal_the_trainers_sampler(algorithm):
     options = dict(max_turns=6, seed=3, eta=2.5, pacing="smooth", guided=InterventionSchedule(p_init=0.6, decay_steps=10))
     api = TurnCurriculum(algorithm, **options)
     for step in (0, 4, 7):
-        sampler = CurriculumSampler(CurriculumConfig(algorithm=algorithm, **options))
+        sampler = CurriculumSampler(CurriculumSettings(algorithm=algorithm, **options), get_algorithm(algorithm))
         batch = sampler.plan_batch(step, tasks=list(range(5)))
         assert [api.plan(step, i) for i in range(5)] == batch
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tcod_fast.envs import actions
 from tcod_fast.rollout import prompts
 
 ADMISSIBLE = ["go to cabinet 1", "open drawer 2", "take mug 1 from countertop 1"]
@@ -51,7 +52,7 @@ def test_presets_and_no_think_variant():
 
 
 def test_well_formed_reply_parses_to_the_admissible_spelling():
-    parsed = prompts.parse_action("<think>The mug may be in a drawer.</think>\n<action> Open  Drawer 2 </action>", ADMISSIBLE)
+    parsed = actions.parse_action("<think>The mug may be in a drawer.</think>\n<action> Open  Drawer 2 </action>", ADMISSIBLE)
     assert parsed.action == "open drawer 2"
     assert parsed.think == "The mug may be in a drawer."
     assert parsed.format_error is None and parsed.is_admissible and not parsed.wasted_turn
@@ -68,34 +69,34 @@ def test_well_formed_reply_parses_to_the_admissible_spelling():
     ],
 )
 def test_unparsable_replies_are_wasted_turns_not_crashes(reply, expected_error):
-    parsed = prompts.parse_action(reply, ADMISSIBLE)
+    parsed = actions.parse_action(reply, ADMISSIBLE)
     assert parsed.action is None and parsed.wasted_turn
     assert expected_error in parsed.format_error
     assert parsed.format_error in prompts.format_error_observation(parsed)
 
 
 def test_tolerated_malformations_keep_the_action_and_record_what_was_wrong():
-    missing_think = prompts.parse_action("<action>go to cabinet 1</action>", ADMISSIBLE)
+    missing_think = actions.parse_action("<action>go to cabinet 1</action>", ADMISSIBLE)
     assert missing_think.action == "go to cabinet 1"
     assert "missing <think>" in missing_think.format_error
-    assert prompts.parse_action("<action>go to cabinet 1</action>", config=prompts.PromptConfig(think=False)).format_error is None
+    assert actions.parse_action("<action>go to cabinet 1</action>", config=prompts.PromptConfig(think=False)).format_error is None
 
-    two_actions = prompts.parse_action(
+    two_actions = actions.parse_action(
         "<think>x</think><action>look</action> or <action>'go to cabinet 1'</action>", ADMISSIBLE
     )
     assert two_actions.action == "go to cabinet 1" and "2 <action> blocks" in two_actions.format_error
 
     # Generation stopped at the "</action>" stop string, or the chat template opened <think>.
-    stopped = prompts.parse_action("reasoning here</think>\n<action>take mug 1 from countertop 1\nextra", ADMISSIBLE)
+    stopped = actions.parse_action("reasoning here</think>\n<action>take mug 1 from countertop 1\nextra", ADMISSIBLE)
     assert stopped.action == "take mug 1 from countertop 1"
     assert stopped.think == "reasoning here" and stopped.format_error is None
 
 
 def test_inadmissible_action_is_kept_for_the_env_to_judge():
-    parsed = prompts.parse_action("<think>t</think><action>fly to the moon</action>", ADMISSIBLE)
+    parsed = actions.parse_action("<think>t</think><action>fly to the moon</action>", ADMISSIBLE)
     assert parsed.action == "fly to the moon" and parsed.is_admissible is False
-    assert prompts.parse_action("<think>t</think><action>look</action>").is_admissible is None
+    assert actions.parse_action("<think>t</think><action>look</action>").is_admissible is None
 
 
 def test_non_string_reply_does_not_crash():
-    assert prompts.parse_action(None).wasted_turn  # type: ignore[arg-type]
+    assert actions.parse_action(None).wasted_turn  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from tcod_fast.rollout import (
     HFGenerator,
     PackingConfig,
     PaperPrompter,
-    RolloutConfig,
+    EpisodeConfig,
     SamplingParams,
     pack_trajectories,
     run_episodes,
@@ -108,7 +108,7 @@ def plan(players, max_turns=None):
 
 
 def config(mode="append", **kwargs):
-    return RolloutConfig(
+    return EpisodeConfig(
         context_mode=mode,
         student_sampling=SamplingParams(max_new_tokens=6, stop_strings=("</action>",)),
         show_progress=False,

@@ -18,6 +18,7 @@ from trainer_helpers import tiny_config  # noqa: E402
 
 from tcod_fast.errors import ConfigError
 from tcod_fast.rollout.served_teacher import ServedTeacher, TeacherServerError
+from tcod_fast.trainer.config import check_config
 
 
 class _Tokenizer:
@@ -105,9 +106,9 @@ def test_persistent_failure_is_one_line_naming_url_and_request(failing_server, e
 
 def test_served_teacher_needs_a_sparse_estimator(tmp_path):
     with pytest.raises(ConfigError, match=r"loss.estimator 'sampled' or 'topk'.*got loss.estimator='full_vocab'"):
-        tiny_config(tmp_path, "teacher.server_url=http://127.0.0.1:1").validate()
+        check_config(tiny_config(tmp_path, "teacher.server_url=http://127.0.0.1:1"))
     with pytest.raises(ConfigError, match="teacher.server_url must start with http"):
-        tiny_config(tmp_path, "teacher.server_url=127.0.0.1:1", "loss.estimator=topk").validate()
+        check_config(tiny_config(tmp_path, "teacher.server_url=127.0.0.1:1", "loss.estimator=topk"))
 
 
 def test_full_top_k_equals_the_full_vocabulary_kl():
@@ -141,8 +142,8 @@ def test_topk_estimator_with_whole_vocabulary_equals_full_vocab_loss(tmp_path):
     from trainer_helpers import build_toy_tokenizer
 
     from tcod_fast.trainer import loop
-    from tcod_fast.trainer.setup import setup_run
     from tcod_fast.trainer.loss import compute_loss, trained_token_count
+    from tcod_fast.trainer.setup import setup_run
 
     config = tiny_config(tmp_path / "run", "curriculum.algorithm=opd", "loss.fused_linear=never", "loss.backend=torch")
     run = setup_run(config, tokenizer=build_toy_tokenizer())

@@ -152,32 +152,6 @@ def test_resume_refuses_another_curriculum_or_student(tmp_path, toy_tokenizer):
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", kind="train")] == [0]
 
 
-def _flatten_schedules(curriculum: dict) -> dict:
-    """The curriculum settings in the form runs saved before ``guided``/``atod`` nested."""
-    flat = {key: value for key, value in curriculum.items() if key not in ("guided", "atod")}
-    for section in ("guided", "atod"):
-        flat.update({f"{section}_{key}": value for key, value in curriculum[section].items()})
-    return flat
-
-
-def test_a_run_saved_with_flat_schedule_keys_resumes(tmp_path, toy_tokenizer):
-    extra = ["curriculum.algorithm=guided_opd", "curriculum.guided.p_init=0.3", "trainer.checkpoint_every=1", "eval.num_tasks=0"]
-    straight = loop.train(tiny_config(tmp_path / "straight", "trainer.steps=3", *extra), tokenizer=toy_tokenizer)
-    run_dir = tmp_path / "old"
-    loop.train(tiny_config(run_dir, "trainer.steps=2", *extra), tokenizer=toy_tokenizer)
-    # rewrite the run as an older version saved it: flat curriculum keys in the checkpoint
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    state = ckpt.load_checkpoint(latest)
-    state["config"]["curriculum"] = _flatten_schedules(state["config"]["curriculum"])
-    state["sampler"]["config"] = _flatten_schedules(state["sampler"]["config"])
-    torch.save(state, latest)
-    with pytest.raises(UserError, match=r"keeps curriculum.guided.p_init=0.3 .*got 0.4"):
-        loop.train(tiny_config(run_dir, "trainer.steps=3", *extra, "curriculum.guided.p_init=0.4"), tokenizer=toy_tokenizer, resume=True)
-    resumed = loop.train(tiny_config(run_dir, "trainer.steps=3", *extra), tokenizer=toy_tokenizer, resume=True)
-    assert _losses(run_dir) == _losses(tmp_path / "straight")
-    assert straight.sampler.state_dict() == resumed.sampler.state_dict()
-
-
 def test_a_dcp_checkpoint_saved_again_at_its_step_is_replaced(tmp_path):
     """A resumed run that saves a step it had saved: the new DCP folder takes the name, the
     old one is gone, and nothing temporary is left beside them."""

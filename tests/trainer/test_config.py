@@ -7,7 +7,7 @@ from tcod_fast.trainer import config as cfg
 
 def test_defaults_validate_and_round_trip(tmp_path):
     config = cfg.TrainConfig()
-    config.validate()
+    cfg.check_config(config)
     again = cfg.config_from_dict(cfg.config_to_dict(config))
     assert again == config
     for name in ("run.yaml", "run.json"):
@@ -92,31 +92,64 @@ def test_unknown_file_keys_and_rl_algorithms_without_groups_are_rejected(tmp_pat
         cfg.load_config(tmp_path / "run.ini")
 
 
-def test_schedules_nest_under_curriculum_and_old_flat_keys_are_moved(tmp_path):
+def test_schedules_nest_under_curriculum_and_flat_keys_are_unknown(tmp_path):
     config = cfg.load_config(None, ["curriculum.guided.p_init=0.3", "curriculum.atod={anneal_steps: 7, kappa_min: 0.2}"])
     assert config.curriculum.guided.p_init == 0.3 and config.curriculum.guided.decay_steps == 100
     assert config.curriculum.atod.anneal_steps == 7 and config.curriculum.atod.kappa_min == 0.2
-    # a config.yaml written before the nesting: flat keys, and loss_agg's only accepted value
-    (tmp_path / "old.yaml").write_text(
-        "curriculum:\n  guided_p_init: 0.25\n  guided_shape: cosine\n  atod_rho_max: 0.5\nloss:\n  loss_agg: token_mean\n"
-    )
-    old = cfg.load_config(tmp_path / "old.yaml", ["curriculum.guided.decay_steps=9"])
-    assert (old.curriculum.guided.p_init, old.curriculum.guided.shape, old.curriculum.guided.decay_steps) == (0.25, "cosine", 9)
-    assert old.curriculum.atod.rho_max == 0.5
-    cfg.save_config(old, tmp_path / "again.yaml")
-    assert "guided_p_init" not in (tmp_path / "again.yaml").read_text()
-    assert cfg.load_config(tmp_path / "again.yaml") == old
-    (tmp_path / "both.yaml").write_text("curriculum:\n  guided_p_init: 0.25\n  guided:\n    p_init: 0.5\n")
-    with pytest.raises(ValueError, match="curriculum.guided.p_init is given twice, as 0.5 and as the older flat curriculum.guided_p_init=0.25"):
-        cfg.load_config(tmp_path / "both.yaml")
+    (tmp_path / "flat.yaml").write_text("curriculum:\n  guided_p_init: 0.25\n")
+    with pytest.raises(ValueError, match="unknown config key curriculum.guided_p_init"):
+        cfg.load_config(tmp_path / "flat.yaml")
 
 
 def test_a_config_built_in_python_is_type_checked_by_validate():
     config = cfg.TrainConfig()
     config.loss.divergence = "kl"
     with pytest.raises(ValueError, match="loss.divergence must be one of reverse_kl, forward_kl, jsd, got 'kl'"):
-        config.validate()
+        cfg.check_config(config)
     config = cfg.TrainConfig()
     config.logging.progress = "yes"
     with pytest.raises(ValueError, match="logging.progress: expected true/false, got 'yes'"):
-        config.validate()
+        cfg.check_config(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.fsdp_param_dtype=bfloat16"], "trainer.fsdp_param_dtype='bfloat16' acts only with trainer.parallelism='fsdp2'"),
+        (["trainer.fsdp_teacher=whole"], "trainer.fsdp_teacher='whole' acts only with trainer.parallelism='fsdp2'"),
+        (["rollout.vllm_gpu_memory_utilization=0.5"], "rollout.vllm_gpu_memory_utilization=0.5 acts only with rollout.backend='vllm'"),
+        (["loss.jsd_beta=0.3"], "loss.jsd_beta=0.3 acts only with loss.divergence='jsd', got loss.divergence='reverse_kl'"),
+        (["loss.clip_low=0.1"], "loss.clip_low=0.1 acts only with a PPO term"),
+        (["loss.clip_high=0.3", "curriculum.algorithm=tcod_f2b"], "loss.clip_high=0.3 acts only with a PPO term"),
+        (["loss.dual_clip=null", "loss.estimator=topk"], "loss.dual_clip=None acts only with a PPO term"),
+    ],
+)
+def test_a_setting_that_would_do_nothing_is_refused_with_what_would_make_it_act(overrides, message):
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as refused:
+        cfg.load_config(None, overrides)
+    assert "\n" not in str(refused.value) and str(refused.value).endswith("remove it or change that setting")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.parallelism=fsdp2", "trainer.fsdp_param_dtype=bfloat16", "trainer.fsdp_teacher=whole"],
+        ["rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.5"],
+        ["loss.divergence=jsd", "loss.jsd_beta=0.3"],
+        ["loss.estimator=sampled", "loss.clip_low=0.1", "loss.clip_high=0.3", "loss.dual_clip=null"],
+        ["curriculum.algorithm=grpo", "curriculum.episodes_per_task=2", "loss.clip_low=0.1"],
+    ],
+)
+def test_the_same_settings_are_accepted_where_they_act(overrides):
+    cfg.load_config(None, overrides)
+
+
+def test_names_resolve_to_their_records_in_one_place():
+    from tcod_fast.algorithms import get_algorithm
+    from tcod_fast.loss_settings import get_estimator
+
+    records = cfg.check_config(cfg.load_config(None, ["curriculum.algorithm=tcod_b2f", "loss.estimator=topk"]))
+    assert records.algorithm is get_algorithm("tcod_b2f") and records.estimator is get_estimator("topk")
+    assert records.estimator.sparse_teacher and not records.estimator.ppo_advantage and not records.estimator.needs_teacher_model
+    with pytest.raises(ValueError, match="^curriculum.algorithm must be one of .*'opd'.*, got 'ppo'$"):
+        cfg.load_config(None, ["curriculum.algorithm=ppo"])

@@ -9,6 +9,7 @@ from trainer_helpers import tiny_config
 
 from tcod_fast.algorithms import ALGORITHMS, get_algorithm
 from tcod_fast.trainer import loop
+from tcod_fast.trainer.config import check_config
 from tcod_fast.trainer.loss import compute_loss, trained_token_count
 from tcod_fast.trainer.metrics_log import read_metrics
 from tcod_fast.trainer.setup import setup_run
@@ -148,4 +149,4 @@ def test_interim_evaluations_use_fewer_tasks_and_the_final_one_all(tmp_path, toy
     evals = [r for r in run.state.history if r["kind"] == "eval"]
     assert [(r["step"], r["tasks_seen"], r["tasks_unseen"]) for r in evals] == [(0, 2, 2), (1, 2, 2), (2, 4, 4)]
     with pytest.raises(ValueError, match=r"eval.interim_num_tasks must be in \[0, eval.num_tasks=4\]"):
-        tiny_config(tmp_path / "bad", "eval.num_tasks=4", "eval.interim_num_tasks=5").validate()
+        check_config(tiny_config(tmp_path / "bad", "eval.num_tasks=4", "eval.interim_num_tasks=5"))

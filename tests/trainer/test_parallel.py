@@ -262,17 +262,19 @@ class _StopHere(Exception):
     pass
 
 
-def _exit_paths_worker(rank, world_size, port, root):
+def _exit_paths_worker(rank, world_size, ports, root):
     """``train`` destroys the process group it created on each way out; a group the caller
-    created stays the caller's."""
-    _join_group(rank, world_size, port, create=False)  # as under torchrun: train creates the group
+    created stays the caller's. Each group meets on a port of its own: a store that was just
+    closed on one port can still be reached by the other process for a moment."""
+    _join_group(rank, world_size, ports[0], create=False)  # as under torchrun: train creates the group
     tokenizer = build.load_tokenizer(os.path.join(root, "tokenizer"))
     extra = (*_extra("ddp", "opd"), "trainer.steps=2", "eval.num_tasks=0")
     alive = {}
     loop.train(tiny_config(os.path.join(root, "normal"), *extra), tokenizer=tokenizer)
     alive["normal end"] = torch.distributed.is_initialized()
     real_rollout = loop.rollout
-    for name, raised in (("error", _StopHere("stop")), ("interrupt", KeyboardInterrupt())):
+    for name, raised, port in (("error", _StopHere("stop"), ports[1]), ("interrupt", KeyboardInterrupt(), ports[2])):
+        os.environ["MASTER_PORT"] = str(port)
 
         def rollout_then_stop(run, step, raised=raised):
             if step == 1:
@@ -286,6 +288,7 @@ def _exit_paths_worker(rank, world_size, port, root):
             alive[name] = torch.distributed.is_initialized()
         finally:
             loop.rollout = real_rollout
+    os.environ["MASTER_PORT"] = str(ports[3])
     torch.distributed.init_process_group("gloo")  # the caller's own group
     loop.train(tiny_config(os.path.join(root, "callers"), *extra), tokenizer=tokenizer)
     alive["caller's group after train"] = torch.distributed.is_initialized()
@@ -296,7 +299,7 @@ def _exit_paths_worker(rank, world_size, port, root):
 
 def test_train_destroys_the_process_group_it_created_on_every_exit(tmp_path, toy_tokenizer):
     toy_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    _spawn(_exit_paths_worker, tmp_path)
+    mp.spawn(_exit_paths_worker, args=(2, [_free_port() for _ in range(4)], str(tmp_path)), nprocs=2, join=True)
     expected = {"normal end": False, "error": False, "interrupt": False, "caller's group after train": True}
     for rank in (0, 1):
         assert json.loads((tmp_path / f"alive{rank}.json").read_text()) == expected

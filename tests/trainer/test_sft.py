@@ -4,11 +4,11 @@ current-state labels, and a fit that makes a tiny model play the expert's action
 import pytest
 import torch
 
+from tcod_fast.demo import DemoSettings, base_config
 from tcod_fast.envs.toy import KeyDoorConfig, KeyDoorEnv
 from tcod_fast.rollout import HFGenerator
-from tcod_fast.trainer import build, sft
 from tcod_fast.tiny_models import TinyModelConfig
-from tcod_fast.trainer.demo import DemoSettings, base_config
+from tcod_fast.trainer import build, sft
 
 MAX_TURNS = 12
 

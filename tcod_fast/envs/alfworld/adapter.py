@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,58 @@ class AlfWorldConfig:
         bad_splits = [s for s in self.split_paths if s not in SPLITS]
         if bad_splits:
             raise ValueError(f"split_paths keys must be in {SPLITS}, got {bad_splits}")
+
+
+_MAKE_TASKS = "tcod-fast envs make-alfworld-tasks --out {out} --n 50 --seed 0 --split seen"
+
+
+def _holds_a_game(folder: str) -> bool:
+    for _, _, files in os.walk(folder):
+        if "game.tw-pddl" in files:
+            return True
+    return False
+
+
+def missing_games(settings: Mapping[str, Any]) -> str | None:
+    """One line saying that the ALFWorld settings find no games, and how to make them; None
+    when some split folder holds a game.
+
+    Reads the folders as :class:`AlfWorldEnv` does (``data_path``, else ``$ALFWORLD_DATA``;
+    ``split_paths``; ``<split>/`` or ``json_2.1.1/<split>/``) without importing ``alfworld``.
+
+    Args:
+        settings: the keyword fields of :class:`AlfWorldConfig` (``env.kwargs``).
+    """
+    data_path = settings.get("data_path") or os.environ.get("ALFWORLD_DATA")
+    split_paths = settings.get("split_paths") or {}
+    split_paths = split_paths if isinstance(split_paths, Mapping) else {}
+    if not data_path and not split_paths:
+        return (
+            "env.kwargs.data_path must name a folder of ALFWorld games, got neither it nor $ALFWORLD_DATA: make games "
+            f"with `{_MAKE_TASKS.format(out='DATA/train')}` and set env.kwargs.data_path=DATA"
+        )
+    where = "env.kwargs.data_path" if settings.get("data_path") else "env.kwargs.data_path (unset: $ALFWORLD_DATA)"
+    root = os.path.abspath(os.path.expanduser(data_path)) if data_path else os.getcwd()
+    make = _MAKE_TASKS.format(out=os.path.join(root, "train"))
+    if data_path and not os.path.isdir(root):
+        return f"{where} must be a folder of ALFWorld games, got {str(data_path)!r}, which does not exist: make games with `{make}`"
+    folders = []
+    for split in SPLITS:
+        if split in split_paths:
+            folders.append(os.path.join(root, os.path.expanduser(str(split_paths[split]))))
+        else:
+            folders += [os.path.join(root, split), os.path.join(root, "json_2.1.1", split)]
+    if any(os.path.isdir(folder) and _holds_a_game(folder) for folder in folders):
+        return None
+    if split_paths:
+        return (
+            f"env.kwargs.split_paths must name folders of ALFWorld games (holding game.tw-pddl files), got "
+            f"{dict(split_paths)!r} under {root!r}, which hold none: make games with `{make}`"
+        )
+    return (
+        f"{where} must be a folder of ALFWorld games (train/, valid_seen/, valid_unseen/ or json_2.1.1/<split>/ "
+        f"holding game.tw-pddl files), got {str(data_path)!r}, which has none: make games with `{make}`"
+    )
 
 
 def split_task_text(observation: str) -> tuple[str, str]:

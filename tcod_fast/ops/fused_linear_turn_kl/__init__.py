@@ -7,7 +7,8 @@ Files: ``reference.py`` (float64 yardstick: materialised logits + ``turn_kl_refe
 ``chunked.py`` (``backend="torch"``: chunked over rows and vocabulary, any device, with the row
 math in ``fused_turn_kl``'s native or Triton row kernel where one runs), ``triton_backend.py``
 (GPU, or CPU under ``TRITON_INTERPRET=1``), ``api.py`` (validation, masks, reductions, autograd
-and ``torch.library`` registration).
+and ``torch.library`` registration). The LM-head checks, row gather and autograd are
+``tcod_fast/ops/linear_head.py``, shared with ``fused_linear_topk_turn_kl``.
 """
 
 from tcod_fast.ops.fused_linear_turn_kl.api import fused_linear_turn_kl

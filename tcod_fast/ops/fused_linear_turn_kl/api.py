@@ -18,6 +18,13 @@ Layers, top to bottom:
 
 Why not store ``G``? It is the ``N x V`` tensor this op exists to avoid. Why not store ``dh`` and
 recompute only ``dW``? Both need the same recomputed ``G`` blocks; storing ``dh`` saves nothing.
+The autograd of 2. and 3. is ``tcod_fast/ops/linear_head.py``'s, shared with
+``fused_linear_topk_turn_kl``.
+
+The public signature and the custom op's argument list look like those of the other ops'
+``api.py`` but are each op's own: a public function states its keywords in full, and
+``torch.library`` derives a custom op's schema from its annotations; the logic behind them is
+shared from ``tcod_fast/ops/``.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tcod_fast.ops.common import check_float_tensor, compute_dtype, shape_str
+from tcod_fast.ops.common import compute_dtype, shape_str
 from tcod_fast.ops.fused_linear_turn_kl import chunked
-from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, resolve_vocab_size
+from tcod_fast.ops.linear_head import check_head, fake_outputs, linear_op_backward, linear_op_forward
+from tcod_fast.ops.turns import check_options, prepare_turns, resolve_vocab_size
 
 try:  # the Triton backend is optional (GPU, or CPU under TRITON_INTERPRET=1)
     from tcod_fast.ops.fused_linear_turn_kl import triton_backend
@@ -117,26 +125,8 @@ def _fused_linear_forward(
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, target_ids,
       token_scale, divergence, beta, temperature, vocab_size, want_hidden_grad, want_weight_grad, want_bias_grad,
       chunk_rows, backend, chunk_mode):
-    dtype = compute_dtype(student_hidden, student_weight)
-    stats = tuple(keep.new_empty(keep.shape, dtype=dtype) for _ in range(4))
-    grads = fake_gradients(student_hidden, student_weight, student_bias, dtype, token_scale is not None,
-                           want_hidden_grad, want_weight_grad, want_bias_grad)
-    return (*stats, *grads)
-
-
-def fake_gradients(student_hidden, student_weight, student_bias, dtype, grads_wanted, want_h, want_w, want_b):
-    """``(dh, dW, db)`` of a fused-linear custom op's fake implementation (the shapes
-    ``torch.compile`` traces with): empty tensors for those not asked for. Shared with
-    ``fused_linear_topk_turn_kl``."""
-
-    def empty():  # a fresh one each time: custom-op outputs must not alias each other
-        return student_hidden.new_empty(0, dtype=dtype)
-
-    dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if grads_wanted and want_h else empty()
-    dw = student_weight.new_empty(student_weight.shape, dtype=dtype) if grads_wanted and want_w else empty()
-    has_bias = grads_wanted and want_b and student_bias is not None
-    db = student_bias.new_empty(student_bias.shape, dtype=dtype) if has_bias else empty()
-    return dh, dw, db
+    return fake_outputs(student_hidden, student_weight, student_bias, keep, token_scale, want_hidden_grad,
+                        want_weight_grad, want_bias_grad)
 
 
 @dataclass(frozen=True)
@@ -152,77 +142,12 @@ class _Config:
     grad_enabled: bool
 
     def run(self, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b):
-        """The custom op on these inputs (see :func:`linear_op_forward`)."""
+        """The custom op on these inputs (see ``tcod_fast.ops.linear_head``)."""
         return torch.ops.tcod_fast.fused_linear_turn_kl_forward(
             h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale,
             self.divergence, self.beta, self.temperature, self.vocab_size,
             want_h, want_w, want_b, self.chunk_rows, self.backend, self.chunk_mode,
         )
-
-
-def backward_token_scale(keep, coeff, grad_loss, grad_div) -> torch.Tensor:
-    """``d total / d div_n`` per token ``(B, T)`` when backward must recompute: the upstream
-    gradient of the per-token divergence plus the loss's gradient times each token's coefficient."""
-    token_scale = torch.zeros_like(keep, dtype=coeff.dtype if coeff is not None else grad_div.dtype)
-    if grad_div is not None:
-        token_scale = token_scale + grad_div.to(token_scale.dtype)
-    if grad_loss is not None and coeff is not None:
-        token_scale = token_scale + grad_loss.to(token_scale.dtype) * coeff
-    return token_scale
-
-
-# ---- the autograd of a fused-linear op, shared with fused_linear_topk_turn_kl ----
-# Its inputs are the student head ``(h, w, b)``, the teacher's tensors, ``keep`` and
-# ``target_ids`` (``inputs``), the per-token coefficients ``coeff`` of the reduction and a frozen
-# config whose ``run(h, w, b, *inputs, token_scale, want_h, want_w, want_b)`` calls the op's
-# custom op: per-token ``(div, entropy, logp_target, logq_target)`` and the gradients ``(dh, dW,
-# db)`` of ``sum_n token_scale_n div_n`` (empty tensors for those not asked for, or without
-# ``token_scale``).
-def linear_op_forward(ctx, config, coeff, h, w, b, *inputs):
-    """``(loss = sum_n coeff_n div_n, div, entropy, logp_target, logq_target)``. With a scalar
-    reduction the gradients are produced here and kept for backward."""
-    want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    want_b = b is not None and ctx.needs_input_grad[2]
-    grads_now = config.grad_enabled and coeff is not None and (want_h or want_w or want_b)
-    div, entropy, logp, logq, dh, dw, db = config.run(
-        h, w, b, *inputs, coeff if grads_now else None, want_h, want_w, want_b
-    )
-    loss = (div * coeff).sum() if coeff is not None else div.new_zeros(())
-    ctx.config = config
-    ctx.wants = (want_h, want_w, want_b)
-    ctx.stored_grads = (dh, dw, db) if grads_now else None
-    ctx.save_for_backward(h, w, b, coeff, *inputs)
-    ctx.mark_non_differentiable(entropy, logp, logq)
-    ctx.set_materialize_grads(False)
-    return loss, div, entropy, logp, logq
-
-
-def linear_op_backward(ctx, grad_loss, grad_div):
-    """``(grad_h, dW, grad_b)`` for the upstream gradients of the loss and the per-token
-    divergence: ``grad_h``/``grad_b`` in the inputs' dtypes, ``dW`` in the compute dtype (None
-    for those not wanted). The gradients kept by forward are handed out once, scaled in place;
-    otherwise (``grad_div`` given, or a second backward) the logits are recomputed."""
-    h, w, b, coeff, *inputs = ctx.saved_tensors
-    want_h, want_w, want_b = ctx.wants
-    stored, ctx.stored_grads = ctx.stored_grads, None
-    if grad_loss is None and grad_div is None:
-        return None, None, None
-    if grad_div is None and stored is not None:
-        dh, dw, db = stored
-        scale = grad_loss
-    else:
-        keep = inputs[-2]
-        token_scale = backward_token_scale(keep, coeff, grad_loss, grad_div)
-        _, _, _, _, dh, dw, db = ctx.config.run(h, w, b, *inputs, token_scale, want_h, want_w, want_b)
-        scale = None
-
-    def scaled(g):
-        # in place: these buffers belong to this op and are released here
-        return g if scale is None else g.mul_(scale.to(g.dtype))
-
-    grad_h = scaled(dh).to(h.dtype) if want_h else None
-    grad_b = scaled(db).to(b.dtype) if want_b else None
-    return grad_h, scaled(dw) if want_w else None, grad_b
 
 
 class _FusedLinearTurnKL(torch.autograd.Function):
@@ -237,44 +162,8 @@ class _FusedLinearTurnKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_div, *_unused):
-        grad_h, dw, grad_b = linear_op_backward(ctx, grad_loss, grad_div)
-        grad_w = None
-        if dw is not None:
-            w_s = ctx.saved_tensors[1]
-            if ctx.config.fp32_weight_grad:
-                main_grad = getattr(w_s, "main_grad", None)
-                if main_grad is None:
-                    w_s.main_grad = dw.float() if dw.dtype != torch.float32 else dw
-                else:
-                    main_grad.add_(dw)
-            else:
-                grad_w = dw.to(w_s.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
-def check_head(side, hidden, weight, bias, device):
-    """Checks one LM head (``hidden`` ``(B, T, H)`` or ``(N, H)``, ``weight`` ``(V, H)``, ``bias``
-    ``(V,)`` or None) against itself and ``device``. Shared with ``fused_linear_topk_turn_kl``."""
-    check_float_tensor(f"{side}_hidden", hidden, (2, 3))
-    check_float_tensor(f"{side}_weight", weight, (2,))
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{side}_weight is (V, H) = {shape_str(weight.shape)} with hidden size {weight.shape[1]}, "
-            f"but {side}_hidden has hidden size {hidden.shape[-1]} (shape {shape_str(hidden.shape)})"
-        )
-    if bias is not None:
-        check_float_tensor(f"{side}_bias", bias, (1,))
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"{side}_bias must be shaped ({weight.shape[0]},) like {side}_weight's vocabulary, "
-                f"got {shape_str(bias.shape)}"
-            )
-    for name, x in ((f"{side}_hidden", hidden), (f"{side}_weight", weight), (f"{side}_bias", bias)):
-        if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
+        grads = linear_op_backward(ctx, grad_loss, grad_div, ctx.config.fp32_weight_grad)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _resolve_backend(backend, device, dtypes):
@@ -371,7 +260,7 @@ def fused_linear_turn_kl(
 
     Returns:
         The loss (float32; per-token with the leading shape for ``reduction="none"``), or a
-        :class:`~tcod_fast.ops.turn_kl.result.TurnKLResult` with ``return_stats=True``.
+        :class:`~tcod_fast.ops.turns.TurnKLResult` with ``return_stats=True``.
 
     Memory, in float32 elements beyond the inputs and the returned gradients, with
     ``R = chunk_size``, ``BV = 4096``, ``H = max(H_s, H_t)``:
@@ -433,7 +322,7 @@ def fused_linear_turn_kl(
                                 teacher_bias) if x is not None}
     backend = _resolve_backend(backend, device, dtypes)
 
-    # ---- the token mask and reductions are fused_turn_kl's (turns.py) ----
+    # ---- the token mask and reductions are every op's (tcod_fast/ops/turns.py) ----
     flat = turns.flat
     h_s = student_hidden.unsqueeze(0) if flat else student_hidden
     h_t = teacher_hidden.unsqueeze(0) if flat else teacher_hidden

@@ -38,12 +38,12 @@ import math
 
 import torch
 
+from tcod_fast.ops.common import DIVERGENCES
+from tcod_fast.ops.linear_head import gather_rows, linear_logits
 from tcod_fast.ops.turn_kl import native_backend as logits_native
 from tcod_fast.ops.turn_kl import torch_backend as logits_torch
 from tcod_fast.ops.turn_kl import triton_backend as logits_triton
-from tcod_fast.ops.common import DIVERGENCES
 
-# Target bytes of the chunk's two cached float32 logits slabs (student + teacher, R x V each).
 # Target bytes of one chunk's two float32 logits slabs (student + teacher, R x V each). 64 MiB
 # gives R = 262 at V = 32000: measured on CPU, 131-row chunks cost ~15% more time than the
 # unfused path (every chunk re-reads and re-writes the V x H weight-gradient accumulator), 262-row
@@ -96,11 +96,8 @@ class _Heads:
     def logits_slab(self, h, weight, bias, out):
         """The ``(R, vocab_size)`` logits into ``out``; one GEMM, or one per block when the weight
         is upcast."""
-        if weight.dtype == self.dtype:
-            return self.logits_block(h, weight, bias, 0, self.vocab_size, out=out)
-        for v0, v1 in self.blocks:
-            self.logits_block(h, weight, bias, v0, v1, out=out[:, v0:v1])
-        return out
+        bias = None if bias is None else bias[: self.vocab_size]
+        return linear_logits(h, weight[: self.vocab_size], bias, self.dtype, self.vocab_block, out)
 
     def slab_buffers(self, rows, device):
         """Two ``(rows, vocab_size)`` buffers reused by every chunk: allocating them once keeps
@@ -122,18 +119,6 @@ class _Heads:
             b1 = min(v1, b0 + self.vocab_block)
             dh_chunk.addmm_(g[:, b0 - v0:b1 - v0], self.weight_block(self.w_s, b0, b1))
         return dh_chunk
-
-
-def gather_rows(hidden: torch.Tensor, flat_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``b * T + t`` of a ``(B, T, H)`` tensor (any row strides) in ``dtype``; no ``N x H`` copy.
-
-    Shared with ``fused_linear_topk_turn_kl``."""
-    try:
-        flat = hidden.view(-1, hidden.shape[-1])
-    except RuntimeError:  # row strides that do not flatten (e.g. hidden[:, :-1]): index (b, t)
-        T = hidden.shape[1]
-        return hidden[flat_rows // T, flat_rows % T].to(dtype)
-    return flat.index_select(0, flat_rows).to(dtype)
 
 
 def _logits_row_kernel(device, dtype):

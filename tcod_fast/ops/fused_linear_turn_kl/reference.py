@@ -3,6 +3,10 @@
 Slow and memory hungry on purpose (two float64 ``N x V`` logits tensors and everything the
 logits reference builds on them); it is the yardstick for the fused backends and shares no
 code with their row gathering, vocabulary streaming or reductions.
+
+Its signature repeats ``fused_linear_turn_kl``'s (and has the shape of
+``fused_linear_topk_turn_kl``'s) so that a call of the op replays on the reference unchanged; only
+the body differs.
 """
 
 from __future__ import annotations

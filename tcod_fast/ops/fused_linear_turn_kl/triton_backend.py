@@ -22,6 +22,9 @@ never gathered. Tile sizes are explicit: ``BLOCK_M = 64, BLOCK_V = 128, BLOCK_K 
 (two 64 x 128 float32 accumulators per program); the tests use 16 x 32 x 16 so small shapes span
 several tiles and ragged tails in every dimension.
 
+The JSD sweep of ``_stats_kernel`` repeats the first sweep's ``_logits_tiles`` call: it recomputes
+the same logits tiles, as storing them would be the ``N x V`` memory the op avoids.
+
 Status: tested under the Triton interpreter only; no GPU was available when it was written, so
 it has not been timed or tuned on hardware.
 """
@@ -33,21 +36,18 @@ import math
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES
-# HAS_TRITON, interpreter_enabled and is_available are this backend's API too
-from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
+
+# whether triton imports and where the kernels run: this backend's API too
+from tcod_fast.ops.triton_common import HAS_TRITON as HAS_TRITON
+from tcod_fast.ops.triton_common import interpreter_enabled as interpreter_enabled
+from tcod_fast.ops.triton_common import is_available as is_available
 from tcod_fast.ops.triton_common import mixture_logs, require_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tcod_fast.ops.triton_common import (
-        block_argmax,
-        jsd_block_sums,
-        log_mixture,
-        online_softmax_finish,
-        online_softmax_step,
-    )
+    from tcod_fast.ops.triton_common import block_argmax, jsd_block_sums, log_mixture, online_softmax_finish, online_softmax_step
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_V = 128

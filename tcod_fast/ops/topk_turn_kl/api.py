@@ -3,14 +3,19 @@
 The layering is ``fused_turn_kl``'s (``tcod_fast/ops/turn_kl/api.py``):
 
 1. ``fused_topk_turn_kl`` checks every argument before any kernel runs, builds the keep mask
-   (``turns.py``, shared), checks the teacher's top-k on the kept rows and sorts each row's ids
-   (``topk.py``; ``N x K`` work), and picks a backend.
+   (``tcod_fast/ops/turns.py``), checks the teacher's top-k on the kept rows and sorts each row's
+   ids (``tcod_fast/ops/topk.py``; ``N x K`` work), and picks a backend.
 2. ``_FusedTopkTurnKL`` calls the ``torch.library`` custom op ``tcod_fast::topk_turn_kl_forward``,
    which streams the student logits and returns per-token divergence, entropy, sampled-token
    log-probs and the gradient, already multiplied by each token's coefficient in the reduction.
    Backward rescales only rows whose upstream gradient differs, with ``fused_turn_kl``'s
    ``tcod_fast::scale_grad_rows_``.
 3. Reductions, turn weights and per-turn statistics are ``turns.py``'s, on ``N``-sized vectors.
+
+The public signature and the custom op's argument list look like those of the other ops'
+``api.py`` but are each op's own: a public function states its keywords in full, and
+``torch.library`` derives a custom op's schema from its annotations; the logic behind them is
+shared from ``tcod_fast/ops/``.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import torch
 
 from tcod_fast.ops import common
 from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, shape_str
+from tcod_fast.ops.topk import check_tail_options, check_topk_tensors, prepare_topk
 from tcod_fast.ops.topk_turn_kl import native_backend, torch_backend, triton_backend
-from tcod_fast.ops.topk_turn_kl.topk import check_tail_options, check_topk_tensors, prepare_topk
+
 # turn_kl.api also registers tcod_fast::scale_grad_rows_, which backward calls
 from tcod_fast.ops.turn_kl.api import scale_stored_gradient, store_gradient
-from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns
+from tcod_fast.ops.turns import check_options, prepare_turns
 
 
 def run_backend(
@@ -189,7 +195,7 @@ def fused_topk_turn_kl(
             your version applies it to prompt log-probs too); with full teacher logits,
             ``log_softmax(teacher_logits / temperature)``. Top-k log-probs at temperature 1 cannot
             be converted exactly (the new normaliser needs the whole vocabulary).
-        return_stats: return a :class:`~tcod_fast.ops.turn_kl.result.TurnKLResult` (loss, per-token
+        return_stats: return a :class:`~tcod_fast.ops.turns.TurnKLResult` (loss, per-token
             divergence, full-vocabulary student entropy, sampled-token log-probs, per-turn sums).
         backend: ``"auto"`` (Triton on CUDA, native C++ on CPU, torch for float64), ``"triton"``,
             ``"native"`` or ``"torch"``.

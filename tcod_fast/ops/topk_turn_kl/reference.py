@@ -1,4 +1,4 @@
-"""Plain float64 reference of ``fused_topk_turn_kl`` and ``fused_linear_topk_turn_kl``.
+"""Plain float64 reference of ``fused_topk_turn_kl``.
 
 Materialises the student's full softmax in float64, builds the top-k membership mask over the
 vocabulary, sums the tail over the complement directly, and lets autograd produce the gradient.
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tcod_fast.ops.fused_linear_turn_kl.reference import materialise_logits
 from tcod_fast.ops.turn_kl.reference import TurnOptions, reference_loss, reference_result, reference_turns
 
 
@@ -165,22 +164,3 @@ def topk_turn_kl_reference(
                 hits = (ids_cpu[b, i] == a).nonzero()
                 logq_a[b, i] = float(logq_cpu[b, i, hits[0, 0]]) if len(hits) else math.nan
     return reference_result(loss, per_token, entropy, kept, turn, num_turns, logp_a, logq_a, squeeze)
-
-
-def fused_linear_topk_turn_kl_reference(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    turn_ids: torch.Tensor | None = None,
-    *,
-    student_bias: torch.Tensor | None = None,
-    **options,
-):
-    """Float64 reference of ``fused_linear_topk_turn_kl``: the float64 logits ``h @ W.T + b`` of
-    ``student_hidden`` ``(B, T, H)`` or ``(N, H)``, ``student_weight`` ``(V, H)`` and
-    ``student_bias`` ``(V,)`` or None, then :func:`topk_turn_kl_reference` on them with the
-    teacher's top-k, ``turn_ids`` and ``**options`` (backend-only keywords such as
-    ``chunk_size`` are ignored there). Gradients reach the hidden states, weight and bias."""
-    logits = materialise_logits(student_hidden, student_weight, student_bias)
-    return topk_turn_kl_reference(logits, teacher_topk_ids, teacher_topk_logprobs, turn_ids, **options)

@@ -8,10 +8,10 @@ Backend contract (shared by all three backends):
     forward(student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature,
             tail, tail_eps, grad, grad_scale=None, want_entropy=True)
         student ``(B, T, V)`` (last dim contiguous, any row strides); topk_ids ``(B, T, K)`` int32,
-        each row sorted ascending with ``PAD_ID`` (>= V) in padded slots (``topk.prepare_topk``);
-        topk_logprobs ``(B, T, K)`` float (0 at padding); keep ``(B, T)`` bool; target_ids
-        ``(B, T)`` int64 or None; grad ``(B, T, V)`` in the student's dtype or None (may alias
-        ``student``).
+        each row sorted ascending with ``PAD_ID`` (>= V) in padded slots
+        (``tcod_fast.ops.topk.prepare_topk``); topk_logprobs ``(B, T, K)`` float (0 at padding);
+        keep ``(B, T)`` bool; target_ids ``(B, T)`` int64 or None; grad ``(B, T, V)`` in the
+        student's dtype or None (may alias ``student``).
     returns ``(div, entropy, logp_target, logq_target)``, each ``(B, T)`` float32 (float64 for
     float64 logits), 0 at rows that are not kept; ``logq_target`` is NaN where the target is not
     among the row's top-k. When ``grad`` is given it receives ``grad_scale * d div / d student``

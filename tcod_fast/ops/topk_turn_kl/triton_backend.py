@@ -31,9 +31,12 @@ from __future__ import annotations
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES
-from tcod_fast.ops.topk_turn_kl.topk import PAD_ID
-# HAS_TRITON, interpreter_enabled and is_available are this backend's API too
-from tcod_fast.ops.triton_common import HAS_TRITON, interpreter_enabled, is_available  # noqa: F401
+from tcod_fast.ops.topk import PAD_ID
+
+# whether triton imports and where the kernels run: this backend's API too
+from tcod_fast.ops.triton_common import HAS_TRITON as HAS_TRITON
+from tcod_fast.ops.triton_common import interpreter_enabled as interpreter_enabled
+from tcod_fast.ops.triton_common import is_available as is_available
 from tcod_fast.ops.triton_common import mixture_logs, require_triton, row_block_v, row_num_warps
 
 if HAS_TRITON:

@@ -12,15 +12,22 @@ Layers, top to bottom:
    plain ``loss.backward()`` will bring). Backward compares the incoming per-token gradient
    with that scale and rescales, in place, only the rows where they differ
    (``tcod_fast::scale_grad_rows_``): for the usual scalar loss it touches nothing ``N x V``.
-3. Reductions, turn weights and per-(sequence, turn) statistics (``turns.py``, shared with
-   ``fused_linear_turn_kl``) are plain torch ops on ``N``-sized vectors.
+3. Reductions, turn weights and per-(sequence, turn) statistics (``tcod_fast/ops/turns.py``,
+   shared by every op) are plain torch ops on ``N``-sized vectors.
+
+The public signature and the custom op's argument list look like those of the other ops'
+``api.py`` but are each op's own: a public function states its keywords in full, and
+``torch.library`` derives a custom op's schema from its annotations; the logic behind them is
+shared from ``tcod_fast/ops/``. ``turn_kl_forward`` and ``turn_kl_forward_inplace`` take the same
+arguments but are two custom ops, since only the second mutates ``student`` (a fact of the schema,
+not a flag).
 """
 
 import torch
 
 from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, resolve_backend, shape_str
 from tcod_fast.ops.turn_kl import native_backend, torch_backend, triton_backend
-from tcod_fast.ops.turn_kl.turns import check_options, prepare_turns, resolve_vocab_size
+from tcod_fast.ops.turns import check_options, prepare_turns, resolve_vocab_size
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from tcod_fast.ops.turn_kl.result import TurnKLResult
+from tcod_fast.ops.turns import TurnKLResult
 
 
 def _xlogy_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ from topk_helpers import DEVICE
 
 from tcod_fast import fused_linear_topk_turn_kl, fused_linear_topk_turn_kl_reference, fused_topk_turn_kl
 from tcod_fast.ops.common import DIVERGENCES
-from tcod_fast.ops.topk_turn_kl import fused_linear
-from tcod_fast.ops.topk_turn_kl.topk import TAILS
+from tcod_fast.ops.fused_linear_topk_turn_kl import chunked
+from tcod_fast.ops.topk import TAILS
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
@@ -155,7 +155,7 @@ def test_no_tokens_by_vocab_tensor_is_allocated(monkeypatch):
             largest.append(out.shape[0])
         return out
 
-    monkeypatch.setattr(fused_linear.torch, "empty", spy_empty)
+    monkeypatch.setattr(chunked.torch, "empty", spy_empty)
     loss = fused_linear_topk_turn_kl(hidden, weight, ids, logprobs, chunk_size=chunk, backend="native")
     loss.backward()
     assert largest and max(largest) <= chunk

@@ -15,8 +15,8 @@ import pytest
 import torch
 from float32_tolerances import kernel_copies_tolerance
 
+from tcod_fast.ops.topk import prepare_topk
 from tcod_fast.ops.topk_turn_kl import native_backend
-from tcod_fast.ops.topk_turn_kl.topk import prepare_topk
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the baseline flags are x86-64 ones")

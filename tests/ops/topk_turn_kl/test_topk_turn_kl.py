@@ -10,8 +10,8 @@ from topk_helpers import DEVICE, compare, make_inputs, vocab_for
 import tcod_fast
 from tcod_fast import fused_topk_turn_kl, fused_turn_kl, topk_turn_kl_reference
 from tcod_fast.ops.common import DIVERGENCES, REDUCTIONS
+from tcod_fast.ops.topk import TAILS
 from tcod_fast.ops.topk_turn_kl import triton_backend
-from tcod_fast.ops.topk_turn_kl.topk import TAILS
 
 # the Triton interpreter evaluates both sides of tl.where with numpy (log(0) in unselected lanes)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")

@@ -126,9 +126,9 @@ def test_student_logits(inputs, no_kernel):
 
 def test_fused_linear_checks_its_inputs(inputs, monkeypatch):
     _, ids, logprobs = inputs
-    from tcod_fast.ops.topk_turn_kl import fused_linear
+    from tcod_fast.ops.fused_linear_topk_turn_kl import chunked
 
-    monkeypatch.setattr(fused_linear, "run_backend", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(chunked, "run_backend", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     hidden = torch.randn(2, 3, 4)
     weight = torch.randn(10, 4)
     with pytest.raises(ValueError, match=r"hidden size 5, but student_hidden has hidden size 4"):

@@ -1,4 +1,5 @@
-"""Checks and preparation of the sparse teacher (top-k ids and log-probs), shared by both entry points.
+"""Checks and preparation of the sparse teacher (top-k ids and log-probs), shared by
+``fused_topk_turn_kl`` and ``fused_linear_topk_turn_kl``.
 
 Everything here works on ``N x K`` tensors, never ``N x V``. The backends receive the top-k of
 each row sorted by id, padding last, as int32 ids with ``PAD_ID`` in padded slots: the native
@@ -14,7 +15,7 @@ import numbers
 import torch
 
 from tcod_fast.ops.common import shape_str
-from tcod_fast.ops.turn_kl.turns import device_check
+from tcod_fast.ops.turns import device_check
 
 TAILS = ("bucket", "renormalize")
 # Sorted after every real id; the kernels treat any id >= vocab as padding.

@@ -16,18 +16,11 @@ import pytest
 from tcod_fast.algorithms import get_algorithm
 from tcod_fast.cli import main
 from tcod_fast.curriculum import b2f_prefix_len, f2b_depth
-from tcod_fast.trainer.demo import (
-    _last_two_evals,
-    compare,
-    demo_settings,
-    load_tuned_points,
-    mean_ci95,
-    pacing_eta,
-    parse_variant,
-    run_config,
-    tuned_variants,
-    verdicts,
-)
+from tcod_fast.demo.configs import run_config
+from tcod_fast.demo.experiment import tuned_variants
+from tcod_fast.demo.report import compare, verdicts
+from tcod_fast.demo.settings import demo_settings, load_tuned_points, pacing_eta, parse_variant
+from tcod_fast.demo.stats import last_two_evals, mean_ci95
 
 # The robust teacher of the quick preset wins at least this share of held-out tasks (it
 # measured 0.94 seen / 0.69 unseen with base seed 0 on an AVX2 machine; other CPUs sample
@@ -223,11 +216,11 @@ def test_convergence_reads_the_seed_spread_and_one_task_of_evaluation():
             {"kind": "eval", "step": 60, "success_seen": last, "tasks_seen": 32},
         ]}  # fmt: skip
 
-    at_ceiling = _last_two_evals([run(1.0, 31 / 32), run(1.0, 1.0), run(1.0, 31 / 32)], "seen")
+    at_ceiling = last_two_evals([run(1.0, 31 / 32), run(1.0, 1.0), run(1.0, 31 / 32)], "seen")
     assert at_ceiling["one_task"] == 1 / 16 and at_ceiling["agree"]  # one task at one seed: not a trend
-    rising = _last_two_evals([run(0.5, 0.75), run(0.5, 0.8), run(0.55, 0.75)], "seen")
+    rising = last_two_evals([run(0.5, 0.75), run(0.5, 0.8), run(0.55, 0.75)], "seen")
     assert not rising["agree"] and rising["last"] > rising["previous"]
-    assert _last_two_evals([{"history": [{"kind": "eval", "step": 60, "success_seen": 1.0}]}], "seen") is None
+    assert last_two_evals([{"history": [{"kind": "eval", "step": 60, "success_seen": 1.0}]}], "seen") is None
 
 
 def test_run_kinds_are_parsed_once():
@@ -287,9 +280,9 @@ def test_killing_the_demo_ends_its_worker_processes():
     """``kill -9`` of the demo's process: its job workers end too instead of finishing their runs."""
     script = (
         "import time\n"
-        "from tcod_fast.trainer.demo import _Job, _run_jobs\n"
+        "from tcod_fast.demo.jobs import Job, run_jobs\n"
         "print('ready', flush=True)\n"
-        "_run_jobs([_Job('sleep', time.sleep, (600,))], 1, lambda *args: None)\n"
+        "run_jobs([Job('sleep', time.sleep, (600,))], 1, lambda *args: None)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
