@@ -213,6 +213,77 @@ inline float block_max(const float* x, int64_t n) {
   return m;
 }
 
+// A side's logit map (tcod_fast/ops/logit_transform.py, docs/maths.md#soft-capped-and-scaled-logits):
+// y = cap tanh(scale x / cap), or y = scale x without a cap (cap == 0), and its derivative
+// dy/dx = scale (1 - tanh^2). Both come from one e = exp(-2 |u|), u = scale x / cap, taken with the
+// kernels' exp2 polynomial (branch-free, so the block loops vectorise): tanh |u| = (1 - e) / (1 + e)
+// (absolute error a few float32 ulps of 1, like a rounded y) and 1 - tanh^2 = 4e / (1 + e)^2, which
+// keeps its relative precision where tanh saturates (1 - tanh^2 of a rounded tanh would not). e is
+// flushed to 0 for |u| > 44 (the derivative is then below 1e-38 anyway); a -inf logit becomes -cap,
+// as in the model. The identity (scale 1, no cap) is never applied: the kernels test `active` and
+// run their usual code without it.
+struct LogitTransform {
+  float scale = 1.f, cap = 0.f;
+  bool active = false;
+  float ratio = 1.f;  // scale / cap
+
+  LogitTransform() = default;
+  LogitTransform(double scale_, double cap_)
+      : scale(static_cast<float>(scale_)),
+        cap(static_cast<float>(cap_)),
+        active(scale_ != 1.0 || cap_ != 0.0),
+        ratio(cap_ != 0.0 ? static_cast<float>(scale_ / cap_) : 1.f) {}
+
+  // e = exp(-2 |scale x / cap|) (NaN stays NaN)
+  float exp_minus_2u(float x) const { return exp2_clamped(clamp_exp2_arg(-2.f * LOG2E * std::fabs(x * ratio))); }
+
+  float apply(float x) const {
+    if (cap == 0.f) return scale * x;
+    const float e = exp_minus_2u(x);
+    return std::copysign(cap * ((1.f - e) / (1.f + e)), x * ratio);
+  }
+  float derivative(float x) const {
+    if (cap == 0.f) return scale;
+    const float e = exp_minus_2u(x);
+    return scale * 4.f * e / ((1.f + e) * (1.f + e));
+  }
+  // dst[i] = apply(src[i]) (dst may be src) and, when `deriv` is given (a soft cap only),
+  // deriv[i] = derivative(src[i]), from one exponential
+  void apply_block(const float* src, float* dst, float* deriv, int64_t n) const {
+    if (cap == 0.f) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dst[i] = scale * src[i];
+    } else if (deriv != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = src[i];
+        const float e = exp_minus_2u(x);
+        const float inv_1pe = 1.f / (1.f + e);
+        deriv[i] = scale * 4.f * e * inv_1pe * inv_1pe;
+        dst[i] = std::copysign(cap * ((1.f - e) * inv_1pe), x * ratio);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = src[i];
+        const float e = exp_minus_2u(x);
+        dst[i] = std::copysign(cap * ((1.f - e) / (1.f + e)), x * ratio);
+      }
+    }
+  }
+  // g[i] *= dy/dx at column i (the chain rule): derivative[i], cached by apply_block for a soft cap,
+  // or the scale alone (derivative null)
+  void times_derivative(float* g, const float* derivative, int64_t n) const {
+    if (derivative != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) g[i] *= derivative[i];
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) g[i] *= scale;
+    }
+  }
+};
+
 // The rows of a batch in memory order, kept ones first, then dropped ones (which only get zeros);
 // `n_kept` receives the number of kept rows. Threads then take kept rows in chunks of
 // `kept_chunk` (about 1/8 of their share): the real work is balanced whatever the mask, a thread

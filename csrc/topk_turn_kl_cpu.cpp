@@ -22,6 +22,12 @@
 // Traffic: about one read and one write of the logits per element, plus the per-thread cache
 // (one float32 row, 0.6 MB at V = 151936, which stays in L2/L3).
 //
+// Soft-capped and scaled logits: the student's logit map (LogitTransform, cpu_kernel_common.h) is
+// applied as the logits are read (the gather, the target, pass 1's blocks, before the S columns
+// are masked); with a soft cap, pass 1 caches its derivative per column in a second per-thread row
+// (and the gather at S), and the last pass multiplies the gradient by it (chain rule). In
+// renormalize mode without statistics pass 1 does not run: only S needs the derivative then.
+//
 // Edge cases: -inf student logits contribute exactly 0 (a block that is all -inf never
 // evaluates -inf - (-inf)); an empty complement (S = the whole vocabulary) has no tail outcome;
 // rows that are not kept are skipped (outputs 0, gradient row 0).
@@ -192,21 +198,26 @@ struct RowParams {
   float inv_temp, grad_scale;
   int tail;
   bool want_entropy, need_normaliser;
+  LogitTransform map;  // the student logits' map (soft cap, scale)
 };
 
 // Per-thread scratch: the cached exponentials (one float row), each block's shift, and the
-// row-level double arrays (z over S, outcome log-probabilities, coefficients).
+// row-level double arrays (z over S, outcome log-probabilities, coefficients); with a soft-capped
+// student (`with_derivative`), the map's derivative per column (a float row) and at S.
 struct Scratch {
   std::vector<float> cache;
   std::vector<float> shift;
   std::vector<double> z_k, log_pi, log_q, coef;
-  Scratch(int64_t vocab, int64_t k)
+  std::vector<float> derivative, derivative_k;
+  Scratch(int64_t vocab, int64_t k, bool with_derivative)
       : cache(static_cast<size_t>(vocab)),
         shift(static_cast<size_t>((vocab + BLOCK - 1) / BLOCK)),
         z_k(static_cast<size_t>(k)),
         log_pi(static_cast<size_t>(k + 1)),
         log_q(static_cast<size_t>(k + 1)),
-        coef(static_cast<size_t>(k + 1)) {}
+        coef(static_cast<size_t>(k + 1)),
+        derivative(with_derivative ? static_cast<size_t>(vocab) : 0),
+        derivative_k(with_derivative ? static_cast<size_t>(k) : 0) {}
 };
 
 // Work is done in base-2 units of the raw logits x: with c = log2(e) / temperature,
@@ -218,6 +229,10 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
   const int64_t vocab = prm.vocab;
   const float inv_temp = prm.inv_temp;
   const float c = inv_temp * LOG2E;
+  const LogitTransform& map = prm.map;
+  // the map's derivative per column and at S (soft cap and a gradient only; a scale alone is a constant)
+  float* derivative = grad != nullptr && map.cap != 0.f ? scratch.derivative.data() : nullptr;
+  float* derivative_k = derivative ? scratch.derivative_k.data() : nullptr;
   int64_t k_valid = 0;
   while (k_valid < prm.k && ids[k_valid] < vocab) ++k_valid;  // sorted, padding last
 
@@ -228,7 +243,10 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
     double max_k = NEG_INF_D;
     bool has_nan = false;
     for (int64_t j = 0; j < k_valid; ++j) {
-      z_k[j] = static_cast<double>(load_one<SD>(s, ids[j])) * inv_temp;
+      float x = load_one<SD>(s, ids[j]);
+      if (derivative_k) derivative_k[j] = map.derivative(x);
+      if (map.active) x = map.apply(x);
+      z_k[j] = static_cast<double>(x) * inv_temp;
       if (std::isnan(z_k[j])) has_nan = true;  // reported as a NaN divergence, never hidden
       else max_k = std::max(max_k, z_k[j]);
     }
@@ -242,6 +260,7 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
   }
   float target_logit = 0.f;
   if (prm.target >= 0) target_logit = load_one<SD>(s, prm.target);
+  if (prm.target >= 0 && map.active) target_logit = map.apply(target_logit);
 
   // ---- pass 1: softmax statistics of the complement of S ----
   const bool stream = prm.tail == BUCKET || prm.need_normaliser;
@@ -254,6 +273,10 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
     for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
       const int64_t n = std::min(BLOCK, vocab - v0);
       const float* xs = block_as_float<SD>(s + v0, buf, n);
+      if (map.active) {  // the logit map, applied to the block as it is read (S columns included)
+        map.apply_block(xs, buf, derivative ? derivative + v0 : nullptr, n);
+        xs = buf;
+      }
       if (next < k_valid && ids[next] < v0 + n) {
         if (xs != buf) {
           std::memcpy(buf, xs, n * sizeof(float));
@@ -358,12 +381,17 @@ void process_row(const typename Storage<SD>::type* s, typename Storage<SD>::type
       // a select, not a plain product: an infinite divergence makes the factor infinite, and
       // 0 * inf must stay 0 (the top-k columns, and -inf logits, have a cached 0)
       for (int64_t i = 0; i < n; ++i) g[i] = first[i] > 0.f ? first[i] * factor : 0.f;
+      if (map.active) map.times_derivative(g, derivative ? derivative + v0 : nullptr, n);  // chain rule
       store_block_from_float<SD>(g, grad + v0, n);
     }
   } else {
     zero_fill<SD>(grad, vocab);
   }
-  for (int64_t j = 0; j < k_valid; ++j) store_one<SD>(grad, ids[j], static_cast<float>(coef[j] * to_x));
+  for (int64_t j = 0; j < k_valid; ++j) {
+    float g = static_cast<float>(coef[j] * to_x);
+    if (map.active) g *= derivative_k ? derivative_k[j] : map.scale;
+    store_one<SD>(grad, ids[j], g);
+  }
 }
 
 struct Args {
@@ -375,6 +403,7 @@ struct Args {
   int64_t out_div, out_ent, out_logp, out_logq;
   bool need_normaliser;
   int num_threads;
+  double student_scale, student_cap;  // the student logits' map (cap 0: none)
 };
 
 template <int SD, int DIV>
@@ -385,16 +414,18 @@ void run_rows(const Args& a) {
   const int32_t* ids = reinterpret_cast<const int32_t*>(a.ids);
   const float* logq = reinterpret_cast<const float*>(a.logq);
   const RowsPlan rows(a);
+  const LogitTransform map(a.student_scale, a.student_cap);
 
 #pragma omp parallel num_threads(a.num_threads)
   {
-    Scratch scratch(a.vocab, a.k);
+    Scratch scratch(a.vocab, a.k, grad != nullptr && map.cap != 0.f);
 #pragma omp for schedule(dynamic, rows.chunk) nowait
     for (int64_t k = 0; k < rows.n_kept; ++k) {
       const int64_t row = rows.order[k];
       const int64_t b = row / a.rows_t, t = row % a.rows_t;
       RowParams prm{a.vocab, a.k, rows.target ? rows.target[row] : -1, a.beta, a.tail_eps, a.inv_temp,
-                    rows.grad_scale ? rows.grad_scale[row] : 1.f, a.tail, rows.out_ent != nullptr, a.need_normaliser};
+                    rows.grad_scale ? rows.grad_scale[row] : 1.f, a.tail, rows.out_ent != nullptr, a.need_normaliser,
+                    map};
       RowOut out;
       process_row<SD, DIV>(student + b * a.s_sb + t * a.s_st, grad ? grad + b * a.g_sb + t * a.g_st : nullptr,
                            ids + row * a.k, logq + row * a.k, prm, scratch, out);
@@ -408,11 +439,12 @@ void topk_turn_kl_forward(int64_t student, int student_dtype, int64_t grad, int6
                           int64_t target, int64_t grad_scale, int64_t rows_b, int64_t rows_t, int64_t s_sb,
                           int64_t s_st, int64_t g_sb, int64_t g_st, int64_t vocab, int64_t k, int divergence,
                           double beta, int tail, double tail_eps, double inv_temp, int64_t out_div, int64_t out_ent,
-                          int64_t out_logp, int64_t out_logq, bool need_normaliser, int num_threads) {
+                          int64_t out_logp, int64_t out_logq, bool need_normaliser, int num_threads,
+                          double student_scale, double student_cap) {
   if (tail != BUCKET && tail != RENORMALIZE) throw std::invalid_argument("tail code must be 0 (bucket) or 1 (renormalize)");
   Args a{student, grad, ids, logq, keep, target, grad_scale, rows_b, rows_t, s_sb, s_st, g_sb, g_st, vocab, k,
          divergence, tail, beta, tail_eps, static_cast<float>(inv_temp), out_div, out_ent, out_logp, out_logq,
-         need_normaliser, std::max(1, num_threads)};
+         need_normaliser, std::max(1, num_threads), student_scale, student_cap};
   py::gil_scoped_release release;
   with_dtype(student_dtype, "student", [&](auto sd) {
     with_divergence(divergence, [&](auto div) { run_rows<decltype(sd)::value, decltype(div)::value>(a); });

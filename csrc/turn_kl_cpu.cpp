@@ -25,6 +25,12 @@
 // handles block tails and CPUs without AVX2, and the tests cover both (vocabulary sizes leave
 // ragged tails, and tests/ops/turn_kl/test_native_portable_build.py runs the portable copy, see below).
 //
+// Soft-capped and scaled logits: each side's logit map (LogitTransform, cpu_kernel_common.h) is
+// applied to a block as it is read, in pass 1 and pass 2 (into the L1 block buffers), so every
+// statistic is of the mapped logits; with a soft-capped student, pass 1 also caches the map's
+// derivative per column in a third per-thread row, and the last pass multiplies the gradient by
+// it (chain rule, after the argmax fix's sums, which are w.r.t. the mapped logits).
+//
 // Edge cases: -inf logits at the same entries of student and teacher contribute exactly 0; a
 // block that is entirely -inf never evaluates -inf - (-inf); rows that are not kept are skipped
 // (outputs 0, gradient row 0); a NaN logit in a kept row makes that row's divergence and
@@ -75,6 +81,7 @@ struct TurnKLArgs {
   double inv_temp;
   int64_t out_div, out_ent, out_logp, out_logq;
   int num_threads;
+  double student_scale, student_cap, teacher_scale, teacher_cap;  // the logit maps (cap 0: none)
 };
 }  // namespace
 
@@ -145,11 +152,12 @@ void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int te
                      int64_t s_sb, int64_t s_st, int64_t t_sb, int64_t t_st, int64_t g_sb,
                      int64_t g_st, int64_t vocab, int64_t grad_cols, int divergence, double beta,
                      double inv_temp, int64_t out_div, int64_t out_ent, int64_t out_logp,
-                     int64_t out_logq, int num_threads) {
+                     int64_t out_logq, int num_threads, double student_scale, double student_cap,
+                     double teacher_scale, double teacher_cap) {
   const TurnKLArgs a{student, teacher, grad, keep, target, grad_scale, student_dtype, teacher_dtype,
                      rows_b, rows_t, s_sb, s_st, t_sb, t_st, g_sb, g_st, vocab, grad_cols, divergence,
                      static_cast<float>(beta), inv_temp, out_div, out_ent, out_logp, out_logq,
-                     std::max(1, num_threads)};
+                     std::max(1, num_threads), student_scale, student_cap, teacher_scale, teacher_cap};
   py::gil_scoped_release release;
 #if TCOD_FAST_HAS_AVX2_COPY
   if (current_isa.load() == AVX2) return tcod_fast_avx2::turn_kl_forward(a);

@@ -63,9 +63,11 @@ inline float log_mixture(float log_p, float log_q, float log_1m_beta, float log_
 //   reverse KL  first = 2^((x_s - A) c),  second = u = (x_s - A) - (x_t - B)
 //   forward KL  first = 2^((x_s - A) c),  second = 2^((x_t - A_t) c)
 //   JSD         as forward KL; pass 2 then overwrites second with log p - log m
-inline int64_t scratch_floats(int64_t vocab) {
+// and, with a soft-capped student (`with_derivative`), a third row: the derivative of the
+// student's logit map at each raw logit, for the last pass's chain rule.
+inline int64_t scratch_floats(int64_t vocab, bool with_derivative) {
   const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
-  return 2 * vocab + 3 * blocks;
+  return (with_derivative ? 3 : 2) * vocab + 3 * blocks;
 }
 
 // index of the first x[i] == value in x[0..n) (value is the block's max, so it is there)
@@ -255,7 +257,8 @@ inline void store_and_sum(float* g, int64_t n, float& sum_g, Vec8 vec8, Scalar s
 template <int SD, int TD, int DIV>
 void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>::type* t,
                  typename Storage<SD>::type* grad, int64_t vocab, int64_t grad_cols, int64_t target,
-                 float beta, double inv_temp_d, float grad_scale, bool want_entropy, float* scratch, RowOut& out) {
+                 float beta, double inv_temp_d, float grad_scale, bool want_entropy, const LogitTransform& map_s,
+                 const LogitTransform& map_t, float* scratch, RowOut& out) {
   alignas(64) float buf_s[BLOCK];
   alignas(64) float buf_t[BLOCK];
   const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
@@ -264,6 +267,8 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   float* block_anchor_s = scratch + 2 * vocab;  // A of the block, NaN while the row was all -inf
   float* block_anchor_t = block_anchor_s + blocks;
   float* block_anchor_div = block_anchor_t + blocks;
+  // the student map's derivative per column (soft cap and a gradient only; a scale alone is a constant)
+  float* derivative_row = grad != nullptr && map_s.cap != 0.f ? block_anchor_div + blocks : nullptr;
   const float inv_temp = static_cast<float>(inv_temp_d);
   const float c = static_cast<float>(inv_temp_d * 1.44269504088896340736);
 
@@ -278,6 +283,14 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     const int64_t n = std::min(BLOCK, vocab - v0);
     const float* xs = block_as_float<SD>(s + v0, buf_s, n);
     const float* xt = block_as_float<TD>(t + v0, buf_t, n);
+    if (map_s.active) {  // the logit maps, applied to the block as it is read (into the L1 buffers)
+      map_s.apply_block(xs, buf_s, derivative_row ? derivative_row + v0 : nullptr, n);
+      xs = buf_s;
+    }
+    if (map_t.active) {
+      map_t.apply_block(xt, buf_t, nullptr, n);
+      xt = buf_t;
+    }
     const float block_max_s = block_max(xs, n);
     const float block_max_t = block_max(xt, n);
     if (block_max_s > max_s) {  // a new argmax (the first one wins ties)
@@ -355,10 +368,11 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   const double log_l_t = std::log(static_cast<double>(l_t));
   out.entropy = static_cast<float>(log_l_s - LN2 * acc_ent / l_s);
   if (target >= 0) {
-    out.logp_target =
-        static_cast<float>((static_cast<double>(load_one<SD>(s, target)) - anchor.s) * inv_temp_d - log_l_s);
-    out.logq_target =
-        static_cast<float>((static_cast<double>(load_one<TD>(t, target)) - anchor.t) * inv_temp_d - log_l_t);
+    float x_a = load_one<SD>(s, target), xt_a = load_one<TD>(t, target);
+    if (map_s.active) x_a = map_s.apply(x_a);
+    if (map_t.active) xt_a = map_t.apply(xt_a);
+    out.logp_target = static_cast<float>((static_cast<double>(x_a) - anchor.s) * inv_temp_d - log_l_s);
+    out.logq_target = static_cast<float>((static_cast<double>(xt_a) - anchor.t) * inv_temp_d - log_l_t);
   }
 
   float div = 0.f, kl_p_m = 0.f;
@@ -380,6 +394,14 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       const int64_t n = std::min(BLOCK, vocab - v0);
       const float* xs = block_as_float<SD>(s + v0, buf_s, n);
       const float* xt = block_as_float<TD>(t + v0, buf_t, n);
+      if (map_s.active) {
+        map_s.apply_block(xs, buf_s, nullptr, n);
+        xs = buf_s;
+      }
+      if (map_t.active) {
+        map_t.apply_block(xt, buf_t, nullptr, n);
+        xt = buf_t;
+      }
       const float shift_s = block_anchor_s[v0 / BLOCK];
       const float shift_t = block_anchor_t[v0 / BLOCK];
       const float to_p = std::isnan(shift_s) ? 0.f : std::exp2((shift_s - anchor.s) * c) / l_s;
@@ -461,10 +483,13 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
           });
     }
     if (argmax_s >= v0 && argmax_s < v0 + n) g_at_argmax = g[argmax_s - v0];
+    // chain rule: d div / d y (above) times the map's dy/dx
+    if (map_s.active) map_s.times_derivative(g, derivative_row ? derivative_row + v0 : nullptr, n);
     store_block_from_float<SD>(g, grad + v0, n);
   }
   if (DIV != REVERSE_KL && argmax_s >= 0 && 2.f * first_row[argmax_s] > l_s && std::isfinite(sum_g)) {
-    const float g_new = g_at_argmax - sum_g;  // -(sum of the others)
+    float g_new = g_at_argmax - sum_g;  // -(sum of the others), w.r.t. the mapped logit
+    if (map_s.active) g_new *= derivative_row ? derivative_row[argmax_s] : map_s.scale;
     store_block<SD>(&g_new, grad + argmax_s, 1);
   }
   zero_fill<SD>(grad + vocab, grad_cols - vocab);
@@ -478,9 +503,11 @@ void run_rows(const TurnKLArgs& a) {
   const Tt* teacher = reinterpret_cast<const Tt*>(a.teacher);
   S* grad = reinterpret_cast<S*>(a.grad);
   const RowsPlan rows(a);
+  const LogitTransform map_s(a.student_scale, a.student_cap), map_t(a.teacher_scale, a.teacher_cap);
+  const bool with_derivative = grad != nullptr && map_s.cap != 0.f;
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<float> scratch(static_cast<size_t>(scratch_floats(a.vocab)));
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats(a.vocab, with_derivative)));
 #pragma omp for schedule(dynamic, rows.chunk) nowait
     for (int64_t k = 0; k < rows.n_kept; ++k) {
       const int64_t row = rows.order[k];
@@ -490,8 +517,8 @@ void run_rows(const TurnKLArgs& a) {
       const int64_t tgt = rows.target ? rows.target[row] : -1;
       const float scale = rows.grad_scale ? rows.grad_scale[row] : 1.f;
       process_row<SD, TD, DIV>(student + b * a.s_sb + t * a.s_st, teacher + b * a.t_sb + t * a.t_st, grad_row,
-                               a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, rows.out_ent != nullptr,
-                               scratch.data(), out);
+                               a.vocab, a.grad_cols, tgt, a.beta, a.inv_temp, scale, rows.out_ent != nullptr, map_s,
+                               map_t, scratch.data(), out);
       rows.store(row, out);
     }
     rows.run_dropped<SD>(grad, a.grad_cols);

@@ -12,6 +12,8 @@ Public kernel API (see each function's docstring for shapes, dtypes and reductio
 * :func:`fused_linear_topk_turn_kl` -- that from hidden states and the LM head, never
   materialising the logits.
 * :func:`topk_turn_kl_reference` -- their float64 reference.
+* :func:`cu_seqlens_from_position_ids` -- the ``cu_seqlens`` of a packed (padding-free) batch,
+  which every op takes, from position ids that restart at 0.
 
 Submodules: ``curriculum``, ``objectives``, ``envs``, ``rollout``, ``trainer``, ``integrations``
 (TRL and verl).
@@ -32,6 +34,7 @@ _LAZY = {
     "fused_linear_topk_turn_kl": "tcod_fast.ops.fused_linear_topk_turn_kl",
     "topk_turn_kl_reference": "tcod_fast.ops.topk_turn_kl",
     "fused_linear_topk_turn_kl_reference": "tcod_fast.ops.fused_linear_topk_turn_kl",
+    "cu_seqlens_from_position_ids": "tcod_fast.ops.turns",
 }
 
 __all__ = list(_LAZY)

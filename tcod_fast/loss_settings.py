@@ -81,6 +81,12 @@ class LossSettings:
             vocabulary KL is the only term), ``always`` or ``never`` (not on/off: YAML 1.1
             reads those as booleans).
         backend: kernel backend of the fused ops (``auto``, ``native``, ``triton``, ``torch``).
+        packing: how a micro-batch's sequences become the models' rows: ``padded`` (one per
+            row, right-padded to the longest), ``padding_free`` (end to end in one row, bounds
+            as ``cu_seqlens``; no padding token is computed) or ``auto`` (padding-free when
+            both models' attention keeps the sequences of a row apart at a per-sequence cost,
+            flash or flex attention; else padded: ``eager``/``sdpa`` pay a dense mask over the
+            whole row).
         kl_coef: OPD coefficient of the opd/tcod/guided algorithms.
         clip_low / clip_high / dual_clip: PPO clipping (TCOD: 0.2, 0.2, 3.0).
         sod_coef / sod_delta: SOD's ``c`` and ``delta``.
@@ -93,6 +99,7 @@ class LossSettings:
     jsd_beta: float = 0.5
     fused_linear: Literal["auto", "always", "never"] = "auto"
     backend: Literal["auto", "native", "triton", "torch"] = "auto"
+    packing: Literal["auto", "padded", "padding_free"] = "auto"
     kl_coef: float = 1.0
     clip_low: float = 0.2
     clip_high: float | None = None

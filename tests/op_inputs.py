@@ -49,3 +49,89 @@ def assert_compiles_like_eager(loss_fn: Callable[..., torch.Tensor], student: to
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(student.grad, expected_student.grad)
+
+
+#: Sequence lengths of the packed tests: ragged, with an empty sequence (two equal bounds); the
+#: sequences ``RAGGED_UNKEPT`` get no kept token (:meth:`PackedTwin.turn_ids`).
+RAGGED_LENGTHS = (4, 0, 6, 3, 5)
+RAGGED_UNKEPT = (3,)
+
+
+class PackedTwin:
+    """Ragged sequences as a padded batch ``(S, T, ...)`` (each sequence a row, right-padded to
+    ``T``, the longest length or 1) and as its packed twin ``(N, ...)``: the same tokens end to
+    end, bounded by ``cu_seqlens``. A length of 0 is an empty sequence (a row of padding; two
+    equal consecutive ``cu_seqlens`` entries). Build the padded tensors, then :meth:`pack` them.
+    """
+
+    def __init__(self, lengths, cu_dtype: torch.dtype = torch.int64):
+        self.lengths = list(lengths)
+        self.num_seqs = len(self.lengths)
+        self.T = max([*self.lengths, 1])
+        bounds = [0]
+        for length in self.lengths:
+            bounds.append(bounds[-1] + length)
+        self.N = bounds[-1]
+        self.cu_seqlens = torch.tensor(bounds, dtype=cu_dtype)
+        # where each packed token sits in the flattened padded batch
+        self.rows = torch.tensor([s * self.T + i for s, n in enumerate(self.lengths) for i in range(n)], dtype=torch.long)
+        self.padding = torch.ones(self.num_seqs, self.T, dtype=torch.bool)
+        for s, n in enumerate(self.lengths):
+            self.padding[s, :n] = False
+
+    def pack(self, padded: torch.Tensor, row: bool = False) -> torch.Tensor:
+        """``(S, T, ...)`` to a fresh contiguous ``(N, ...)`` (``(1, N, ...)`` with ``row``)."""
+        out = padded.detach().reshape(self.num_seqs * self.T, *padded.shape[2:])[self.rows].clone()
+        return out.unsqueeze(0) if row else out
+
+    def turn_ids(self, n_turns: int = 3, unkept: tuple[int, ...] = ()) -> torch.Tensor:
+        """Random padded turn ids ``(S, T)`` (kept and dropped tokens mixed), -1 on padding and on
+        every token of the sequences ``unkept``."""
+        turn_ids = random_turn_ids((self.num_seqs, self.T), "partial", n_turns)
+        turn_ids[self.padding] = -1
+        for s in unkept:
+            turn_ids[s] = -1
+        return turn_ids
+
+
+def assert_same(actual, expected) -> None:
+    """Bit for bit equal (NaN where NaN), or both None."""
+    if actual is None or expected is None:
+        assert actual is None and expected is None
+        return
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+PER_TOKEN_FIELDS = ("kl", "entropy", "token_kept", "student_logprob", "teacher_logprob")
+PER_TURN_FIELDS = ("turn_token_count", "turn_kl_sum", "turn_entropy_sum", "turn_abs_logratio_sum",
+                   "turn_neg_logprob_sum")
+
+
+def assert_same_sums(actual, expected) -> None:
+    """Sums over tokens: bit for bit on CPU, where ``index_add`` adds in token order; within
+    float32 rounding on CUDA, where it adds with atomics in no fixed order."""
+    if actual is None or actual.device.type == "cpu":
+        assert_same(actual, expected)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def assert_packed_equals_padded(packed, padded, twin: PackedTwin, reduction: str) -> None:
+    """A ``TurnKLResult`` of the packed call equals, bit for bit, that of the padded call on the
+    same sequences: its per-token tensors (the padded ones' packed tokens), its per-(sequence,
+    turn) statistics and its loss (:func:`assert_same_sums` for these two)."""
+    for name in PER_TOKEN_FIELDS:
+        value, expected = getattr(packed, name), getattr(padded, name)
+        assert_same(None if value is None else value.detach().reshape(-1), None if expected is None else twin.pack(expected))
+    for name in PER_TURN_FIELDS:
+        assert_same_sums(getattr(packed, name), getattr(padded, name))
+    if reduction == "none":
+        assert_same(packed.loss.detach().reshape(-1), twin.pack(padded.loss))
+    else:
+        assert_same_sums(packed.loss, padded.loss)
+
+
+def device_for(backend: str) -> str:
+    """Where a row-kernel op's test inputs live: CUDA where there is one, except for the CPU-only
+    native kernels."""
+    return "cuda" if torch.cuda.is_available() and backend != "native" else "cpu"

@@ -120,3 +120,13 @@ def test_topk_memory_probe_runs(tmp_path):
     line = _run(args, tmp_path).stdout.splitlines()[-1]
     probe = json.loads(line)
     assert probe["extra_peak_bytes"] >= 0 and "extra_peak_over_gradient" in probe
+
+
+def test_run_padding_free_cpu(tmp_path):
+    out = tmp_path / "padding_free.json"
+    _run([str(BENCHMARKS / "run_padding_free.py"), "--shapes", "demo", "--episodes", "3", "--longest", "32", "--repeats", "1",
+          "--out", str(out)], tmp_path)  # fmt: skip
+    (run,) = json.loads(out.read_text())["runs"]
+    padded, free = run["layouts"]["padded"], run["layouts"]["padding_free"]
+    assert free["model_tokens"] == run["real_tokens"] == sum(run["lengths"]) < padded["model_tokens"]
+    assert run["loss_relative_difference"] < 1e-4

@@ -5,7 +5,8 @@
 student's and teacher's last hidden states and LM heads go in, the generalised JSD comes out
 with TRL's semantics (``beta = 0`` forward KL(teacher || student), ``beta = 1`` reverse
 KL(student || teacher), else ``beta KL(q || m) + (1 - beta) KL(p || m)`` with
-``m = (1 - beta) p + beta q``; both logits divided by ``temperature``; reduced as
+``m = (1 - beta) p + beta q``; each model's logits through its own logit map (Gemma 2's
+``final_logit_softcapping``, a ``logit_scale``), then divided by ``temperature``; reduced as
 ``sum / num_items_in_batch``, or the mean over trained tokens without it). No
 ``tokens x vocab`` tensor is allocated.
 
@@ -74,23 +75,23 @@ def _plain_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     return weight, bias
 
 
-def _logit_scale(model: torch.nn.Module) -> float:
-    """The multiplier the model applies to its logits (TRL reads the same config fields)."""
+def _logit_map(model: torch.nn.Module) -> tuple[float | None, float | None]:
+    """``(softcap, logit_scale)`` of the map the model applies to its LM head's output, read from
+    the config fields TRL reads (None for nothing): ``final_logit_softcapping``, and the first of
+    ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier`` or ``logits_scaling`` (a divisor,
+    except for HyperCLOVA X)."""
     config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise UserError(
-            f"FusedDistillationTrainer needs LM heads without logit soft-capping, got "
-            f"final_logit_softcapping={config.final_logit_softcapping} on {type(model).__name__} "
-            "(use trl.DistillationTrainer for such models)"
-        )
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = None
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         value = getattr(config, name, None)
         if value is not None:
-            return float(value)
+            scale = float(value)
+            break
     scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None:
-        return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
-    return 1.0
+    if scale is None and scaling is not None:
+        scale = float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    return (None if softcap is None else float(softcap)), (None if scale == 1.0 else scale)
 
 
 class FusedDistillationTrainer(DistillationTrainer):
@@ -108,8 +109,9 @@ class FusedDistillationTrainer(DistillationTrainer):
     ``inputs`` holds ``prompt_ids``, ``prompt_mask``, ``completion_ids``, ``completion_mask``
     (optionally ``tool_mask`` and ``turn_ids``, both ``(B, C)`` over the completion), and it
     returns ``(loss, entropy_sum, n_valid)``: the scalar float32 loss, the summed student
-    entropy over trained tokens (detached) and their count. Both models must apply the same
-    logit scale and no soft-capping (a clear error says otherwise).
+    entropy over trained tokens (detached) and their count. Each model's own logit map (soft
+    cap, logit scale; read from its config as TRL does) is applied to its logits before the
+    temperature, as the op's ``softcap=`` and ``logit_scale=``.
     """
 
     def __init__(self, *args: Any, turn_window: TurnWindow = None, backend: str = "auto", **kwargs: Any) -> None:
@@ -159,14 +161,10 @@ class FusedDistillationTrainer(DistillationTrainer):
             )
         student_weight, student_bias = _plain_head(unwrapped_student.get_output_embeddings())
         teacher_weight, teacher_bias = _plain_head(unwrapped_teacher.get_output_embeddings())
-        student_scale, teacher_scale = _logit_scale(unwrapped_student), _logit_scale(unwrapped_teacher)
-        if student_scale != teacher_scale:
-            raise UserError(
-                f"FusedDistillationTrainer needs the student and teacher to scale their logits alike, got "
-                f"{student_scale} (student) and {teacher_scale} (teacher)"
-            )
+        (student_softcap, student_scale), (teacher_softcap, teacher_scale) = (
+            _logit_map(unwrapped_student), _logit_map(unwrapped_teacher)
+        )
         device = student_weight.device
-        # A logit multiplier shared by both models is a temperature: z * s / T = z / (T / s).
         result = fused_linear_turn_kl(
             student_hidden.to(device),
             student_weight,
@@ -178,7 +176,9 @@ class FusedDistillationTrainer(DistillationTrainer):
             turn_window=self.current_turn_window(),
             divergence="jsd",
             beta=float(self.beta),
-            temperature=float(self.temperature) / student_scale,
+            temperature=float(self.temperature),
+            softcap=(student_softcap, teacher_softcap),
+            logit_scale=(student_scale, teacher_scale),
             reduction="sum",
             return_stats=True,
             backend=self.fused_backend,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from tcod_fast.ops.common import check_float_tensor, compute_dtype, shape_str
+from tcod_fast.ops.turns import sequence_sums
 
 
 def check_head(side, hidden, weight, bias, device):
@@ -103,16 +104,18 @@ def backward_token_scale(keep, coeff, grad_loss, grad_div) -> torch.Tensor:
     return token_scale
 
 
-def linear_op_forward(ctx, config, coeff, h, w, b, *inputs):
+def linear_op_forward(ctx, config, coeff, h, w, b, *inputs, seq_index, num_seqs):
     """``(loss = sum_n coeff_n div_n, div, entropy, logp_target, logq_target)``. With a scalar
-    reduction the gradients are produced here and kept for backward."""
+    reduction the gradients are produced here and kept for backward. ``seq_index`` ``(B, T)`` and
+    ``num_seqs``: the sequence of every token and their number (``TurnLayout``); the loss adds the
+    tokens sequence by sequence, as ``TurnLayout.sum_tokens`` does."""
     want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     want_b = b is not None and ctx.needs_input_grad[2]
     grads_now = config.grad_enabled and coeff is not None and (want_h or want_w or want_b)
     div, entropy, logp, logq, dh, dw, db = config.run(
         h, w, b, *inputs, coeff if grads_now else None, want_h, want_w, want_b
     )
-    loss = (div * coeff).sum() if coeff is not None else div.new_zeros(())
+    loss = sequence_sums(div * coeff, seq_index, num_seqs).sum() if coeff is not None else div.new_zeros(())
     ctx.config = config
     ctx.wants = (want_h, want_w, want_b)
     ctx.stored_grads = (dh, dw, db) if grads_now else None

@@ -2,7 +2,8 @@
 
 An extension is compiled with ninja through ``torch.utils.cpp_extension`` the first time it is
 really used (a kernel call, or ``backend="auto"`` choosing it) and cached under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes load the cached
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that carries a
+digest of the sources (one build per version of the kernels); later processes load the cached
 build in milliseconds. ``is_available()`` never builds: it says whether the extension is loaded,
 or could be (its source is there and ninja and a C++ compiler are on the machine).
 ``TCOD_FAST_DISABLE_NATIVE=1`` makes ``backend="auto"`` skip the native kernels.
@@ -15,6 +16,7 @@ is looked up first.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shlex
 import shutil
@@ -96,7 +98,7 @@ class NativeExtension:
                 raise RuntimeError(self._error)
             try:
                 module = cpp_extension.load(
-                    name=self.build_name(),
+                    name=f"{self.build_name()}_{self.source_digest()}",
                     sources=[str(source)],
                     extra_cflags=self.cflags(),
                     extra_ldflags=["-fopenmp"],
@@ -112,6 +114,17 @@ class NativeExtension:
                 raise
             self._module = module
             return module
+
+    def source_digest(self) -> str:
+        """A digest of the source and the headers beside it, part of the build's name: one build
+        per version of the kernels, so checkouts of different versions that share
+        ``TORCH_EXTENSIONS_DIR`` never overwrite, or load, each other's build."""
+        digest = hashlib.sha1()
+        source = self.source()
+        for path in (source, *sorted(source.parent.glob("*.h"))):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        return digest.hexdigest()[:10]
 
     def is_loaded(self) -> bool:
         return self._module is not None

@@ -38,8 +38,9 @@ def check_topk_tensors(ids, logprobs, lead_shape, vocab: int, device, inputs_nam
         raise TypeError(f"teacher_topk_ids must be an integer tensor (-1 = padding), got dtype {ids.dtype}")
     if not logprobs.dtype.is_floating_point:
         raise TypeError(f"teacher_topk_logprobs must be a float tensor (float32), got dtype {logprobs.dtype}")
-    expected = f"{shape_str(lead_shape)[:-1]}, K)" if len(lead_shape) else "(K,)"
     if ids.dim() != len(lead_shape) + 1 or tuple(ids.shape[:-1]) != tuple(lead_shape):
+        # formatted only here: under torch.compile a dynamic token count cannot be formatted
+        expected = f"{shape_str(lead_shape)[:-1]}, K)" if len(lead_shape) else "(K,)"
         raise ValueError(
             f"teacher_topk_ids must be shaped {expected} to match {inputs_name} leading shape "
             f"{shape_str(lead_shape)}, got {shape_str(ids.shape)}"

@@ -165,6 +165,44 @@ if HAS_TRITON:
         return sum_p, sum_q
 
     @triton.jit
+    def logit_transform(x, scale, cap, CODE: tl.constexpr):
+        """The logit map of ``tcod_fast.ops.logit_transform`` on float32 ``x``: ``x`` (``CODE`` 0),
+        ``scale * x`` (1) or ``cap * tanh(scale * x / cap)`` (2), with ``tanh |u| = (1 - e) / (1 + e)``,
+        ``e = exp(-2 |u|)`` (absolute error a few float32 ulps of 1; ``-inf`` gives ``-cap``). Callers
+        keep off-vocabulary lanes at ``-inf`` themselves."""
+        y = x
+        if CODE == 1:
+            y = x * scale
+        if CODE == 2:
+            u = x * (scale / cap)
+            e = tl.exp(-2.0 * tl.abs(u))
+            t = (1.0 - e) / (1.0 + e)
+            y = cap * tl.where(u < 0, -t, t)
+        return y
+
+    @triton.jit
+    def mapped_logits(x, in_vocab, scale, cap, CODE: tl.constexpr):
+        """``logit_transform`` of a block of logits, ``-inf`` where ``in_vocab`` is False (off the
+        vocabulary: the map would turn those ``-inf`` into ``-cap``); ``x`` itself for ``CODE`` 0."""
+        y = x
+        if CODE != 0:
+            y = tl.where(in_vocab, logit_transform(x, scale, cap, CODE), float("-inf"))
+        return y
+
+    @triton.jit
+    def times_logit_transform_grad(g, x, scale, cap, CODE: tl.constexpr):
+        """``g * dy/dx`` of ``logit_transform`` at ``x`` (the chain rule to the untransformed logits):
+        ``dy/dx = scale * 4 e / (1 + e)^2`` with a soft cap, which keeps its relative precision where
+        ``tanh`` saturates."""
+        out = g
+        if CODE == 1:
+            out = g * scale
+        if CODE == 2:
+            e = tl.exp(-2.0 * tl.abs(x * (scale / cap)))
+            out = g * (scale * 4.0 * e / ((1.0 + e) * (1.0 + e)))
+        return out
+
+    @triton.jit
     def store_dropped_row(
         row, div_ptr, ent_ptr, logp_ptr, logq_ptr, g_ptr, g_row, n_cols,
         HAS_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,

@@ -3,7 +3,12 @@ mask, the reductions, the per-turn statistics and :class:`TurnKLResult`, what ``
 returns.
 
 Everything here works on ``N``-sized tensors (turn ids, masks, per-token values), never on
-``N x V`` ones, and does no host synchronisation except where documented (``num_turns``).
+``N x V`` ones, and does no host synchronisation except where documented (``num_turns``,
+:func:`cu_seqlens_from_position_ids`).
+
+Sequences: a padded ``(B, T)`` batch holds one sequence per row; a packed (padding-free) batch
+holds ``S`` sequences end to end in one row, their bounds in ``cu_seqlens``. Both become a
+per-token sequence index (:class:`TurnLayout`), from which everything per sequence is computed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ class TurnKLResult:
 
     Per-token tensors have the logits' leading shape (``(B, T)`` or ``(N,)``) and hold 0 at
     dropped tokens (``turn_id < 0`` or outside the window). Per-turn tensors are shaped
-    ``(B, num_turns)`` (``B = 1`` for ``(N, V)`` inputs) and only count kept tokens.
+    ``(S, num_turns)``, one row per sequence (``S = B`` for ``(B, T, V)`` inputs, 1 for
+    ``(N, V)`` inputs, ``len(cu_seqlens) - 1`` for a packed batch), and only count kept tokens.
 
     Attributes:
         loss: the reduced loss (scalar, or per-token for ``reduction="none"``); carries grad.
@@ -59,11 +65,14 @@ class TurnKLResult:
         return self.turn_kl_sum / self.turn_token_count.clamp_min(1)
 
 
-def device_check(condition: torch.Tensor, message: str) -> None:
-    """Value checks without a host sync on accelerators (asserted asynchronously there)."""
+def device_check(condition: torch.Tensor, message: str, received=None) -> None:
+    """Value checks without a host sync on accelerators (asserted asynchronously there).
+
+    ``received``: a callable naming what was received (``"got 3"``); it reads values, so only
+    the host check (CPU, eager) calls it and appends it to ``message``."""
     if condition.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(condition):
-            raise ValueError(message)
+            raise ValueError(message if received is None else f"{message}, {received()}")
     else:
         torch._assert_async(condition, message)
 
@@ -126,15 +135,15 @@ def resolve_vocab_size(v_s: int, v_t: int, vocab_size, student_name: str, teache
     return int(vocab_size)
 
 
-def _validate_window(turn_window, B, device):
+def _validate_window(turn_window, num_seqs, device, seqs="B"):
     if turn_window is None:
         return None
     if isinstance(turn_window, torch.Tensor):
         if turn_window.dtype.is_floating_point or turn_window.dtype == torch.bool:
             raise TypeError(f"turn_window tensor must be integer, got dtype {turn_window.dtype}")
-        if tuple(turn_window.shape) != (B, 2):
+        if tuple(turn_window.shape) != (num_seqs, 2):
             raise ValueError(
-                f"turn_window tensor must be shaped (B, 2) = ({B}, 2) (one [lo, hi) per sequence), "
+                f"turn_window tensor must be shaped ({seqs}, 2) = ({num_seqs}, 2) (one [lo, hi) per sequence), "
                 f"got {shape_str(turn_window.shape)}"
             )
         if turn_window.device != device:
@@ -151,21 +160,121 @@ def _validate_window(turn_window, B, device):
     return (int(lo), int(hi))
 
 
+def check_cu_seqlens(cu_seqlens, lead_shape, device, inputs_name: str = "the logits") -> None:
+    """Checks ``cu_seqlens`` (FlashAttention's varlen convention: ``(S + 1,)`` int32/int64,
+    ``cu_seqlens[0] == 0``, non-decreasing, ``cu_seqlens[-1] == N``) against the inputs' leading
+    shape, which must be one packed row, ``(N,)`` or ``(1, N)``. The value checks are
+    :func:`device_check`'s (no host sync on accelerators)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] == 0:
+        raise ValueError(
+            f"cu_seqlens must be 1-D, shaped (S + 1,) for S >= 0 packed sequences, got shape {shape_str(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {inputs_name} are on {device}")
+    if len(lead_shape) != 1 and lead_shape[0] != 1:
+        raise ValueError(
+            f"cu_seqlens marks the sequences of one packed row, so {inputs_name} must have leading shape (N,) or "
+            f"(1, N), got {shape_str(lead_shape)}"
+        )
+    n = lead_shape[-1]
+    device_check(cu_seqlens[0] == 0, "cu_seqlens[0] must be 0", lambda: f"got {int(cu_seqlens[0])}")
+    rises = cu_seqlens[1:] >= cu_seqlens[:-1]
+
+    def first_decrease():
+        at = int((~rises).nonzero()[0, 0])
+        return f"got {int(cu_seqlens[at])} then {int(cu_seqlens[at + 1])} at entries {at} and {at + 1}"
+
+    device_check(rises.all(), "cu_seqlens must be non-decreasing", first_decrease)
+    device_check(
+        cu_seqlens[-1] == n, f"cu_seqlens[-1] must equal the number of tokens N = {n} of {inputs_name}",
+        lambda: f"got {int(cu_seqlens[-1])}",
+    )
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """The ``cu_seqlens`` of a packed row from its ``position_ids``, which restart at 0 at every
+    sequence (as padding-free trainers build them: verl's ``use_remove_padding``, TRL's
+    ``padding_free``).
+
+    Args:
+        position_ids: integer ``(N,)`` or ``(1, N)``, each token's position in its sequence. A
+            sequence starts wherever it is 0; the first token must start one.
+
+    Returns:
+        ``(S + 1,)`` int32 on ``position_ids``' device: ``[0, start_1, ..., start_{S-1}, N]``,
+        FlashAttention's varlen convention (``[0]`` when ``N = 0``).
+
+    Synchronises with the host: the number of sequences, so the output's size, depends on the
+    values. Build ``cu_seqlens`` where the batch is built (in the collator), not inside a
+    compiled loss.
+    """
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        position_ids = position_ids[0]
+    if position_ids.dim() != 1:
+        raise ValueError(f"position_ids must be shaped (N,) or (1, N), got {shape_str(position_ids.shape)}")
+    starts = (position_ids == 0).nonzero().flatten()
+    if position_ids.shape[0] and (starts.numel() == 0 or int(starts[0]) != 0):
+        raise ValueError(
+            f"position_ids must be 0 at the first token (it starts the first sequence), got {int(position_ids[0])}"
+        )
+    return torch.cat([starts, starts.new_full((1,), position_ids.shape[0])]).to(torch.int32)
+
+
+def _sequence_index(cu_seqlens, B: int, T: int, device) -> tuple[torch.Tensor, int]:
+    """The sequence of every token ``(B, T)`` int64, and the number of sequences: row ``b`` is
+    sequence ``b`` without ``cu_seqlens``; with it (``B = 1``), token ``n`` is in sequence ``s``
+    iff ``cu_seqlens[s] <= n < cu_seqlens[s + 1]``."""
+    if cu_seqlens is None:
+        return torch.arange(B, device=device).unsqueeze(1).expand(B, T), B
+    ends = cu_seqlens[1:].long().contiguous()
+    seq_index = torch.searchsorted(ends, torch.arange(T, device=device), right=True)
+    return seq_index.view(1, T), cu_seqlens.shape[0] - 1
+
+
+def sequence_sums(values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """Sum of per-token ``values`` per sequence, ``(num_seqs,)``.
+
+    Each sequence's tokens are added one at a time in token order (``index_add``; on CPU a
+    sequential loop), so a packed batch and its padded twin, whose padding adds exact zeros, give
+    the same sums bit for bit."""
+    out = torch.zeros(num_seqs, dtype=values.dtype, device=values.device)
+    return out.index_add(0, seq_index.reshape(-1), values.reshape(-1))
+
+
 @dataclass
 class TurnLayout:
-    """The prepared turn structure of a batch: which tokens are kept, their weights, their turn.
+    """The prepared turn structure of a batch: which tokens are kept, their weights, their turn
+    and their sequence.
+
+    A padded ``(B, T)`` batch is the case where sequence ``b`` is row ``b``; a packed batch is one
+    row ``(1, N)`` of ``S`` sequences. Everything per sequence (windows, turn weights, the
+    per-sequence reductions and statistics) goes through ``seq_index``, for both.
 
     Attributes:
-        B, T: sequences and tokens per sequence (``B = 1`` for ``(N, ...)`` inputs).
+        B, T: rows and tokens per row as the kernels see them (``B = 1`` for ``(N, ...)`` inputs).
         flat: the inputs were ``(N, ...)``; per-token outputs are returned as ``(N,)``.
+        num_seqs: ``S``, the sequences: the ``B`` rows, or ``len(cu_seqlens) - 1``.
+        seq_index: ``(B, T)`` int64, the sequence of every token.
         keep: ``(B, T)`` bool, the tokens that take part.
+        turn_index: ``(B, T)`` int64, the turn of every kept token (0 at dropped ones).
         target_ids: ``(B, T)`` int64, contiguous, or None.
+        turn_weights: ``(S, num_turns)`` float, or None.
         num_turns: width of the per-turn tensors, or None when nothing needs them.
     """
 
     B: int
     T: int
     flat: bool
+    num_seqs: int
+    seq_index: torch.Tensor
     keep: torch.Tensor
     turn_index: torch.Tensor
     target_ids: torch.Tensor | None
@@ -180,15 +289,20 @@ class TurnLayout:
         """``keep * turn_weight`` per token: what multiplies each token's divergence."""
         weight = self.keep.to(dtype)
         if self.turn_weights is not None:
-            weight = weight * self.turn_weights.to(dtype).gather(1, self.turn_index)
+            weight = weight * self.turn_weights.to(dtype)[self.seq_index, self.turn_index]
         return weight
 
     def per_turn_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum of ``values`` over kept tokens per (sequence, turn): ``(B, num_turns)``."""
-        flat_turn = (torch.arange(self.B, device=values.device).unsqueeze(1) * self.num_turns + self.turn_index).reshape(-1)
-        kept_values = (values * self.keep.to(values.dtype)).reshape(-1)
-        out = torch.zeros(self.B * self.num_turns, dtype=values.dtype, device=values.device)
-        return out.index_add(0, flat_turn, kept_values).view(self.B, self.num_turns)
+        """Sum of ``values`` over kept tokens per (sequence, turn): ``(S, num_turns)``, each
+        group's tokens added in token order (see :func:`sequence_sums`)."""
+        group = self.seq_index * self.num_turns + self.turn_index
+        kept_values = values * self.keep.to(values.dtype)
+        return sequence_sums(kept_values, group, self.num_seqs * self.num_turns).view(self.num_seqs, self.num_turns)
+
+    def sum_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of per-token ``values`` ``(B, T)``: sequence by sequence, then over the
+        sequences, so a packed batch and its padded twin add the same terms in the same order."""
+        return sequence_sums(values, self.seq_index, self.num_seqs).sum()
 
     def token_coefficients(self, reduction: str, dtype: torch.dtype) -> torch.Tensor | None:
         """``d loss / d div`` per token ``(B, T)`` (None for ``"none"``).
@@ -205,12 +319,12 @@ class TurnLayout:
         if reduction == "mean":
             return weight / keep_f.sum().clamp_min(1.0)
         if reduction == "seq_mean_token_mean":
-            seq_count = keep_f.sum(1, keepdim=True)
+            seq_count = sequence_sums(keep_f, self.seq_index, self.num_seqs)
             num_seqs = (seq_count > 0).sum().clamp_min(1).to(dtype)
-            return weight / seq_count.clamp_min(1.0) / num_seqs
+            return weight / seq_count[self.seq_index].clamp_min(1.0) / num_seqs
         turn_count = self.per_turn_sum(torch.ones_like(keep_f))  # turn_mean
         num_groups = (turn_count > 0).sum().clamp_min(1).to(dtype)
-        return weight / turn_count.gather(1, self.turn_index).clamp_min(1.0) / num_groups
+        return weight / turn_count[self.seq_index, self.turn_index].clamp_min(1.0) / num_groups
 
     def reduce(self, div: torch.Tensor, reduction: str, coefficients: torch.Tensor | None = None) -> torch.Tensor:
         """The loss from per-token divergences ``(B, T)``; 0 (with zero gradient) if nothing is kept.
@@ -221,7 +335,7 @@ class TurnLayout:
             return self.lead(div * self.token_weight(div.dtype))
         if coefficients is None:
             coefficients = self.token_coefficients(reduction, div.dtype)
-        return (coefficients.to(div.dtype) * div).sum()
+        return self.sum_tokens(coefficients.to(div.dtype) * div)
 
     def result(self, loss, div, entropy, logp, logq) -> TurnKLResult:
         """Assemble the stats object from the per-token outputs of one pass."""
@@ -254,16 +368,23 @@ def prepare_turns(
     reduction: str,
     return_stats: bool,
     num_turns,
+    cu_seqlens=None,
     inputs_name: str = "the logits",
 ) -> TurnLayout:
     """Check the turn keywords against the leading shape and build the keep mask.
 
     A token is kept iff ``turn_id >= 0 and lo <= turn_id < hi``. ``num_turns`` defaults to
     ``turn_weights.shape[-1]``, else ``max(turn_ids) + 1`` (one host sync, only when per-turn
-    tensors are needed: pass ``num_turns`` to avoid it).
+    tensors are needed: pass ``num_turns`` to avoid it). ``cu_seqlens`` (``(S + 1,)``, see
+    :func:`check_cu_seqlens`) makes the one row of a ``(N,)`` or ``(1, N)`` leading shape ``S``
+    sequences: windows and turn weights are then given per packed sequence.
     """
     flat = len(lead_shape) == 1
     B, T = (1, lead_shape[0]) if flat else (lead_shape[0], lead_shape[1])
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, lead_shape, device, inputs_name)
+    seq_index, num_seqs = _sequence_index(cu_seqlens, B, T, device)
+    seqs = "B" if cu_seqlens is None else "S"  # what the messages call the number of sequences
     if turn_ids is not None:
         check_int_tensor("turn_ids", turn_ids, lead_shape, device)
     if target_ids is not None:
@@ -273,14 +394,16 @@ def prepare_turns(
                 ((target_ids >= 0) & (target_ids < vocab_size)).all(),
                 f"target_ids must lie in [0, vocab_size={vocab_size})",
             )
-    window = _validate_window(turn_window, B, device)
+    window = _validate_window(turn_window, num_seqs, device, seqs)
     if turn_weights is not None:
         if not isinstance(turn_weights, torch.Tensor) or not turn_weights.dtype.is_floating_point:
-            raise TypeError(f"turn_weights must be a float tensor shaped (B, num_turns), got {turn_weights!r:.80}")
-        if turn_weights.dim() == 1 and flat:
+            raise TypeError(f"turn_weights must be a float tensor shaped ({seqs}, num_turns), got {turn_weights!r:.80}")
+        if turn_weights.dim() == 1 and flat and cu_seqlens is None:
             turn_weights = turn_weights.unsqueeze(0)
-        if turn_weights.dim() != 2 or turn_weights.shape[0] != B:
-            raise ValueError(f"turn_weights must be shaped (B, num_turns) with B={B}, got {shape_str(turn_weights.shape)}")
+        if turn_weights.dim() != 2 or turn_weights.shape[0] != num_seqs:
+            raise ValueError(
+                f"turn_weights must be shaped ({seqs}, num_turns) with {seqs}={num_seqs}, got {shape_str(turn_weights.shape)}"
+            )
         if turn_weights.device != device:
             raise ValueError(f"turn_weights is on {turn_weights.device} but {inputs_name} are on {device}")
         if num_turns is not None and num_turns != turn_weights.shape[1]:
@@ -297,7 +420,8 @@ def prepare_turns(
     if isinstance(window, tuple):
         keep = keep & (ids >= window[0]) & (ids < window[1])
     elif window is not None:
-        keep = keep & (ids >= window[:, :1]) & (ids < window[:, 1:])
+        seq_window = window[seq_index]  # (B, T, 2): the [lo, hi) of each token's sequence
+        keep = keep & (ids >= seq_window[..., 0]) & (ids < seq_window[..., 1])
     turn_index = torch.where(keep, ids, torch.zeros_like(ids))
 
     need_turns = return_stats or reduction == "turn_mean" or turn_weights is not None
@@ -309,6 +433,8 @@ def prepare_turns(
         B=B,
         T=T,
         flat=flat,
+        num_seqs=num_seqs,
+        seq_index=seq_index,
         keep=keep,
         turn_index=turn_index,
         # contiguous: the kernels read row r's target at offset r (input_ids[:, 1:] is a strided view)

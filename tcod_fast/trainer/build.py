@@ -6,10 +6,12 @@ Nothing here downloads: models and tokenizers come from local folders, or are bu
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import masking_utils
 
 from tcod_fast.envs.pool import EnvPool, PoolConfig
 from tcod_fast.envs.registry import EnvSpec, get_env_family
@@ -126,6 +128,51 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+#: Attention implementations of transformers that keep the sequences of a padding-free row
+#: apart when the model is called with ``attention_mask=None`` and ``position_ids`` restarting
+#: at 0: the masks of ``eager``, ``sdpa`` and ``flex_attention`` are built by
+#: ``masking_utils.create_causal_mask``, which finds the packed sequences from the positions;
+#: flash attention derives its ``cu_seqlens`` from them.
+PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def keeps_packed_sequences_apart(model: torch.nn.Module) -> bool:
+    """Whether ``model`` keeps the sequences of a padding-free row apart: its attention
+    implementation is one of :data:`PADDING_FREE_ATTENTION` and its decoder builds its mask
+    with transformers' ``create_causal_mask`` (or uses flash attention)."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention not in PADDING_FREE_ATTENTION or not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return False
+    decoder_module = sys.modules.get(type(getattr(model, "base_model", model)).__module__)
+    return attention.startswith("flash_attention") or hasattr(decoder_module, "create_causal_mask")
+
+
+#: Attention implementations whose cost on a padding-free row stays per sequence (flash
+#: attention's varlen kernels) or per block of the block-diagonal mask (flex attention).
+#: ``eager`` and ``sdpa`` keep packed sequences apart too, but through a dense ``N x N`` mask
+#: over the whole row: on the demo's model that made a step 1.3x slower than padding
+#: (benchmarks/results/padding_free_cpu.json), so ``auto`` keeps them padded.
+PER_SEQUENCE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def padding_free(packing: str, *models: torch.nn.Module | None) -> bool:
+    """``loss.packing`` for these models: ``auto`` is padding-free when every model keeps
+    packed sequences apart at a per-sequence cost (:data:`PER_SEQUENCE_ATTENTION`);
+    ``padding_free`` for a model that does not keep them apart is a
+    :class:`~tcod_fast.errors.UserError`."""
+    present = [m for m in models if m is not None]
+    unable = [m for m in present if not keeps_packed_sequences_apart(m)]
+    if packing == "auto":
+        return not unable and all(getattr(m.config, "_attn_implementation", None) in PER_SEQUENCE_ATTENTION for m in present)
+    if packing == "padding_free" and unable:
+        names = ", ".join(f"{type(m).__name__} (attention {getattr(m.config, '_attn_implementation', None)!r})" for m in unable)
+        raise UserError(
+            f"loss.packing='padding_free' needs models whose attention keeps packed sequences apart "
+            f"({', '.join(PADDING_FREE_ATTENTION)} with transformers' causal masks), got {names}; use loss.packing=padded"
+        )
+    return packing == "padding_free"
 
 
 def build_model(path: str | None, tiny: TinyModelConfig, tokenizer, *, dtype: torch.dtype = torch.float32):

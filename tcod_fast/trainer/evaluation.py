@@ -86,7 +86,9 @@ def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Seq
     turn_kl_sum = torch.zeros(len(trajectories), run.max_turns)
     turn_count = torch.zeros(len(trajectories), run.max_turns)
     no_signal = LossCoefficients(run.config.loss.kl_coef, 0.0, None)
-    groups = micro_batches(trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens)
+    groups = micro_batches(
+        trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens, padding_free=run.padding_free
+    )
     parallel.pad_micro_batches(run, len(groups), with_grad=False)  # FSDP2: equal counts
     for group in groups:
         out = compute_loss(

@@ -350,7 +350,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     def parts(indices):
         return [
             ([trajectories[i] for i in group], [plans[i] for i in group], advantages.sequence[group], group)
-            for group in micro_batches(trajectories, indices, mode, budget)
+            for group in micro_batches(trajectories, indices, mode, budget, padding_free=run.padding_free)
         ]
 
     # PPO with several updates: log-probs of the rollout policy, before any update.

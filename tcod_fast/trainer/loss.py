@@ -74,26 +74,47 @@ def trained_token_count(trajectory: Any, plan: EpisodePlan) -> int:
 # ======================================================================================
 @dataclass
 class PackedMicroBatch:
-    """A micro-batch as padded token rows.
+    """A micro-batch as token rows: padded (one sequence per row) or padding-free (every
+    sequence end to end in one row, its bounds in ``cu_seqlens``).
 
     Attributes:
         model_inputs: keyword arguments of the models' forward.
-        target_ids: ``(R, T)`` int64, the token each position predicts.
+        target_ids: ``(R, T)`` int64, the token each position predicts (``R = 1`` and
+            ``T = N``, the micro-batch's tokens, when padding-free).
         turn_ids: ``(R, T)`` int64, the target token's turn index where it is trained
             (a student token inside its plan's turn window, index ``< num_turns``), else -1.
         trained: ``(R, T)`` bool, ``turn_ids >= 0``: the window mask every step uses.
-        row_episode: ``(R,)`` int64, the episode (index into the micro-batch) of each row.
+        sequence_episode: ``(S,)`` int64, the episode (index into the micro-batch) of each
+            sequence (one per episode in ``append`` mode, one per student turn in ``window``
+            mode); padded, sequence ``s`` is row ``s``.
         num_episodes: ``E``.
         num_turns: ``n``, columns of the per-turn statistics.
+        cu_seqlens: padding-free: ``(S+1,)`` int64, sequence ``s`` is tokens
+            ``cu_seqlens[s]:cu_seqlens[s+1]`` of the row; ``None`` when padded.
+        token_place: padding-free: ``(sequence, position)`` of every token of the row, each
+            ``(N,)`` int64, for :meth:`per_sequence`.
     """
 
     model_inputs: dict
     target_ids: torch.Tensor
     turn_ids: torch.Tensor
     trained: torch.Tensor
-    row_episode: torch.Tensor
+    sequence_episode: torch.Tensor
     num_episodes: int
     num_turns: int
+    cu_seqlens: torch.Tensor | None = None
+    token_place: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def per_sequence(self, values: torch.Tensor, fill: float | int | bool = 0) -> torch.Tensor:
+        """A per-token tensor ``(R, T, ...)`` as one row per sequence ``(S, L, ...)``, ``fill``
+        past each sequence's end: itself when padded; when padding-free, the row cut at
+        ``cu_seqlens`` (differentiable; ``O(N)``, never ``N x V``)."""
+        if self.cu_seqlens is None:
+            return values
+        sequence, position = self.token_place
+        longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        shape = (len(self.cu_seqlens) - 1, longest, *values.shape[2:])
+        return values.new_full(shape, fill).index_put((sequence, position), values[0])
 
 
 def pack_micro_batch(
@@ -104,27 +125,40 @@ def pack_micro_batch(
     pad_token_id: int,
     num_turns: int,
     device: torch.device | str = "cpu",
+    padding_free: bool = False,
 ) -> PackedMicroBatch:
-    """Pack ``trajectories`` (played under ``plans``) into padded rows on ``device``.
+    """Pack ``trajectories`` (played under ``plans``) into token rows on ``device``.
 
-    ``context_mode`` is ``append`` (one row per episode) or ``window`` (one row per
-    student turn). Turn ids outside a plan's ``turn_window`` or ``>= num_turns`` become -1.
+    ``context_mode`` is ``append`` (one sequence per episode) or ``window`` (one sequence per
+    student turn). Padded, each sequence is a row, right-padded to the longest; with
+    ``padding_free``, the sequences lie end to end in one row whose ``position_ids`` restart
+    at 0 at every sequence and no attention mask (the model keeps the sequences apart, see
+    :func:`padding_free_attention`). Turn ids outside a plan's ``turn_window`` or
+    ``>= num_turns`` become -1.
     """
-    batch = pack_trajectories(
-        trajectories, PackingConfig(mode=context_mode, layout="padded", pad_token_id=pad_token_id)
-    ).to(device)
+    # padding-free: one row with room for every token the micro-batch's sequences can have
+    room = sum(len(t.token_ids) + sum(len(turn.window_prompt_token_ids) for turn in t.turns) for t in trajectories)
+    layout = "packed" if padding_free else "padded"
+    config = PackingConfig(mode=context_mode, layout=layout, pad_token_id=pad_token_id, max_row_tokens=room if padding_free else None)
+    batch = pack_trajectories(trajectories, config).to(device)
     turn_ids = apply_turn_windows(batch, turn_windows_tensor(plans))
-    # turn ids are turn indices, < num_turns; the statistics are (rows, num_turns)
+    # turn ids are turn indices, < num_turns; the statistics are (sequences, num_turns)
     turn_ids = torch.where(turn_ids < num_turns, turn_ids, torch.full_like(turn_ids, -1))
-    return PackedMicroBatch(
-        model_inputs=batch.model_inputs(),
+    packed = PackedMicroBatch(
+        model_inputs={k: v for k, v in batch.model_inputs().items() if v is not None},
         target_ids=batch.target_ids,
         turn_ids=turn_ids,
         trained=turn_ids >= 0,
-        row_episode=batch.sequence_trajectory_index.to(device),  # padded layout: row == sequence
+        sequence_episode=batch.sequence_trajectory_index.to(device),
         num_episodes=len(trajectories),
         num_turns=num_turns,
     )
+    if padding_free:
+        lengths = batch.sequence_lengths.to(device)
+        packed.cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        sequence = batch.sequence_ids[0]
+        packed.token_place = (sequence, batch.position_ids[0])
+    return packed
 
 
 # ======================================================================================
@@ -200,8 +234,8 @@ def turn_kl_statistics(
     KL is then a diagnostic).
 
     Returns:
-        A ``TurnKLResult`` with ``(R, n)`` per-turn sums and the sampled tokens'
-        log-probs, or ``None`` without a teacher.
+        A ``TurnKLResult`` with ``(S, n)`` per-(sequence, turn) sums (``S = R`` when padded)
+        and the sampled tokens' log-probs, or ``None`` without a teacher.
     """
     options = dict(
         target_ids=packed.target_ids,
@@ -212,6 +246,8 @@ def turn_kl_statistics(
         num_turns=packed.num_turns,
         backend=backend,
     )
+    if packed.cu_seqlens is not None:  # padding-free: per-sequence statistics from the bounds
+        options["cu_seqlens"] = packed.cu_seqlens
     if sparse_teacher is None and outputs.teacher is None:
         return None
     if outputs.hidden:
@@ -264,7 +300,7 @@ def episode_turn_statistics(stats, packed: PackedMicroBatch) -> EpisodeTurnStats
     def per_episode(row_values):
         if row_values is None:
             return None
-        return zeros.index_add(0, packed.row_episode, row_values.float())
+        return zeros.index_add(0, packed.sequence_episode, row_values.float())
 
     return EpisodeTurnStats(
         kl_sum=per_episode(stats.turn_kl_sum),
@@ -307,13 +343,13 @@ def opd_term(
     row_turn_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``opd_coef * sum_t w_{k(t)} D_t / normaliser`` over the trained tokens, with ``D_t``
-    the per-token divergence of ``stats`` and ``w`` the ``(R, n)`` per-row turn weights
+    the per-token divergence of ``stats`` and ``w`` the ``(S, n)`` per-sequence turn weights
     (``None``: 1, the summed loss of the fused op itself). Scalar, with grad."""
     if row_turn_weights is None:
         divergence_sum = stats.loss
     else:
-        token_weights = objectives.broadcast_turn_weights(row_turn_weights, packed.turn_ids)
-        divergence_sum = (stats.kl * token_weights).sum()
+        token_weights = objectives.broadcast_turn_weights(row_turn_weights, packed.per_sequence(packed.turn_ids, -1))
+        divergence_sum = (packed.per_sequence(stats.kl) * token_weights).sum()
     return opd_coef * divergence_sum / normaliser
 
 
@@ -329,7 +365,8 @@ class PPOTerm:
             update's token mean (``* trained / normaliser``); with grad.
         stats: ``ppo/<name>`` -> statistic times this micro-batch's trained tokens (sum
             them over micro-batches and divide by ``normaliser`` for the update's mean).
-        old_logprobs: ``(R, T)`` rollout-policy log-probs used for the ratio.
+        old_logprobs: ``(S, L)`` rollout-policy log-probs used for the ratio, one row per
+            sequence.
     """
 
     loss: torch.Tensor
@@ -365,23 +402,25 @@ def ppo_term(
         sequence_advantages: ``(E,)`` one advantage per episode (GRPO; zeros without).
         coefficients: ``grpo_coef`` weighs the sequence advantage; with
             ``teacher_logprobs`` (the sampled-token OPD estimator) ``opd_coef`` weighs
-            the OPD advantage, turn-weighted by ``row_turn_weights (R, n)``.
+            the OPD advantage, turn-weighted by ``row_turn_weights (S, n)``.
         teacher_logprobs: ``(R, T)`` ``log q`` of the sampled tokens, or ``None`` when the
             OPD term is not in the surrogate.
         sampled_kl: ``k1`` or ``k3`` estimator of the sampled OPD advantage.
-        old_logprobs: ``(R, T)`` rollout-policy log-probs; ``None`` uses the current ones
-            (detached), the on-policy first update.
+        old_logprobs: ``(S, L)`` rollout-policy log-probs, one row per sequence (what an
+            earlier call returned); ``None`` uses the current ones (detached), the on-policy
+            first update.
     """
-    trained = packed.trained
-    logprobs = sampled_token_logprobs(student_logits, packed.target_ids)
+    # one row per sequence from here on (the padded rows as they are, a padding-free row cut)
+    trained, turn_ids = packed.per_sequence(packed.trained, False), packed.per_sequence(packed.turn_ids, -1)
+    logprobs = packed.per_sequence(sampled_token_logprobs(student_logits, packed.target_ids))
     logprobs = torch.where(trained, logprobs, torch.zeros_like(logprobs))
     old = old_logprobs.to(logprobs.device) if old_logprobs is not None else logprobs.detach()
     if teacher_logprobs is not None:
-        teacher_logprobs = torch.where(trained, teacher_logprobs, torch.zeros_like(old))
+        teacher_logprobs = torch.where(trained, packed.per_sequence(teacher_logprobs), torch.zeros_like(old))
     advantages = objectives.token_advantages(
         old,
-        packed.turn_ids,
-        sequence_advantages.to(logprobs.device)[packed.row_episode],
+        turn_ids,
+        sequence_advantages.to(logprobs.device)[packed.sequence_episode],
         opd_coef=coefficients.opd_coef,
         grpo_coef=coefficients.grpo_coef,
         teacher_logprobs=teacher_logprobs,
@@ -408,28 +447,32 @@ def ppo_term(
 # ======================================================================================
 # 7. the micro-batch loss, from these steps; micro-batches of whole episodes
 # ======================================================================================
-def _rows_cost(trajectory, mode: str) -> tuple[int, int]:
-    """(rows, longest row) this trajectory adds to a padded micro-batch."""
+def _sequence_lengths(trajectory, mode: str) -> list[int]:
+    """Tokens of each sequence this trajectory adds to a micro-batch."""
     if mode == "append":
-        return 1, len(trajectory.token_ids)
-    lengths = [len(t.window_prompt_token_ids) + len(t.response_token_ids) for t in trajectory.turns if t.is_student]
-    return len(lengths), max(lengths, default=0)
+        return [len(trajectory.token_ids)]
+    return [len(t.window_prompt_token_ids) + len(t.response_token_ids) for t in trajectory.turns if t.is_student]
 
 
-def micro_batches(trajectories: Sequence[Any], indices: Sequence[int], mode: str, budget: int) -> list[list[int]]:
-    """Split episode ``indices`` into groups whose padded size (rows x longest row) fits
-    ``budget`` tokens; whole episodes only (T-DUR/SOD weights are per episode)."""
+def micro_batches(
+    trajectories: Sequence[Any], indices: Sequence[int], mode: str, budget: int, *, padding_free: bool = False
+) -> list[list[int]]:
+    """Split episode ``indices`` into groups whose size fits ``budget`` tokens: padded, rows x
+    longest row; ``padding_free``, the tokens themselves. Whole episodes only (T-DUR/SOD
+    weights are per episode)."""
+    def size(lengths: list[int]) -> int:
+        return sum(lengths) if padding_free else len(lengths) * max(lengths, default=0)
+
     groups: list[list[int]] = []
     current: list[int] = []
-    rows = longest = 0
+    current_lengths: list[int] = []
     for index in indices:
-        extra_rows, length = _rows_cost(trajectories[index], mode)
-        new_rows, new_longest = rows + extra_rows, max(longest, length)
-        if current and new_rows * new_longest > budget:
+        lengths = _sequence_lengths(trajectories[index], mode)
+        if current and size(current_lengths + lengths) > budget:
             groups.append(current)
-            current, new_rows, new_longest = [], extra_rows, length
+            current, current_lengths = [], []
         current.append(index)
-        rows, longest = new_rows, new_longest
+        current_lengths += lengths
     if current:
         groups.append(current)
     return groups
@@ -511,6 +554,7 @@ def compute_loss(
         pad_token_id=run.tokenizer.pad_token_id,
         num_turns=run.max_turns,
         device=run.device,
+        padding_free=run.padding_free,
     )
     with torch.enable_grad() if with_grad else torch.no_grad():
         outputs = forward_models(
@@ -533,7 +577,7 @@ def compute_loss(
         )
         turn_stats = episode_turn_statistics(stats, packed)
         episode_weights = turn_weights(turn_stats, coefficients.turn_weighting, sod_delta=settings.sod_delta)
-        row_turn_weights = episode_weights[packed.row_episode] if episode_weights is not None else None
+        row_turn_weights = episode_weights[packed.sequence_episode] if episode_weights is not None else None
 
         loss = torch.zeros((), device=run.device)
         kl_term = 0.0

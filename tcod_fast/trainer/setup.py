@@ -77,6 +77,7 @@ class TrainingRun:
     use_bf16: bool
     state: RunState = field(default_factory=RunState)
     served_teacher: Any = None  # a ServedTeacher when teacher.server_url is set
+    padding_free: bool = False  # loss.packing resolved for the run's models
     vllm_engines: dict = field(default_factory=dict)  # rollout.backend='vllm': name -> VLLMGenerator
 
     @property
@@ -272,6 +273,7 @@ def _build_run(
         teacher.eval().requires_grad_(False)
         teacher = parallel.prepare_teacher(teacher, trainer.parallelism, context, mode=trainer.fsdp_teacher)
 
+    use_padding_free = build.padding_free(config.loss.packing, student, teacher)
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad],
         lr=trainer.lr,
@@ -304,6 +306,7 @@ def _build_run(
         student=student,
         teacher=teacher,
         served_teacher=served_teacher,
+        padding_free=use_padding_free,
         optimizer=optimizer,
         scheduler=scheduler,
         sampler=sampler,

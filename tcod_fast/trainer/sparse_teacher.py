@@ -64,25 +64,30 @@ def in_process_sparse_teacher(teacher_logits: torch.Tensor, packed, top_k: int) 
 
 
 def served_sparse_teacher(teacher, packed) -> SparseTeacher:
-    """Top-K maps of ``packed`` (padded layout: one sequence per row, from column 0) from a
-    :class:`~tcod_fast.rollout.served_teacher.ServedTeacher`. Only rows with a trained
-    token are sent."""
+    """Top-K maps of ``packed`` from a :class:`~tcod_fast.rollout.served_teacher.ServedTeacher`:
+    each sequence is scored on its own (a padded row from column 0, or a padding-free row's
+    span between two ``cu_seqlens`` bounds). Only sequences with a trained token are sent."""
     trained = packed.trained.cpu()
     input_ids = packed.model_inputs["input_ids"].cpu()
-    lengths = packed.model_inputs["attention_mask"].sum(-1).cpu().tolist()
+    if packed.cu_seqlens is None:
+        lengths = packed.model_inputs["attention_mask"].sum(-1).cpu().tolist()
+        spans = [(row, 0, int(length)) for row, length in enumerate(lengths)]
+    else:
+        bounds = packed.cu_seqlens.cpu().tolist()
+        spans = [(0, start, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
     rows, positions = input_ids.shape
     top_k = teacher.top_k
     topk_ids = torch.full((rows, positions, top_k), -1, dtype=torch.int64)
     topk_logprobs = torch.zeros((rows, positions, top_k), dtype=torch.float32)
     target_logprobs = torch.zeros((rows, positions), dtype=torch.float32)
-    asked = [row for row in range(rows) if bool(trained[row].any())]
-    scores = teacher.score([input_ids[row, : int(lengths[row])].tolist() for row in asked])
-    for row, score in zip(asked, scores):
-        length = int(lengths[row])
+    asked = [(row, start, length) for row, start, length in spans if bool(trained[row, start : start + length].any())]
+    scores = teacher.score([input_ids[row, start : start + length].tolist() for row, start, length in asked])
+    for (row, start, length), score in zip(asked, scores):
         # logits at position t predict token t + 1: shift the per-token scores by one.
-        topk_ids[row, : length - 1] = score.topk_ids[1:]
-        topk_logprobs[row, : length - 1] = score.topk_logprobs[1:]
-        target_logprobs[row, : length - 1] = score.token_logprobs[1:]
+        span = slice(start, start + length - 1)
+        topk_ids[row, span] = score.topk_ids[1:]
+        topk_logprobs[row, span] = score.topk_logprobs[1:]
+        target_logprobs[row, span] = score.token_logprobs[1:]
     sparse = _append_target(topk_ids, topk_logprobs, packed.target_ids.cpu(), target_logprobs, trained)
     device = packed.target_ids.device
     return SparseTeacher(topk_ids=sparse.topk_ids.to(device), topk_logprobs=sparse.topk_logprobs.to(device))

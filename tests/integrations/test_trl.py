@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.[trl]' (part of .[all])")
 
-from trl import DistillationTrainer  # noqa: E402
 from float32_tolerances import close, gradient_tolerance, kl_tolerance  # noqa: E402
-from trl_helpers import make_trainer, random_batch, tiny_pair, tiny_tokenizer  # noqa: E402
+from trl import DistillationTrainer  # noqa: E402
+from trl_helpers import make_trainer, random_batch, tiny_gemma2_pair, tiny_pair, tiny_tokenizer  # noqa: E402
 
 from tcod_fast import fused_linear_turn_kl_reference  # noqa: E402
 from tcod_fast.integrations.trl import FusedDistillationTrainer, turn_ids_from_loss_mask  # noqa: E402
@@ -42,31 +42,67 @@ def test_turn_ids_from_loss_mask():
 @pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.5, 0.7), (1.0, 1.3)])
 @pytest.mark.parametrize("tool_mask", [False, True])
 def test_compute_loss_matches_trl(tokenizer, tmp_path, beta, temperature, tool_mask):
-    student, teacher = tiny_pair(tokenizer)
-    ours = make_trainer(FusedDistillationTrainer, tokenizer, student, teacher, tmp_path / "a", beta=beta,
-                        temperature=temperature)
-    student2, teacher2 = tiny_pair(tokenizer)
-    trl = make_trainer(DistillationTrainer, tokenizer, student2, teacher2, tmp_path / "b", beta=beta,
-                       temperature=temperature)
+    ours, trl = _both_trainers(tiny_pair, tokenizer, tmp_path, beta=beta, temperature=temperature)
     inputs = random_batch(len(tokenizer), tool_mask=tool_mask)
     for num_items in (None, torch.tensor(17.0)):
-        student.zero_grad()
-        student2.zero_grad()
-        loss, entropy, count = ours._compute_loss(student, inputs, num_items)
-        loss.backward()
-        ref_loss, ref_entropy, ref_count = trl._compute_loss(student2, inputs, num_items)
-        ref_loss.backward()
+        loss = _assert_matches_trl(ours, trl, inputs, num_items)
         assert loss.item() > 0.05  # the models disagree: the comparison is not between two zeros
-        # the same sums in the fused kernel's order: float32's bounds for them
-        tokens, vocab_size = int(ref_count), len(tokenizer)
-        torch.testing.assert_close(loss, ref_loss, **close(kl_tolerance(vocab_size, tokens)))
-        torch.testing.assert_close(entropy, ref_entropy, **close(kl_tolerance(vocab_size, tokens)))
-        assert int(count) == int(ref_count)
-        grads, ref_grads = _student_grads(student), _student_grads(student2)
-        assert grads.keys() == ref_grads.keys()
-        for name in grads:
-            tolerance = gradient_tolerance(tokens + vocab_size, float(ref_grads[name].abs().max()))
-            torch.testing.assert_close(grads[name], ref_grads[name], **tolerance, msg=name)
+
+
+def _both_trainers(make_pair, tokenizer, tmp_path, **kwargs):
+    """Ours and TRL's trainer, each on its own copy of ``make_pair(tokenizer)`` (student, teacher)."""
+    return tuple(make_trainer(trainer_class, tokenizer, *make_pair(tokenizer), tmp_path / name, **kwargs)
+                 for name, trainer_class in (("fused", FusedDistillationTrainer), ("trl", DistillationTrainer)))
+
+
+def _assert_matches_trl(ours, trl, inputs, num_items=None):
+    """``_compute_loss`` of both trainers, and the student gradients, within float32's bounds for the
+    same sums in the fused kernel's order; returns our loss."""
+    student, student2 = ours.model, trl.model
+    student.zero_grad()
+    student2.zero_grad()
+    loss, entropy, count = ours._compute_loss(student, inputs, num_items)
+    loss.backward()
+    ref_loss, ref_entropy, ref_count = trl._compute_loss(student2, inputs, num_items)
+    ref_loss.backward()
+    tokens, vocab_size = int(ref_count), student.get_output_embeddings().weight.shape[0]
+    torch.testing.assert_close(loss, ref_loss, **close(kl_tolerance(vocab_size, tokens)))
+    torch.testing.assert_close(entropy, ref_entropy, **close(kl_tolerance(vocab_size, tokens)))
+    assert int(count) == int(ref_count)
+    grads, ref_grads = _student_grads(student), _student_grads(student2)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        tolerance = gradient_tolerance(tokens + vocab_size, float(ref_grads[name].abs().max()))
+        torch.testing.assert_close(grads[name], ref_grads[name], **tolerance, msg=name)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.5, 0.7), (1.0, 1.3)])
+def test_soft_capped_models_match_trl(tokenizer, tmp_path, beta, temperature):
+    """Gemma-2-style models with final_logit_softcapping (5 on the student, 8 on the teacher): each
+    cap is read from its model's config and applied before the temperature, as TRL does; the
+    loss without the caps is far off (what a fused loss that ignored them would optimise)."""
+    ours, trl = _both_trainers(tiny_gemma2_pair, tokenizer, tmp_path, beta=beta, temperature=temperature)
+    inputs = random_batch(len(tokenizer), tool_mask=True)
+    loss = _assert_matches_trl(ours, trl, inputs)
+    assert loss.item() > 0.05
+    for model in (ours.model, ours.teacher_model):
+        model.config.final_logit_softcapping = None
+    uncapped, _, _ = ours._compute_loss(ours.model, inputs, None)
+    assert abs(uncapped.item() - loss.item()) > 0.1 * loss.item(), (uncapped.item(), loss.item())
+
+
+def test_per_model_logit_scales_match_trl(tokenizer, tmp_path):
+    """A logit scale on each model, different ones (``logit_scale`` on the student, Granite's
+    ``logits_scaling`` divisor on the teacher), each applied to its own logits."""
+    def scaled_pair(tokenizer):
+        student, teacher = tiny_pair(tokenizer)
+        student.config.logit_scale = 1.7
+        teacher.config.logits_scaling = 2.0
+        return student, teacher
+
+    ours, trl = _both_trainers(scaled_pair, tokenizer, tmp_path, beta=0.5)
+    assert _assert_matches_trl(ours, trl, random_batch(len(tokenizer))).item() > 0.05
 
 
 def test_multiturn_window_and_turn_stats_match_float64(tokenizer, tmp_path):

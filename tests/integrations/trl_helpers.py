@@ -25,6 +25,26 @@ def tiny_pair(tokenizer, vocab_size=None, initializer_range=0.4):
     return student, teacher
 
 
+def tiny_gemma2_pair(tokenizer, softcaps=(5.0, 8.0), initializer_range=0.4):
+    """Student (seed 0) and teacher (seed 1) Gemma-2-style models whose logits are soft-capped
+    (``final_logit_softcapping``, one cap each) and tied to the embeddings; the wide
+    initialisation puts raw logits well past the caps, so the cap changes the distributions."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    models = []
+    for seed, softcap in zip((0, 1), softcaps):
+        config = Gemma2Config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+            initializer_range=initializer_range, final_logit_softcapping=softcap,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        )
+        config._attn_implementation = "eager"  # Gemma 2's attention soft cap runs in eager attention
+        torch.manual_seed(seed)
+        models.append(Gemma2ForCausalLM(config))
+    return tuple(models)
+
+
 def make_trainer(trainer_class, tokenizer, student, teacher, output_dir, *, beta=0.5, temperature=1.0,
                  max_steps=2, max_completion_length=8, **trainer_kwargs):
     from datasets import Dataset

@@ -168,6 +168,29 @@ def test_packed_and_padded_forward_give_the_same_logits(two_trajectories):
     )
 
 
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "flex_attention"])
+def test_no_token_attends_across_a_sequence_boundary_of_a_packed_row(architecture, attention):
+    """With ``attention_mask=None`` and restarting ``position_ids``, every CPU attention
+    implementation of transformers keeps packed sequences apart: a sequence's logits are
+    those it has alone, and rewriting the tokens before it changes none of them."""
+    model = build_tiny_causal_lm(
+        TinyModelConfig(architecture=architecture, vocab_size=50, hidden_size=32, intermediate_size=64, seed=1)
+    )
+    model.set_attn_implementation(attention)
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randint(0, 50, (1, 7), generator=generator), torch.randint(0, 50, (1, 5), generator=generator)
+    position_ids = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
+    rewritten = torch.cat([torch.randint(0, 50, (1, 7), generator=generator), second], 1)
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=position_ids, use_cache=False).logits
+        alone = model(input_ids=second, use_cache=False).logits
+        after_rewrite = model(input_ids=rewritten, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(packed[:, 7:], alone, atol=1e-6, rtol=1e-6)
+    assert torch.equal(after_rewrite[:, 7:], packed[:, 7:])
+    assert not torch.equal(after_rewrite[:, :7], packed[:, :7])
+
+
 def test_apply_turn_windows_masks_per_trajectory(two_trajectories):
     for layout in ("padded", "packed"):
         batch = pack_trajectories(

@@ -125,7 +125,7 @@ def test_full_top_k_equals_the_full_vocabulary_kl():
     teacher = torch.randn(rows, positions, vocab, dtype=torch.float64)
     target_ids = torch.randint(vocab, (rows, positions))
     turn_ids = torch.randint(-1, 3, (rows, positions))
-    packed = SimpleNamespace(target_ids=target_ids, turn_ids=turn_ids, trained=turn_ids >= 0, num_turns=3)
+    packed = SimpleNamespace(target_ids=target_ids, turn_ids=turn_ids, trained=turn_ids >= 0, num_turns=3, cu_seqlens=None)
     sparse = in_process_sparse_teacher(teacher, packed, top_k=vocab)
     outputs = ModelOutputs(student=student, teacher=None, hidden=False)
     ours = turn_kl_statistics(outputs, packed, divergence="reverse_kl", backend="torch", sparse_teacher=sparse)

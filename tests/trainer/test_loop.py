@@ -150,3 +150,62 @@ def test_interim_evaluations_use_fewer_tasks_and_the_final_one_all(tmp_path, toy
     assert [(r["step"], r["tasks_seen"], r["tasks_unseen"]) for r in evals] == [(0, 2, 2), (1, 2, 2), (2, 4, 4)]
     with pytest.raises(ValueError, match=r"eval.interim_num_tasks must be in \[0, eval.num_tasks=4\]"):
         check_config(tiny_config(tmp_path / "bad", "eval.num_tasks=4", "eval.interim_num_tasks=5"))
+
+
+PACKING_CASES = {
+    "opd-fused-linear": ("loss.fused_linear=always",),
+    "opd-logits-window": ("loss.fused_linear=never", "env.context_mode=window"),
+    "sampled-k3-two-updates": ("loss.estimator=sampled", "loss.sampled_kl=k3", "trainer.updates_per_step=2"),
+    "topk-jsd": ("loss.estimator=topk", "loss.divergence=jsd"),
+    "atod-tdur": ("curriculum.algorithm=atod", "curriculum.episodes_per_task=2"),
+    "sod-window": ("curriculum.algorithm=sod", "curriculum.episodes_per_task=2", "env.context_mode=window"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKING_CASES), ids=list(PACKING_CASES))
+def test_padding_free_micro_batches_train_as_padded_ones(tmp_path, toy_tokenizer, case):
+    """The same step with every sequence end to end in one row (``cu_seqlens``) and with
+    padded rows: the same trained tokens, loss, KL by turn and gradient, up to the float32
+    rounding of the models' differently shaped forwards."""
+    extra = (*PACKING_CASES[case], "rollout.tasks_per_step=3")
+    padded, grads_padded = _one_step_gradient(tmp_path / "padded", toy_tokenizer, "loss.packing=padded", *extra)
+    packed, grads_packed = _one_step_gradient(tmp_path / "packed", toy_tokenizer, "loss.packing=padding_free", *extra)
+    tokens, vocab_size = int(padded["trained_tokens"]), len(toy_tokenizer)
+    assert packed["trained_tokens"] == tokens > 0
+    assert packed["loss"] == pytest.approx(padded["loss"], **kl_tolerance(vocab_size, tokens))
+    assert packed["kl_by_turn"] == pytest.approx(padded["kl_by_turn"], **kl_tolerance(vocab_size, tokens))
+    for name, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[name], grad, **gradient_tolerance(tokens + vocab_size, float(grad.abs().max())))
+
+
+def test_padding_free_micro_batches_hold_tokens_not_padded_rows(toy_tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from tcod_fast.trainer.loss import micro_batches
+
+    episodes = [SimpleNamespace(token_ids=[0] * length) for length in (10, 2, 2, 2)]
+    assert micro_batches(episodes, range(4), "append", 15) == [[0], [1, 2, 3]]  # padded: 2 rows x 10 > 15
+    assert micro_batches(episodes, range(4), "append", 15, padding_free=True) == [[0, 1, 2], [3]]  # 16 tokens > 15
+
+
+def test_padding_free_is_refused_for_a_model_whose_attention_could_mix_sequences():
+    from types import SimpleNamespace
+
+    from tcod_fast.errors import UserError
+    from tcod_fast.trainer.build import padding_free
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="paged|custom"))
+    assert padding_free("auto", model) is False and padding_free("padded", model) is False
+    with pytest.raises(UserError, match="loss.packing='padding_free' needs models whose attention keeps packed sequences apart"):
+        padding_free("padding_free", model)
+
+
+def test_auto_packing_is_padding_free_where_packed_attention_costs_per_sequence():
+    from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm
+    from tcod_fast.trainer.build import padding_free
+
+    model = build_tiny_causal_lm(TinyModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64))
+    model.set_attn_implementation("sdpa")  # keeps sequences apart, through a dense mask over the row
+    assert padding_free("auto", model) is False and padding_free("padding_free", model) is True
+    model.set_attn_implementation("flex_attention")
+    assert padding_free("auto", model, None) is True

@@ -41,7 +41,7 @@ def _micro_batch(seed=0, vocab=7):
         target_ids=torch.randint(0, vocab, (rows, length), generator=generator),
         turn_ids=TURN_IDS.clone(),
         trained=TURN_IDS >= 0,
-        row_episode=ROW_EPISODE.clone(),
+        sequence_episode=ROW_EPISODE.clone(),
         num_episodes=2,
         num_turns=NUM_TURNS,
     )
@@ -62,7 +62,7 @@ def _by_hand(packed, student, teacher):
                 continue
             a = int(packed.target_ids[r, t])
             kl = float((logp[r, t].exp() * (logp[r, t] - logq[r, t])).sum())
-            tokens.append(dict(row=r, position=t, turn=k, episode=int(packed.row_episode[r]), kl=kl, lp=float(logp[r, t, a]), lq=float(logq[r, t, a])))
+            tokens.append(dict(row=r, position=t, turn=k, episode=int(packed.sequence_episode[r]), kl=kl, lp=float(logp[r, t, a]), lq=float(logq[r, t, a])))
     return tokens
 
 
@@ -97,7 +97,7 @@ def _steps(packed, student, teacher, coefficients, normaliser, *, sod_delta=0.2,
     stats = turn_kl_statistics(outputs, packed, divergence="reverse_kl", backend="torch")
     episode_stats = episode_turn_statistics(stats, packed)
     weights = turn_weights(episode_stats, coefficients.turn_weighting, sod_delta=sod_delta)
-    row_weights = weights[packed.row_episode] if weights is not None else None
+    row_weights = weights[packed.sequence_episode] if weights is not None else None
     opd = opd_term(stats, packed, coefficients.opd_coef, normaliser, row_turn_weights=row_weights)
     sampled = ppo_options.pop("sampled", False)
     ppo = ppo_term(
@@ -116,7 +116,7 @@ def test_pack_micro_batch_masks_the_window_once():
         EpisodePlan(max_turns=4, players=("student",) * 4, turn_window=(0, 4)),
     ]
     packed = pack_micro_batch([first, second], plans, context_mode="append", pad_token_id=0, num_turns=3)
-    assert packed.num_episodes == 2 and packed.row_episode.tolist() == [0, 1]
+    assert packed.num_episodes == 2 and packed.sequence_episode.tolist() == [0, 1]
     kept = [sorted(set(row[row >= 0].tolist())) for row in packed.turn_ids]
     assert kept == [[1, 2], [0, 1]]  # outside the window (turn 0) and past num_turns (turn 3) dropped
     assert torch.equal(packed.trained, packed.turn_ids >= 0)

@@ -24,6 +24,7 @@ import torch
 from tcod_fast.ops.common import check_float_tensor, compute_dtype
 from tcod_fast.ops.fused_linear_topk_turn_kl import chunked
 from tcod_fast.ops.linear_head import check_head, fake_outputs, linear_op_backward, linear_op_forward
+from tcod_fast.ops.logit_transform import LogitTransform, resolve_logit_transforms
 from tcod_fast.ops.topk import check_tail_options, check_topk_tensors, prepare_topk
 from tcod_fast.ops.topk_turn_kl.api import resolve_backend
 from tcod_fast.ops.turns import check_options, prepare_turns
@@ -50,21 +51,24 @@ def _fused_linear_topk_forward(
     need_entropy: bool,
     chunk_rows: int,
     backend: str,
+    student_scale: float,
+    student_cap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``(div, entropy, logp_target, logq_target)`` ``(B, T)`` and the gradients of
     ``sum_n token_scale_n div_n``: ``dh (B, T, H)``, ``dW (V, H)``, ``db (V,)`` in the compute dtype
-    (empty tensors for those not asked for, or without ``token_scale``)."""
+    (empty tensors for those not asked for, or without ``token_scale``). ``student_scale``,
+    ``student_cap``: the logits' map (``tcod_fast.ops.logit_transform.LogitTransform``)."""
     return chunked.forward(
         student_hidden, student_weight, student_bias, topk_ids, topk_logprobs, keep, target_ids, token_scale,
         divergence, beta, temperature, tail, tail_eps, want_hidden_grad, want_weight_grad, want_bias_grad,
-        need_entropy, chunk_rows, backend,
+        need_entropy, chunk_rows, backend, LogitTransform(student_scale, student_cap),
     )
 
 
 @_fused_linear_topk_forward.register_fake
 def _(student_hidden, student_weight, student_bias, topk_ids, topk_logprobs, keep, target_ids, token_scale,
       divergence, beta, temperature, tail, tail_eps, want_hidden_grad, want_weight_grad, want_bias_grad, need_entropy,
-      chunk_rows, backend):
+      chunk_rows, backend, student_scale, student_cap):
     return fake_outputs(student_hidden, student_weight, student_bias, keep, token_scale, want_hidden_grad,
                         want_weight_grad, want_bias_grad)
 
@@ -80,12 +84,14 @@ class _Config:
     chunk_rows: int
     backend: str
     grad_enabled: bool
+    student_transform: LogitTransform
 
     def run(self, h, w, b, ids, logq, keep, target_ids, token_scale, want_h, want_w, want_b):
         """The custom op on these inputs (see ``tcod_fast.ops.linear_head``)."""
         return torch.ops.tcod_fast.fused_linear_topk_turn_kl_forward(
             h, w, b, ids, logq, keep, target_ids, token_scale, self.divergence, self.beta, self.temperature,
             self.tail, self.tail_eps, want_h, want_w, want_b, self.need_entropy, self.chunk_rows, self.backend,
+            *self.student_transform.as_floats(),
         )
 
 
@@ -94,12 +100,14 @@ class _FusedLinearTopkTurnKL(torch.autograd.Function):
     flow to the hidden states, weight and bias."""
 
     @staticmethod
-    def forward(ctx, h, w, b, ids, logq, keep, target_ids, coeff, config):
-        return linear_op_forward(ctx, config, coeff, h, w, b, ids, logq, keep, target_ids)
+    def forward(ctx, h, w, b, ids, logq, keep, target_ids, coeff, seq_index, num_seqs, config):
+        return linear_op_forward(
+            ctx, config, coeff, h, w, b, ids, logq, keep, target_ids, seq_index=seq_index, num_seqs=num_seqs
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, grad_div, *_unused):
-        return (*linear_op_backward(ctx, grad_loss, grad_div), None, None, None, None, None, None)
+        return (*linear_op_backward(ctx, grad_loss, grad_div), None, None, None, None, None, None, None, None)
 
 
 def fused_linear_topk_turn_kl(
@@ -118,9 +126,12 @@ def fused_linear_topk_turn_kl(
     tail: str = "bucket",
     tail_eps: float = 1e-6,
     temperature: float = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
     num_turns: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
 ):
@@ -142,6 +153,17 @@ def fused_linear_topk_turn_kl(
         student_bias: ``(V,)`` or None; receives a gradient. ``-inf`` entries ban tokens.
         turn_ids, turn_window, turn_weights, target_ids, divergence, beta, tail, tail_eps,
         temperature, reduction, return_stats, num_turns: exactly as in ``fused_topk_turn_kl``.
+        cu_seqlens: a packed (padding-free) batch, exactly as in :func:`tcod_fast.fused_turn_kl`:
+            ``(S + 1,)`` int32/int64 bounds of the ``S`` sequences laid end to end in the hidden
+            states ``(N, H)`` or ``(1, N, H)`` (and the top-k ``(N, K)`` or ``(1, N, K)``);
+            ``turn_window`` ``(S, 2)``, ``turn_weights`` ``(S, num_turns)``, the per-turn
+            statistics and the per-sequence reductions are then per packed sequence.
+        softcap, logit_scale: the student model's logit map: the logits ``z = h @ W.T + b`` become
+            ``softcap * tanh(logit_scale * z / softcap)`` (``logit_scale * z`` without a soft
+            cap) before the temperature, with the gradient through the ``tanh`` to ``h``, ``W``
+            and ``b``. Student side only, as in ``fused_topk_turn_kl`` (the teacher is given as
+            log-probs): a number is the student's; a pair's teacher entry must be None. The row
+            kernel maps each chunk's float32 slab as it reads it; nothing more is kept.
         backend: the row kernel run on each chunk: ``"auto"`` (Triton on CUDA, native C++ on CPU,
             torch for float64), ``"triton"``, ``"native"`` or ``"torch"``.
         chunk_size: kept rows per chunk. Default: as many as keep the float32 ``chunk x V`` slab
@@ -170,12 +192,13 @@ def fused_linear_topk_turn_kl(
     check_topk_tensors(teacher_topk_ids, teacher_topk_logprobs, lead_shape, vocab, device, "the hidden states")
     divergence = check_options(divergence, reduction, beta, temperature)
     check_tail_options(tail, tail_eps)
+    student_transform, _ = resolve_logit_transforms(softcap, logit_scale, teacher_logits=False)
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}")
     turns = prepare_turns(
         lead_shape, device, turn_ids=turn_ids, turn_window=turn_window, turn_weights=turn_weights,
         target_ids=target_ids, vocab_size=vocab, reduction=reduction, return_stats=return_stats,
-        num_turns=num_turns, inputs_name="the hidden states",
+        num_turns=num_turns, cu_seqlens=cu_seqlens, inputs_name="the hidden states",
     )
     dtype = compute_dtype(student_hidden, student_weight)
     if student_bias is not None and student_bias.dtype == torch.float64:
@@ -190,10 +213,11 @@ def fused_linear_topk_turn_kl(
     chunk_rows = int(chunk_size) if chunk_size is not None else chunked.default_chunk_rows(vocab)
     config = _Config(
         divergence, float(beta), float(temperature), tail, float(tail_eps), return_stats, chunk_rows, backend,
-        torch.is_grad_enabled(),
+        torch.is_grad_enabled(), student_transform,
     )
     loss, div, entropy, logp, logq = _FusedLinearTopkTurnKL.apply(
-        h, student_weight, student_bias, topk_ids, topk_logprobs, turns.keep, turns.target_ids, coeff, config
+        h, student_weight, student_bias, topk_ids, topk_logprobs, turns.keep, turns.target_ids, coeff, turns.seq_index,
+        turns.num_seqs, config,
     )
     if reduction == "none":
         loss = turns.reduce(div, reduction)

@@ -23,6 +23,7 @@ import torch
 
 from tcod_fast.ops.common import compute_dtype
 from tcod_fast.ops.linear_head import gather_rows, linear_logits
+from tcod_fast.ops.logit_transform import IDENTITY
 from tcod_fast.ops.topk_turn_kl.api import run_backend
 
 # Bytes of the chunk's float32 logits slab (R x V): 64 MiB gives R = 110 at V = 151936.
@@ -50,7 +51,7 @@ def _hidden_grad(g, weight, dtype):
 def forward(
     student_hidden, student_weight, student_bias, topk_ids, topk_logprobs, keep, target_ids, token_scale, divergence,
     beta, temperature, tail, tail_eps, want_hidden_grad, want_weight_grad, want_bias_grad, need_entropy, chunk_rows,
-    backend,
+    backend, student_transform=IDENTITY,
 ):
     """Per-token ``(div, entropy, logp_target, logq_target)`` ``(B, T)`` and the gradients of
     ``sum_n token_scale_n div_n``: ``dh (B, T, H)``, ``dW (V, H)``, ``db (V,)`` in the compute dtype
@@ -64,6 +65,9 @@ def forward(
         keep: ``(B, T)`` bool; target_ids ``(B, T)`` int64 or None; token_scale ``(B, T)`` or None.
         divergence, beta, temperature, tail, tail_eps: as in ``fused_topk_turn_kl`` (validated).
         chunk_rows: kept rows per chunk; backend: the row kernel (``"native"``, ``"triton"``, ``"torch"``).
+        student_transform: the logits' :class:`~tcod_fast.ops.logit_transform.LogitTransform` (soft
+            cap, scale); the row kernel applies it as it reads the slab and writes the gradient
+            w.r.t. the untransformed logits, so nothing more than the slab is kept for it.
     """
     B, T = keep.shape
     device = student_hidden.device
@@ -92,6 +96,7 @@ def forward(
         results = run_backend(
             backend, z.view(1, R, V), ids_rows[rows].view(1, R, -1), logq_rows[rows].view(1, R, -1), ones, tgt,
             divergence, beta, temperature, tail, tail_eps, z.view(1, R, V) if grads else None, None, need_entropy,
+            student_transform,
         )
         for out, value in zip(outs, results):
             out[rows] = value.view(R).to(dtype)

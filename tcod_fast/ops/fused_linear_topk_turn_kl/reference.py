@@ -31,6 +31,7 @@ def fused_linear_topk_turn_kl_reference(
     ``student_hidden`` ``(B, T, H)`` or ``(N, H)``, ``student_weight`` ``(V, H)`` and
     ``student_bias`` ``(V,)`` or None, then :func:`topk_turn_kl_reference` on them with the
     teacher's top-k, ``turn_ids`` and ``**options`` (backend-only keywords such as
-    ``chunk_size`` are ignored there). Gradients reach the hidden states, weight and bias."""
+    ``chunk_size`` are ignored there; ``softcap`` and ``logit_scale`` map the float64 student
+    logits there). Gradients reach the hidden states, weight and bias."""
     logits = materialise_logits(student_hidden, student_weight, student_bias)
     return topk_turn_kl_reference(logits, teacher_topk_ids, teacher_topk_logprobs, turn_ids, **options)

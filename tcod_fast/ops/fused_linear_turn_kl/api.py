@@ -37,6 +37,7 @@ import torch
 from tcod_fast.ops.common import compute_dtype, shape_str
 from tcod_fast.ops.fused_linear_turn_kl import chunked
 from tcod_fast.ops.linear_head import check_head, fake_outputs, linear_op_backward, linear_op_forward
+from tcod_fast.ops.logit_transform import as_floats, from_floats, resolve_logit_transforms
 from tcod_fast.ops.turns import check_options, prepare_turns, resolve_vocab_size
 
 try:  # the Triton backend is optional (GPU, or CPU under TRITON_INTERPRET=1)
@@ -75,10 +76,12 @@ def _fused_linear_forward(
     chunk_rows: int,
     backend: str,
     chunk_mode: str,
+    logit_transform: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``(div, entropy, logp_target, logq_target)`` ``(B, T)`` and the gradients of
     ``sum_n token_scale_n * div_n``: ``dh (B, T, H_s)``, ``dW (V_s, H_s)``, ``db (V_s,)`` in the
-    compute dtype (empty tensors for the ones not asked for, or when ``token_scale`` is None)."""
+    compute dtype (empty tensors for the ones not asked for, or when ``token_scale`` is None).
+    ``logit_transform``: ``[scale_s, cap_s, scale_t, cap_t]`` (``tcod_fast.ops.logit_transform``)."""
     B, T = keep.shape
     device = student_hidden.device
     dtype = compute_dtype(student_hidden, student_weight)
@@ -93,11 +96,12 @@ def _fused_linear_forward(
         bias_grad = torch.zeros(student_bias.shape, dtype=dtype, device=device)
     flat_targets = None if target_ids is None else target_ids.reshape(-1)
     tiling = dict(chunk_rows=chunk_rows) if backend == "triton" else dict(chunk_rows=chunk_rows, mode=chunk_mode)
+    student_transform, teacher_transform = from_floats(logit_transform)
     div, entropy, logp, logq, dh_kept = _backend_module(backend).forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         kept_rows, flat_targets, divergence, beta, temperature, vocab_size,
         row_scale=row_scale, want_hidden_grad=want_hidden_grad, weight_grad=weight_grad,
-        bias_grad=bias_grad, **tiling,
+        bias_grad=bias_grad, student_transform=student_transform, teacher_transform=teacher_transform, **tiling,
     )
 
     def scatter(values):
@@ -124,7 +128,7 @@ def _fused_linear_forward(
 @_fused_linear_forward.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, target_ids,
       token_scale, divergence, beta, temperature, vocab_size, want_hidden_grad, want_weight_grad, want_bias_grad,
-      chunk_rows, backend, chunk_mode):
+      chunk_rows, backend, chunk_mode, logit_transform):
     return fake_outputs(student_hidden, student_weight, student_bias, keep, token_scale, want_hidden_grad,
                         want_weight_grad, want_bias_grad)
 
@@ -140,13 +144,14 @@ class _Config:
     chunk_mode: str
     fp32_weight_grad: bool
     grad_enabled: bool
+    logit_transform: tuple[float, ...]
 
     def run(self, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale, want_h, want_w, want_b):
         """The custom op on these inputs (see ``tcod_fast.ops.linear_head``)."""
         return torch.ops.tcod_fast.fused_linear_turn_kl_forward(
             h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, token_scale,
             self.divergence, self.beta, self.temperature, self.vocab_size,
-            want_h, want_w, want_b, self.chunk_rows, self.backend, self.chunk_mode,
+            want_h, want_w, want_b, self.chunk_rows, self.backend, self.chunk_mode, list(self.logit_transform),
         )
 
 
@@ -157,13 +162,15 @@ class _FusedLinearTurnKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff, config):
-        return linear_op_forward(ctx, config, coeff, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids)
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, coeff, seq_index, num_seqs, config):
+        return linear_op_forward(
+            ctx, config, coeff, h_s, w_s, b_s, h_t, w_t, b_t, keep, target_ids, seq_index=seq_index, num_seqs=num_seqs
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, grad_div, *_unused):
         grads = linear_op_backward(ctx, grad_loss, grad_div, ctx.config.fp32_weight_grad)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _resolve_backend(backend, device, dtypes):
@@ -206,10 +213,13 @@ def fused_linear_turn_kl(
     divergence: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
     vocab_size: int | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
     num_turns: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
     chunk_mode: str = "slab",
@@ -240,6 +250,24 @@ def fused_linear_turn_kl(
         teacher_bias: ``(V_t,)`` or None.
         turn_window, turn_weights, target_ids, divergence, beta, temperature, reduction,
         return_stats, num_turns: exactly as in :func:`tcod_fast.fused_turn_kl`.
+        cu_seqlens: a packed (padding-free) batch, exactly as in :func:`tcod_fast.fused_turn_kl`:
+            ``(S + 1,)`` int32/int64 bounds of the ``S`` sequences laid end to end in the hidden
+            states ``(N, H)`` or ``(1, N, H)``; ``turn_window`` ``(S, 2)``, ``turn_weights``
+            ``(S, num_turns)``, the per-turn statistics and the per-sequence reductions are then
+            per packed sequence.
+        softcap, logit_scale: the models' own logit map (Gemma 2's ``final_logit_softcapping``,
+            a ``logit_scale`` config field), which this op must apply since it forms the logits:
+            each side's logits ``z = h @ W.T + b`` become ``softcap * tanh(logit_scale * z /
+            softcap)`` (``logit_scale * z`` without a soft cap), *before* the temperature divides
+            them. Each is None (nothing), a number (both sides) or a pair ``(student, teacher)``
+            with None for nothing on that side; ``softcap`` positive and finite, ``logit_scale``
+            finite and non-zero. The gradient goes through the ``tanh``
+            (``dy/dz = logit_scale * (1 - tanh^2)``) to ``h``, ``W`` and ``b``. Every backend maps
+            each chunk's (or tile's) float32 logits as they are formed and read: the torch backend's
+            row kernel as it reads the slab (slab mode) or each block (stream mode), the triton
+            backend in its tiles; the derivative is recomputed in the gradient pass (the native row
+            kernel keeps it for one row per thread). Nothing ``tokens x vocab`` is made for it.
+            Without the keywords nothing changes.
         vocab_size: use only the first ``vocab_size`` rows of both weights (padded vocabularies).
             Without it, ``V_s != V_t`` is an error. Weight rows past it get zero gradient.
         backend: ``"auto"`` (currently always ``"torch"``: the Triton kernels are verified under
@@ -271,6 +299,11 @@ def fused_linear_turn_kl(
     * both: ``N H_s`` for the hidden gradient kept between forward and backward and a
       ``V_s H_s`` float32 weight-gradient accumulator (the returned gradient itself for a
       float32 weight).
+
+    With ``softcap``/``logit_scale``: nothing more in slab mode on CPU (the native row kernel keeps
+    the map's derivative in one float32 row of ``V`` per thread), one more ``R x V`` chunk where the
+    torch row kernel runs, one ``R x BV`` block in stream mode (measured at N = 4096, V = 32000:
+    +0.1 MB and +4 MB of peak memory).
 
     Independent of ``N x V``: e.g. ``V = 32000`` gives ``R = 262`` and 67 MB of slabs, against
     524 MB for one ``4096 x 32000`` float32 logits tensor (the unfused path holds three).
@@ -307,6 +340,7 @@ def fused_linear_turn_kl(
         student_weight.shape[0], teacher_weight.shape[0], vocab_size, "student_weight", "teacher_weight", "rows"
     )
     divergence = check_options(divergence, reduction, beta, temperature)
+    logit_transform = tuple(as_floats(*resolve_logit_transforms(softcap, logit_scale)))
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}")
     if chunk_mode not in chunked.MODES:
@@ -316,7 +350,7 @@ def fused_linear_turn_kl(
     turns = prepare_turns(
         student_hidden.shape[:-1], device, turn_ids=turn_ids, turn_window=turn_window, turn_weights=turn_weights,
         target_ids=target_ids, vocab_size=vocab_size, reduction=reduction, return_stats=return_stats,
-        num_turns=num_turns, inputs_name="the hidden states",
+        num_turns=num_turns, cu_seqlens=cu_seqlens, inputs_name="the hidden states",
     )
     dtypes = {x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                                 teacher_bias) if x is not None}
@@ -332,10 +366,11 @@ def fused_linear_turn_kl(
     chunk_rows = int(chunk_size) if chunk_size is not None else chunked.default_chunk_rows(vocab_size)
     config = _Config(
         divergence, float(beta), float(temperature), vocab_size, chunk_rows, backend, chunk_mode, fp32_weight_grad,
-        torch.is_grad_enabled(),
+        torch.is_grad_enabled(), logit_transform,
     )
     loss, div, entropy, logp, logq = _FusedLinearTurnKL.apply(
-        h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, keep, target3, coeff, config
+        h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, keep, target3, coeff, turns.seq_index,
+        turns.num_seqs, config,
     )
     if reduction == "none":
         loss = turns.reduce(div, reduction)

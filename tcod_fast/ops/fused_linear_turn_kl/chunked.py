@@ -30,6 +30,14 @@ Peak extra memory, in float32 elements (``H = max(H_s, H_t)``):
 
 plus the outputs the caller asks for: ``dh`` (``n_kept x H_s``), the float32 ``dW`` accumulator
 (``V_s x H_s``) and ``db`` (``V_s``). Nothing scales with ``N x V``.
+
+Soft-capped and scaled logits (``softcap=``, ``logit_scale=``): in slab mode the row kernel maps
+the slabs as it reads them and writes ``d div / d z`` through the map (the native kernel keeps the
+map's derivative in a per-thread row of ``V`` floats, the Triton kernel recomputes it per block,
+the torch one maps a copy of each of its own row chunks and recomputes the derivative at the end);
+in stream mode each logits block is mapped in place as it is formed, each sweep recomputes it, and
+the last sweep also forms the derivative (one more ``R x BV`` block). Measured at N = 4096,
+V = 32000, float32, CPU: +0.1 MB of peak memory in slab mode, +4 MB in stream mode.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch
 
 from tcod_fast.ops.common import DIVERGENCES
 from tcod_fast.ops.linear_head import gather_rows, linear_logits
+from tcod_fast.ops.logit_transform import IDENTITY
 from tcod_fast.ops.turn_kl import native_backend as logits_native
 from tcod_fast.ops.turn_kl import torch_backend as logits_torch
 from tcod_fast.ops.turn_kl import triton_backend as logits_triton
@@ -64,9 +73,11 @@ def default_chunk_rows(vocab_size: int) -> int:
 class _Heads:
     """Both LM heads plus the row gather (flat kept index -> (b, t) of the 3-D hidden states)."""
 
-    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, compute_dtype, vocab_size, vocab_block):
+    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, compute_dtype, vocab_size, vocab_block,
+                 student_transform=IDENTITY, teacher_transform=IDENTITY):
         self.h_s, self.w_s, self.b_s = h_s, w_s, b_s
         self.h_t, self.w_t, self.b_t = h_t, w_t, b_t
+        self.student_transform, self.teacher_transform = student_transform, teacher_transform
         self.dtype = compute_dtype
         self.vocab_size = vocab_size
         self.vocab_block = vocab_block
@@ -142,9 +153,11 @@ def _slab_chunk(heads, rows, targets, divergence, beta, temperature, row_scale, 
     kernel = _logits_row_kernel(h_s.device, dtype)
     want_grad = row_scale is not None
     # the kernel overwrites the student slab with d div / d z_s (temperature included)
+    # the row kernel applies the logit maps as it reads the slabs (its gradient is w.r.t. z_s itself)
     div, entropy, logp, logq = kernel(
         z_s.view(1, R, -1), z_t.view(1, R, -1), keep, tgt, divergence, beta, temperature, heads.vocab_size,
         z_s.view(1, R, -1) if want_grad else None,
+        student_transform=heads.student_transform, teacher_transform=heads.teacher_transform,
     )
     if want_grad:
         dh, dw, db = grads
@@ -187,11 +200,19 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
     R = h_s.shape[0]
     guard = heads.may_have_inf
 
-    def student_block(v0, v1):  # raw logits: the temperature is applied after the shift
-        return heads.logits_block(h_s, heads.w_s, heads.b_s, v0, v1)
+    s_map, t_map = heads.student_transform, heads.teacher_transform
+
+    def student_block(v0, v1, with_derivative=False):
+        """The block's logits after the student's map (the temperature is applied after the
+        shift), with the map's derivative when asked (None for the identity)."""
+        z = heads.logits_block(h_s, heads.w_s, heads.b_s, v0, v1)
+        if s_map.identity:
+            return (z, None) if with_derivative else z
+        return s_map.apply_with_derivative(z, inplace=True) if with_derivative else s_map.apply_(z)
 
     def teacher_block(v0, v1):
-        return heads.logits_block(h_t, heads.w_t, heads.b_t, v0, v1)
+        z = heads.logits_block(h_t, heads.w_t, heads.b_t, v0, v1)
+        return z if t_map.identity else t_map.apply_(z)
 
     m_s = torch.full((R,), float("-inf"), dtype=dtype, device=h_s.device)
     m_t = m_s.clone()
@@ -268,6 +289,10 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
             z_a = z_a + heads.b_s[targets].to(dtype)
         if heads.b_t is not None:
             zt_a = zt_a + heads.b_t[targets].to(dtype)
+        if not s_map.identity:
+            z_a = s_map.apply(z_a)
+        if not t_map.identity:
+            zt_a = t_map.apply(zt_a)
         logp_target = (z_a - shift_s) * inv_temp - log_l_s
         logq_target = (zt_a - shift_t) * inv_temp - log_l_t
 
@@ -279,7 +304,8 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
         row_is_nan = torch.isnan(div)[:, None]
         sum_g = torch.zeros_like(l_s)
         for v0, v1 in heads.blocks:
-            a_s = student_block(v0, v1).sub_(shift_s[:, None])
+            a_s, dy_dz = student_block(v0, v1, with_derivative=True)
+            a_s = a_s.sub_(shift_s[:, None])
             z_t = teacher_block(v0, v1)
             p = torch.exp(a_s * inv_temp - log_l_s[:, None])
             if divergence == "reverse_kl":
@@ -298,6 +324,8 @@ def _stream_chunk(heads, rows, targets, divergence, beta, temperature, row_scale
             g = g.mul_(scale).masked_fill_(row_is_nan, float("nan"))
             if divergence != "reverse_kl":
                 sum_g += g.sum(1)
+            if dy_dz is not None:  # chain rule through the student's map
+                g = g.mul_(dy_dz)
             if dh_chunk is not None:
                 heads.hidden_grad(g, dh_chunk, v0, v1)
             if dw is not None:
@@ -317,6 +345,11 @@ def _fix_argmax_rank1(heads, h_s, arg_s, log_l_s, sum_g, dh, dw, db):
     gradients, since ``G`` itself is never stored."""
     peaked = (log_l_s < _LOG_2) & torch.isfinite(sum_g)  # p_a = 1 / l_s
     delta = torch.where(peaked, -sum_g, torch.zeros_like(sum_g))
+    if not heads.student_transform.identity:  # d div / d y_a times the map's derivative at a
+        z_a = (h_s * heads.w_s[arg_s].to(h_s.dtype)).sum(1)
+        if heads.b_s is not None:
+            z_a = z_a + heads.b_s[arg_s].to(h_s.dtype)
+        delta = delta * heads.student_transform.derivative(z_a)
     if dh is not None:
         dh.add_(delta[:, None] * heads.w_s[arg_s].to(dh.dtype))
     if dw is not None:
@@ -345,6 +378,8 @@ def forward(
     chunk_rows=None,
     vocab_block=None,
     mode="slab",
+    student_transform=IDENTITY,
+    teacher_transform=IDENTITY,
 ):
     """Per-kept-row stats and (optionally) gradients of the fused linear divergence.
 
@@ -364,6 +399,10 @@ def forward(
         bias_grad: ``(V_s,)`` compute-dtype buffer the bias gradient is added to, or None.
         chunk_rows, vocab_block: tiling (defaults: ``default_chunk_rows``, ``DEFAULT_VOCAB_BLOCK``).
         mode: ``"slab"`` or ``"stream"`` (the module docstring describes both).
+        student_transform, teacher_transform: each side's
+            :class:`~tcod_fast.ops.logit_transform.LogitTransform` (soft cap, scale), applied to
+            the float32 logits of each block as they are formed; the gradients are w.r.t. the
+            untransformed logits ``h @ W.T + b``.
 
     Returns:
         ``(div, entropy, logp_target, logq_target, dh)``: ``(n_kept,)`` each, float32 (float64
@@ -379,7 +418,7 @@ def forward(
     vocab_block = min(vocab_block or DEFAULT_VOCAB_BLOCK, vocab_size)
     heads = _Heads(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-        dtype, vocab_size, vocab_block,
+        dtype, vocab_size, vocab_block, student_transform, teacher_transform,
     )
     chunk_rows = min(chunk_rows or default_chunk_rows(vocab_size), max(1, kept_rows.shape[0]))
     heads.chunk_rows = chunk_rows

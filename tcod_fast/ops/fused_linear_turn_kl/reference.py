@@ -37,7 +37,8 @@ def fused_linear_turn_kl_reference(
 ):
     """Float64 reference with the semantics of ``fused_linear_turn_kl``: float64 logits
     ``h @ W.T + b`` of both heads, then :func:`~tcod_fast.ops.turn_kl.reference.turn_kl_reference`
-    with the same ``**options`` (backend-only keywords such as ``chunk_size`` are ignored there).
+    with the same ``**options`` (backend-only keywords such as ``chunk_size`` are ignored there;
+    ``softcap`` and ``logit_scale`` map the float64 logits there, with autograd through the map).
 
     Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` through autograd
     (in their own dtypes); the teacher side is detached. No input validation.

@@ -22,6 +22,11 @@ never gathered. Tile sizes are explicit: ``BLOCK_M = 64, BLOCK_V = 128, BLOCK_K 
 (two 64 x 128 float32 accumulators per program); the tests use 16 x 32 x 16 so small shapes span
 several tiles and ragged tails in every dimension.
 
+Soft-capped and scaled logits (``softcap=``, ``logit_scale=``): ``_logits_tiles`` maps each
+float32 tile as it leaves the dot (``triton_common.logit_transform``, compiled in only when asked:
+``TF_S``/``TF_T`` constexprs); ``_grad_kernel`` keeps the student's raw tile to multiply ``G`` by the
+map's derivative before contracting it, after the row sums of the argmax fix.
+
 The JSD sweep of ``_stats_kernel`` repeats the first sweep's ``_logits_tiles`` call: it recomputes
 the same logits tiles, as storing them would be the ``N x V`` memory the op avoids.
 
@@ -36,6 +41,7 @@ import math
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES
+from tcod_fast.ops.logit_transform import IDENTITY
 
 # whether triton imports and where the kernels run: this backend's API too
 from tcod_fast.ops.triton_common import HAS_TRITON as HAS_TRITON
@@ -47,7 +53,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tcod_fast.ops.triton_common import block_argmax, jsd_block_sums, log_mixture, online_softmax_finish, online_softmax_step
+    from tcod_fast.ops.triton_common import (
+        block_argmax,
+        jsd_block_sums,
+        log_mixture,
+        mapped_logits,
+        online_softmax_finish,
+        online_softmax_step,
+        times_logit_transform_grad,
+    )
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_V = 128
@@ -81,14 +95,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask,
-                      hidden_s, hidden_t, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DOT_FP32_S: tl.constexpr,
-                      DOT_FP32_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The student's and the teacher's raw logits tiles (``_logits_tile`` at temperature 1)."""
+                      hidden_s, hidden_t, s_scale, s_cap, t_scale, t_cap, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                      DOT_FP32_S: tl.constexpr, DOT_FP32_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, TF_S: tl.constexpr, TF_T: tl.constexpr):
+        """The student's and the teacher's logits tiles (``_logits_tile`` at temperature 1), each
+        through its logit map (``TF_S``, ``TF_T``: ``LogitTransform.code``; 0 leaves it raw)."""
         zs = _logits_tile(hs_rows, ws_ptr, ws_sv, bs_ptr, offs_v, v_mask, m_mask, hidden_s, 1.0,
                           HAS_BS, DOT_FP32_S, BLOCK_M, BLOCK_V, BLOCK_K)
         zt = _logits_tile(ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask, hidden_t, 1.0,
                           HAS_BT, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
-        return zs, zt
+        return (mapped_logits(zs, v_mask[None, :], s_scale, s_cap, TF_S),
+                mapped_logits(zt, v_mask[None, :], t_scale, t_cap, TF_T))
 
     @triton.jit
     def _row_pointers(hs_ptr, ht_ptr, rows_ptr, offs_m, m_mask, rows_t, hs_sb, hs_st, ht_sb, ht_st):
@@ -102,10 +119,10 @@ if HAS_TRITON:
         hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows_ptr,
         div_ptr, ent_ptr, row_ptr, arg_ptr,
         n_rows, rows_t, hs_sb, hs_st, ht_sb, ht_st, ws_sv, wt_sv, hidden_s, hidden_t,
-        vocab, inv_temp, beta, log_1m_beta, log_beta,
+        vocab, inv_temp, beta, log_1m_beta, log_beta, s_scale, s_cap, t_scale, t_cap,
         HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DIVERGENCE: tl.constexpr,
         DOT_FP32_S: tl.constexpr, DOT_FP32_T: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, TF_S: tl.constexpr, TF_T: tl.constexpr,
     ):
         """Per row: div, entropy, the student's argmax, and ROW_STATS = 7 floats in ``row_ptr``
         (shift_s, shift_t, log l_s, log l_t, centre B, mean_p(u), KL(p||m)) for the gradient."""
@@ -128,8 +145,8 @@ if HAS_TRITON:
             # raw logits: the temperature multiplies only differences from the running maxima, so
             # logits 1e14 apart after scaling keep their float32 precision (see online_softmax_step)
             zs, zt = _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v,
-                                   offs_v < vocab, m_mask, hidden_s, hidden_t, HAS_BS, HAS_BT, DOT_FP32_S,
-                                   DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+                                   offs_v < vocab, m_mask, hidden_s, hidden_t, s_scale, s_cap, t_scale, t_cap, HAS_BS,
+                                   HAS_BT, DOT_FP32_S, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K, TF_S, TF_T)
             block_ms, block_arg = block_argmax(zs, 1)
             xt_at = tl.sum(tl.where(offs_v0[None, :] == block_arg[:, None], zt, 0.0), axis=1)
             m_s, m_t, shift_s, shift_t, centre, arg_s, l_s, l_t, acc_div, acc_ent = online_softmax_step(
@@ -145,8 +162,8 @@ if HAS_TRITON:
             for v0 in range(0, vocab, BLOCK_V):
                 offs_v = v0 + offs_v0
                 zs, zt = _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v,
-                                       offs_v < vocab, m_mask, hidden_s, hidden_t, HAS_BS, HAS_BT, DOT_FP32_S,
-                                       DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+                                       offs_v < vocab, m_mask, hidden_s, hidden_t, s_scale, s_cap, t_scale, t_cap,
+                                       HAS_BS, HAS_BT, DOT_FP32_S, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K, TF_S, TF_T)
                 block_p, block_q = jsd_block_sums(
                     zs, zt, shift_s, shift_t, log_l_s, log_l_t, inv_temp, log_1m_beta, log_beta, 1
                 )
@@ -170,11 +187,11 @@ if HAS_TRITON:
         hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows_ptr,
         div_ptr, row_ptr, scale_ptr, sumg_ptr, dh_ptr, dw_ptr, db_ptr,
         n_rows, rows_t, hs_sb, hs_st, ht_sb, ht_st, ws_sv, wt_sv, hidden_s, hidden_t,
-        vocab, inv_temp, beta, log_1m_beta, log_beta,
+        vocab, inv_temp, beta, log_1m_beta, log_beta, s_scale, s_cap, t_scale, t_cap,
         HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, DIVERGENCE: tl.constexpr,
         DOT_FP32_S: tl.constexpr, DOT_FP32_T: tl.constexpr,
         WANT_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, TF_S: tl.constexpr, TF_T: tl.constexpr,
     ):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -187,8 +204,11 @@ if HAS_TRITON:
         log_l_s = tl.load(stats + 2, mask=m_mask, other=0.0)
         log_l_t = tl.load(stats + 3, mask=m_mask, other=0.0)
         row_scale = tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0) * inv_temp
-        zs, zt = _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask, m_mask,
-                               hidden_s, hidden_t, HAS_BS, HAS_BT, DOT_FP32_S, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K)
+        # the student tile raw (its map is applied here, its derivative needed below)
+        zs_raw, zt = _logits_tiles(hs_rows, ws_ptr, ws_sv, bs_ptr, ht_rows, wt_ptr, wt_sv, bt_ptr, offs_v, v_mask,
+                                   m_mask, hidden_s, hidden_t, s_scale, s_cap, t_scale, t_cap, HAS_BS, HAS_BT,
+                                   DOT_FP32_S, DOT_FP32_T, BLOCK_M, BLOCK_V, BLOCK_K, 0, TF_T)
+        zs = mapped_logits(zs_raw, v_mask[None, :], s_scale, s_cap, TF_S)
         a_s = zs - shift_s[:, None]
         log_p = a_s * inv_temp - log_l_s[:, None]
         p = tl.exp(log_p)
@@ -209,6 +229,7 @@ if HAS_TRITON:
         g = tl.where(m_mask[:, None] & v_mask[None, :], g * row_scale[:, None], 0.0)
         if DIVERGENCE != 0:  # for the argmax fix of forward KL and JSD (see forward)
             tl.atomic_add(sumg_ptr + offs_m, tl.sum(g, axis=1), mask=m_mask)
+        g = times_logit_transform_grad(g, zs_raw, s_scale, s_cap, TF_S)  # chain rule through the map
 
         if WANT_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask)
@@ -247,9 +268,11 @@ def forward(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
     kept_rows, target_ids, divergence, beta, temperature, vocab_size,
     row_scale=None, want_hidden_grad=False, weight_grad=None, bias_grad=None, chunk_rows=None,
-    block_m=None, block_v=None, block_k=None,
+    block_m=None, block_v=None, block_k=None, student_transform=IDENTITY, teacher_transform=IDENTITY,
 ):
-    """Same contract as ``chunked.forward`` (``chunk_rows`` is ignored: tiles replace chunks)."""
+    """Same contract as ``chunked.forward`` (``chunk_rows`` is ignored: tiles replace chunks). The
+    logit maps are applied to each float32 logits tile where it is formed; the gradient kernel
+    recomputes the student's raw tile and the map's derivative on it."""
     require_triton()
     block_m = block_m or DEFAULT_BLOCK_M
     block_v = block_v or DEFAULT_BLOCK_V
@@ -273,11 +296,12 @@ def forward(
     common = (
         n_kept, T, h_s.stride(0), h_s.stride(1), h_t.stride(0), h_t.stride(1), w_s.stride(0), w_t.stride(0),
         h_s.shape[-1], h_t.shape[-1], vocab_size, inv_temp, float(beta), log_1m_beta, log_beta,
+        *student_transform.as_floats(), *teacher_transform.as_floats(),
     )
     flags = dict(
         HAS_BS=student_bias is not None, HAS_BT=teacher_bias is not None, DIVERGENCE=DIVERGENCE_CODES[divergence],
         DOT_FP32_S=_dot_fp32(h_s, w_s), DOT_FP32_T=_dot_fp32(h_t, w_t),
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, TF_S=student_transform.code, TF_T=teacher_transform.code,
     )
     if n_kept:
         _stats_kernel[(triton.cdiv(n_kept, block_m),)](
@@ -305,10 +329,17 @@ def forward(
                 # i.e. G[r, a] += -sum_v G[r, v]: a rank-1 update of the contracted gradients.
                 delta = torch.where((row_stats[:, 2] < math.log(2.0)) & torch.isfinite(sum_g), -sum_g, 0.0)
                 arg = argmax_s.long()
+                h_rows = None
+                if want_dw or want_db or not student_transform.identity:
+                    h_rows = h_s[rows // T, rows % T].float()
+                if not student_transform.identity:  # through the map's derivative at the argmax
+                    z_a = (h_rows * w_s[arg].float()).sum(1)
+                    if student_bias is not None:
+                        z_a = z_a + student_bias[arg].float()
+                    delta = delta * student_transform.derivative(z_a)
                 if dh is not None:
                     dh.add_(delta[:, None] * w_s[arg].float())
                 if want_dw or want_db:
-                    h_rows = h_s[rows // T, rows % T].float()
                     if want_dw:
                         weight_grad.index_add_(0, arg, delta[:, None] * h_rows)
                     if want_db:
@@ -318,12 +349,14 @@ def forward(
     logq = torch.zeros(n_kept, dtype=torch.float32, device=device)
     if target_ids is not None and n_kept:
         logp, logq = _target_logprobs(h_s, w_s, student_bias, h_t, w_t, teacher_bias, rows, target_ids, inv_temp,
-                                      row_stats)
+                                      row_stats, student_transform, teacher_transform)
     return div, entropy, logp, logq, dh
 
 
-def _target_logprobs(h_s, w_s, b_s, h_t, w_t, b_t, rows, target_ids, inv_temp, row_stats, chunk=4096):
-    """``log p(a)``, ``log q(a)`` as row dot products with the sampled tokens' weight rows."""
+def _target_logprobs(h_s, w_s, b_s, h_t, w_t, b_t, rows, target_ids, inv_temp, row_stats,
+                     student_transform=IDENTITY, teacher_transform=IDENTITY, chunk=4096):
+    """``log p(a)``, ``log q(a)`` as row dot products with the sampled tokens' weight rows (through
+    the logit maps)."""
     T = h_s.shape[1]
     shift_s, shift_t, log_l_s, log_l_t = row_stats[:, 0], row_stats[:, 1], row_stats[:, 2], row_stats[:, 3]
     logp = torch.empty_like(shift_s)
@@ -336,6 +369,10 @@ def _target_logprobs(h_s, w_s, b_s, h_t, w_t, b_t, rows, target_ids, inv_temp, r
         ht = h_t[r // T, r % T].float()
         z_a = (hs * w_s[tgt].float()).sum(1) + (b_s[tgt].float() if b_s is not None else 0.0)
         zt_a = (ht * w_t[tgt].float()).sum(1) + (b_t[tgt].float() if b_t is not None else 0.0)
+        if not student_transform.identity:
+            z_a = student_transform.apply(z_a)
+        if not teacher_transform.identity:
+            zt_a = teacher_transform.apply(zt_a)
         logp[part] = (z_a - shift_s[part]) * inv_temp - log_l_s[part]
         logq[part] = (zt_a - shift_t[part]) * inv_temp - log_l_t[part]
     return logp, logq

@@ -24,6 +24,7 @@ import torch
 
 from tcod_fast.ops import common
 from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, shape_str
+from tcod_fast.ops.logit_transform import LogitTransform, resolve_logit_transforms
 from tcod_fast.ops.topk import check_tail_options, check_topk_tensors, prepare_topk
 from tcod_fast.ops.topk_turn_kl import native_backend, torch_backend, triton_backend
 
@@ -34,13 +35,13 @@ from tcod_fast.ops.turns import check_options, prepare_turns
 
 def run_backend(
     backend, student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps,
-    grad, grad_scale, want_entropy,
+    grad, grad_scale, want_entropy, student_transform,
 ):
     """One pass of the chosen backend (see ``torch_backend`` for the contract)."""
     module = {"native": native_backend, "triton": triton_backend}.get(backend, torch_backend)
     return module.forward(
         student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps, grad,
-        grad_scale, want_entropy=want_entropy,
+        grad_scale, want_entropy=want_entropy, student_transform=student_transform,
     )
 
 
@@ -60,13 +61,16 @@ def _topk_turn_kl_forward(
     compute_grad: bool,
     need_entropy: bool,
     backend: str,
+    student_scale: float,
+    student_cap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``(div, entropy, logp_target, logq_target)`` and ``grad_scale * d div / d student``
-    (an empty tensor without ``compute_grad``)."""
+    (an empty tensor without ``compute_grad``). ``student_scale``, ``student_cap``: the student
+    logits' map (``tcod_fast.ops.logit_transform.LogitTransform``)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
     outs = run_backend(
         backend, student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps,
-        grad, grad_scale, need_entropy,
+        grad, grad_scale, need_entropy, LogitTransform(student_scale, student_cap),
     )
     if grad is None:
         grad = student.new_empty(0)
@@ -75,7 +79,7 @@ def _topk_turn_kl_forward(
 
 @_topk_turn_kl_forward.register_fake
 def _(student, topk_ids, topk_logprobs, keep, target_ids, grad_scale, divergence, beta, temperature, tail, tail_eps,
-      compute_grad, need_entropy, backend):
+      compute_grad, need_entropy, backend, student_scale, student_cap):
     outs = tuple(keep.new_empty(keep.shape, dtype=compute_dtype(student)) for _ in range(4))
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
     return (*outs, grad)
@@ -86,11 +90,11 @@ class _FusedTopkTurnKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, topk_ids, topk_logprobs, keep, target_ids, grad_scale, divergence, beta, temperature,
-                tail, tail_eps, need_entropy, backend):
+                tail, tail_eps, need_entropy, backend, student_transform):
         compute_grad = ctx.needs_input_grad[0]
         div, entropy, logp, logq, grad = torch.ops.tcod_fast.topk_turn_kl_forward(
             student, topk_ids, topk_logprobs, keep, target_ids, grad_scale, divergence, beta, temperature, tail,
-            tail_eps, compute_grad, need_entropy, backend,
+            tail_eps, compute_grad, need_entropy, backend, *student_transform.as_floats(),
         )
         ctx.mark_non_differentiable(entropy, logp, logq)
         store_gradient(ctx, grad if compute_grad else None, grad_scale, backend)
@@ -98,7 +102,7 @@ class _FusedTopkTurnKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_div, *_unused):
-        return (scale_stored_gradient(ctx, grad_div, "fused_topk_turn_kl"),) + (None,) * 12
+        return (scale_stored_gradient(ctx, grad_div, "fused_topk_turn_kl"),) + (None,) * 13
 
 
 # Evaluated eagerly (and treated as a constant) when torch.compile traces the op.
@@ -126,9 +130,12 @@ def fused_topk_turn_kl(
     tail: str = "bucket",
     tail_eps: float = 1e-6,
     temperature: float = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
     num_turns: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Exact divergence between student logits and a sparse teacher (its top-k log-probs), with turns.
@@ -179,6 +186,11 @@ def fused_topk_turn_kl(
         turn_ids, turn_window, turn_weights, num_turns, reduction: exactly as in
             :func:`tcod_fast.fused_turn_kl` (token masks, windows, weights and the reductions
             ``mean``, ``sum``, ``none``, ``seq_mean_token_mean``, ``turn_mean``).
+        cu_seqlens: a packed (padding-free) batch, exactly as in :func:`tcod_fast.fused_turn_kl`:
+            ``(S + 1,)`` int32/int64 bounds of the ``S`` sequences laid end to end in ``(N, V)``
+            or ``(1, N, V)`` logits (and ``(N, K)`` or ``(1, N, K)`` top-k); ``turn_window``
+            ``(S, 2)``, ``turn_weights`` ``(S, num_turns)``, the per-turn statistics and the
+            per-sequence reductions are then per packed sequence.
         target_ids: sampled tokens (integer, the leading shape). The stats then hold the student's
             full-vocabulary ``log p(a)``, and the teacher's ``log q(a)`` taken from the top-k when
             ``a`` is among them, **NaN otherwise** (and so NaN in ``turn_abs_logratio_sum`` for that
@@ -195,6 +207,13 @@ def fused_topk_turn_kl(
             your version applies it to prompt log-probs too); with full teacher logits,
             ``log_softmax(teacher_logits / temperature)``. Top-k log-probs at temperature 1 cannot
             be converted exactly (the new normaliser needs the whole vocabulary).
+        softcap, logit_scale: the student model's logit map, for raw student logits taken
+            before it: they become ``softcap * tanh(logit_scale * x / softcap)``
+            (``logit_scale * x`` without a soft cap) before the temperature divides them, as in
+            :func:`tcod_fast.fused_turn_kl`, with the gradient through the ``tanh``. Student side
+            only: the teacher's top-k log-probs are already normalised, so a number is the
+            student's and a pair ``(student, teacher)`` must have None as its teacher entry (any
+            other teacher value is an error). Every backend applies it as it reads the logits.
         return_stats: return a :class:`~tcod_fast.ops.turns.TurnKLResult` (loss, per-token
             divergence, full-vocabulary student entropy, sampled-token log-probs, per-turn sums).
         backend: ``"auto"`` (Triton on CUDA, native C++ on CPU, torch for float64), ``"triton"``,
@@ -230,10 +249,11 @@ def fused_topk_turn_kl(
     check_topk_tensors(teacher_topk_ids, teacher_topk_logprobs, lead_shape, vocab, device, "student_logits")
     divergence = check_options(divergence, reduction, beta, temperature)
     check_tail_options(tail, tail_eps)
+    student_transform, _ = resolve_logit_transforms(softcap, logit_scale, teacher_logits=False)
     turns = prepare_turns(
         lead_shape, device, turn_ids=turn_ids, turn_window=turn_window, turn_weights=turn_weights,
         target_ids=target_ids, vocab_size=vocab, reduction=reduction, return_stats=return_stats,
-        num_turns=num_turns,
+        num_turns=num_turns, cu_seqlens=cu_seqlens,
     )
     backend = resolve_backend(backend, device, student_logits.dtype)
     ids3 = teacher_topk_ids.unsqueeze(0) if turns.flat else teacher_topk_ids
@@ -248,7 +268,7 @@ def fused_topk_turn_kl(
     grad_scale = None if coeff is None else torch.where(coeff != 0, coeff, torch.ones_like(coeff))
     div, entropy, logp, logq = _FusedTopkTurnKL.apply(
         student3, topk_ids, topk_logprobs, turns.keep, turns.target_ids, grad_scale, divergence, float(beta),
-        float(temperature), tail, float(tail_eps), return_stats, backend,
+        float(temperature), tail, float(tail_eps), return_stats, backend, student_transform,
     )
 
     # ---- weights, reductions and per-turn statistics: N-sized ----

@@ -17,6 +17,7 @@ import platform
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES, NATIVE_DTYPE_CODES
+from tcod_fast.ops.logit_transform import IDENTITY
 from tcod_fast.ops.native_extension import NativeExtension
 
 _TAIL_CODES = {"bucket": 0, "renormalize": 1}
@@ -69,10 +70,11 @@ try_load = _EXTENSION.try_load
 
 def forward(
     student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps, grad,
-    grad_scale=None, want_entropy=True, module=None,
+    grad_scale=None, want_entropy=True, module=None, student_transform=IDENTITY,
 ):
     """See ``torch_backend`` for the contract. CPU tensors only; ``module``: a build to use instead
-    of the default one (tests load a portable build)."""
+    of the default one (tests load a portable build). The logit map is applied in the kernel, as
+    the logits are read."""
     module = module or load()
     B, T = keep.shape
     V = student.shape[-1]
@@ -94,6 +96,6 @@ def forward(
         B, T, student.stride(0), student.stride(1), g_sb, g_st, V, K,
         DIVERGENCE_CODES[divergence], float(beta), _TAIL_CODES[tail], float(tail_eps), 1.0 / temperature,
         outs[0].data_ptr(), outs[1].data_ptr() if want_entropy else 0, outs[2].data_ptr(), outs[3].data_ptr(),
-        bool(want_entropy or target_ids is not None), torch.get_num_threads(),
+        bool(want_entropy or target_ids is not None), torch.get_num_threads(), *student_transform.as_floats(),
     )
     return tuple(outs)

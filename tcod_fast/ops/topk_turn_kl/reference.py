@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tcod_fast.ops.turn_kl.reference import TurnOptions, reference_loss, reference_result, reference_turns
+from tcod_fast.ops.turn_kl.reference import (
+    TurnOptions,
+    reference_loss,
+    reference_result,
+    reference_turns,
+    transformed_logits,
+)
 
 
 def _weighted_log_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -125,7 +131,8 @@ def topk_turn_kl_reference(
     ``teacher_topk_logprobs`` float ``(..., K)``, ``turn_ids`` integer with the leading shape or
     None. ``**options`` are :class:`TopkTurnKLOptions`: the keywords of ``fused_topk_turn_kl``
     with its defaults (``tail`` and ``tail_eps`` besides the shared ones); its backend-only
-    keywords are ignored, any other is a TypeError. No input validation.
+    keywords are ignored, any other is a TypeError. ``softcap`` and ``logit_scale`` transform the
+    student logits only (a pair's teacher entry is ignored). No input validation.
     """
     options = TopkTurnKLOptions.from_keywords("topk_turn_kl_reference", options)
     squeeze = student_logits.dim() == 2
@@ -133,7 +140,7 @@ def topk_turn_kl_reference(
     ids = teacher_topk_ids.unsqueeze(0) if squeeze else teacher_topk_ids
     logq = teacher_topk_logprobs.unsqueeze(0) if squeeze else teacher_topk_logprobs
     B, T = s.shape[:2]
-    turn, kept, num_turns, weights = reference_turns(turn_ids, options, B, T)
+    turn, kept, num_turns, weights, sequences = reference_turns(turn_ids, options, B, T)
 
     # Dropped rows never take part: give them harmless stand-ins (their ids and log-probs may be
     # anything) so nothing there reaches the kept rows' gradient.
@@ -141,10 +148,12 @@ def topk_turn_kl_reference(
     s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
     ids = torch.where(row_kept.to(ids.device), ids, torch.full_like(ids, -1))
     logq = torch.where(row_kept.to(logq.device), logq, torch.zeros_like(logq))
+    if options.softcap is not None or options.logit_scale is not None:
+        s = transformed_logits(s, options.softcap, options.logit_scale, side=0)
     div, entropy, log_p = sparse_divergence_per_row(
         s, ids, logq, options.divergence, options.beta, options.temperature, options.tail, options.tail_eps
     )
-    per_token, loss = reference_loss(div.cpu(), kept, turn, weights, options.reduction, num_turns, squeeze)
+    per_token, loss = reference_loss(div.cpu(), kept, turn, weights, options.reduction, num_turns, squeeze, sequences)
     if not options.return_stats:
         return loss
 
@@ -163,4 +172,4 @@ def topk_turn_kl_reference(
                 logp_a[b, i] = log_p_cpu[b, i, a]
                 hits = (ids_cpu[b, i] == a).nonzero()
                 logq_a[b, i] = float(logq_cpu[b, i, hits[0, 0]]) if len(hits) else math.nan
-    return reference_result(loss, per_token, entropy, kept, turn, num_turns, logp_a, logq_a, squeeze)
+    return reference_result(loss, per_token, entropy, kept, turn, num_turns, logp_a, logq_a, squeeze, sequences)

@@ -16,6 +16,9 @@ Backend contract (shared by all three backends):
     float64 logits), 0 at rows that are not kept; ``logq_target`` is NaN where the target is not
     among the row's top-k. When ``grad`` is given it receives ``grad_scale * d div / d student``
     (0 at dropped rows). ``want_entropy=False`` allows a backend to return zeros for the entropy.
+    ``student_transform`` (keyword, default the identity): the student logits'
+    :class:`~tcod_fast.ops.logit_transform.LogitTransform` (soft cap, scale), applied as they are
+    read, before the temperature; ``grad`` is then w.r.t. the untransformed logits.
 
 The math, per row (``z = student / temperature``, ``L = logsumexp(z)``, ``S`` the valid ids):
     ``tail="bucket"``: outcomes ``S`` plus one tail. ``log P_tail = logsumexp(z over the
@@ -37,6 +40,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from tcod_fast.ops.logit_transform import IDENTITY
 
 # Target size of one float32 (chunk_rows x V) intermediate; a few of them live at once.
 _CHUNK_BYTES = 32 * 1024 * 1024
@@ -194,7 +199,7 @@ def rows_forward(z, ids, logq, divergence, beta, tail, tail_eps, need_normaliser
 
 def forward(
     student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps, grad,
-    grad_scale=None, want_entropy=True,
+    grad_scale=None, want_entropy=True, student_transform=IDENTITY,
 ):
     B, T = keep.shape
     N = B * T
@@ -217,7 +222,11 @@ def forward(
     for start in range(0, N, step):
         stop = min(N, start + step)
         z = s_rows[start:stop].to(compute_dtype)
-        if inv_temp != 1.0:
+        if not student_transform.identity:  # in place over a converted copy, else into a new chunk
+            z = student_transform.apply_(z) if student.dtype != compute_dtype else student_transform.apply(z)
+            if inv_temp != 1.0:
+                z = z.mul_(inv_temp)
+        elif inv_temp != 1.0:
             z = z * inv_temp
         tgt = None if tgt_rows is None else tgt_rows[start:stop]
         results = rows_forward(
@@ -231,6 +240,8 @@ def forward(
             outs[1][start:stop] = 0
         if grad is not None:
             g = results[4]
+            if not student_transform.identity:  # chain rule, at the raw logits (not yet overwritten)
+                g = g.mul_(student_transform.derivative(s_rows[start:stop].to(compute_dtype)))
             row_factor = torch.where(k, torch.full_like(k, inv_temp, dtype=compute_dtype), torch.zeros_like(k, dtype=compute_dtype))
             if scale_rows is not None:
                 row_factor = row_factor * scale_rows[start:stop]

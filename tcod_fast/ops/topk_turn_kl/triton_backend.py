@@ -17,6 +17,10 @@ Per row (raw student logits x, ``z = x / temperature``, S the row's valid top-k 
   is ``exp((x - m) / T)`` times one row factor; the S columns are skipped by the block stores
   (same pointer walk) and written by one scatter, so no two stores touch the same address.
 
+Soft-capped and scaled student logits: the gather, the target and every block go through the
+map as they are loaded (``TF_S`` constexpr, compiled in only when asked); both gradient stores
+multiply by its derivative at the raw logits.
+
 Memory traffic per row: the logits read twice, the gradient written once, i.e. ``3 V e`` bytes
 (the "student read twice, gradient written once" floor); nothing ``N x V`` is allocated besides
 the gradient. ``BLOCK_V = 4096`` with 8 warps as in ``fused_turn_kl``; the tests use small blocks
@@ -31,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES
+from tcod_fast.ops.logit_transform import IDENTITY
 from tcod_fast.ops.topk import PAD_ID
 
 # whether triton imports and where the kernels run: this backend's API too
@@ -43,7 +48,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tcod_fast.ops.triton_common import logaddexp, store_dropped_row
+    from tcod_fast.ops.triton_common import (
+        logaddexp,
+        logit_transform,
+        mapped_logits,
+        store_dropped_row,
+        times_logit_transform_grad,
+    )
 
 DEFAULT_BLOCK_V = 4096
 
@@ -68,11 +79,13 @@ if HAS_TRITON:
         s_ptr, g_ptr, ids_ptr, lq_ptr, keep_ptr, target_ptr, scale_ptr,
         div_ptr, ent_ptr, logp_ptr, logq_ptr,
         rows_t, s_sb, s_st, g_sb, g_st, vocab, K,
-        inv_temp, beta, log_1m_beta, log_beta, tail_eps,
+        inv_temp, beta, log_1m_beta, log_beta, tail_eps, s_scale, s_cap,
         DIVERGENCE: tl.constexpr, BUCKET: tl.constexpr, NEED_NORMALISER: tl.constexpr,
         HAS_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PAD: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PAD: tl.constexpr, TF_S: tl.constexpr,
     ):
+        # TF_S != 0: the student logits go through their map (logit_transform) as they are read,
+        # and the gradient through its derivative at the raw logits
         row = tl.program_id(0).to(tl.int64)
         b = row // rows_t
         t = row % rows_t
@@ -87,14 +100,15 @@ if HAS_TRITON:
             ks = tl.arange(0, BLOCK_K)
             ids = tl.load(ids_row + ks, mask=ks < K, other=PAD)
             valid = ids < vocab
-            x_k = tl.load(s_row + ids, mask=valid, other=float("-inf")).to(tl.float32)
+            x_k_raw = tl.load(s_row + ids, mask=valid, other=float("-inf")).to(tl.float32)
+            x_k = mapped_logits(x_k_raw, valid, s_scale, s_cap, TF_S)
             lq_k = tl.load(lq_ptr + row * K + ks, mask=valid, other=float("-inf")).to(tl.float32)
             k_valid = tl.sum(valid.to(tl.int32), axis=0)
             max_k = tl.max(x_k, axis=0)
             x_target = 0.0
             if HAS_TARGET:
                 tgt = tl.load(target_ptr + row)
-                x_target = tl.load(s_row + tgt).to(tl.float32)
+                x_target = logit_transform(tl.load(s_row + tgt).to(tl.float32), s_scale, s_cap, TF_S)
 
             # ---- pass 1: online softmax over the complement of S ----
             m_c = float("-inf")
@@ -106,6 +120,7 @@ if HAS_TRITON:
                     offs = v0 + cols
                     in_topk, ptr = _topk_mask(ids_row, K, ptr, offs, v0 + BLOCK_V, PAD)
                     xs = tl.load(s_row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+                    xs = mapped_logits(xs, offs < vocab, s_scale, s_cap, TF_S)
                     xs = tl.where(in_topk, float("-inf"), xs)
                     new_m = tl.maximum(m_c, tl.max(xs, axis=0))
                     shift = tl.where(new_m == float("-inf"), 0.0, new_m)
@@ -227,12 +242,15 @@ if HAS_TRITON:
                     offs = v0 + cols
                     in_topk, ptr = _topk_mask(ids_row, K, ptr, offs, v0 + BLOCK_V, PAD)
                     in_vocab = offs < vocab
-                    xs = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                    xs_raw = tl.load(s_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                    xs = mapped_logits(xs_raw, in_vocab, s_scale, s_cap, TF_S)
                     e = tl.exp((xs - safe_m_c32) * inv_temp)
                     g = tl.where(e > 0, e * row_factor, 0.0)  # 0 * inf stays 0 (an infinite divergence)
+                    g = times_logit_transform_grad(g, xs_raw, s_scale, s_cap, TF_S)
                     # S columns are left to the scatter below: no two stores to one address
                     tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=in_vocab & (in_topk == 0))
-                tl.store(g_row + ids, (coef_k * to_x).to(tl.float32).to(g_ptr.dtype.element_ty), mask=valid)
+                g_k = times_logit_transform_grad((coef_k * to_x).to(tl.float32), x_k_raw, s_scale, s_cap, TF_S)
+                tl.store(g_row + ids, g_k.to(g_ptr.dtype.element_ty), mask=valid)
         else:
             store_dropped_row(
                 row, div_ptr, ent_ptr, logp_ptr, logq_ptr, g_ptr, g_row, vocab, HAS_TARGET, WRITE_GRAD, BLOCK_V
@@ -241,9 +259,10 @@ if HAS_TRITON:
 
 def forward(
     student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps, grad,
-    grad_scale=None, want_entropy=True, block_v=None,
+    grad_scale=None, want_entropy=True, block_v=None, student_transform=IDENTITY,
 ):
-    """See ``torch_backend`` for the contract."""
+    """See ``torch_backend`` for the contract (the logit map is applied in the kernel, as the
+    logits are read)."""
     require_triton()
     B, T = keep.shape
     V = student.shape[-1]
@@ -266,11 +285,11 @@ def forward(
         _topk_row_kernel[(B * T,)](
             student, g, topk_ids, topk_logprobs, keep, target, scale, *outs,
             T, student.stride(0), student.stride(1), g_sb, g_st, V, K,
-            1.0 / temperature, float(beta), log_1m_beta, log_beta, float(tail_eps),
+            1.0 / temperature, float(beta), log_1m_beta, log_beta, float(tail_eps), *student_transform.as_floats(),
             DIVERGENCE=DIVERGENCE_CODES[divergence], BUCKET=tail == "bucket",
             NEED_NORMALISER=bool(want_entropy or target_ids is not None), HAS_TARGET=target_ids is not None,
             WRITE_GRAD=grad is not None, HAS_SCALE=has_scale, BLOCK_V=block_v,
-            BLOCK_K=triton.next_power_of_2(max(K, 2)), PAD=PAD_ID,
+            BLOCK_K=triton.next_power_of_2(max(K, 2)), PAD=PAD_ID, TF_S=student_transform.code,
             num_warps=row_num_warps(block_v),
         )
     return tuple(outs)

@@ -26,6 +26,7 @@ not a flag).
 import torch
 
 from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, resolve_backend, shape_str
+from tcod_fast.ops.logit_transform import as_floats, from_floats, resolve_logit_transforms
 from tcod_fast.ops.turn_kl import native_backend, torch_backend, triton_backend
 from tcod_fast.ops.turns import check_options, prepare_turns, resolve_vocab_size
 
@@ -35,14 +36,16 @@ from tcod_fast.ops.turns import check_options, prepare_turns, resolve_vocab_size
 # --------------------------------------------------------------------------------------------
 def _run_backend(
     backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, grad,
-    need_entropy,
+    need_entropy, logit_transform,
 ):
     args = (student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale)
+    student_transform, teacher_transform = from_floats(logit_transform)
+    transforms = dict(student_transform=student_transform, teacher_transform=teacher_transform)
     if backend == "native":  # the only backend where the entropy sum is worth skipping (~9%)
-        return native_backend.forward(*args, want_entropy=need_entropy)
+        return native_backend.forward(*args, want_entropy=need_entropy, **transforms)
     if backend == "triton":
-        return triton_backend.forward(*args)
-    return torch_backend.forward(*args)
+        return triton_backend.forward(*args, **transforms)
+    return torch_backend.forward(*args, **transforms)
 
 
 @torch.library.custom_op("tcod_fast::turn_kl_forward", mutates_args=())
@@ -59,14 +62,16 @@ def _turn_kl_forward(
     compute_grad: bool,
     need_entropy: bool,
     backend: str,
+    logit_transform: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (div, entropy, logp_target, logq_target) and grad_scale * d div/d student (or an empty grad).
 
-    ``need_entropy=False`` lets a backend return zeros for the entropy instead of computing it."""
+    ``need_entropy=False`` lets a backend return zeros for the entropy instead of computing it.
+    ``logit_transform``: ``[scale_s, cap_s, scale_t, cap_t]`` (``tcod_fast.ops.logit_transform``)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
     outs = _run_backend(
         backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, grad,
-        need_entropy,
+        need_entropy, logit_transform,
     )
     if grad is None:
         grad = student.new_empty(0)
@@ -76,7 +81,7 @@ def _turn_kl_forward(
 @_turn_kl_forward.register_fake
 def _(
     student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, compute_grad,
-    need_entropy, backend,
+    need_entropy, backend, logit_transform,
 ):
     outs = tuple(keep.new_empty(keep.shape, dtype=compute_dtype(student)) for _ in range(4))
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
@@ -96,18 +101,20 @@ def _turn_kl_forward_inplace(
     vocab_size: int,
     need_entropy: bool,
     backend: str,
+    logit_transform: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like ``turn_kl_forward`` but overwrites ``student`` with the gradient (saves one N x V buffer)."""
     return tuple(
         _run_backend(
             backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, student,
-            need_entropy,
+            need_entropy, logit_transform,
         )
     )
 
 
 @_turn_kl_forward_inplace.register_fake
-def _(student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, need_entropy, backend):
+def _(student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, need_entropy, backend,
+      logit_transform):
     return tuple(keep.new_empty(keep.shape, dtype=compute_dtype(student)) for _ in range(4))
 
 
@@ -134,19 +141,19 @@ class _FusedTurnKL(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, need_entropy,
-        backend, inplace,
+        backend, inplace, logit_transform,
     ):
         compute_grad = ctx.needs_input_grad[0]
         if inplace and compute_grad:
             div, entropy, logp, logq = torch.ops.tcod_fast.turn_kl_forward_inplace(
                 student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size,
-                need_entropy, backend,
+                need_entropy, backend, logit_transform,
             )
             grad = student
         else:
             div, entropy, logp, logq, grad = torch.ops.tcod_fast.turn_kl_forward(
                 student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size,
-                compute_grad, need_entropy, backend,
+                compute_grad, need_entropy, backend, logit_transform,
             )
         ctx.mark_non_differentiable(entropy, logp, logq)
         store_gradient(ctx, grad if compute_grad else None, grad_scale, backend)
@@ -155,7 +162,7 @@ class _FusedTurnKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_div, *_unused):
         grad = scale_stored_gradient(ctx, grad_div, "fused_turn_kl")
-        return grad, None, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def store_gradient(ctx, grad: torch.Tensor | None, grad_scale: torch.Tensor | None, backend: str) -> None:
@@ -258,10 +265,13 @@ def fused_turn_kl(
     divergence: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
     vocab_size: int | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
     num_turns: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     inplace: bool = False,
     backend: str = "auto",
 ):
@@ -280,8 +290,10 @@ def fused_turn_kl(
         turn_ids: integer tensor with the logits' leading shape. ``0, 1, ...`` = the student turn a
             token belongs to, ``-1`` = not trained. ``None``: every token is turn 0.
         turn_window: ``(lo, hi)`` for the whole batch or a ``(B, 2)`` integer tensor, one per
-            sequence. A token is kept iff ``turn_id >= 0 and lo <= turn_id < hi``.
-        turn_weights: ``(B, num_turns)`` float (``(num_turns,)`` allowed for ``(N, V)`` input);
+            sequence (``(S, 2)`` with ``cu_seqlens``). A token is kept iff
+            ``turn_id >= 0 and lo <= turn_id < hi``.
+        turn_weights: ``(B, num_turns)`` float (``(S, num_turns)`` with ``cu_seqlens``;
+            ``(num_turns,)`` allowed for ``(N, V)`` input without it);
             each kept token's loss is multiplied by its turn's weight (T-DUR / SOD weights).
             Turn weights do not change the normalising token counts of the reductions. They must
             be finite (NaN or inf is an error); negative weights are allowed (the loss is linear
@@ -295,6 +307,17 @@ def fused_turn_kl(
         temperature: both logits are divided by it (no ``temperature**2`` factor is applied).
             Any value in ``[1e-37, 1e37]`` (outside it ``1/temperature`` is no normal float32:
             an error).
+        softcap, logit_scale: the model's own logit map, for raw logits taken before it (e.g.
+            Gemma 2's ``final_logit_softcapping``, a ``logit_scale`` config field): each side's
+            logits ``x`` become ``softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x``
+            without a soft cap), *before* the temperature divides them; the gradient goes through
+            the ``tanh`` to the raw student logits. Each is None (nothing), a number (both sides)
+            or a pair ``(student, teacher)`` with None for nothing on that side. ``softcap`` must
+            be positive and finite, ``logit_scale`` finite and non-zero. With a soft cap a
+            ``-inf`` logit becomes ``-softcap``, as in the model. Every backend (torch, native,
+            triton) applies the map in its kernel as it reads the logits, and the gradient's
+            chain rule there: no transformed copy of the logits is made (the torch backend maps
+            one chunk of rows at a time). Without the keywords nothing changes.
         vocab_size: use only the first ``vocab_size`` columns of each (padded vocabularies, e.g.
             a 152064-column teacher and a 151936-column student). Without it, differing last
             dimensions are an error. Student columns past it get zero gradient.
@@ -307,6 +330,18 @@ def fused_turn_kl(
             per-(sequence, turn) sums and counts) instead of the loss tensor.
         num_turns: width of the per-turn statistics. Defaults to ``turn_weights.shape[-1]``, else
             ``max(turn_ids) + 1`` (a device sync; pass it to avoid one on GPU).
+        cu_seqlens: a packed (padding-free) batch: ``S`` sequences laid end to end in ``(N, V)``
+            or ``(1, N, V)`` logits, sequence ``s`` being tokens ``cu_seqlens[s]:cu_seqlens[s+1]``
+            (FlashAttention's varlen convention: int32 or int64 ``(S + 1,)`` on the logits'
+            device, ``cu_seqlens[0] == 0``, non-decreasing, ``cu_seqlens[-1] == N``; equal
+            consecutive entries are empty sequences). Every per-sequence input and output is
+            then per packed sequence: ``turn_window`` ``(S, 2)``, ``turn_weights``
+            ``(S, num_turns)``, the ``(S, num_turns)`` statistics, and the
+            ``seq_mean_token_mean`` and ``turn_mean`` reductions. The results equal, bit for bit
+            on CPU, those of the padded ``(S, T, V)`` batch of the same sequences. The value
+            checks do not synchronise on accelerators (asynchronous asserts), so the op still
+            compiles with ``fullgraph=True``. An error with ``(B, T, V)`` logits, ``B > 1``.
+            ``tcod_fast.cu_seqlens_from_position_ids`` builds it from restarting ``position_ids``.
         inplace: write the gradient over ``student_logits`` instead of a new buffer (the logits
             are destroyed; saves one ``tokens x vocab`` allocation). An error when rows of
             ``student_logits`` share memory (an expanded or overlapping view) or when it shares
@@ -351,11 +386,12 @@ def fused_turn_kl(
         student_logits.shape[-1], teacher_logits.shape[-1], vocab_size, "student_logits", "teacher_logits", "columns"
     )
     divergence = check_options(divergence, reduction, beta, temperature)
+    logit_transform = as_floats(*resolve_logit_transforms(softcap, logit_scale))
     device = student_logits.device
     turns = prepare_turns(
         student_logits.shape[:-1], device, turn_ids=turn_ids, turn_window=turn_window, turn_weights=turn_weights,
         target_ids=target_ids, vocab_size=vocab_size, reduction=reduction, return_stats=return_stats,
-        num_turns=num_turns,
+        num_turns=num_turns, cu_seqlens=cu_seqlens,
     )
     backend = _resolve_backend(backend, device, student_logits.dtype)
     if backend != "torch" and (student_logits.dtype == torch.float64 or teacher_logits.dtype == torch.float64):
@@ -376,7 +412,7 @@ def fused_turn_kl(
     grad_scale = None if coeff is None else torch.where(coeff != 0, coeff, torch.ones_like(coeff))
     div, entropy, logp, logq = _FusedTurnKL.apply(
         student3, teacher3, turns.keep, turns.target_ids, grad_scale, divergence, float(beta), float(temperature),
-        vocab_size, return_stats, backend, inplace,
+        vocab_size, return_stats, backend, inplace, logit_transform,
     )
 
     # ---- weights, reductions and per-turn statistics: N-sized ----

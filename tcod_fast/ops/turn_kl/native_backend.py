@@ -25,6 +25,7 @@ import platform
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES, NATIVE_DTYPE_CODES
+from tcod_fast.ops.logit_transform import IDENTITY
 from tcod_fast.ops.native_extension import NativeExtension
 
 SUPPORTED_DTYPES = tuple(NATIVE_DTYPE_CODES)
@@ -103,11 +104,12 @@ def use_isa(name: str):
 
 def forward(
     student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None,
-    want_entropy=True,
+    want_entropy=True, student_transform=IDENTITY, teacher_transform=IDENTITY,
 ):
     """See ``torch_backend`` for the contract. CPU tensors only.
 
     ``want_entropy=False`` skips the entropy sum (about 9% of the kernel) and returns zeros for it.
+    The logit maps are applied in the kernel, to each block as it is read.
     """
     module = load()
     B, T = keep.shape
@@ -129,7 +131,7 @@ def forward(
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), g_sb, g_st,
         vocab_size, grad_cols, DIVERGENCE_CODES[divergence], float(beta), 1.0 / temperature,
         outs[0].data_ptr(), outs[1].data_ptr() if want_entropy else 0, outs[2].data_ptr(), outs[3].data_ptr(),
-        torch.get_num_threads(),
+        torch.get_num_threads(), *student_transform.as_floats(), *teacher_transform.as_floats(),
     )
     return tuple(outs)
 

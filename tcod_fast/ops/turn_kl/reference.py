@@ -65,6 +65,21 @@ def divergence_per_row(
     return value, entropy.detach(), log_p, log_q
 
 
+def transformed_logits(logits: torch.Tensor, softcap=None, logit_scale=None, side: int = 0) -> torch.Tensor:
+    """One side's logits in float64 after the model's logit map: ``logit_scale * logits``, then
+    ``softcap * tanh(. / softcap)`` (each skipped when None). ``softcap`` and ``logit_scale`` are a
+    number or a ``(student, teacher)`` pair, as the ops take them; ``side`` 0 is the student, 1 the
+    teacher. Differentiable (plain autograd through ``tanh``)."""
+    softcap = softcap[side] if isinstance(softcap, (tuple, list)) else softcap
+    logit_scale = logit_scale[side] if isinstance(logit_scale, (tuple, list)) else logit_scale
+    x = logits.double()
+    if logit_scale is not None:
+        x = x * float(logit_scale)
+    if softcap is not None:
+        x = float(softcap) * torch.tanh(x / float(softcap))
+    return x
+
+
 # Keywords of the public functions that choose how, not what, to compute. The references accept
 # and ignore them, so a call of a public function can be replayed on its reference unchanged.
 BACKEND_ONLY_KEYWORDS = ("backend", "inplace", "chunk_size", "chunk_mode", "fp32_weight_grad")
@@ -84,6 +99,9 @@ class TurnOptions:
     reduction: str = "mean"
     return_stats: bool = False
     num_turns: int | None = None
+    cu_seqlens: torch.Tensor | None = None
+    softcap: float | tuple | None = None
+    logit_scale: float | tuple | None = None
 
     @classmethod
     def from_keywords(cls, function_name: str, keywords: dict):
@@ -122,7 +140,8 @@ def turn_kl_reference(
             token is turn 0).
         **options: the keywords of ``fused_turn_kl`` (:class:`TurnKLOptions`: ``turn_window``,
             ``turn_weights``, ``target_ids``, ``divergence``, ``beta``, ``temperature``,
-            ``vocab_size``, ``reduction``, ``return_stats``, ``num_turns``), with its defaults.
+            ``vocab_size``, ``reduction``, ``return_stats``, ``num_turns``, ``cu_seqlens``,
+            ``softcap``, ``logit_scale``), with its defaults.
             Backend-only keywords (``backend``, ``inplace``, ...) are ignored; any other is a
             TypeError.
 
@@ -137,15 +156,18 @@ def turn_kl_reference(
     if options.vocab_size is not None:
         s, t = s[..., :options.vocab_size], t[..., :options.vocab_size]
     B, T = s.shape[:2]
-    ids, kept, num_turns, weights = reference_turns(turn_ids, options, B, T)
+    ids, kept, num_turns, weights, sequences = reference_turns(turn_ids, options, B, T)
 
     # Dropped rows never take part: zero them so garbage (NaN, a teacher -inf under student
     # mass) there cannot reach the kept rows' gradient through autograd.
     row_kept = kept.to(s.device).unsqueeze(-1)
     s = torch.where(row_kept, s, torch.zeros((), dtype=s.dtype, device=s.device))
     t = torch.where(row_kept, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    if options.softcap is not None or options.logit_scale is not None:
+        s = transformed_logits(s, options.softcap, options.logit_scale, side=0)
+        t = transformed_logits(t, options.softcap, options.logit_scale, side=1)
     div, entropy, log_p, log_q = divergence_per_row(s, t, options.divergence, options.beta, options.temperature)
-    per_token, loss = reference_loss(div.cpu(), kept, ids, weights, options.reduction, num_turns, squeeze)
+    per_token, loss = reference_loss(div.cpu(), kept, ids, weights, options.reduction, num_turns, squeeze, sequences)
     if not options.return_stats:
         return loss
 
@@ -154,25 +176,33 @@ def turn_kl_reference(
         tgt = options.target_ids.reshape(B, T, 1).long().to(log_p.device)
         logp_a = torch.where(kept, log_p.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
         logq_a = torch.where(kept, log_q.gather(-1, tgt).squeeze(-1).detach().cpu(), torch.zeros(B, T, dtype=torch.float64))
-    return reference_result(loss, per_token, entropy, kept, ids, num_turns, logp_a, logq_a, squeeze)
+    return reference_result(loss, per_token, entropy, kept, ids, num_turns, logp_a, logq_a, squeeze, sequences)
 
 
 # ---- the turn structure, reductions and statistics, shared with the top-k op's reference ----
 def reference_turns(turn_ids, options: TurnOptions, B: int, T: int):
-    """``(ids, kept, num_turns, weights)`` on CPU, token by token: ``ids`` ``(B, T)`` int64 turn
-    ids, ``kept`` ``(B, T)`` bool (``turn_id >= 0 and lo <= turn_id < hi``), the width of the
-    per-turn tensors, and the turn weights ``(B, num_turns)`` float64 or None."""
+    """``(ids, kept, num_turns, weights, sequences)`` on CPU, token by token: ``ids`` ``(B, T)``
+    int64 turn ids, ``kept`` ``(B, T)`` bool (``turn_id >= 0 and lo <= turn_id < hi``, with the
+    window of the token's sequence), the width of the per-turn tensors, the turn weights
+    ``(S, num_turns)`` float64 or None, and the ``S`` sequences, each the list of its tokens'
+    ``(row, position)``: row ``b`` of a padded batch, or with ``cu_seqlens`` the tokens
+    ``cu_seqlens[s]:cu_seqlens[s + 1]`` of the one row."""
     turn_window, turn_weights, num_turns = options.turn_window, options.turn_weights, options.num_turns
+    if options.cu_seqlens is None:
+        sequences = [[(b, i) for i in range(T)] for b in range(B)]
+    else:
+        bounds = [int(x) for x in options.cu_seqlens]
+        sequences = [[(0, i) for i in range(lo, hi)] for lo, hi in zip(bounds[:-1], bounds[1:])]
     ids = torch.zeros(B, T, dtype=torch.long) if turn_ids is None else turn_ids.reshape(B, T).long().cpu()
     kept = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
+    for seq, tokens in enumerate(sequences):
         if turn_window is None:
             lo, hi = 0, None
         elif isinstance(turn_window, torch.Tensor):
-            lo, hi = (int(x) for x in turn_window.reshape(-1, 2)[b])
+            lo, hi = (int(x) for x in turn_window.reshape(-1, 2)[seq])
         else:
             lo, hi = int(turn_window[0]), int(turn_window[1])
-        for i in range(T):
+        for b, i in tokens:
             tid = int(ids[b, i])
             kept[b, i] = tid >= 0 and tid >= lo and (hi is None or tid < hi)
 
@@ -181,20 +211,28 @@ def reference_turns(turn_ids, options: TurnOptions, B: int, T: int):
             num_turns = turn_weights.shape[-1]
         else:
             num_turns = int(ids.max()) + 1 if bool((ids >= 0).any()) else 1
-    weights = None if turn_weights is None else turn_weights.reshape(B, -1).double().cpu()
-    return ids, kept, num_turns, weights
+    weights = None if turn_weights is None else turn_weights.reshape(len(sequences), -1).double().cpu()
+    return ids, kept, num_turns, weights, sequences
 
 
-def reference_loss(div, kept, ids, weights, reduction: str, num_turns: int, squeeze: bool):
+def _token_mask(tokens, shape) -> torch.Tensor:
+    """``(B, T)`` bool, True at the ``(row, position)`` pairs ``tokens``."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for b, i in tokens:
+        mask[b, i] = True
+    return mask
+
+
+def reference_loss(div, kept, ids, weights, reduction: str, num_turns: int, squeeze: bool, sequences):
     """``(per_token, loss)`` from per-token divergences ``div`` ``(B, T)`` (CPU, float64): the
-    divergence at kept tokens (0 elsewhere), and the reduced loss, written out group by group."""
-    B, T = kept.shape
+    divergence at kept tokens (0 elsewhere), and the reduced loss, written out group by group
+    (``sequences``: :func:`reference_turns`')."""
     token_weight = kept.double().clone()
     if weights is not None:
-        for b in range(B):
-            for i in range(T):
+        for seq, tokens in enumerate(sequences):
+            for b, i in tokens:
                 if kept[b, i]:
-                    token_weight[b, i] = weights[b, int(ids[b, i])]
+                    token_weight[b, i] = weights[seq, int(ids[b, i])]
     per_token = torch.where(kept, div, torch.zeros_like(div))
     weighted = per_token * token_weight
 
@@ -205,15 +243,20 @@ def reference_loss(div, kept, ids, weights, reduction: str, num_turns: int, sque
     elif reduction == "mean":
         loss = weighted.sum() / max(int(kept.sum()), 1)
     elif reduction == "seq_mean_token_mean":
-        seq_means = [weighted[b].sum() / int(kept[b].sum()) for b in range(B) if kept[b].any()]
+        seq_means = []
+        for tokens in sequences:
+            in_seq = _token_mask(tokens, kept.shape) & kept
+            if in_seq.any():
+                seq_means.append(weighted[in_seq].sum() / int(in_seq.sum()))
         loss = torch.stack(seq_means).sum() / len(seq_means) if seq_means else weighted.sum() * 0
     elif reduction == "turn_mean":
         turn_means = []
-        for b in range(B):
+        for tokens in sequences:
+            in_seq = _token_mask(tokens, kept.shape) & kept
             for k in range(num_turns):
-                in_turn = kept[b] & (ids[b] == k)
+                in_turn = in_seq & (ids == k)
                 if in_turn.any():
-                    turn_means.append(weighted[b][in_turn].sum() / int(in_turn.sum()))
+                    turn_means.append(weighted[in_turn].sum() / int(in_turn.sum()))
         loss = torch.stack(turn_means).sum() / len(turn_means) if turn_means else weighted.sum() * 0
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
@@ -223,21 +266,23 @@ def reference_loss(div, kept, ids, weights, reduction: str, num_turns: int, sque
     return per_token, loss
 
 
-def reference_result(loss, per_token, entropy, kept, ids, num_turns, logp_a, logq_a, squeeze) -> TurnKLResult:
-    """The stats object, with every per-turn sum accumulated token by token. ``logp_a``/``logq_a``:
-    ``(B, T)`` float64 sampled-token log-probs (0 at dropped tokens), or None without targets."""
-    B, T = kept.shape
+def reference_result(
+    loss, per_token, entropy, kept, ids, num_turns, logp_a, logq_a, squeeze, sequences
+) -> TurnKLResult:
+    """The stats object, with every per-(sequence, turn) sum accumulated token by token.
+    ``logp_a``/``logq_a``: ``(B, T)`` float64 sampled-token log-probs (0 at dropped tokens), or
+    None without targets; ``sequences``: :func:`reference_turns`'."""
     ent = torch.where(kept, entropy.cpu(), torch.zeros_like(entropy.cpu()))
 
     def turn_sums(values):
-        sums = torch.zeros(B, num_turns, dtype=torch.float64)
-        for b in range(B):
-            for i in range(T):
+        sums = torch.zeros(len(sequences), num_turns, dtype=torch.float64)
+        for seq, tokens in enumerate(sequences):
+            for b, i in tokens:
                 if kept[b, i]:
-                    sums[b, int(ids[b, i])] += float(values[b, i])
+                    sums[seq, int(ids[b, i])] += float(values[b, i])
         return sums
 
-    counts = turn_sums(torch.ones(B, T, dtype=torch.float64))
+    counts = turn_sums(torch.ones(kept.shape, dtype=torch.float64))
     kl_sum = turn_sums(per_token.detach())
     ent_sum = turn_sums(ent)
     abs_sum = nlp_sum = None

@@ -14,6 +14,10 @@ Backend contract (shared by all three backends):
     that are not kept. When ``grad`` is given it receives ``d div / d student`` per row (0 at
     dropped rows and at columns >= vocab_size), multiplied per row by ``grad_scale`` ``(B, T)``
     when it is given (the reduction's coefficients, so backward usually has nothing to do).
+    ``student_transform``, ``teacher_transform`` (keywords, default the identity): each side's
+    :class:`~tcod_fast.ops.logit_transform.LogitTransform` (soft cap, scale), applied to the
+    logits as they are read, before the temperature; ``grad`` is then w.r.t. the untransformed
+    student logits.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 import torch
 
 from tcod_fast.ops.common import DIVERGENCES
+from tcod_fast.ops.logit_transform import IDENTITY
 
 # Target size of one float32 (chunk_rows x V) intermediate; about six of them live at once.
 _CHUNK_BYTES = 32 * 1024 * 1024
@@ -119,7 +124,10 @@ def _row_view(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def forward(student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None):
+def forward(
+    student, teacher, keep, target_ids, divergence, beta, temperature, vocab_size, grad, grad_scale=None,
+    student_transform=IDENTITY, teacher_transform=IDENTITY,
+):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     B, T = keep.shape
@@ -140,6 +148,11 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
         stop = min(N, start + step)
         x_s = s_rows[start:stop, :vocab_size].to(compute_dtype)
         x_t = t_rows[start:stop, :vocab_size].to(compute_dtype)
+        # the maps in place over a converted copy, else into a new chunk (the logits stay unwritten)
+        if not student_transform.identity:
+            x_s = student_transform.apply_(x_s) if student.dtype != compute_dtype else student_transform.apply(x_s)
+        if not teacher_transform.identity:
+            x_t = teacher_transform.apply_(x_t) if teacher.dtype != compute_dtype else teacher_transform.apply(x_t)
         div, ent, log_p, log_q, g = _rows_forward(x_s, x_t, divergence, beta, inv_temp, grad is not None)
         k = keep_rows[start:stop]
         zero = torch.zeros((), dtype=div.dtype, device=div.device)
@@ -150,6 +163,8 @@ def forward(student, teacher, keep, target_ids, divergence, beta, temperature, v
             logp_out[start:stop] = torch.where(k, log_p.gather(1, tgt).squeeze(1), zero)
             logq_out[start:stop] = torch.where(k, log_q.gather(1, tgt).squeeze(1), zero)
         if grad is not None:
+            if not student_transform.identity:  # chain rule, at the raw logits (not yet overwritten)
+                g = g.mul_(student_transform.derivative(s_rows[start:stop, :vocab_size].to(compute_dtype)))
             g = torch.where(k[:, None], g, zero)
             if scale_rows is not None:
                 g = g.mul_(scale_rows[start:stop, None])

@@ -9,9 +9,8 @@ import textwrap
 
 import pytest
 import torch
-from fused_linear_helpers import backend_keywords
+from fused_linear_helpers import RecordAllocations, backend_keywords, peak_rss_resettable
 from op_inputs import random_turn_ids
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tcod_fast import fused_turn_kl
 from tcod_fast.ops.common import DIVERGENCES, REDUCTIONS
@@ -242,18 +241,6 @@ def test_teacher_gets_no_grad_and_is_never_upcast_and_logits_never_materialised(
     x = _make(1, N, H_s, H_t, V, torch.bfloat16, mask="none", flat=True)
     x["w_t"].requires_grad_(True)
 
-    class RecordAllocations(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.shapes.append((tuple(t.shape), t.dtype))
-            return out
-
     with RecordAllocations() as record:
         loss = fused_linear_turn_kl(x["h_s"], x["w_s"], x["h_t"], x["w_t"], x["turn_ids"], student_bias=x["b_s"],
                                     teacher_bias=x["b_t"], chunk_size=16, backend="torch")
@@ -369,16 +356,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
-def _peak_rss_resettable() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _peak_rss_resettable(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+@pytest.mark.skipif(not peak_rss_resettable(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 def test_peak_memory_far_below_the_logits():
     """N=4096, H=32, V=32000 float32, forward+backward, measured as the process's peak RSS.
 

@@ -123,12 +123,15 @@ def test_strided_hidden_states_and_a_second_use_of_kl():
     assert float(g_h[:, -1].abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
-    hidden, weight, bias, ids, logprobs, turn_ids, _ = _make(2, 5, 8, 64, 4, device="cpu")
+def test_torch_compile_fullgraph(compile_backend, packed):
+    hidden, weight, bias, ids, logprobs, turn_ids, _ = _make(2, 5, 8, 64, 4, device="cpu", flat=packed)
+    cu_seqlens = torch.tensor([0, 3, 3, 10]) if packed else None  # sequences of 3, 0 and 7 tokens
 
     def loss_fn(h, w, b, i, lp, t):
-        return fused_linear_topk_turn_kl(h * 1.0, w, i, lp, t, student_bias=b, reduction="turn_mean", num_turns=3)
+        return fused_linear_topk_turn_kl(h * 1.0, w, i, lp, t, student_bias=b, reduction="turn_mean", num_turns=3,
+                                         cu_seqlens=cu_seqlens)
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
     loss = compiled(hidden, weight, bias, ids, logprobs, turn_ids)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from float32_tolerances import kernel_copies_tolerance
 
+from tcod_fast.ops.logit_transform import IDENTITY, LogitTransform
 from tcod_fast.ops.topk import prepare_topk
 from tcod_fast.ops.topk_turn_kl import native_backend
 
@@ -44,14 +45,16 @@ def test_baseline_x86_64_build_matches_the_native_build(tmp_path):
         top = student[0, 2, ids[0, 2]].clone()
         student[0, 2, :700] = float("-inf")  # whole blocks of -inf
         student[0, 2, ids[0, 2]] = top  # the top-k stay finite (else forward KL is a true inf)
-        for divergence in ("reverse_kl", "forward_kl", "jsd"):
+        # without a logit map, and with a soft-capped and scaled student
+        for divergence, student_map in [(d, m) for d in ("reverse_kl", "forward_kl", "jsd")
+                                        for m in (IDENTITY, LogitTransform(1.3, 2.5))]:
             for tail in ("bucket", "renormalize"):
                 results = []
                 for module in (portable, native_backend.load()):
                     grad = torch.empty_like(student)
                     outs = native_backend.forward(
                         student, sorted_ids, sorted_logprobs, keep, None, divergence, 0.3, 1.7, tail, 1e-6, grad,
-                        module=module,
+                        module=module, student_transform=student_map,
                     )
                     results.append((*outs[:2], grad))
                 for name, a, b in zip(["divergence", "entropy", "gradient"], *results):
@@ -67,15 +70,17 @@ from triton.compiler import ASTSource
 from tcod_fast.ops.topk_turn_kl import triton_backend as tb
 
 scalars = dict.fromkeys(["rows_t", "s_sb", "s_st", "g_sb", "g_st", "vocab", "K"], "i64")
-scalars |= dict.fromkeys(["inv_temp", "beta", "log_1m_beta", "log_beta", "tail_eps"], "fp32")
-for student, divergence, bucket in [("bf16", 0, True), ("fp32", 1, True), ("fp16", 2, True), ("bf16", 0, False)]:
+scalars |= dict.fromkeys(["inv_temp", "beta", "log_1m_beta", "log_beta", "tail_eps", "s_scale", "s_cap"], "fp32")
+# the student's logit map (LogitTransform.code: 0 none, 1 a scale, 2 a soft cap) varies too
+for student, divergence, bucket, tf_s in [("bf16", 0, True, 0), ("fp32", 1, True, 2), ("fp16", 2, True, 1),
+                                          ("bf16", 0, False, 2)]:
     signature = {
         "s_ptr": "*" + student, "g_ptr": "*" + student, "ids_ptr": "*i32", "lq_ptr": "*fp32", "keep_ptr": "*i1",
         "target_ptr": "*i64", "scale_ptr": "*fp32", "div_ptr": "*fp32", "ent_ptr": "*fp32", "logp_ptr": "*fp32",
         "logq_ptr": "*fp32", **scalars,
     }
     constexprs = dict(DIVERGENCE=divergence, BUCKET=bucket, NEED_NORMALISER=True, HAS_TARGET=True, WRITE_GRAD=True,
-                      HAS_SCALE=True, BLOCK_V=tb.DEFAULT_BLOCK_V, BLOCK_K=64, PAD=tb.PAD_ID)
+                      HAS_SCALE=True, BLOCK_V=tb.DEFAULT_BLOCK_V, BLOCK_K=64, PAD=tb.PAD_ID, TF_S=tf_s)
     signature |= dict.fromkeys(constexprs, "constexpr")
     compiled = triton.compile(ASTSource(fn=tb._topk_row_kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})

@@ -19,7 +19,8 @@ pytestmark = [
 ]
 
 
-def _run(isa, student, teacher, keep, divergence, temperature):
+def _run(isa, student, teacher, keep, divergence, temperature, logit_maps=(1.0, 0.0, 1.0, 0.0)):
+    """``logit_maps``: ``(scale_s, cap_s, scale_t, cap_t)``, the identity by default."""
     B, T, V = student.shape
     outs = [torch.zeros(B, T) for _ in range(4)]
     grad = torch.empty_like(student)
@@ -28,7 +29,7 @@ def _run(isa, student, teacher, keep, divergence, temperature):
             student.data_ptr(), _DTYPES[student.dtype], teacher.data_ptr(), _DTYPES[teacher.dtype],
             grad.data_ptr(), keep.data_ptr(), 0, 0, B, T,
             student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), grad.stride(0),
-            grad.stride(1), V, V, divergence, 0.3, 1.0 / temperature, *(o.data_ptr() for o in outs), 2,
+            grad.stride(1), V, V, divergence, 0.3, 1.0 / temperature, *(o.data_ptr() for o in outs), 2, *logit_maps,
         )
     return outs[0], outs[1], grad
 
@@ -50,6 +51,13 @@ def test_portable_copy_matches_the_avx2_copy():
             for name, a, b in zip(["divergence", "entropy", "gradient"], ours, theirs):
                 assert torch.isfinite(a.float()).all(), name
                 torch.testing.assert_close(a.float(), b.float(), **kernel_copies_tolerance(name, V, dtype, b), msg=lambda m, n=name: f"{n}: {m}")
+            # soft-capped and scaled logits (softcap 2.5 and a scale on the student, 4 on the teacher)
+            ours = _run("portable", student, teacher, keep, divergence, 1.7, (1.3, 2.5, 1.0, 4.0))
+            theirs = _run("avx2", student, teacher, keep, divergence, 1.7, (1.3, 2.5, 1.0, 4.0))
+            for name, a, b in zip(["divergence", "entropy", "gradient"], ours, theirs):
+                assert torch.isfinite(a.float()).all(), name
+                torch.testing.assert_close(a.float(), b.float(), **kernel_copies_tolerance(name, V, dtype, b),
+                                           msg=lambda m, n=name: f"softcap {n}: {m}")
     # extreme ranges: logits at 1e8 (one-hot after scaling) and a few nats apart at an offset
     x, y = torch.randn(B, T, V), torch.randn(B, T, V)
     for student, teacher, temperature in [(x * 1e8, y * 1e8, 1e-6), (x * 3e-6 + 1e8, y * 3e-6 - 2e8, 1e-6)]:

@@ -20,8 +20,9 @@ from triton.compiler import ASTSource
 from tcod_fast.ops.turn_kl import triton_backend
 
 scalars = dict.fromkeys(["rows_t", "s_sb", "s_st", "t_sb", "t_st", "g_sb", "g_st", "vocab", "grad_cols"], "i64")
-scalars |= dict.fromkeys(["inv_temp", "beta", "log_1m_beta", "log_beta"], "fp32")
-for student, teacher in [("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "bf16")]:
+scalars |= dict.fromkeys(["inv_temp", "beta", "log_1m_beta", "log_beta", "s_scale", "s_cap", "t_scale", "t_cap"], "fp32")
+# each dtype pair with other logit maps (LogitTransform.code: 0 none, 1 a scale, 2 a soft cap)
+for (student, teacher), (tf_s, tf_t) in zip([("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "bf16")], [(0, 0), (2, 1), (1, 2)]):
     for divergence in (0, 1, 2):
         signature = {
             "s_ptr": "*" + student, "t_ptr": "*" + teacher, "g_ptr": "*" + student,
@@ -29,12 +30,12 @@ for student, teacher in [("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "bf16")]:
             "div_ptr": "*fp32", "ent_ptr": "*fp32", "logp_ptr": "*fp32", "logq_ptr": "*fp32",
             **scalars,
             "DIVERGENCE": "constexpr", "HAS_TARGET": "constexpr", "WRITE_GRAD": "constexpr",
-            "HAS_SCALE": "constexpr", "BLOCK_V": "constexpr",
+            "HAS_SCALE": "constexpr", "BLOCK_V": "constexpr", "TF_S": "constexpr", "TF_T": "constexpr",
         }
         source = ASTSource(
             fn=triton_backend._turn_kl_row_kernel, signature=signature,
             constexprs={"DIVERGENCE": divergence, "HAS_TARGET": True, "WRITE_GRAD": True, "HAS_SCALE": True,
-                        "BLOCK_V": triton_backend.DEFAULT_BLOCK_V},
+                        "BLOCK_V": triton_backend.DEFAULT_BLOCK_V, "TF_S": tf_s, "TF_T": tf_t},
         )
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
         assert ".target sm_90" in compiled.asm["ptx"], "PTX not for sm_90"

@@ -350,17 +350,24 @@ def test_training_loop_drives_kl_down():
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
-    """A loss function calling the op compiles without graph breaks and gives the eager numbers."""
+def test_torch_compile_fullgraph(compile_backend, packed):
+    """A loss function calling the op compiles without graph breaks and gives the eager numbers,
+    on a padded batch and on a packed one (``cu_seqlens``; its checks are asynchronous asserts)."""
     student = torch.randn(2, 5, 64, requires_grad=True)
     teacher = torch.randn(2, 5, 64)
     turn_ids = torch.tensor([[0, 0, 1, -1, 1], [0, 1, 1, 2, -1]])
+    cu_seqlens = None
+    if packed:  # sequences of 3, 0 and 7 tokens
+        student = student.detach().reshape(10, 64).requires_grad_(True)
+        teacher, turn_ids, cu_seqlens = teacher.reshape(10, 64), turn_ids.reshape(10), torch.tensor([0, 3, 3, 10])
 
-    def loss_fn(s, t, ids):
-        return fused_turn_kl(s * 1.0, t, ids, turn_window=(0, 2), reduction="turn_mean", num_turns=3)
+    def loss_fn(s, t, ids, cu_seqlens):
+        return fused_turn_kl(s * 1.0, t, ids, turn_window=(0, 2), reduction="turn_mean", num_turns=3,
+                             cu_seqlens=cu_seqlens)
 
-    assert_compiles_like_eager(loss_fn, student, teacher, turn_ids, backend=compile_backend)
+    assert_compiles_like_eager(loss_fn, student, teacher, turn_ids, cu_seqlens, backend=compile_backend)
 
 
 def test_public_exports():
