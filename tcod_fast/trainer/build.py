@@ -152,7 +152,7 @@ def keeps_packed_sequences_apart(model: torch.nn.Module) -> bool:
 #: Attention implementations whose cost on a padding-free row stays per sequence (flash
 #: attention's varlen kernels) or per block of the block-diagonal mask (flex attention).
 #: ``eager`` and ``sdpa`` keep packed sequences apart too, but through a dense ``N x N`` mask
-#: over the whole row: on the demo's model that made a step 1.3x slower than padding
+#: over the whole row: on the demo's model a step took 1.4x the padded one's time
 #: (benchmarks/results/padding_free_cpu.json), so ``auto`` keeps them padded.
 PER_SEQUENCE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
