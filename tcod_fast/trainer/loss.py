@@ -93,6 +93,7 @@ class PackedMicroBatch:
             ``cu_seqlens[s]:cu_seqlens[s+1]`` of the row; ``None`` when padded.
         token_place: padding-free: ``(sequence, position)`` of every token of the row, each
             ``(N,)`` int64, for :meth:`per_sequence`.
+        longest_sequence: padding-free: the longest sequence's token count.
     """
 
     model_inputs: dict
@@ -104,6 +105,7 @@ class PackedMicroBatch:
     num_turns: int
     cu_seqlens: torch.Tensor | None = None
     token_place: tuple[torch.Tensor, torch.Tensor] | None = None
+    longest_sequence: int = 0
 
     def per_sequence(self, values: torch.Tensor, fill: float | int | bool = 0) -> torch.Tensor:
         """A per-token tensor ``(R, T, ...)`` as one row per sequence ``(S, L, ...)``, ``fill``
@@ -112,8 +114,7 @@ class PackedMicroBatch:
         if self.cu_seqlens is None:
             return values
         sequence, position = self.token_place
-        longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
-        shape = (len(self.cu_seqlens) - 1, longest, *values.shape[2:])
+        shape = (len(self.cu_seqlens) - 1, self.longest_sequence, *values.shape[2:])
         return values.new_full(shape, fill).index_put((sequence, position), values[0])
 
 
@@ -136,10 +137,10 @@ def pack_micro_batch(
     :func:`padding_free_attention`). Turn ids outside a plan's ``turn_window`` or
     ``>= num_turns`` become -1.
     """
-    # padding-free: one row with room for every token the micro-batch's sequences can have
-    room = sum(len(t.token_ids) + sum(len(turn.window_prompt_token_ids) for turn in t.turns) for t in trajectories)
-    layout = "packed" if padding_free else "padded"
-    config = PackingConfig(mode=context_mode, layout=layout, pad_token_id=pad_token_id, max_row_tokens=room if padding_free else None)
+    config = PackingConfig(mode=context_mode, layout="padded", pad_token_id=pad_token_id)
+    if padding_free:  # one row, with room for every token the micro-batch's sequences can have
+        room = sum(len(t.token_ids) + sum(len(turn.window_prompt_token_ids) for turn in t.turns) for t in trajectories)
+        config = PackingConfig(mode=context_mode, layout="packed", pad_token_id=pad_token_id, max_row_tokens=room)
     batch = pack_trajectories(trajectories, config).to(device)
     turn_ids = apply_turn_windows(batch, turn_windows_tensor(plans))
     # turn ids are turn indices, < num_turns; the statistics are (sequences, num_turns)
@@ -158,6 +159,7 @@ def pack_micro_batch(
         packed.cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         sequence = batch.sequence_ids[0]
         packed.token_place = (sequence, batch.position_ids[0])
+        packed.longest_sequence = int(batch.sequence_lengths.max())
     return packed
 
 

@@ -215,7 +215,7 @@ for dtype, divergence, (tf_s, tf_t) in [("bf16", 0, (2, 2)), ("fp32", 1, (1, 0))
 
 def test_triton_kernels_with_logit_maps_compile_to_sm90_cubin():
     """The interpreter checks what the fused-linear kernels compute with the maps; this lowers the
-    same source through Triton's real compiler (a subprocess: this session runs the interpreter)."""
+    same source through Triton's real compiler (a subprocess: the tests run under the interpreter)."""
     pytest.importorskip("triton", reason="triton is not installed (pip install 'tcod-fast[triton]')")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
