@@ -7,7 +7,9 @@
 #
 # What it writes into OUT_DIR:
 #   gpu.txt                  nvidia-smi's name/memory/driver line and torch/triton versions
-#   tests.log                the op tests on CUDA (Triton backends on the GPU, not the interpreter)
+#   tests.log                the op tests on CUDA (Triton backends on the GPU, not the interpreter), packed
+#                            (cu_seqlens) included, and the check that no token of a packed row attends
+#                            across a sequence boundary under each CUDA attention implementation
 #   turn_kl_8192_bf16.json   headline: N=8192, V=151936, bf16 -- fused Triton vs Liger-Kernel's JSD
 #                            (beta=1) vs torch.compile vs eager, bytes/s against 5*N*V*e and the
 #                            measured device-copy bandwidth
@@ -50,7 +52,10 @@ cat "$out/gpu.txt"
 status=0
 python3 -m pytest -q tests/ops/turn_kl/test_turn_kl.py tests/ops/turn_kl/test_turn_kl_errors.py \
     tests/ops/fused_linear_turn_kl/test_fused_linear_turn_kl.py tests/ops/turn_kl/test_triton_compile.py \
-    tests/ops/topk_turn_kl 2>&1 | tee "$out/tests.log" | tail -5 || status=1
+    tests/ops/topk_turn_kl tests/ops/turn_kl/test_turn_kl_packed.py \
+    tests/ops/fused_linear_turn_kl/test_fused_linear_turn_kl_packed.py \
+    "tests/rollout/test_packing.py::test_no_token_attends_across_a_sequence_boundary_of_a_packed_row" \
+    2>&1 | tee "$out/tests.log" | tail -5 || status=1
 
 {
     python3 benchmarks/run_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 --out "$out/turn_kl_8192_bf16.json"

@@ -7,10 +7,11 @@ Importing this module (verl 0.9.1) registers, through verl's own registries:
   full-vocabulary distribution, with :func:`tcod_fast.fused_topk_turn_kl`: forward KL over the
   top-k ids plus one tail bucket holding the rest of the mass, exact (the student's tail is a
   log-sum-exp over the complement) and computed in one streaming pass over the logits, so no
-  ``tokens x vocab`` log-softmax is formed. verl's ``forward_kl_topk`` instead drops the tail
-  (and so can go negative and is clamped at 0). verl 0.9.1 forms every top-k loss in one fixed
-  function of its FSDP/FSDP2/VeOmni step, the only place it hands over the student logits, not
-  through the registry: this module wraps that function
+  ``tokens x vocab`` log-softmax is formed (verl's ``forward_kl_topk`` instead drops the tail,
+  and so can go negative and is clamped at 0). verl's packed layout (its sequences end to end
+  in one row, their teacher tensors nested) reaches the op as ``cu_seqlens``. verl 0.9.1 forms
+  every top-k loss in one fixed function of its FSDP/FSDP2/VeOmni step, the only place it hands
+  over the student logits, not through the registry: this module wraps that function
   (``verl.trainer.distillation.fsdp.losses.compute_forward_kl_topk``) so it computes
   ``tcod_fused_kl`` when that is the configured ``loss_mode`` and is unchanged otherwise. The
   registered function then reports the per-token losses as ``forward_kl_topk`` does (top-k
@@ -77,6 +78,7 @@ __all__ = [
     "compute_tcod_opd_policy_loss",
     "compute_tcod_opd_tdur_policy_loss",
     "fused_topk_forward_kl",
+    "packed_cu_seqlens",
     "turn_ids_from_response_mask",
 ]
 
@@ -113,15 +115,22 @@ def _student_topk_mass(student_logits: torch.Tensor, topk_ids: torch.Tensor, row
 
 
 def fused_topk_forward_kl(
-    student_logits: torch.Tensor, teacher_topk_log_probs: torch.Tensor, teacher_topk_ids: torch.Tensor
+    student_logits: torch.Tensor,
+    teacher_topk_log_probs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token forward KL(teacher || student) over the teacher's top-k plus a tail bucket.
 
     Args:
-        student_logits: ``(B, T, V)`` (verl: ``(1, total_tokens, V)``), already divided by the
-            sampling temperature; receives the gradient.
+        student_logits: ``(B, T, V)`` (verl: ``(1, total_tokens, V)``, its sequences packed end
+            to end), already divided by the sampling temperature; receives the gradient.
         teacher_topk_log_probs: ``(B, T, K)`` float, the teacher's log-probs of its top-k ids.
         teacher_topk_ids: ``(B, T, K)`` int, ids in ``[0, V)``.
+        cu_seqlens: ``(S + 1,)`` int, the bounds of the ``S`` sequences of a packed
+            ``(1, total_tokens, V)`` batch (FlashAttention's varlen convention; verl's nested
+            tensors' ``offsets()``), or ``None``. Passed to the op, which refuses bounds that do
+            not cover the tokens; each token's loss is the same with or without it.
 
     Returns:
         ``distillation_losses`` ``(B, T)`` float32 (carries grad), ``student_mass`` and
@@ -129,13 +138,19 @@ def fused_topk_forward_kl(
     """
     losses = fused_topk_turn_kl(
         student_logits, teacher_topk_ids, teacher_topk_log_probs.float(),
-        divergence="forward_kl", tail="bucket", reduction="none",
+        divergence="forward_kl", tail="bucket", reduction="none", cu_seqlens=cu_seqlens,
     )
     return {
         "distillation_losses": losses,
         "student_mass": _student_topk_mass(student_logits, teacher_topk_ids),
         "teacher_mass": teacher_topk_log_probs.float().exp().sum(-1),
     }
+
+
+def packed_cu_seqlens(nested: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``(S + 1,)`` int64 ``cu_seqlens`` of verl's packed layout: the offsets of a jagged nested
+    tensor of ``S`` sequences, whose values are the sequences end to end."""
+    return nested.offsets().to(device=device, dtype=torch.int64)
 
 
 _verl_forward_kl_topk = getattr(_fsdp_losses, "_tcod_original_forward_kl_topk", _fsdp_losses.compute_forward_kl_topk)
@@ -148,10 +163,14 @@ def _fsdp_topk_step(student_logits, teacher_topk_log_probs, teacher_topk_ids, co
     from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size, slice_input_tensor
 
     # The same layout handling as verl's compute_forward_kl_topk: packed tokens, then the sequence-parallel slice.
+    cu_seqlens = None
     if teacher_topk_log_probs.is_nested:
+        cu_seqlens = packed_cu_seqlens(teacher_topk_log_probs, student_logits.device)
         teacher_topk_log_probs = teacher_topk_log_probs.values().unsqueeze(0)
         teacher_topk_ids = teacher_topk_ids.values().unsqueeze(0)
     if get_ulysses_sequence_parallel_world_size() > 1:
+        # Each rank holds a slice of the packed row, which cuts sequences: no bounds to pass.
+        cu_seqlens = None
         teacher_topk_log_probs = slice_input_tensor(teacher_topk_log_probs, dim=1)
         teacher_topk_ids = slice_input_tensor(teacher_topk_ids, dim=1)
     if teacher_topk_ids.shape[:2] != student_logits.shape[:2]:
@@ -159,7 +178,9 @@ def _fsdp_topk_step(student_logits, teacher_topk_log_probs, teacher_topk_ids, co
             f"tcod_fused_kl: teacher top-k tensors cover {tuple(teacher_topk_ids.shape[:2])} tokens but the student "
             f"logits cover {tuple(student_logits.shape[:2])}"
         )
-    return fused_topk_forward_kl(student_logits, teacher_topk_log_probs, teacher_topk_ids)
+    if student_logits.shape[0] != 1:
+        cu_seqlens = None  # a padded (B, T, V) batch: its rows are the sequences
+    return fused_topk_forward_kl(student_logits, teacher_topk_log_probs, teacher_topk_ids, cu_seqlens=cu_seqlens)
 
 
 _fsdp_losses._tcod_original_forward_kl_topk = _verl_forward_kl_topk

@@ -106,6 +106,45 @@ def test_fused_kl_loss_through_verl_matches_float64():
     assert "distillation/teacher_mass" in metrics
 
 
+def test_fused_kl_receives_verls_packed_layout_as_cu_seqlens(monkeypatch):
+    """verl packs its sequences end to end, their teacher tensors nested: the op receives the
+    nested offsets as ``cu_seqlens``, and each sequence's losses equal those of the padded
+    ``(B, T, V)`` call on the same sequences, bit for bit."""
+    lengths = (5, 0, 7, 3)
+    distillation_config = DistillationConfig(distillation_loss=DistillationLossConfig(loss_mode="tcod_fused_kl", topk=4))
+    logits, ids, logprobs, nested_ids, nested_lp = _topk_case(seed=3, lengths=lengths)
+    received = []
+    real_op = tcod_verl.fused_topk_turn_kl
+
+    def recording_op(*args, **kwargs):
+        received.append(kwargs.get("cu_seqlens"))
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(tcod_verl, "fused_topk_turn_kl", recording_op)
+    data = TensorDict({"teacher_logprobs": nested_lp, "teacher_ids": nested_ids}, batch_size=[len(lengths)])
+    packed = compute_topk_loss(_Strategy(), distillation_config, data, logits, "thd")["distillation_losses"]
+    assert received[-1].tolist() == [0, 5, 5, 12, 15] and received[-1].dtype == torch.int64
+
+    longest = max(lengths)
+    padded_logits = torch.zeros(len(lengths), longest, logits.shape[-1])
+    padded_ids = torch.arange(ids.shape[-1]).expand(len(lengths), longest, -1).clone()  # padding: any distinct ids
+    padded_lp = torch.zeros(len(lengths), longest, ids.shape[-1])
+    for row, (start, length) in enumerate(zip(received[-1][:-1].tolist(), lengths)):
+        padded_logits[row, :length] = logits.detach()[0, start:start + length]
+        padded_ids[row, :length] = ids[start:start + length]
+        padded_lp[row, :length] = logprobs[start:start + length]
+    padded = tcod_verl.fused_topk_forward_kl(padded_logits, padded_lp, padded_ids)["distillation_losses"]
+    assert received[-1] is None  # a padded batch: its rows are the sequences
+    for row, (start, length) in enumerate(zip([0, 5, 5, 12], lengths)):
+        assert torch.equal(packed.detach()[0, start:start + length], padded[row, :length])
+
+
+def test_fused_kl_refuses_packed_bounds_that_miss_the_tokens():
+    logits, ids, logprobs, _, _ = _topk_case(seed=4, lengths=(4, 6))
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal the number of tokens"):
+        tcod_verl.fused_topk_forward_kl(logits, logprobs.unsqueeze(0), ids.unsqueeze(0), cu_seqlens=torch.tensor([0, 4, 9]))
+
+
 def test_opd_advantage_through_verl():
     g = torch.Generator().manual_seed(1)
     rewards = torch.randn(3, 6, generator=g)

@@ -214,3 +214,40 @@ def test_readme_packed_snippet_runs():
     namespace: dict = {}
     exec(compile(snippet, "README.md: Usage (packed)", "exec"), namespace)
     assert namespace["result"].turn_kl_sum.shape == (3, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# no host synchronisation on a GPU
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter; this machine has no CUDA GPU")
+def test_packed_ops_never_synchronise_with_the_host_when_num_turns_is_given():
+    """With ``num_turns`` given, the four ops check and use ``cu_seqlens`` on the device alone:
+    under ``torch.cuda.set_sync_debug_mode("error")`` any host synchronisation raises."""
+    from tcod_fast import fused_linear_topk_turn_kl, fused_linear_turn_kl, fused_topk_turn_kl
+
+    twin = PackedTwin((5, 0, 9, 3))
+    g = torch.Generator().manual_seed(4)
+    turn_ids = twin.pack(twin.turn_ids(NUM_TURNS)).cuda()
+    cu_seqlens = twin.cu_seqlens.cuda()
+    hidden, width, k = 16, 24, 4
+    student = torch.randn(twin.N, VOCAB, generator=g).cuda().requires_grad_(True)
+    teacher = torch.randn(twin.N, VOCAB, generator=g).cuda()
+    h_s = torch.randn(twin.N, hidden, generator=g).cuda().requires_grad_(True)
+    w_s = torch.randn(VOCAB, hidden, generator=g).cuda().requires_grad_(True)
+    h_t, w_t = torch.randn(twin.N, width, generator=g).cuda(), torch.randn(VOCAB, width, generator=g).cuda()
+    top = torch.log_softmax(teacher, -1).topk(k, -1)
+    options = dict(cu_seqlens=cu_seqlens, num_turns=NUM_TURNS, reduction="seq_mean_token_mean")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [
+            fused_turn_kl(student, teacher, turn_ids, **options),
+            fused_linear_turn_kl(h_s, w_s, h_t, w_t, turn_ids, **options),
+            fused_topk_turn_kl(student, top.indices, top.values, turn_ids, **options),
+            fused_linear_topk_turn_kl(h_s, w_s, top.indices, top.values, turn_ids, **options),
+        ]
+        torch.stack([loss.float() for loss in losses]).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert student.grad is not None and h_s.grad is not None and w_s.grad is not None
