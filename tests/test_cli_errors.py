@@ -70,7 +70,7 @@ CONFIG_MISTAKES = [
     ("no-equals", ["--set", "trainer.lr"], ["--set takes section.key=value, got 'trainer.lr'"]),
     ("unknown-divergence", ["--set", "loss.divergence=kl"], ["loss.divergence must be one of reverse_kl, forward_kl, jsd, got 'kl'"]),
     ("unknown-algorithm-set", ["--set", "curriculum.algorithm=ppo"], ["curriculum.algorithm must be one of", "got 'ppo'"]),
-    ("unknown-env", ["--set", "env.name=webshop"], ["env.name must be one of toy, twx-<game>", "got 'webshop'"]),
+    ("unknown-env", ["--set", "env.name=nethack"], ["env.name must be one of toy, twx-<game>", "got 'nethack'"]),
     ("negative-grad-norm", ["--set", "trainer.max_grad_norm=-1"], ["trainer.max_grad_norm must be >= 0", "got -1.0"]),
     ("negative-kl-coef", ["--set", "loss.kl_coef=-0.5"], ["loss.kl_coef must be >= 0, got -0.5"]),
     ("negative-checkpoint-every", ["--set", "trainer.checkpoint_every=-1"], ["trainer.checkpoint_every must be >= 0", "got -1"]),

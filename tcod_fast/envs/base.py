@@ -94,7 +94,8 @@ class Env(Protocol):
     Implementations: :class:`tcod_fast.envs.toy.KeyDoorEnv`,
     :class:`tcod_fast.envs.textworld_express.TextWorldExpressEnv`,
     :class:`tcod_fast.envs.scienceworld.ScienceWorldEnv`,
-    ``tcod_fast.envs.alfworld.AlfWorldEnv``. Build them by name with
+    ``tcod_fast.envs.alfworld.AlfWorldEnv``, :class:`tcod_fast.envs.webshop.WebShopEnv`,
+    :class:`tcod_fast.envs.search_qa.SearchQAEnv`. Build them by name with
     :func:`tcod_fast.envs.registry.make_env`.
     """
 

@@ -8,12 +8,14 @@ built-in families (:data:`ENV_NAMES`):
 * ``twx-<game>`` -- :class:`tcod_fast.envs.textworld_express.TextWorldExpressEnv` for one
   TextWorld-Express game (``twx-coin``, ``twx-cookingworld``, ``twx-twc``...);
 * ``scienceworld`` -- :class:`tcod_fast.envs.scienceworld.ScienceWorldEnv`;
-* ``alfworld`` -- ``tcod_fast.envs.alfworld.AlfWorldEnv``.
+* ``alfworld`` -- ``tcod_fast.envs.alfworld.AlfWorldEnv``;
+* ``webshop`` -- :class:`tcod_fast.envs.webshop.WebShopEnv` (a generated catalogue, or WebShop's files);
+* ``search_qa`` -- :class:`tcod_fast.envs.search_qa.SearchQAEnv` (a generated corpus, or the user's JSONL files).
 
 The engines are imported only when their adapter is built, so a missing engine only
 matters when used; :func:`check_env_settings` reports it (and unknown names, unknown
 ``env.kwargs`` keys, missing data files) in one line before anything is built.
-``webshop`` is refused with the reason (:data:`UNAVAILABLE_ENVS`).
+Names in :data:`UNAVAILABLE_ENVS` are refused with the reason (none at present).
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tcod_fast.envs.alchemy import ALCHEMY
 from tcod_fast.envs.alfworld.adapter import AlfWorldConfig, AlfWorldEnv, missing_games
 from tcod_fast.envs.base import Env
 from tcod_fast.envs.family import EnvFamily, Expert, PromptPreset, PythonPackage
 from tcod_fast.envs.scienceworld import ScienceWorldConfig, make_scienceworld_env
+from tcod_fast.envs.search_qa.corpus import missing_qa_files
+from tcod_fast.envs.search_qa.env import SearchQAConfig, make_search_qa_env
 from tcod_fast.envs.textworld_express import TextWorldExpressConfig, make_textworld_express_env
 from tcod_fast.envs.toy import KeyDoorConfig, make_key_door_env
+from tcod_fast.envs.webshop.catalogue import missing_webshop_files
+from tcod_fast.envs.webshop.env import WebShopConfig, make_webshop_env
 
 __all__ = [
     "ENV_NAMES",
@@ -45,9 +52,7 @@ __all__ = [
 ]
 
 #: Env names that are known but cannot run here, with the reason.
-UNAVAILABLE_ENVS = {
-    "webshop": "WebShop cannot run offline (its product data is only on Google Drive); use another env",
-}
+UNAVAILABLE_ENVS: dict[str, str] = {}
 
 # ---------------------------------------------------------------------- registry
 
@@ -134,9 +139,9 @@ def make_env(name: str, **kwargs: Any) -> Env:
 
     Args:
         name: an env name of a registered family: ``"toy"``, ``"twx-<game>"``,
-            ``"scienceworld"``, ``"alfworld"`` or one of :func:`env_names`.
+            ``"scienceworld"``, ``"alfworld"``, ``"webshop"``, ``"search_qa"`` or one of :func:`env_names`.
         **kwargs: fields of the family's ``config_class`` (``KeyDoorConfig``,
-            ``TextWorldExpressConfig``, ``ScienceWorldConfig``, ``AlfWorldConfig``...).
+            ``TextWorldExpressConfig``, ``ScienceWorldConfig``, ``AlfWorldConfig``, ``WebShopConfig``...).
     """
     return get_env_family(name).make(name, **kwargs)
 
@@ -207,6 +212,23 @@ def check_env_settings(name: str, kwargs: Mapping[str, Any] | None) -> None:
 #: The ``tcod-fast`` extra that installs every engine (``pyproject.toml``).
 _ENGINES_EXTRA = "envs"
 
+#: The BM25 library WebShop's search and Search-QA's retriever use (tcod_fast.envs.retrieval).
+_BM25 = PythonPackage("bm25s", "bm25s==0.3.16")
+
+
+def missing_webshop_data(env_kwargs: Mapping[str, Any]) -> str | None:
+    """What ``env.kwargs.data_path`` lacks of WebShop's data files; None when unset (the
+    generated catalogue) or complete."""
+    data_path = env_kwargs.get("data_path")
+    return missing_webshop_files(str(data_path)) if data_path else None
+
+
+def missing_search_qa_data(env_kwargs: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``env.kwargs.corpus_path`` / ``qa_path``; None when both are unset
+    (the generated corpus) or both name files."""
+    return missing_qa_files(env_kwargs.get("corpus_path"), env_kwargs.get("qa_path"))
+
+
 for _record in (
     EnvFamily(
         name="toy",
@@ -253,6 +275,33 @@ for _record in (
         pip_extra=_ENGINES_EXTRA,
         check_data=missing_games,
     ),
+    EnvFamily(
+        name="webshop",
+        summary="WebShop's text-mode shop (search, results, item pages; the paper's reward) on a generated catalogue "
+        "or WebShop's own files; pure Python and BM25.",
+        factory=make_webshop_env,
+        config_class=WebShopConfig,
+        prompt=PromptPreset("You are an expert agent shopping on WebShop, a web store, to buy the product an instruction asks for."),
+        expert=Expert("searches the instruction and buys the first retrieved product that earns reward 1"),
+        tiny_overrides=("env.kwargs={products_per_kind: 4, num_tasks: {train: 8, valid_seen: 4, valid_unseen: 4}}",),
+        packages=(_BM25,),
+        pip_extra=_ENGINES_EXTRA,
+        check_data=missing_webshop_data,
+    ),
+    EnvFamily(
+        name="search_qa",
+        summary="Multi-hop question answering by BM25 search over passages (search[...], answer[...]), on a generated "
+        "corpus or the user's JSONL files; pure Python.",
+        factory=make_search_qa_env,
+        config_class=SearchQAConfig,
+        prompt=PromptPreset("You are an expert agent answering a question by searching a collection of passages."),
+        expert=Expert("the question's hidden plan: a search per hop, then the answer"),
+        tiny_overrides=("env.kwargs={people: 8, num_tasks: {train: 8, valid_seen: 4, valid_unseen: 4}}",),
+        packages=(_BM25,),
+        pip_extra=_ENGINES_EXTRA,
+        check_data=missing_search_qa_data,
+    ),
+    ALCHEMY,
 ):
     register_env_family(_record)
 del _record

@@ -2,6 +2,7 @@
 a new environment added as one record and trained on."""
 
 import dataclasses
+import json
 import os
 import pickle
 import subprocess
@@ -51,8 +52,8 @@ def replaced_family():
 
 
 def test_built_in_families_are_listed_and_found_by_env_name():
-    assert ENV_NAMES == ("toy", "twx-<game>", "scienceworld", "alfworld")
-    assert env_names()[:4] == ENV_NAMES
+    assert ENV_NAMES == ("toy", "twx-<game>", "scienceworld", "alfworld", "webshop", "search_qa", "alchemy")
+    assert env_names()[:7] == ENV_NAMES
     assert get_env_family("twx-cookingworld").name == "twx"
     assert get_env_family("twx-coin").name_kwargs("twx-coin") == {"game": "coin"}
     assert get_env_family("toy").name_kwargs("toy") == {}
@@ -60,12 +61,11 @@ def test_built_in_families_are_listed_and_found_by_env_name():
         assert find_env_family(name) is None
     with pytest.raises(ValueError, match=r"unknown env 'nethack'; expected one of \('toy', 'twx-<game>'"):
         get_env_family("nethack")
-    with pytest.raises(ValueError, match="offline"):
-        make_env("webshop")
+    assert get_env_family("webshop").name == "webshop" and get_env_family("search_qa").name == "search_qa"
 
 
 def test_every_built_in_family_speaks_the_action_tag_protocol():
-    for name in ("toy", "twx-coin", "scienceworld", "alfworld"):
+    for name in ("toy", "twx-coin", "scienceworld", "alfworld", "webshop", "search_qa", "alchemy"):
         family = get_env_family(name)
         assert family.action_protocol is ACTION_TAGS
         assert family.expert is not None
@@ -83,7 +83,12 @@ def test_prompt_presets_and_tiny_overrides_come_from_the_records():
     assert tiny_train_overrides("toy")[-1] == "env.kwargs={max_rooms: 2, max_steps: 6}"
     assert tiny_train_overrides("twx-coin") == list(TINY_TRAIN_OVERRIDES)
     assert tiny_train_overrides("no-such-env") == list(TINY_TRAIN_OVERRIDES)
-    assert TINY_ENV_OVERRIDES == {"toy": ("env.kwargs={max_rooms: 2, max_steps: 6}",)}
+    assert TINY_ENV_OVERRIDES == {
+        "toy": ("env.kwargs={max_rooms: 2, max_steps: 6}",),
+        "webshop": ("env.kwargs={products_per_kind: 4, num_tasks: {train: 8, valid_seen: 4, valid_unseen: 4}}",),
+        "search_qa": ("env.kwargs={people: 8, num_tasks: {train: 8, valid_seen: 4, valid_unseen: 4}}",),
+        "alchemy": ("env.kwargs={max_ingredients: 2, max_steps: 8}",),
+    }
 
 
 def test_an_env_spec_carries_its_family_through_pickling():
@@ -101,12 +106,12 @@ def test_an_env_spec_carries_its_family_through_pickling():
 def test_unknown_env_names_are_one_line_listing_the_known_ones():
     with pytest.raises(ValueError) as raised:
         check_env_settings("nethack", {})
-    assert str(raised.value) == "env.name must be one of toy, twx-<game>, scienceworld, alfworld, got 'nethack'"
+    assert str(raised.value) == (
+        "env.name must be one of toy, twx-<game>, scienceworld, alfworld, webshop, search_qa, alchemy, got 'nethack'"
+    )
     for name in ("twx", "twx-"):
         with pytest.raises(ValueError, match=f"got {name!r}"):
             check_env_settings(name, {})
-    with pytest.raises(ValueError, match=r"got 'webshop' \(WebShop cannot run offline"):
-        check_env_settings("webshop", {})
 
 
 def test_an_unknown_kwargs_key_names_the_config_field_it_resembles():
@@ -128,6 +133,8 @@ def test_an_unknown_kwargs_key_names_the_config_field_it_resembles():
         ("scienceworld", "scienceworld", "scienceworld==1.2.3"),
         ("twx-cookingworld", "textworld_express", "textworld-express==1.1.0"),
         ("alfworld", "alfworld", "alfworld==0.4.2"),
+        ("webshop", "bm25s", "bm25s==0.3.16"),
+        ("search_qa", "bm25s", "bm25s==0.3.16"),
     ],
 )
 def test_a_missing_engine_package_names_the_install_extra(env_name, module, distribution, monkeypatch):
@@ -201,12 +208,13 @@ def test_checking_settings_imports_no_engine(tmp_path):
     code = (
         "import sys\n"
         "from tcod_fast.envs import check_env_settings\n"
-        "for name, kwargs in [('toy', {}), ('twx-coin', {}), ('scienceworld', {}), ('alfworld', {'data_path': sys.argv[1]})]:\n"
+        "for name, kwargs in [('toy', {}), ('twx-coin', {}), ('scienceworld', {}), ('alfworld', {'data_path': sys.argv[1]}),\n"
+        "                     ('webshop', {}), ('search_qa', {})]:\n"
         "    try:\n"
         "        check_env_settings(name, kwargs)\n"
         "    except ValueError as error:\n"
         "        assert 'not installed' in str(error), error\n"
-        "engines = ('textworld_express', 'scienceworld', 'alfworld', 'textworld', 'torch', 'tcod_fast.rollout')\n"
+        "engines = ('textworld_express', 'scienceworld', 'alfworld', 'textworld', 'bm25s', 'numpy', 'torch', 'tcod_fast.rollout')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in engines or m.startswith('tcod_fast.rollout')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -347,3 +355,56 @@ def test_one_training_step_on_a_registered_family(vault_family, tmp_path):
     assert run.state.next_step == 1
     assert run.prompter.prompt_config.env_description == VAULT_DESCRIPTION
     assert os.path.isfile(tmp_path / "run" / "config.yaml")
+
+
+# ------------------------------------------------------------------ the text benchmarks, trained on
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    """``tcod-fast`` in this process on the tiny settings (``TCOD_FAST_TINY=1``), torch's thread
+    count restored afterwards."""
+    import torch
+
+    from tcod_fast.cli import main
+
+    monkeypatch.setenv("TCOD_FAST_TINY", "1")
+    threads = torch.get_num_threads()
+    yield main
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:model.teacher_path is not set")
+@pytest.mark.parametrize("env_name", ["webshop", "search_qa"])
+def test_two_training_steps_from_the_command_line(env_name, tiny_cli, tmp_path):
+    pytest.importorskip("bm25s", reason="bm25s is not installed (pip install 'tcod-fast[envs]')")
+    run_dir = tmp_path / "run"
+    assert tiny_cli(["train", "--set", f"env.name={env_name}", "--output-dir", str(run_dir)]) == 0
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in steps if "loss" in row] == [0, 1]
+    assert f"name: {env_name}" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("env_name", "kwargs", "task"),
+    [
+        ("webshop", {"products_per_kind": 4, "num_tasks": {"train": 2}}, "webshop/train/1"),
+        ("search_qa", {"people": 4, "num_tasks": {"train": 2}}, "search_qa/train/1"),
+    ],
+)
+def test_the_text_benchmarks_play_their_experts_through_the_worker_pool(env_name, kwargs, task):
+    pytest.importorskip("bm25s", reason="bm25s is not installed (pip install 'tcod-fast[envs]')")
+    from tcod_fast.envs.pool import EnvPool, PoolConfig
+
+    check_env_settings(env_name, kwargs)
+    pool = EnvPool(EnvSpec(env_name, kwargs), 2, PoolConfig(num_workers=1))
+    try:
+        first, other = pool.reset_many([task, task])
+        assert first.observation == other.observation and first.task_text
+        (actions, _) = pool.expert_actions_many()
+        for action in actions:
+            step, invalid = pool.step_many([action, "not an action"])
+            assert invalid.info["invalid_action"] and not invalid.done
+        assert step.won and step.reward == 1.0 and step.info["score"] == 100.0
+    finally:
+        pool.close()

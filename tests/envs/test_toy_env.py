@@ -256,5 +256,3 @@ def test_registry_builds_the_toy_env_with_config():
     assert env.list_tasks("train") == ["keydoor/train/0", "keydoor/train/1", "keydoor/train/2"]
     with pytest.raises(ValueError, match="unknown env"):
         make_env("nethack")
-    with pytest.raises(ValueError, match="offline"):
-        make_env("webshop")

@@ -45,7 +45,7 @@ def test_long_lists_and_observations_are_clipped_when_configured():
 def test_presets_and_no_think_variant():
     assert "TextWorld-Express" in prompts.prompt_config_for("twx-coin").env_description
     with pytest.raises(ValueError, match="no prompt preset"):
-        prompts.prompt_config_for("webshop")
+        prompts.prompt_config_for("nethack")
     message = prompts.build_followup_message(prompts.PromptConfig(think=False, show_admissible_actions=False), 2, "A room.", ADMISSIBLE)
     assert message.startswith("You are now at step 3 and your current observation is: A room.")
     assert "<think>" not in message and "admissible actions of" not in message

@@ -87,10 +87,48 @@ class EnginePool:
             engine.close()
 
 
-def run_handcoded_expert(pool: EnginePool, game_file: str, max_steps: int, seed: int) -> list[str] | None:
+def track_moves_as_puts(policy) -> None:
+    """Make a policy of ALFWorld's handcoded expert record ``move X to Y`` as the placement it is.
+
+    ALFWorld 0.4 renamed the placing command ``put X in/on Y`` to ``move X to Y``, and its
+    handcoded expert's predicates follow, but its state tracking
+    (``BasePolicy.update_state_tracking``) still recognises a placement by the word ``put``.
+    After placing an object it therefore believes it still carries it: a task that ends with
+    that placement is won anyway, but in ``pick_two_obj_and_place`` it walks back to where it
+    took the first object to return it there, issues ``move <first object> to ...`` for the
+    second, which the engine refuses, and falls back on random admissible commands. It loses
+    such tasks whatever the layout (the cause is in its code, not in the games) unless chance saves it.
+    This gives that one step of its bookkeeping the ``put`` it expects, changing nothing else.
+
+    Args:
+        policy: the expert's task policy (``HandCodedTWAgent.policy``, made at each reset).
+    """
+    track = policy.update_state_tracking
+
+    def update_state_tracking(game_state, last_action):
+        command = str(last_action)
+        if command.startswith("move ") and " to " in command:
+            placed, receptacle = command[len("move ") :].split(" to ", 1)
+            command = f"put {placed} in/on {receptacle}"
+        return track(game_state, command)
+
+    policy.update_state_tracking = update_state_tracking
+
+
+def run_handcoded_expert(
+    pool: EnginePool, game_file: str, max_steps: int, seed: int, *, track_moves: bool = True
+) -> list[str] | None:
     """Play ALFWorld's handcoded expert on ``game_file``; its actions if it wins, else None.
 
     A game already won at reset counts as a failure (an empty plan teaches nothing).
+
+    Args:
+        pool: the engines.
+        game_file: a ``game.tw-pddl`` beside its ``traj_data.json``.
+        max_steps: the expert gives up after this many steps.
+        seed: seeds the expert's tie-breaking.
+        track_moves: correct the expert's tracking of placements (:func:`track_moves_as_puts`);
+            False plays it exactly as ALFWorld 0.4.2 ships it.
     """
     # The expert breaks ties with the global `random`; seed it so a task's walkthrough
     # is reproducible, and leave the caller's random state as it was.
@@ -100,6 +138,8 @@ def run_handcoded_expert(pool: EnginePool, game_file: str, max_steps: int, seed:
         engine = pool.load(game_file, expert_type=EXPERT_HANDCODED)
         engine._handcoded_expert.max_steps = max_steps
         state = engine.reset()
+        if track_moves:
+            track_moves_as_puts(engine._handcoded_expert.policy)
         if state["won"]:
             return None
         actions: list[str] = []

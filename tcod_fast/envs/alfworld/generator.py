@@ -18,7 +18,9 @@ A task is one of ALFWorld's six types, set in a real AI2-THOR room (see
 :mod:`tcod_fast.envs.alfworld.scenes`), with the room's object classes placed at random
 in receptacles that can hold them. The goal is ALFRED's own PDDL goal for the type
 (``alfworld.gen.goal_library``). Before a task is kept it is loaded in TextWorld's PDDL
-engine and ALFWorld's handcoded expert plays it to a win (Fast Downward's plan is the
+engine and ALFWorld's handcoded expert plays it to a win (with its tracking of placements
+corrected, :func:`~tcod_fast.envs.alfworld.engine.track_moves_as_puts`, without which it
+loses ``pick_two_obj_and_place`` tasks unless chance helps; Fast Downward's plan is the
 fallback); tasks the engine cannot load (an unsolvable problem fails inside the
 translator, e.g. ``KeyError: 'val1'``) or the experts cannot win are discarded and
 resampled.
