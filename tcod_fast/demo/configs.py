@@ -11,19 +11,32 @@ from pathlib import Path
 from tcod_fast.demo.settings import DemoSettings, parse_variant
 from tcod_fast.trainer.config import TrainConfig
 
-__all__ = ["base_config", "run_config", "student_init_dir", "teacher_dir"]
+__all__ = ["GAMES", "base_config", "game_kwargs", "run_config", "student_init_dir", "teacher_dir"]
 
 
-def base_config(settings: DemoSettings, out: Path) -> TrainConfig:
-    """The run config every job starts from (the game, prompt, tokenizer, sizes and the
-    budget every algorithm shares: steps, episodes per step, schedule, evaluations)."""
-    config = TrainConfig()
-    config.env.name = "toy"
-    config.env.kwargs = {
-        "max_rooms": settings.max_rooms,
+#: The demo's games: the key-and-door game, and (``--mopd``) the alchemy game beside it.
+GAMES = ("toy", "alchemy")
+
+
+def game_kwargs(settings: DemoSettings, game: str) -> dict:
+    """``env.kwargs`` of one of the demo's games (:data:`GAMES`) at the settings' sizes."""
+    kwargs = {
         "max_steps": settings.max_turns,
         "num_tasks": {"train": settings.train_tasks, "valid_seen": settings.eval_tasks, "valid_unseen": settings.eval_tasks},
     }
+    if game == "toy":
+        kwargs["max_rooms"] = settings.max_rooms
+    else:
+        kwargs.update(max_ingredients=settings.alchemy_ingredients, num_decoys=settings.alchemy_decoys)
+    return kwargs
+
+
+def base_config(settings: DemoSettings, out: Path, game: str = "toy") -> TrainConfig:
+    """The run config every job starts from (the game, prompt, tokenizer, sizes and the
+    budget every algorithm shares: steps, episodes per step, schedule, evaluations)."""
+    config = TrainConfig()
+    config.env.name = game
+    config.env.kwargs = game_kwargs(settings, game)
     config.env.context_mode = "window"
     config.env.think = False
     config.env.history_length = 0  # the observation says everything; see tcod_fast.envs.toy
@@ -60,9 +73,10 @@ def base_config(settings: DemoSettings, out: Path) -> TrainConfig:
     return config
 
 
-def teacher_dir(out: Path, teacher: str) -> Path:
-    """The folder of the ``narrow`` or ``robust`` teacher's model."""
-    return out / "models" / f"teacher_{teacher}"
+def teacher_dir(out: Path, teacher: str, game: str = "toy") -> Path:
+    """The folder of the ``narrow`` or ``robust`` teacher's model (of ``game``, for the
+    games beside the key-and-door one)."""
+    return out / "models" / (f"teacher_{teacher}" if game == "toy" else f"teacher_{game}_{teacher}")
 
 
 def student_init_dir(out: Path, seed: int) -> Path:

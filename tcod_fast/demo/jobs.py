@@ -58,8 +58,8 @@ def _worker_init(parent_pid: int) -> None:
     transformers.utils.logging.disable_progress_bar()  # no bar per saved model; the demo has its own
 
 
-def _game(settings: DemoSettings, out: Path):
-    config = base_config(settings, out)
+def _game(settings: DemoSettings, out: Path, game: str = "toy"):
+    config = base_config(settings, out, game)
     tokenizer = build.load_tokenizer(config.model.tokenizer_path)
     prompter = build.build_prompter(config.env)
     splits = build.env_task_splits(config.env)
@@ -75,9 +75,9 @@ def _expert_pairs(settings: DemoSettings, tasks, envs, tokenizer, prompter) -> t
     return demos, sft.labelled_turns(demos, tokenizer=tokenizer, prompter=prompter)
 
 
-def job_narrow_teacher(settings: DemoSettings, out: Path) -> dict:
-    """Supervised learning on the expert's own episodes of the first training tasks."""
-    config, tokenizer, prompter, splits, envs = _game(settings, out)
+def job_narrow_teacher(settings: DemoSettings, out: Path, game: str = "toy") -> dict:
+    """Supervised learning on the expert's own episodes of the first training tasks of ``game``."""
+    config, tokenizer, prompter, splits, envs = _game(settings, out, game)
     demos, pairs = _expert_pairs(settings, splits["train"][: settings.teacher_sft_tasks], envs, tokenizer, prompter)
     spec = replace(settings.teacher, seed=10_000 + settings.base_seed)
     teacher = build.build_model(None, spec, tokenizer)
@@ -85,15 +85,16 @@ def job_narrow_teacher(settings: DemoSettings, out: Path) -> dict:
         teacher, pairs, pad_token_id=tokenizer.pad_token_id, epochs=settings.teacher_epochs,
         lr=settings.teacher_lr, batch_size=settings.sft_batch_size, seed=settings.base_seed,
     )  # fmt: skip
-    teacher.save_pretrained(str(teacher_dir(out, "narrow")))
+    teacher.save_pretrained(str(teacher_dir(out, "narrow", game)))
+    tokenizer.save_pretrained(str(teacher_dir(out, "narrow", game)))  # a model folder holds its tokenizer
     return {"expert_episodes": len(demos), "labelled_turns": len(pairs), "loss_by_epoch": losses}
 
 
-def job_robust_teacher(settings: DemoSettings, out: Path) -> dict:
-    """The narrow teacher, continued with DAgger rounds on its own noisy episodes."""
-    config, tokenizer, prompter, splits, envs = _game(settings, out)
+def job_robust_teacher(settings: DemoSettings, out: Path, game: str = "toy") -> dict:
+    """The narrow teacher, continued with DAgger rounds on its own noisy episodes of ``game``."""
+    config, tokenizer, prompter, splits, envs = _game(settings, out, game)
     demos, pairs = _expert_pairs(settings, splits["train"][: settings.teacher_sft_tasks], envs, tokenizer, prompter)
-    teacher = build.build_model(str(teacher_dir(out, "narrow")), settings.teacher, tokenizer)
+    teacher = build.build_model(str(teacher_dir(out, "narrow", game)), settings.teacher, tokenizer)
     train = splits["train"]
     rounds = []
     for index in range(settings.dagger_rounds):
@@ -119,17 +120,22 @@ def job_robust_teacher(settings: DemoSettings, out: Path) -> dict:
                 "loss": losses[-1],
             }
         )
-    teacher.save_pretrained(str(teacher_dir(out, "robust")))
+    teacher.save_pretrained(str(teacher_dir(out, "robust", game)))
+    tokenizer.save_pretrained(str(teacher_dir(out, "robust", game)))  # a model folder holds its tokenizer
     return {"dagger_rounds": rounds}
 
 
-def job_student_init(settings: DemoSettings, out: Path, seed: int) -> dict:
-    """A fresh student warm-started on a few expert episodes (seeded choice of tasks)."""
-    config, tokenizer, prompter, splits, envs = _game(settings, out)
-    train = splits["train"]
-    rng = np.random.default_rng([seed, 2])
-    chosen = sorted(rng.choice(len(train), size=min(settings.student_warmup_tasks, len(train)), replace=False))
-    _, pairs = _expert_pairs(settings, [train[int(i)] for i in chosen], envs, tokenizer, prompter)
+def job_student_init(settings: DemoSettings, out: Path, seed: int, games: tuple[str, ...] = ("toy",)) -> dict:
+    """A fresh student warm-started on a few expert episodes (seeded choice of tasks; the
+    ``student_warmup_tasks`` shared out over ``games``)."""
+    pairs = []
+    for index, game in enumerate(games):
+        config, tokenizer, prompter, splits, envs = _game(settings, out, game)
+        train = splits["train"]
+        rng = np.random.default_rng([seed, 2] if index == 0 else [seed, 2, index])
+        count = min(settings.student_warmup_tasks // len(games), len(train))
+        chosen = sorted(rng.choice(len(train), size=count, replace=False))
+        pairs += _expert_pairs(settings, [train[int(i)] for i in chosen], envs, tokenizer, prompter)[1]
     student = build.build_model(None, replace(settings.student, seed=20_000 + seed), tokenizer)
     losses = sft.supervised_finetune(
         student, pairs, pad_token_id=tokenizer.pad_token_id, epochs=settings.student_warmup_epochs,

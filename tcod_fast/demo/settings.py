@@ -123,8 +123,11 @@ class DemoSettings:
     num_seeds: int = 3
     base_seed: int = 0
     workers: int = 2
-    # the game
+    # the games: the key-and-door game's rooms; the alchemy game's (``--mopd``) ingredients
+    # per recipe (one more in its unseen split) and decoy jars
     max_rooms: int = 3
+    alchemy_ingredients: int = 2
+    alchemy_decoys: int = 1
     max_turns: int = 14
     train_tasks: int = 256
     eval_tasks: int = 32

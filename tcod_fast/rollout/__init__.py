@@ -20,6 +20,7 @@ from tcod_fast.rollout.env_driver import EnvListDriver
 from tcod_fast.rollout.generation import (
     GenerationOutput,
     Generator,
+    GeneratorByEnv,
     HFGenerator,
     SamplingParams,
     VLLMGenerator,
@@ -36,7 +37,7 @@ from tcod_fast.rollout.packing import (
     trained_tokens_by_turn,
     trajectory_sequences,
 )
-from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PromptState
+from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PrompterByEnv, PromptState
 from tcod_fast.rollout.runner import EpisodeConfig, run_episodes
 from tcod_fast.rollout.trajectory import (
     NOT_TRAINED,
@@ -52,12 +53,14 @@ __all__ = [
     "EnvListDriver",
     "GenerationOutput",
     "Generator",
+    "GeneratorByEnv",
     "HFGenerator",
     "PackedBatch",
     "PackingConfig",
     "PaperPrompter",
     "PromptState",
     "Prompter",
+    "PrompterByEnv",
     "EpisodeConfig",
     "SamplingParams",
     "Trajectory",

@@ -25,6 +25,7 @@ __all__ = [
     "SamplingParams",
     "GenerationOutput",
     "Generator",
+    "GeneratorByEnv",
     "HFGenerator",
     "VLLMGenerator",
     "vllm_unavailable_reason",
@@ -48,6 +49,10 @@ class SamplingParams:
             these strings (the token is kept, so text may run past the stop string by
             the rest of that token).
         seed: seeds the sampler for this call (``None``: use the current RNG state).
+        prompt_seeds: one seed per prompt of the call, or ``None``. Prompt ``i`` then samples
+            from a generator of its own, seeded with ``prompt_seeds[i]``: its response is the
+            same whichever other prompts share the call, their number and their order
+            (``seed`` is not used).
     """
 
     temperature: float = 1.0
@@ -56,6 +61,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    prompt_seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -65,6 +71,19 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         self.stop_strings = tuple(self.stop_strings)
+        if self.prompt_seeds is not None:
+            self.prompt_seeds = tuple(int(seed) for seed in self.prompt_seeds)
+
+    def seed_of_prompt(self, index: int) -> int | None:
+        """The seed prompt ``index`` of a call samples with: ``prompt_seeds[index]``, else
+        ``seed + index`` (``None`` when neither is set)."""
+        if self.prompt_seeds is not None:
+            return self.prompt_seeds[index]
+        return None if self.seed is None else int(self.seed) + index
+
+    def check_prompt_seeds(self, num_prompts: int) -> None:
+        if self.prompt_seeds is not None and len(self.prompt_seeds) != num_prompts:
+            raise ValueError(f"prompt_seeds must hold one seed per prompt ({num_prompts}), got {len(self.prompt_seeds)}")
 
 
 @dataclass
@@ -183,10 +202,14 @@ class _StopStringWatch:
         return hits
 
 
-def sample_next_tokens(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def sample_next_tokens(
+    logits: torch.Tensor, params: SamplingParams, row_generators: Sequence[torch.Generator] | None = None
+) -> torch.Tensor:
     """One token per row of ``logits (B, V)``: greedy at temperature 0, else a draw from
     ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and
-    then to the smallest set whose probability reaches ``top_p`` (the usual order)."""
+    then to the smallest set whose probability reaches ``top_p`` (the usual order).
+    ``row_generators``: one ``torch.Generator`` per row, each row drawing from its own
+    (default: one draw for the batch from the global generator)."""
     if params.temperature == 0:
         return logits.argmax(-1)
     scores = logits.float() / params.temperature
@@ -199,7 +222,10 @@ def sample_next_tokens(logits: torch.Tensor, params: SamplingParams) -> torch.Te
         # drop a token when the tokens before it already reach top_p (the first always stays)
         drop = (cumulative - sorted_scores.softmax(-1)) >= params.top_p
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+    probs = scores.softmax(-1)
+    if row_generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(row_generators)])
 
 
 @dataclass
@@ -244,13 +270,15 @@ class HFGenerator:
 
         Args:
             prompts: token-id lists (no padding), any lengths.
-            params: sampling parameters; ``params.seed`` makes the call reproducible.
+            params: sampling parameters; ``params.seed`` makes the call reproducible, and
+                ``params.prompt_seeds`` each prompt's response, whatever shares the call.
 
         Returns:
             one :class:`GenerationOutput` per prompt, in order.
         """
         if not prompts:
             return []
+        params.check_prompt_seeds(len(prompts))
         for index, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {index} is empty; generation needs at least one token")
@@ -262,8 +290,13 @@ class HFGenerator:
             with torch.random.fork_rng(devices=self._rng_devices()):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
+                row_generators = None
+                if params.prompt_seeds is not None:
+                    device = next(self.model.parameters()).device
+                    row_generators = [torch.Generator(device=device).manual_seed(seed) for seed in params.prompt_seeds]
                 for start in range(0, len(prompts), chunk):
-                    outputs.extend(self._generate_chunk(prompts[start : start + chunk], params))
+                    chunk_generators = None if row_generators is None else row_generators[start : start + chunk]
+                    outputs.extend(self._generate_chunk(prompts[start : start + chunk], params, chunk_generators))
         finally:
             self.model.train(was_training)
         return outputs
@@ -282,7 +315,7 @@ class HFGenerator:
         return cache_key, extra
 
     def _generate_chunk(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, row_generators=None
     ) -> list[GenerationOutput]:
         device = next(self.model.parameters()).device
         longest = max(len(p) for p in prompts)
@@ -304,7 +337,7 @@ class HFGenerator:
         generated: list[list[int]] = [[] for _ in prompts]
         live = list(range(len(prompts)))
         for step in range(params.max_new_tokens):
-            tokens = sample_next_tokens(out.logits[:, -1, :], params)
+            tokens = sample_next_tokens(out.logits[:, -1, :], params, row_generators)
             values = tokens.tolist()
             for row in live:
                 generated[row].append(values[row])
@@ -351,7 +384,7 @@ class VLLMGenerator:
 
     Responses keep the exact ids the engine sampled, cut with the same rule as
     :class:`HFGenerator` (:func:`truncate_at_stop`). Prompt ``i`` of a seeded call is
-    seeded with ``params.seed + i``. :meth:`push_weights` loads a model's current weights
+    seeded with ``params.prompt_seeds[i]``, else ``params.seed + i``. :meth:`push_weights` loads a model's current weights
     into the engine (the trainer calls it before each rollout). Raises ``ImportError`` with
     :func:`vllm_unavailable_reason` when vLLM is missing.
     """
@@ -423,6 +456,7 @@ class VLLMGenerator:
         for index, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        params.check_prompt_seeds(len(prompts))
         vllm_params = [
             self._vllm.SamplingParams(
                 n=1,
@@ -435,7 +469,7 @@ class VLLMGenerator:
                 include_stop_str_in_output=True,
                 skip_special_tokens=False,
                 detokenize=bool(params.stop_strings),
-                seed=None if params.seed is None else int(params.seed) + index,
+                seed=params.seed_of_prompt(index),
             )
             for index in range(len(prompts))
         ]
@@ -447,3 +481,34 @@ class VLLMGenerator:
             _finished_output(list(out.outputs[0].token_ids), self.tokenizer, self._eos, params.stop_strings)
             for out in raw
         ]
+
+
+class GeneratorByEnv:
+    """One generator per environment of a run with several (a teacher per environment):
+    :func:`~tcod_fast.rollout.run_episodes` asks ``for_task(task)`` for each episode's
+    generator, and batches the episodes of each generator together.
+
+    Args:
+        generators: env name -> generator; tasks name their environment
+            (``"<env name>::<task>"``, :mod:`tcod_fast.envs.mixture`).
+    """
+
+    def __init__(self, generators: dict[str, Generator]):
+        if not generators:
+            raise ValueError("GeneratorByEnv needs at least one generator")
+        self.generators = dict(generators)
+        first = next(iter(self.generators.values()))
+        self.tokenizer = first.tokenizer
+        limits = [g.max_context_tokens for g in self.generators.values() if g.max_context_tokens is not None]
+        self.max_context_tokens = min(limits) if limits else None
+
+    def for_task(self, task) -> Generator:
+        from tcod_fast.envs.mixture import split_mixture_task
+
+        env_name, _ = split_mixture_task(task)
+        if env_name not in self.generators:
+            raise ValueError(f"no generator for environment {env_name!r} (this run's: {', '.join(self.generators)})")
+        return self.generators[env_name]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
+        raise TypeError("GeneratorByEnv routes by task: run_episodes calls for_task(task).generate(...)")

@@ -18,7 +18,7 @@ from tcod_fast.rollout.prompts import (
     format_error_observation,
 )
 
-__all__ = ["ChatFormat", "PaperPrompter", "PromptState", "Prompter", "action_protocol_of"]
+__all__ = ["ChatFormat", "PaperPrompter", "PromptState", "Prompter", "PrompterByEnv", "action_protocol_of", "prompter_for_task"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,39 @@ def action_protocol_of(prompter: Any) -> ActionProtocol:
     """
     protocol = getattr(prompter, "action_protocol", None)
     return protocol if isinstance(protocol, ActionProtocol) else ACTION_TAGS
+
+
+class PrompterByEnv:
+    """One prompter per environment of a run with several: an episode is prompted and read
+    by the prompter of the environment its task id names (``"<env name>::<task>"``,
+    :mod:`tcod_fast.envs.mixture`). The environments must share one action protocol (the
+    stop strings of a generation batch that mixes them)."""
+
+    def __init__(self, prompters: dict[str, Any]):
+        if not prompters:
+            raise ValueError("PrompterByEnv needs at least one prompter")
+        self.prompters = dict(prompters)
+        protocols = {name: action_protocol_of(prompter) for name, prompter in self.prompters.items()}
+        first_name, first = next(iter(protocols.items()))
+        for name, protocol in protocols.items():
+            if protocol != first:
+                raise ValueError(
+                    f"the environments of one run must share an action protocol; {first_name!r} and {name!r} differ"
+                )
+        self.action_protocol = first
+
+    def for_task(self, task: Any) -> Any:
+        """The prompter of ``task``'s environment."""
+        from tcod_fast.envs.mixture import split_mixture_task
+
+        env_name, _ = split_mixture_task(task)
+        if env_name not in self.prompters:
+            raise ValueError(f"no prompter for environment {env_name!r} (this run's: {', '.join(self.prompters)})")
+        return self.prompters[env_name]
+
+
+def prompter_for_task(prompter: Any, task: Any) -> Any:
+    """The prompter that prompts ``task``: ``prompter.for_task(task)`` where the prompter
+    routes by environment (:class:`PrompterByEnv`), else ``prompter`` itself."""
+    route = getattr(prompter, "for_task", None)
+    return route(task) if route is not None else prompter

@@ -43,12 +43,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from tcod_fast.envs.actions import ACTION_TAGS
 from tcod_fast.rollout.env_driver import EnvListDriver
 from tcod_fast.rollout.generation import GenerationOutput, Generator, SamplingParams
-from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PromptState
+from tcod_fast.rollout.prompter import ChatFormat, PaperPrompter, Prompter, PromptState, prompter_for_task
 from tcod_fast.rollout.trajectory import (
     NOT_TRAINED,
     PLAYER_EXPERT,
@@ -77,9 +78,11 @@ class EpisodeConfig:
             family's, ``PaperPrompter.action_protocol``).
         teacher_sampling: sampling of the teacher's replies (default: the student's).
         chat_format: chat markers.
-        seed: base seed; each generate call is seeded from it, the turn and the player,
-            so a rollout is reproducible. The same seed replays the same random draws,
-            so a trainer should vary it per rollout (e.g. ``base_seed + step``).
+        seed: base seed. Each episode draws from generators of its own, seeded from it, the
+            episode's key (``run_episodes(episode_keys=...)``), the turn and the player: an
+            episode's samples do not depend on which episodes share its generation batches,
+            so a rollout is reproducible however it is split. The same seed replays the same
+            random draws, so a trainer should vary it per rollout (e.g. ``base_seed + step``).
             ``None`` samples from the global RNG.
         show_progress: show a tqdm bar of finished episodes.
         progress_description: the bar's label.
@@ -121,6 +124,7 @@ class _Episode:
     task: Any
     plan: Any
     episode_index: int
+    sampling_key: int = 0
     task_text: str = ""
     observation: str = ""
     admissible_actions: list[str] = field(default_factory=list)
@@ -192,17 +196,14 @@ class _Encoder:
         return ids
 
 
-def _turn_seed(
-    base_seed: int | None, episode_batch: int, turn_index: int, player: str
-) -> int | None:
+def _turn_seed(base_seed: int | None, sampling_key: int, turn_index: int, player: str) -> int | None:
+    """The seed of one episode's draws in one turn for one player: distinct and deterministic
+    per (base seed, episode key, turn, player), independent of anything else in the batch."""
     if base_seed is None:
         return None
     player_code = {PLAYER_STUDENT: 1, PLAYER_TEACHER: 2, PLAYER_RANDOM: 4}.get(player, 3)
-    # Distinct, deterministic seeds per (batch, turn, player); large odd multipliers keep
-    # neighbouring combinations apart.
-    return (base_seed * 1_000_003 + episode_batch * 10_007 + turn_index * 101 + player_code) % (
-        2**63 - 1
-    )
+    words = np.random.SeedSequence([int(base_seed) % 2**63, int(sampling_key), int(turn_index), player_code]).generate_state(2)
+    return int((int(words[0]) << 32 | int(words[1])) % (2**63 - 1))
 
 
 def run_episodes(
@@ -215,6 +216,7 @@ def run_episodes(
     student: Generator | None,
     teacher: Generator | None = None,
     config: EpisodeConfig | None = None,
+    episode_keys: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Play one episode per ``(task, plan)`` and return their trajectories, in order.
 
@@ -231,6 +233,10 @@ def run_episodes(
         student: generator of student turns (may be ``None`` if no plan uses it).
         teacher: generator of teacher turns (required if a plan says ``"teacher"``).
         config: :class:`EpisodeConfig`.
+        episode_keys: one int per episode, distinct, naming its random draws (with
+            ``config.seed``): the same key plays the same episode whichever episodes share the
+            call. A trainer that splits a step's episodes over processes passes each
+            episode's index in the step. Default: the episode's position in ``tasks``.
 
     Returns:
         one validated :class:`Trajectory` per task.
@@ -239,6 +245,9 @@ def run_episodes(
     prompter = prompter if prompter is not None else PaperPrompter()
     if len(tasks) != len(plans):
         raise ValueError(f"got {len(tasks)} tasks but {len(plans)} plans")
+    keys = list(range(len(tasks))) if episode_keys is None else [int(k) for k in episode_keys]
+    if len(keys) != len(tasks) or len(set(keys)) != len(keys):
+        raise ValueError(f"episode_keys must hold {len(tasks)} distinct ints, one per episode, got {list(episode_keys or [])}")
     driver = envs if hasattr(envs, "step_many") else EnvListDriver(envs)
     num_slots = int(getattr(driver, "num_slots", len(tasks)))
     if num_slots < 1:
@@ -256,7 +265,7 @@ def run_episodes(
             runner = _WaveRunner(
                 driver, tokenizer, prompter, student, teacher, config, wave, progress
             )
-            trajectories.extend(runner.run(wave_tasks, wave_plans, first_index=start))
+            trajectories.extend(runner.run(wave_tasks, wave_plans, first_index=start, sampling_keys=keys[start : start + num_slots]))
     return trajectories
 
 
@@ -278,8 +287,12 @@ class _WaveRunner:
         self.eos_token_id = self.end_of_reply_ids[0] if len(self.end_of_reply_ids) == 1 else None
 
     # -- prompts -----------------------------------------------------------------------
-    def _system_ids(self) -> list[int]:
-        system = self.prompter.system_prompt
+    def _prompter(self, episode: _Episode):
+        """The prompter of ``episode``'s environment (a run with several routes by task)."""
+        return prompter_for_task(self.prompter, episode.task)
+
+    def _system_ids(self, episode: _Episode) -> list[int]:
+        system = self._prompter(episode).system_prompt
         if not system:
             return []
         return self.encode(self.chat.system_start, system, self.chat.message_end)
@@ -290,15 +303,15 @@ class _WaveRunner:
         )
 
     def _window_prompt_ids(self, episode: _Episode) -> list[int]:
-        return self._system_ids() + self._user_turn_ids(
-            self.prompter.window_message(episode.state())
+        return self._system_ids(episode) + self._user_turn_ids(
+            self._prompter(episode).window_message(episode.state())
         )
 
     # -- episode lifecycle ---------------------------------------------------------------
-    def run(self, tasks: list, plans: list, first_index: int) -> list[Trajectory]:
+    def run(self, tasks: list, plans: list, first_index: int, sampling_keys: list[int]) -> list[Trajectory]:
         episodes = [
-            _Episode(slot=slot, task=task, plan=plan, episode_index=first_index + slot)
-            for slot, (task, plan) in enumerate(zip(tasks, plans))
+            _Episode(slot=slot, task=task, plan=plan, episode_index=first_index + slot, sampling_key=key)
+            for slot, (task, plan, key) in enumerate(zip(tasks, plans, sampling_keys))
         ]
         for episode, result in zip(episodes, self.driver.reset_many(tasks)):
             if _is_env_error(result):
@@ -310,8 +323,8 @@ class _WaveRunner:
             episode.observation = result.observation
             episode.admissible_actions = list(result.admissible_actions)
             episode.extend(
-                self._system_ids()
-                + self._user_turn_ids(self.prompter.first_message(episode.state())),
+                self._system_ids(episode)
+                + self._user_turn_ids(self._prompter(episode).first_message(episode.state())),
                 NOT_TRAINED,
             )
         turn_index = 0
@@ -363,7 +376,7 @@ class _WaveRunner:
                 if episode.observation_pending:
                     episode.extend(
                         self.encode(self.chat.after_reply)
-                        + self._user_turn_ids(self.prompter.observation_message(episode.state())),
+                        + self._user_turn_ids(self._prompter(episode).observation_message(episode.state())),
                         NOT_TRAINED,
                     )
                     episode.observation_pending = False
@@ -396,7 +409,7 @@ class _WaveRunner:
             _, output = replies[id(episode)]
             # Special tokens (the eos) are not part of what the agent "said".
             reply_text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
-            parsed[id(episode)] = self.prompter.parse_action(reply_text, episode.admissible_actions)
+            parsed[id(episode)] = self._prompter(episode).parse_action(reply_text, episode.admissible_actions)
             actions[episode.slot] = parsed[id(episode)].action
         step_results = self.driver.step_many(actions) if any(a is not None for a in actions) else []
 
@@ -421,29 +434,42 @@ class _WaveRunner:
         return {id(e): (None if _is_env_error(r) else r) for e, r in zip(episodes, results)}
 
     def _random_reply(self, episode: _Episode, turn_index: int) -> GenerationOutput:
-        seed = _turn_seed(self.config.seed, self.wave, turn_index, PLAYER_RANDOM)
-        rng = random.Random(f"{seed}:{episode.slot}") if seed is not None else random
+        seed = _turn_seed(self.config.seed, episode.sampling_key, turn_index, PLAYER_RANDOM)
+        rng = random.Random(seed) if seed is not None else random
         action = rng.choice(episode.admissible_actions) if episode.admissible_actions else "look"
-        ids = self.encode(self.prompter.expert_reply(action)) + self.end_of_reply_ids
+        ids = self.encode(self._prompter(episode).expert_reply(action)) + self.end_of_reply_ids
         return GenerationOutput(
             token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=False), finish_reason="random"
         )
 
     def _generate(self, player: str, group: list[_Episode], window_prompts: dict, turn_index: int):
+        """One reply per episode of ``group`` (None where the episode ended instead), each from
+        the player's generator for that episode's task (several teachers route by task)."""
         generator = self.generators[player]
         if generator is None:
             raise ValueError(
                 f"a plan asked the {player} to play turn {turn_index} "
                 f"but no {player} generator was given"
             )
+        route = getattr(generator, "for_task", None)
+        if route is None:
+            return self._generate_with(generator, player, group, window_prompts, turn_index)
+        by_generator: dict[int, tuple[Any, list[_Episode]]] = {}
+        for episode in group:
+            routed = route(episode.task)
+            by_generator.setdefault(id(routed), (routed, []))[1].append(episode)
+        replies: dict[int, GenerationOutput | None] = {}
+        for routed, episodes in by_generator.values():
+            for episode, reply in zip(episodes, self._generate_with(routed, player, episodes, window_prompts, turn_index)):
+                replies[id(episode)] = reply
+        return [replies[id(e)] for e in group]
+
+    def _generate_with(self, generator, player: str, group: list[_Episode], window_prompts: dict, turn_index: int):
         params = self.config.student_sampling
         if player == PLAYER_TEACHER and self.config.teacher_sampling is not None:
             params = self.config.teacher_sampling
-        params = dataclasses.replace(
-            params, seed=_turn_seed(self.config.seed, self.wave, turn_index, player)
-        )
         limit = getattr(generator, "max_context_tokens", None)
-        prompts = []
+        prompts, seeds = [], []
         for episode in group:
             prompt = (
                 episode.token_ids
@@ -454,6 +480,9 @@ class _WaveRunner:
                 self._finish(episode, "context_limit")
                 continue
             prompts.append(prompt)
+            seeds.append(_turn_seed(self.config.seed, episode.sampling_key, turn_index, player))
+        if self.config.seed is not None:
+            params = dataclasses.replace(params, seed=None, prompt_seeds=tuple(seeds))
         outputs = iter(generator.generate(prompts, params) if prompts else [])
         return [next(outputs) if not e.finished else None for e in group]
 
@@ -479,7 +508,7 @@ class _WaveRunner:
                 self._finish(episode, "expert_exhausted")
                 outputs.append(None)
                 continue
-            reply_text = self.prompter.expert_reply(episode.expert_actions[turn_index])
+            reply_text = self._prompter(episode).expert_reply(episode.expert_actions[turn_index])
             ids = self.encode(reply_text) + self.end_of_reply_ids
             outputs.append(
                 GenerationOutput(
@@ -507,7 +536,7 @@ class _WaveRunner:
         reward, done, won, env_error, info = 0.0, False, False, None, {}
         seen_observation = episode.observation
         if action is None:
-            observation = self.prompter.format_error_feedback(parse)
+            observation = self._prompter(episode).format_error_feedback(parse)
         elif _is_env_error(step_result):
             env_error = _env_error_text(step_result)
             observation = ""

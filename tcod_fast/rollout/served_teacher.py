@@ -184,9 +184,10 @@ class ServedTeacher(ServerRequestSettings):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Sample one response per prompt on the server (same contract as
         :meth:`~tcod_fast.rollout.generation.HFGenerator.generate`). Prompt ``i`` is seeded
-        with ``params.seed + i`` when a seed is given."""
+        with ``params.prompt_seeds[i]``, else ``params.seed + i`` when a seed is given."""
         if not prompts:
             return []
+        params.check_prompt_seeds(len(prompts))
         payloads = []
         for index, prompt in enumerate(prompts):
             if len(prompt) == 0:
@@ -206,8 +207,9 @@ class ServedTeacher(ServerRequestSettings):
                 payload["top_k"] = params.top_k
             if params.stop_strings:
                 payload["stop"] = list(params.stop_strings)
-            if params.seed is not None:
-                payload["seed"] = int(params.seed) + index
+            seed = params.seed_of_prompt(index)
+            if seed is not None:
+                payload["seed"] = seed
             payloads.append(payload)
         answers = self._completions(payloads, "generate")
         results = []

@@ -6,6 +6,7 @@ Nothing here downloads: models and tokenizers come from local folders, or are bu
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import masking_utils
 
+from tcod_fast.envs.mixture import MixtureSpec, mixture_task
 from tcod_fast.envs.pool import EnvPool, PoolConfig
 from tcod_fast.envs.registry import EnvSpec, get_env_family
 from tcod_fast.errors import UserError
-from tcod_fast.rollout import EnvListDriver, PaperPrompter, expert_episode_texts
+from tcod_fast.rollout import EnvListDriver, PaperPrompter, PrompterByEnv, expert_episode_texts
 from tcod_fast.rollout.prompts import prompt_config_for
 from tcod_fast.rollout.vocabulary import format_error_feedback_texts
 from tcod_fast.tiny_models import TinyModelConfig, build_tiny_causal_lm, build_word_tokenizer
@@ -27,8 +29,14 @@ __all__ = [
     "build_envs",
     "build_model",
     "build_prompter",
+    "build_run_envs",
+    "build_run_prompter",
     "build_tokenizer",
     "env_task_splits",
+    "env_weights",
+    "make_run_env",
+    "run_environments",
+    "run_task_splits",
     "load_tokenizer",
     "torch_dtype",
 ]
@@ -54,6 +62,83 @@ def build_prompter(env: EnvSettings):
     if env.max_admissible_actions is not None:
         overrides["max_admissible_actions"] = env.max_admissible_actions
     return PaperPrompter(prompt_config_for(env.name, **overrides), action_protocol=get_env_family(env.name).action_protocol)
+
+
+# ---------------------------------------------------------------- the run's environments
+def run_environments(config: TrainConfig) -> dict[str, EnvSettings]:
+    """env name -> the full ``env`` settings of each environment of the run: ``envs``' entries
+    (each ``env`` with the entry's name, kwargs and splits), else ``{env.name: env}``."""
+    if not config.envs:
+        return {config.env.name: config.env}
+    return {
+        entry.name: dataclasses.replace(
+            config.env,
+            name=entry.name,
+            kwargs=dict(entry.kwargs),
+            train_split=entry.train_split,
+            seen_split=entry.seen_split,
+            unseen_split=entry.unseen_split,
+            num_train_tasks=entry.num_train_tasks,
+        )
+        for entry in config.envs
+    }
+
+
+def env_weights(config: TrainConfig) -> dict[str, float]:
+    """env name -> sampling weight of a run with several environments (``envs``)."""
+    return {entry.name: float(entry.weight) for entry in config.envs}
+
+
+def build_run_prompter(config: TrainConfig):
+    """The run's prompter: :func:`build_prompter` of its one environment, or one per
+    environment, routed by each episode's task (:class:`~tcod_fast.rollout.PrompterByEnv`)."""
+    if not config.envs:
+        return build_prompter(config.env)
+    return PrompterByEnv({name: build_prompter(settings) for name, settings in run_environments(config).items()})
+
+
+def _mixture_spec(config: TrainConfig) -> MixtureSpec:
+    environments = run_environments(config)
+    return MixtureSpec.of([(name, EnvSpec(name, dict(settings.kwargs))) for name, settings in environments.items()])
+
+
+def make_run_env(config: TrainConfig):
+    """One environment of the run: of its one env, or an :class:`~tcod_fast.envs.mixture.EnvMixture`
+    of its several, whose task ids name their environment."""
+    if not config.envs:
+        return make_one_env(config.env)
+    return _mixture_spec(config)()
+
+
+def build_run_envs(config: TrainConfig, num_slots: int, *, progress: bool = False):
+    """:func:`build_envs` for the run: each slot holds an environment mixture when the run has
+    several (members start when a slot first plays their tasks)."""
+    if not config.envs:
+        return build_envs(config.env, num_slots, progress=progress)
+    spec = _mixture_spec(config)
+    if config.env.pool_workers > 0:
+        pool = EnvPool(spec, num_slots, PoolConfig(num_workers=config.env.pool_workers))
+        pool.start_envs(progress=progress, description="starting environment mixtures")
+        return pool
+    return EnvListDriver([spec() for _ in range(num_slots)])
+
+
+def run_task_splits(config: TrainConfig, env=None) -> dict[str, list[str]]:
+    """:func:`env_task_splits` of the run: with several environments, each one's splits (its
+    own split names and ``num_train_tasks``) as mixture task ids, environment by environment."""
+    if not config.envs:
+        return env_task_splits(config.env, env)
+    mixture = env if env is not None else make_run_env(config)
+    try:
+        splits: dict[str, list[str]] = {"train": [], "seen": [], "unseen": []}
+        for name, settings in run_environments(config).items():
+            own = env_task_splits(settings, mixture.member(name))
+            for split, tasks in own.items():
+                splits[split] += [mixture_task(name, task) for task in tasks]
+        return splits
+    finally:
+        if env is None:
+            mixture.close()
 
 
 def make_one_env(env: EnvSettings):
@@ -101,25 +186,27 @@ def build_tokenizer(
         max_tasks_per_split = config.env.vocab_tasks_per_split
     if progress is None:
         progress = config.logging.progress
-    env = make_one_env(config.env)
-    try:
-        splits = env_task_splits(config.env, env)
-        chosen = [list(tasks)[: max_tasks_per_split or None] for tasks in splits.values()]
-        bar = tqdm(
-            total=sum(map(len, chosen)),
-            desc=f"vocabulary from {config.env.name} expert episodes",
-            unit="episode",
-            disable=not progress,
-        )
-        texts = []
-        with bar:
-            for tasks in chosen:  # the same texts, in the same order, as one call per split
-                for task in tasks:
-                    texts += expert_episode_texts(env, [task], prompter, include_feedback=False)
-                    bar.update(1)
-                texts += format_error_feedback_texts(prompter)
-    finally:
-        env.close()
+    texts = []
+    for name, settings in run_environments(config).items():  # one environment, or each of several
+        env = make_one_env(settings)
+        own_prompter = prompter.prompters[name] if isinstance(prompter, PrompterByEnv) else prompter
+        try:
+            splits = env_task_splits(settings, env)
+            chosen = [list(tasks)[: max_tasks_per_split or None] for tasks in splits.values()]
+            bar = tqdm(
+                total=sum(map(len, chosen)),
+                desc=f"vocabulary from {name} expert episodes",
+                unit="episode",
+                disable=not progress,
+            )
+            with bar:
+                for tasks in chosen:  # the same texts, in the same order, as one call per split
+                    for task in tasks:
+                        texts += expert_episode_texts(env, [task], own_prompter, include_feedback=False)
+                        bar.update(1)
+                    texts += format_error_feedback_texts(own_prompter)
+        finally:
+            env.close()
     return build_word_tokenizer(texts)
 
 

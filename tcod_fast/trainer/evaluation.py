@@ -45,7 +45,7 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
     final = step >= run.config.trainer.steps
     count = settings.num_tasks if final or settings.interim_num_tasks is None else settings.interim_num_tasks
     for split in splits:
-        tasks = run.tasks[split][:count]
+        tasks = eval_tasks(run, split, count)
         if not tasks:
             continue
         plans = run.sampler.plan_eval_batch(tasks)[run.dist.rank :: run.dist.world_size]
@@ -65,8 +65,12 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
         results[f"success_{split}"] = won / len(tasks)
         results[f"turns_{split}"] = turns / len(tasks)
         results[f"tasks_{split}"] = len(tasks)
+        for key, value in success_by_env(run, trajectories).items():
+            name, _, metric = key.rpartition("/")
+            if metric != "episodes":
+                results[f"{name}/{metric.replace('_mean', '')}_{split}"] = value
         if (
-            (run.teacher is not None or run.served_teacher is not None)
+            run.has_teacher
             and settings.kl_by_turn
             and split in settings.kl_by_turn_splits
             and (final or not settings.kl_by_turn_final_only)
@@ -75,6 +79,19 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
                 results[f"{key}_{split}" if not key.startswith("kl/") else f"kl_{split}/{key[3:]}"] = value
     run.state.last_eval = results
     return results
+
+
+def eval_tasks(run: TrainingRun, split: str, count: int) -> list:
+    """The first ``count`` tasks of ``split``: of the run's environment, or of each of its
+    environments (so each is evaluated on as many)."""
+    if not run.config.envs:
+        return run.tasks[split][:count]
+    by_env: dict[str, list] = {name: [] for name in run.env_names}
+    for task in run.tasks[split]:
+        chosen = by_env[run.env_of(task)]
+        if len(chosen) < count:
+            chosen.append(task)
+    return [task for tasks in by_env.values() for task in tasks]
 
 
 @torch.no_grad()
@@ -87,7 +104,8 @@ def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Seq
     turn_count = torch.zeros(len(trajectories), run.max_turns)
     no_signal = LossCoefficients(run.config.loss.kl_coef, 0.0, None)
     groups = micro_batches(
-        trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens, padding_free=run.padding_free
+        trajectories, indices, run.config.env.context_mode, run.config.trainer.micro_batch_tokens,
+        padding_free=run.padding_free, groups=lambda t: run.teacher_for(t.task).name,
     )
     parallel.pad_micro_batches(run, len(groups), with_grad=False)  # FSDP2: equal counts
     for group in groups:
@@ -104,7 +122,44 @@ def measure_kl_by_turn(run: TrainingRun, trajectories: Sequence[Any], plans: Seq
         index = torch.tensor(group)
         turn_kl_sum.index_add_(0, index, out.turn_kl_sum.cpu())
         turn_count.index_add_(0, index, out.turn_token_count.cpu())
-    return kl_metrics(turn_kl_sum, turn_count, run.dist)
+    metrics = kl_metrics(turn_kl_sum, turn_count, run.dist)
+    metrics.update(kl_metrics_by_env(run, trajectories, turn_kl_sum, turn_count))
+    return metrics
+
+
+def kl_metrics_by_env(run: TrainingRun, trajectories: Sequence[Any], turn_kl_sum: torch.Tensor, turn_count: torch.Tensor) -> dict:
+    """:func:`kl_metrics` of each environment's episodes, keyed ``env/<name>/kl/...`` (a run
+    with several environments; ``{}`` otherwise). Every process takes part for every
+    environment, in the run's order (the statistics are gathered over processes)."""
+    if not run.config.envs:
+        return {}
+    metrics = {}
+    for name in run.env_names:
+        rows = torch.tensor([i for i, t in enumerate(trajectories) if run.env_of(t.task) == name], dtype=torch.int64)
+        episodes = float(all_reduce_sum(torch.tensor([float(len(rows))], dtype=torch.float64), run.dist)[0])
+        if episodes == 0:
+            continue
+        for key, value in kl_metrics(turn_kl_sum[rows], turn_count[rows], run.dist).items():
+            metrics[f"env/{name}/{key}"] = value
+    return metrics
+
+
+def success_by_env(run: TrainingRun, trajectories: Sequence[Any]) -> dict:
+    """Per environment of a run with several: ``env/<name>/success``, ``.../turns_mean`` and
+    ``.../episodes`` over every process's episodes (``{}`` for a run with one)."""
+    if not run.config.envs:
+        return {}
+    counts = []
+    for name in run.env_names:
+        own = [t for t in trajectories if run.env_of(t.task) == name]
+        counts += [len(own), sum(float(t.won) for t in own), sum(t.num_turns for t in own)]
+    totals = all_reduce_sum(torch.tensor(counts, dtype=torch.float64), run.dist).tolist()
+    metrics = {}
+    for index, name in enumerate(run.env_names):
+        episodes, won, turns = totals[3 * index : 3 * index + 3]
+        if episodes:
+            metrics.update({f"env/{name}/episodes": episodes, f"env/{name}/success": won / episodes, f"env/{name}/turns_mean": turns / episodes})
+    return metrics
 
 
 def kl_metrics(turn_kl_sum: torch.Tensor, turn_count: torch.Tensor, context: DistContext | None = None) -> dict:

@@ -63,7 +63,7 @@ def vllm_engine(run, name: str, model) -> Any:
 def build_generators(run, *, for_eval: bool = False):
     """``(student, teacher)`` generators of a rollout (``teacher`` is ``None`` for
     evaluation and without a teacher)."""
-    from tcod_fast.rollout import HFGenerator
+    from tcod_fast.rollout import GeneratorByEnv, HFGenerator
 
     backend = run.config.rollout.backend
     if backend == "vllm":
@@ -73,11 +73,23 @@ def build_generators(run, *, for_eval: bool = False):
         student = HFGenerator(run.student, run.tokenizer)
     teacher = None
     if not for_eval:
-        if run.served_teacher is not None:
-            teacher = run.served_teacher
-        elif run.teacher is not None:
-            teacher = vllm_engine(run, "teacher", run.teacher) if backend == "vllm" else HFGenerator(run.teacher, run.tokenizer)
+        by_teacher = {name: _teacher_generator(run, name, t, backend) for name, t in run.teachers.items() if t.present}
+        if run.teacher_routes:  # several teachers: each episode's turns from its environment's
+            teacher = GeneratorByEnv({env: by_teacher[name] for env, name in run.teacher_routes.items() if name in by_teacher}) if by_teacher else None
+        elif by_teacher:
+            teacher = next(iter(by_teacher.values()))
     return student, teacher
+
+
+def _teacher_generator(run, name: str, teacher, backend: str):
+    """The generator of one teacher's turns: its server, or its model (HF or a vLLM engine)."""
+    from tcod_fast.rollout import HFGenerator
+
+    if teacher.served is not None:
+        return teacher.served
+    if backend == "vllm":
+        return vllm_engine(run, "teacher" if name == "teacher" else f"teacher_{name}", teacher.model)
+    return HFGenerator(teacher.model, run.tokenizer)
 
 
 def weight_push_metrics(run) -> dict[str, float]:

@@ -43,7 +43,7 @@ from tcod_fast.trainer import build, parallel
 from tcod_fast.trainer.checkpoint import checkpoint, checkpoint_to_resume, export_student, restore
 from tcod_fast.trainer.config import TrainConfig
 from tcod_fast.trainer.distributed import all_reduce_sum
-from tcod_fast.trainer.evaluation import evaluate, kl_metrics
+from tcod_fast.trainer.evaluation import evaluate, kl_metrics, kl_metrics_by_env, success_by_env
 from tcod_fast.trainer.generators import weight_push_metrics
 from tcod_fast.trainer.loss import compute_loss, micro_batches, needs_ppo, trained_token_count
 from tcod_fast.trainer.run_folder import check_new_run_folder
@@ -186,25 +186,43 @@ def _train_steps(run: TrainingRun, stop_after_step: int | None) -> None:
 # 1. rollout
 # ======================================================================================
 def _step_seed(run: TrainingRun, step: int, salt: int) -> int:
-    # Every random draw of a step derives from (seed, step, rank): a resumed run replays
-    # exactly what an uninterrupted one would have drawn.
-    return int(np.random.default_rng([run.config.trainer.seed, step, run.dist.rank, salt]).integers(2**31 - 1))
+    # Every random draw of a step derives from (seed, step), the same on every process: a
+    # resumed run replays exactly what an uninterrupted one would have drawn, and each episode
+    # samples from generators seeded by it and the episode's index in the step, so the episodes
+    # are the same on any number of processes.
+    return int(np.random.default_rng([run.config.trainer.seed, step, salt]).integers(2**31 - 1))
 
 
 def sample_step_tasks(run: TrainingRun, step: int) -> list[str]:
-    """The step's training tasks (same on every process; without replacement within a step)."""
+    """The step's training tasks (same on every process; without replacement within a step).
+
+    With several environments each task's environment is drawn first, by the ``envs``
+    weights, then the task among that environment's. The draws are a function of
+    ``(trainer.seed, step)`` alone: a resumed run draws what an uninterrupted one would."""
     train_tasks = run.tasks["train"]
     rng = np.random.default_rng([run.config.trainer.seed, step, 7])
     count = run.config.rollout.tasks_per_step
-    replace = count > len(train_tasks)
-    picks = rng.choice(len(train_tasks), size=count, replace=replace)
-    return [train_tasks[int(i)] for i in picks]
+    if not run.config.envs:
+        picks = rng.choice(len(train_tasks), size=count, replace=count > len(train_tasks))
+        return [train_tasks[int(i)] for i in picks]
+    weights = build.env_weights(run.config)
+    names = run.env_names
+    draws = rng.choice(len(names), size=count, p=np.array([weights[n] for n in names]) / sum(weights.values()))
+    tasks = []
+    for index, name in enumerate(names):
+        own = [t for t in train_tasks if run.env_of(t) == name]
+        wanted = int((draws == index).sum())
+        if wanted:
+            picks = rng.choice(len(own), size=wanted, replace=wanted > len(own))
+            tasks += [own[int(i)] for i in picks]
+    order = rng.permutation(len(tasks))  # environments interleave through the step
+    return [tasks[int(i)] for i in order]
 
 
 def expert_length(run: TrainingRun, task: str) -> int:
     """Number of expert actions of ``task`` (TCOD-B2F's ``L``), cached."""
     if task not in run.state.expert_lens:
-        env = build.make_one_env(run.config.env)
+        env = build.make_run_env(run.config)
         try:
             env.reset(task)
             run.state.expert_lens[task] = len(env.expert_actions() or [])
@@ -280,6 +298,7 @@ def score(run: TrainingRun, batch: StepBatch) -> Scores:
         "turns/expert_mean": totals[6] / episodes,
         "format_errors_per_episode": totals[7] / episodes,
     }
+    metrics.update(success_by_env(run, trajectories))
     return Scores(
         rewards=torch.tensor(won, dtype=torch.float32),
         group_ids=torch.tensor([p.task_index for p in batch.plans], dtype=torch.int64),
@@ -343,14 +362,18 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     trajectories, plans = batch.trajectories, batch.plans
     trainable = [i for i, (t, p) in enumerate(zip(trajectories, plans)) if trained_token_count(t, p) > 0]
     updates = config.trainer.updates_per_step
-    minis = [trainable[u::updates] for u in range(updates)] if updates > 1 else [trainable]
+    # Mini-batches are cut from the step's global episode order (the plans' episode_index),
+    # so on any number of processes each update sees the same episodes.
+    minis = [[i for i in trainable if plans[i].episode_index % updates == u] for u in range(updates)]
     coefficients = advantages.coefficients
     mode, budget = config.env.context_mode, config.trainer.micro_batch_tokens
 
     def parts(indices):
         return [
             ([trajectories[i] for i in group], [plans[i] for i in group], advantages.sequence[group], group)
-            for group in micro_batches(trajectories, indices, mode, budget, padding_free=run.padding_free)
+            for group in micro_batches(
+                trajectories, indices, mode, budget, padding_free=run.padding_free, groups=lambda t: run.teacher_for(t.task).name
+            )
         ]
 
     # PPO with several updates: log-probs of the rollout policy, before any update.
@@ -411,6 +434,7 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
         **{k: v / len(minis) for k, v in ppo_totals.items()},
     }
     metrics.update(kl_metrics(turn_kl_sum, turn_count, run.dist))
+    metrics.update(kl_metrics_by_env(run, trajectories, turn_kl_sum, turn_count))
     if parallel.is_sharded(run.student):
         metrics["padding_micro_batches"] = padding  # zero-weight passes this process ran
     return metrics

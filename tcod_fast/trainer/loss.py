@@ -25,7 +25,7 @@ update across processes, so micro-batch losses add up to the update's token mean
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -457,27 +457,39 @@ def _sequence_lengths(trajectory, mode: str) -> list[int]:
 
 
 def micro_batches(
-    trajectories: Sequence[Any], indices: Sequence[int], mode: str, budget: int, *, padding_free: bool = False
+    trajectories: Sequence[Any],
+    indices: Sequence[int],
+    mode: str,
+    budget: int,
+    *,
+    padding_free: bool = False,
+    groups: Callable[[Any], Any] | None = None,
 ) -> list[list[int]]:
-    """Split episode ``indices`` into groups whose size fits ``budget`` tokens: padded, rows x
-    longest row; ``padding_free``, the tokens themselves. Whole episodes only (T-DUR/SOD
-    weights are per episode)."""
+    """Split episode ``indices`` into micro-batches whose size fits ``budget`` tokens: padded,
+    rows x longest row; ``padding_free``, the tokens themselves. Whole episodes only (T-DUR/SOD
+    weights are per episode). ``groups``: a key of each trajectory (its teacher, in a run with
+    several) that no micro-batch mixes; the keys' micro-batches follow each other in the order
+    the keys first appear."""
     def size(lengths: list[int]) -> int:
         return sum(lengths) if padding_free else len(lengths) * max(lengths, default=0)
 
-    groups: list[list[int]] = []
-    current: list[int] = []
-    current_lengths: list[int] = []
+    by_key: dict[Any, list[int]] = {}
     for index in indices:
-        lengths = _sequence_lengths(trajectories[index], mode)
-        if current and size(current_lengths + lengths) > budget:
-            groups.append(current)
-            current, current_lengths = [], []
-        current.append(index)
-        current_lengths += lengths
-    if current:
-        groups.append(current)
-    return groups
+        by_key.setdefault(groups(trajectories[index]) if groups is not None else None, []).append(index)
+    batches: list[list[int]] = []
+    for key_indices in by_key.values():
+        current: list[int] = []
+        current_lengths: list[int] = []
+        for index in key_indices:
+            lengths = _sequence_lengths(trajectories[index], mode)
+            if current and size(current_lengths + lengths) > budget:
+                batches.append(current)
+                current, current_lengths = [], []
+            current.append(index)
+            current_lengths += lengths
+        if current:
+            batches.append(current)
+    return batches
 
 
 @dataclass
@@ -493,14 +505,14 @@ class LossOutput:
     old_logprobs: torch.Tensor | None = None
 
 
-def _can_use_fused_linear(run: TrainingRun, coefficients: LossCoefficients) -> bool:
+def _can_use_fused_linear(run: TrainingRun, teacher_model, coefficients: LossCoefficients) -> bool:
     setting = run.config.loss.fused_linear
     if setting == "never" or not run.estimator.fused_linear:
         return False
     simple = coefficients.grpo_coef == 0.0 and coefficients.turn_weighting is None
     available = all(
         isinstance(m.get_output_embeddings(), torch.nn.Linear) and m.get_output_embeddings().bias is None
-        for m in (run.student, run.teacher)
+        for m in (run.student, teacher_model)
     )
     if setting == "always":
         if not available:
@@ -542,12 +554,20 @@ def compute_loss(
 
     ``divergence`` overrides ``config.loss.divergence`` (evaluation always measures the
     reverse KL, whatever the training loss uses).
+
+    The teacher is the episodes' own (``run.teacher_for``): a run with several teachers cuts
+    micro-batches that never mix teachers (:func:`micro_batches`' ``groups``), so only that
+    one teacher runs.
     """
     settings = run.config.loss
+    teacher = run.teacher_for(trajectories[0].task) if trajectories else run.teachers["teacher"]
+    if any(run.teacher_for(t.task).name != teacher.name for t in trajectories):
+        raise ValueError("a micro-batch holds episodes of several teachers; cut micro-batches per teacher (micro_batches(groups=...))")
+    teacher_model = teacher.model
     sampled = run.estimator.ppo_advantage  # the OPD term is an advantage of the surrogate
-    sparse = run.estimator.sparse_teacher or run.served_teacher is not None  # teacher as top-K maps
+    sparse = run.estimator.sparse_teacher or teacher.served is not None  # teacher as top-K maps
     with_ppo = needs_ppo(run.estimator, coefficients)
-    use_fused_linear = not with_ppo and _can_use_fused_linear(run, coefficients)
+    use_fused_linear = not with_ppo and _can_use_fused_linear(run, teacher_model, coefficients)
 
     packed = pack_micro_batch(
         trajectories,
@@ -560,22 +580,22 @@ def compute_loss(
     )
     with torch.enable_grad() if with_grad else torch.no_grad():
         outputs = forward_models(
-            run.student, run.teacher, packed, hidden=use_fused_linear, bf16=run.use_bf16, device_type=run.device.type
+            run.student, teacher_model, packed, hidden=use_fused_linear, bf16=run.use_bf16, device_type=run.device.type
         )
         stats = turn_kl_statistics(
             outputs,
             packed,
             divergence=divergence or settings.divergence,
             jsd_beta=settings.jsd_beta,
-            vocab_size=min(run.student.config.vocab_size, run.teacher.config.vocab_size) if run.teacher is not None else None,
+            vocab_size=min(run.student.config.vocab_size, teacher_model.config.vocab_size) if teacher_model is not None else None,
             backend=settings.backend,
             student_grad=with_grad and not sampled and coefficients.opd_coef != 0.0,
             lm_heads=(
-                (run.student.get_output_embeddings().weight, run.teacher.get_output_embeddings().weight)
+                (run.student.get_output_embeddings().weight, teacher_model.get_output_embeddings().weight)
                 if use_fused_linear
                 else None
             ),
-            sparse_teacher=sparse_teacher_maps(run, outputs, packed) if sparse else None,
+            sparse_teacher=sparse_teacher_maps(run, teacher, outputs, packed) if sparse else None,
         )
         turn_stats = episode_turn_statistics(stats, packed)
         episode_weights = turn_weights(turn_stats, coefficients.turn_weighting, sod_delta=settings.sod_delta)

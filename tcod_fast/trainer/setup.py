@@ -11,6 +11,7 @@ records and the last evaluation).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -24,17 +25,19 @@ import torch
 
 from tcod_fast.algorithms import Algorithm
 from tcod_fast.curriculum import CurriculumSampler
+from tcod_fast.envs.mixture import split_mixture_task
 from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.loss_settings import Estimator
 from tcod_fast.rollout import EpisodeConfig, SamplingParams, run_episodes
 from tcod_fast.trainer import build, parallel
-from tcod_fast.trainer.config import RunRecords, TrainConfig, check_config, check_paths, resolve_records, save_config
+from tcod_fast.trainer.config import RunRecords, TrainConfig, check_config, check_paths, resolve_records, save_config, teacher_routes
 from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, close_distributed, init_distributed
 from tcod_fast.trainer.generators import build_generators, build_served_teacher, close_generators
 from tcod_fast.trainer.metrics_log import MetricsLogger
 
 __all__ = [
     "RunState",
+    "Teacher",
     "TrainingRun",
     "generators",
     "preflight",
@@ -53,6 +56,26 @@ class RunState:
     expert_lens: dict[str, int] = field(default_factory=dict)  # task -> expert actions, cached
     history: list[dict] = field(default_factory=list)  # every metrics record, in order
     last_eval: dict | None = None
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """One teacher of a run: a model in this process, or a served one (or, for an algorithm
+    without a teacher term, neither).
+
+    Attributes:
+        name: its label (``teacher`` for a run's one teacher; ``teachers[i].name`` otherwise).
+        model: the in-process causal LM (frozen), or None.
+        served: a :class:`~tcod_fast.rollout.served_teacher.ServedTeacher`, or None.
+    """
+
+    name: str
+    model: torch.nn.Module | None = None
+    served: Any = None
+
+    @property
+    def present(self) -> bool:
+        return self.model is not None or self.served is not None
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,34 @@ class TrainingRun:
     served_teacher: Any = None  # a ServedTeacher when teacher.server_url is set
     padding_free: bool = False  # loss.packing resolved for the run's models
     vllm_engines: dict = field(default_factory=dict)  # rollout.backend='vllm': name -> VLLMGenerator
+    teachers: dict = field(default_factory=dict)  # name -> Teacher (several: config.teachers)
+    teacher_routes: dict = field(default_factory=dict)  # env name -> teacher name (several teachers)
+
+    def __post_init__(self) -> None:
+        if not self.teachers:  # a run of one teacher: it, under its usual name
+            object.__setattr__(self, "teachers", {"teacher": Teacher("teacher", self.teacher, self.served_teacher)})
+
+    def teacher_for(self, task) -> Teacher:
+        """The teacher of ``task``'s episodes: the run's one teacher, or the one its
+        environment is routed to (``teachers[i].envs``)."""
+        if not self.teacher_routes:
+            return self.teachers["teacher"]
+        env_name, _ = split_mixture_task(task)
+        return self.teachers[self.teacher_routes[env_name]]
+
+    @property
+    def env_names(self) -> list[str]:
+        """The run's environments, in config order (one, or ``envs``' names)."""
+        return [entry.name for entry in self.config.envs] if self.config.envs else [self.config.env.name]
+
+    def env_of(self, task) -> str:
+        """The environment ``task`` belongs to."""
+        return split_mixture_task(task)[0] if self.config.envs else self.config.env.name
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether any teacher is there (in process or served)."""
+        return self.teacher is not None or self.served_teacher is not None or any(t.present for t in self.teachers.values())
 
     @property
     def max_turns(self) -> int:
@@ -148,6 +199,16 @@ def warn_if_random_teacher(config: TrainConfig) -> None:
     against a random-init teacher."""
     served = config.teacher.server_url is not None
     needs_teacher = _needs_teacher(config, resolve_records(config).algorithm)
+    random_teachers = [t.name for t in config.teachers if t.path is None and t.server_url is None]
+    if config.teachers:
+        if random_teachers and config.trainer.steps > 0 and needs_teacher:
+            warnings.warn(
+                f"teachers {', '.join(random_teachers)} have neither path nor server_url, so they are random-init tiny "
+                "models (model.teacher_tiny): their KL is noise, not a signal to learn from",
+                TcodFastWarning,
+                stacklevel=3,
+            )
+        return
     if config.model.teacher_path is None and not served and config.trainer.steps > 0 and needs_teacher:
         warnings.warn(
             "model.teacher_path is not set, so the teacher is a random-init tiny model (model.teacher_tiny): "
@@ -202,7 +263,8 @@ def _lr_lambda(config: TrainConfig):
 def _needs_teacher(config: TrainConfig, algorithm: Algorithm) -> bool:
     # An algorithm without a teacher term (GRPO) still loads a configured teacher for the KL logs.
     trains_with_teacher = algorithm.needs_teacher_model and config.trainer.steps > 0
-    return trains_with_teacher or config.model.teacher_path is not None or config.eval.kl_by_turn
+    named = config.model.teacher_path is not None or any(t.path is not None for t in config.teachers)
+    return trains_with_teacher or named or config.eval.kl_by_turn
 
 
 def setup_run(config: TrainConfig, *, tokenizer=None, write_run_files: bool = True) -> TrainingRun:
@@ -239,7 +301,7 @@ def _build_run(
         device = torch.device("cuda", context.local_rank)
     output_dir = Path(trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    prompter = build.build_prompter(config.env)
+    prompter = build.build_run_prompter(config)
 
     if tokenizer is None:
         tokenizer_dir = output_dir / "tokenizer"
@@ -251,6 +313,9 @@ def _build_run(
             tokenizer = build.load_tokenizer(tokenizer_dir)
         else:
             tokenizer = build.build_tokenizer(config, prompter, progress=config.logging.progress and context.is_main)
+    for index, entry in enumerate(config.teachers):  # before any model loads
+        if entry.path is not None:
+            _check_same_tokenizer(f"teachers[{index}] ({entry.name!r})", entry.path, tokenizer)
     if context.is_main and write_run_files:
         tokenizer.save_pretrained(str(output_dir / "tokenizer"))
         save_config(config, output_dir / "config.yaml")
@@ -262,18 +327,18 @@ def _build_run(
     broadcast_parameters(student, context)
     student = parallel.prepare_student(student, trainer.parallelism, context, param_dtype=trainer.fsdp_param_dtype)
     teacher = None
-    served_teacher = build_served_teacher(config, tokenizer)
-    if _needs_teacher(config, records.algorithm) and served_teacher is None:
-        teacher = build.build_model(
-            config.model.teacher_path,
-            config.model.teacher_tiny,
-            tokenizer,
-            dtype=build.torch_dtype(config.model.teacher_dtype),
-        ).to(device)
-        teacher.eval().requires_grad_(False)
-        teacher = parallel.prepare_teacher(teacher, trainer.parallelism, context, mode=trainer.fsdp_teacher)
+    served_teacher = None
+    routes = teacher_routes(config)
+    if config.teachers:
+        teachers = _build_teachers(config, records, tokenizer, device, context)
+    else:
+        served_teacher = build_served_teacher(config, tokenizer)
+        if _needs_teacher(config, records.algorithm) and served_teacher is None:
+            teacher = _build_teacher_model(config, config.model.teacher_path, config.model.teacher_tiny, tokenizer, device, context)
+        teachers = {"teacher": Teacher("teacher", teacher, served_teacher)}
 
-    use_padding_free = build.padding_free(config.loss.packing, student, teacher)
+    teacher_models = [t.model for t in teachers.values() if t.model is not None]
+    use_padding_free = build.padding_free(config.loss.packing, student, *teacher_models)
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad],
         lr=trainer.lr,
@@ -283,10 +348,10 @@ def _build_run(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     sampler = CurriculumSampler(config.curriculum, records.algorithm)
-    tasks = build.env_task_splits(config.env)
+    tasks = build.run_task_splits(config)
     per_rank = math.ceil(config.rollout.tasks_per_step / context.world_size) * config.curriculum.episodes_per_task
-    slots = max(per_rank, min(config.eval.num_tasks, 32), 1)
-    envs = build.build_envs(config.env, slots, progress=config.logging.progress and context.is_main)
+    slots = max(per_rank, min(config.eval.num_tasks * len(build.run_environments(config)), 32), 1)
+    envs = build.build_run_envs(config, slots, progress=config.logging.progress and context.is_main)
     use_bf16 = config.trainer.bf16 == "always" or (config.trainer.bf16 == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
         raise ValueError("trainer.bf16='always' needs a CUDA device (bf16 autocast is GPU-only here)")
@@ -306,6 +371,8 @@ def _build_run(
         student=student,
         teacher=teacher,
         served_teacher=served_teacher,
+        teachers=teachers,
+        teacher_routes=routes,
         padding_free=use_padding_free,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -316,6 +383,43 @@ def _build_run(
         output_dir=output_dir,
         use_bf16=use_bf16,
     )
+
+
+def _build_teacher_model(config: TrainConfig, path: str | None, tiny, tokenizer, device, context, *, mode: str | None = None):
+    teacher = build.build_model(path, tiny, tokenizer, dtype=build.torch_dtype(config.model.teacher_dtype)).to(device)
+    teacher.eval().requires_grad_(False)
+    return parallel.prepare_teacher(teacher, config.trainer.parallelism, context, mode=mode or config.trainer.fsdp_teacher)
+
+
+def _build_teachers(config: TrainConfig, records: RunRecords, tokenizer, device, context) -> dict[str, Teacher]:
+    """The teachers of ``config.teachers`` (their tokenizers were checked before any model loaded)."""
+    from tcod_fast.rollout.served_teacher import ServedTeacher
+
+    teachers = {}
+    for index, entry in enumerate(config.teachers):
+        if entry.server_url is not None:
+            teachers[entry.name] = Teacher(entry.name, served=ServedTeacher(entry.server_url, tokenizer, **config.teacher.request_settings()))
+            continue
+        tiny = dataclasses.replace(config.model.teacher_tiny, seed=config.model.teacher_tiny.seed + index)
+        model = _build_teacher_model(config, entry.path, tiny, tokenizer, device, context, mode="whole")
+        teachers[entry.name] = Teacher(entry.name, model=model)
+    return teachers
+
+
+def _check_same_tokenizer(where: str, folder: str, tokenizer) -> None:
+    """A :class:`~tcod_fast.errors.UserError` line unless the model folder's tokenizer maps the
+    same pieces to the same ids as the run's (its vocabulary size may differ by padding)."""
+    try:
+        own = build.load_tokenizer(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where}: the teacher's folder {folder!r} must hold the tokenizer it uses (the student's), got none: {exc}") from None
+    if own.get_vocab() != tokenizer.get_vocab():
+        mine, theirs = tokenizer.get_vocab(), own.get_vocab()
+        differing = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+        raise UserError(
+            f"{where}: every teacher must use the student's tokenizer, got one of {len(theirs)} pieces against the student's "
+            f"{len(mine)} (first differences: {differing}) in {folder!r}"
+        )
 
 
 def generators(run: TrainingRun, *, for_eval: bool = False):
@@ -338,7 +442,8 @@ def play_episodes(
 ) -> list:
     """Play ``plans`` on ``tasks`` in the run's environments: the run's context mode and reply
     limits, the student sampled at ``temperature`` (the teacher at ``rollout.teacher_temperature``),
-    seeded by ``seed``, with a progress bar ``description`` on the main process. Under FSDP2
+    seeded by ``seed`` and each plan's ``episode_index`` (an episode samples the same on any
+    number of processes), with a progress bar ``description`` on the main process. Under FSDP2
     the student (and, with ``gather_teacher``, the in-process teacher) is gathered whole for
     the episodes; every process must pass the same ``gather_teacher`` (the gather is
     collective)."""
@@ -370,4 +475,5 @@ def play_episodes(
             student=student,
             teacher=teacher,
             config=config,
+            episode_keys=[p.episode_index for p in plans],  # each episode's draws, however the plans are split
         )

@@ -93,12 +93,13 @@ def served_sparse_teacher(teacher, packed) -> SparseTeacher:
     return SparseTeacher(topk_ids=sparse.topk_ids.to(device), topk_logprobs=sparse.topk_logprobs.to(device))
 
 
-def sparse_teacher_maps(run, outputs, packed) -> SparseTeacher | None:
-    """The teacher's top-K maps of ``packed``: from ``run.served_teacher`` when set, else from
-    the in-process teacher's logits (``outputs.teacher``, ``teacher.top_k`` ids per position);
-    ``None`` without any teacher."""
-    if run.served_teacher is not None:
-        return served_sparse_teacher(run.served_teacher, packed)
+def sparse_teacher_maps(run, teacher, outputs, packed) -> SparseTeacher | None:
+    """The top-K maps of ``packed`` of ``teacher`` (the micro-batch's,
+    :class:`~tcod_fast.trainer.setup.Teacher`): from its server when served, else from its
+    logits (``outputs.teacher``, ``teacher.top_k`` ids per position); ``None`` without any
+    teacher."""
+    if teacher.served is not None:
+        return served_sparse_teacher(teacher.served, packed)
     if outputs.teacher is not None:
         return in_process_sparse_teacher(outputs.teacher, packed, run.config.teacher.top_k)
     return None

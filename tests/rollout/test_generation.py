@@ -62,6 +62,23 @@ def test_batched_sampling_outputs_are_well_formed_and_seeded(generator, tokenize
     assert [o.token_ids for o in other_seed] != [o.token_ids for o in outputs]
 
 
+def test_a_prompt_with_its_own_seed_samples_the_same_whatever_shares_the_call(generator, tokenizer):
+    prompts = [encode(tokenizer, t) for t in TEXTS]
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(11, 12, 13))
+    together = generator.generate(prompts, params)
+    for index, prompt in enumerate(prompts):
+        alone = generator.generate([prompt], SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(11 + index,)))
+        assert alone[0].token_ids == together[index].token_ids
+    reversed_order = generator.generate(prompts[::-1], SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(13, 12, 11)))
+    assert [o.token_ids for o in reversed_order[::-1]] == [o.token_ids for o in together]
+    in_chunks = HFGenerator(generator.model, tokenizer, max_batch_size=2).generate(prompts, params)
+    assert [o.token_ids for o in in_chunks] == [o.token_ids for o in together]
+    other = generator.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(21, 22, 23)))
+    assert [o.token_ids for o in other] != [o.token_ids for o in together]
+    with pytest.raises(ValueError, match=r"prompt_seeds must hold one seed per prompt \(3\), got 2"):
+        generator.generate(prompts, SamplingParams(prompt_seeds=(1, 2)))
+
+
 def test_left_padding_does_not_change_greedy_outputs(generator, tokenizer):
     prompts = [encode(tokenizer, t) for t in TEXTS]
     assert len({len(p) for p in prompts}) == 3, "prompts of different lengths exercise padding"

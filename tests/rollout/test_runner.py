@@ -116,7 +116,7 @@ def config(mode="append", **kwargs):
     )
 
 
-def play(tasks, plans, envs, tokenizer, *, student=None, teacher=None, rollout=None):
+def play(tasks, plans, envs, tokenizer, *, student=None, teacher=None, rollout=None, episode_keys=None):
     """``run_episodes`` with the tests' prompter and (unless ``rollout``) rollout settings."""
     return run_episodes(
         tasks,
@@ -127,6 +127,7 @@ def play(tasks, plans, envs, tokenizer, *, student=None, teacher=None, rollout=N
         student=student,
         teacher=teacher,
         config=rollout if rollout is not None else config(),
+        episode_keys=episode_keys,
     )
 
 
@@ -393,6 +394,21 @@ def test_rollouts_are_reproducible_from_the_seed(tokenizer, student, teacher):
     first, again, other = run(3), run(3), run(4)
     assert [t.token_ids for t in first] == [t.token_ids for t in again]
     assert [t.token_ids for t in first] != [t.token_ids for t in other]
+
+
+def test_an_episode_plays_the_same_whichever_episodes_share_its_batches(tokenizer, student, teacher):
+    """Each episode draws from generators seeded by the rollout seed and its key: played with
+    others, alone, or in other waves, its trajectory is the same."""
+    plans = [plan(["student", "teacher", "student"]), plan(["teacher", "student"]), plan(["student", "student"])]
+    together = play(TASKS[:3], plans, [KeyDoorEnv() for _ in range(3)], tokenizer, student=student, teacher=teacher,
+                    rollout=config(seed=5), episode_keys=[4, 9, 2])
+    for index, key in enumerate([4, 9, 2]):
+        alone = play([TASKS[index]], [plans[index]], [KeyDoorEnv()], tokenizer, student=student, teacher=teacher,
+                     rollout=config(seed=5), episode_keys=[key])
+        assert alone[0].token_ids == together[index].token_ids
+    with pytest.raises(ValueError, match="episode_keys must hold 2 distinct ints"):
+        play(TASKS[:2], plans[:2], [KeyDoorEnv(), KeyDoorEnv()], tokenizer, student=student, rollout=config(seed=5),
+             episode_keys=[1, 1])
 
 
 def test_context_limit_and_missing_teacher(tokenizer, student):

@@ -20,11 +20,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from float32_tolerances import trained_loss_tolerance, weights_tolerance
-from trainer_helpers import tiny_config
+from trainer_helpers import tiny_config, tiny_overrides
 
 from tcod_fast.errors import ConfigError
 from tcod_fast.trainer import build, loop
 from tcod_fast.trainer.checkpoint import load_latest_checkpoint
+from tcod_fast.trainer.config import load_config
 from tcod_fast.trainer.metrics_log import read_metrics
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -194,8 +195,7 @@ def test_fsdp2_trains_like_ddp_with_several_ppo_updates_per_step(tmp_path, toy_t
     """Two PPO updates per step: the rollout policy's log-probs are computed mini-batch by
     mini-batch before any update, and FSDP2 pads those passes as well as the training ones
     (the processes hold 4 and 2 episodes). FSDP2 then trains as DDP does on the same two
-    processes (the same mini-batches; one process would split the step differently), and so,
-    within bfloat16's precision, does FSDP2 computing in bfloat16 with a whole teacher."""
+    processes, and so, within bfloat16's precision, does FSDP2 computing in bfloat16 with a whole teacher."""
     toy_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
     _spawn(_several_updates_worker, tmp_path)
     ddp = _losses(tmp_path / "ddp")
@@ -315,3 +315,60 @@ def test_the_readme_torchrun_command_exits_cleanly_under_load(tmp_path):
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+# Sampled rollouts at the default temperature and several updates per step: each episode
+# samples from its own generators (seeded by the step and its index in the step) and the
+# mini-batches are cut from the step's episode order, so the processes split the same work.
+SAMPLED = ("trainer.steps=2", "trainer.updates_per_step=2", "rollout.tasks_per_step=3", "curriculum.episodes_per_task=3",
+           "trainer.micro_batch_tokens=1", "eval.num_tasks=0",
+           "model.student_tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, seed: 1}")
+
+
+# Several environments, one teacher each (kept whole on every process under FSDP2).
+SEVERAL_ENVS = (
+    "env.num_train_tasks=null",
+    "envs=[{name: toy, kwargs: {max_rooms: 2, max_steps: 6}, num_train_tasks: 8, weight: 2},"
+    " {name: alchemy, kwargs: {max_ingredients: 2, max_steps: 8}, num_train_tasks: 8}]",
+    "teachers=[{name: keys, envs: [toy]}, {name: brews, envs: [alchemy]}]",
+)
+
+
+def _sampled_config(folder, layout, *extra):
+    if layout == "one_env":
+        return tiny_config(folder, *SAMPLED, *extra)
+    shared = [o for o in tiny_overrides(folder) if not o.startswith("env.kwargs=")]
+    return load_config(None, [*shared, *SAMPLED, *SEVERAL_ENVS, *extra])
+
+
+def _sampled_worker(rank, world_size, port, root):
+    _join_group(rank, world_size, port)
+    for layout in ("one_env", "several_envs"):
+        tokenizer = build.load_tokenizer(os.path.join(root, layout, "tokenizer"))
+        for parallelism in ("ddp", "fsdp2"):
+            folder = os.path.join(root, layout, parallelism)
+            extra = [f"trainer.parallelism={parallelism}"]
+            if layout == "several_envs" and parallelism == "fsdp2":
+                extra.append("trainer.fsdp_teacher=whole")
+            loop.train(_sampled_config(folder, layout, *extra), tokenizer=tokenizer)
+    torch.distributed.destroy_process_group()
+
+
+def test_sampled_rollouts_with_several_updates_train_the_same_student_on_one_and_two_processes(tmp_path):
+    """The default sampled rollouts, 2 updates per step: 1 process and 2 (ddp, fsdp2) export the
+    same student within 1e-5, with one environment and with several (one teacher each)."""
+    for layout in ("one_env", "several_envs"):
+        config = _sampled_config(tmp_path / layout / "one", layout)
+        tokenizer = build.build_tokenizer(config, build.build_run_prompter(config), max_tasks_per_split=8)
+        tokenizer.save_pretrained(str(tmp_path / layout / "tokenizer"))
+        loop.train(config, tokenizer=tokenizer)
+    _spawn(_sampled_worker, tmp_path)
+    for layout in ("one_env", "several_envs"):
+        one = _final_params(tmp_path / layout / "one")
+        records = read_metrics(os.path.join(tmp_path / layout / "one", "metrics.jsonl"), kind="train")
+        assert all(r["trained_tokens"] > 0 for r in records)
+        for parallelism in ("ddp", "fsdp2"):
+            two = _final_params(tmp_path / layout / parallelism)
+            largest = max(float((two[name] - one[name]).abs().max()) for name in one)
+            assert largest <= 1e-5, (layout, parallelism, largest)
+            assert _losses(tmp_path / layout / parallelism) == pytest.approx(_losses(tmp_path / layout / "one"), rel=1e-4)

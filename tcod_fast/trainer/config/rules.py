@@ -22,9 +22,9 @@ from tcod_fast.envs.registry import check_env_settings
 from tcod_fast.errors import ConfigError
 from tcod_fast.loss_settings import Estimator, get_estimator
 from tcod_fast.tiny_models import TinyModelConfig
-from tcod_fast.trainer.config.schema import LossSettings, RolloutSettings, TrainConfig, TrainerSettings
+from tcod_fast.trainer.config.schema import EnvSettings, LossSettings, RolloutSettings, TrainConfig, TrainerSettings
 
-__all__ = ["RunRecords", "check_paths", "resolve_records", "validate"]
+__all__ = ["RunRecords", "check_paths", "environment_names", "resolve_records", "teacher_routes", "validate"]
 
 
 @dataclass(frozen=True)
@@ -217,11 +217,100 @@ def _check_curriculum(config: TrainConfig, algorithm: Algorithm) -> None:
 
 def _check_env(config: TrainConfig) -> None:
     """``env.name`` names a registered family, ``env.kwargs`` holds fields of its config, and
-    what it needs (a package, data files) is there (:func:`~tcod_fast.envs.registry.check_env_settings`)."""
-    try:
-        check_env_settings(config.env.name, config.env.kwargs)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    what it needs (a package, data files) is there (:func:`~tcod_fast.envs.registry.check_env_settings`);
+    the same for each of ``envs``, with their weights, and ``teachers``' routes."""
+    if config.envs:
+        _check_env_list(config)
+    else:
+        try:
+            check_env_settings(config.env.name, config.env.kwargs)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    teacher_routes(config)
+    if len(config.teachers) > 1 and config.trainer.parallelism == "fsdp2" and config.trainer.fsdp_teacher != "whole":
+        raise ConfigError(
+            "several teachers run whole on every process under trainer.parallelism='fsdp2' (each micro-batch runs only "
+            f"its own teacher): set trainer.fsdp_teacher=whole, got {config.trainer.fsdp_teacher!r}"
+        )
+
+
+def _check_env_list(config: TrainConfig) -> None:
+    default = EnvSettings()
+    for key in ("name", "kwargs", "train_split", "seen_split", "unseen_split", "num_train_tasks"):
+        if getattr(config.env, key) != getattr(default, key):
+            raise ConfigError(
+                f"env.{key}={getattr(config.env, key)!r} is not used when envs lists the environments "
+                f"(each entry of envs has its own {key}); remove it"
+            )
+    seen: set[str] = set()
+    for index, entry in enumerate(config.envs):
+        where = f"envs[{index}]"
+        if not entry.name:
+            raise ConfigError(f"{where}.name must name an environment (toy, twx-coin, scienceworld...), got {entry.name!r}")
+        if entry.name in seen:
+            raise ConfigError(f"{where}.name {entry.name!r} is listed twice; each environment of envs is listed once")
+        seen.add(entry.name)
+        if not (math.isfinite(entry.weight) and entry.weight > 0):
+            raise ConfigError(f"{where}.weight must be > 0 (a sampling weight), got {entry.weight}")
+        if entry.num_train_tasks is not None and entry.num_train_tasks < 1:
+            raise ConfigError(f"{where}.num_train_tasks must be >= 1 (null: all), got {entry.num_train_tasks}")
+        try:
+            check_env_settings(entry.name, entry.kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def environment_names(config: TrainConfig) -> list[str]:
+    """The run's environments: the names of ``envs``, else ``[env.name]``."""
+    return [entry.name for entry in config.envs] if config.envs else [config.env.name]
+
+
+def teacher_routes(config: TrainConfig) -> dict[str, str]:
+    """env name -> the name of the teacher that supervises its episodes (``teachers``); ``{}``
+    for a run with one teacher (``model.teacher_path`` / ``teacher.server_url``). A
+    :class:`~tcod_fast.errors.ConfigError` line when a teacher names an environment the run
+    does not have, two teachers claim one environment, or an environment has no teacher."""
+    if not config.teachers:
+        return {}
+    if config.model.teacher_path is not None or config.teacher.server_url is not None:
+        raise ConfigError(
+            "teachers lists the run's teachers, so model.teacher_path and teacher.server_url must be unset, got "
+            f"{config.model.teacher_path!r} and {config.teacher.server_url!r}"
+        )
+    names = environment_names(config)
+    routes: dict[str, str] = {}
+    labels: set[str] = set()
+    catch_all = None
+    for index, teacher in enumerate(config.teachers):
+        where = f"teachers[{index}]"
+        if not teacher.name or teacher.name in labels:
+            raise ConfigError(f"{where}.name must be a distinct, non-empty label, got {teacher.name!r}")
+        labels.add(teacher.name)
+        if teacher.path is not None and teacher.server_url is not None:
+            raise ConfigError(f"{where} names both a path and a server_url; set one, got {teacher.path!r} and {teacher.server_url!r}")
+        if teacher.server_url is not None and not str(teacher.server_url).startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.server_url must start with http:// or https://, got {teacher.server_url!r}")
+        if not teacher.envs:
+            if catch_all is not None:
+                raise ConfigError(
+                    f"{where} ({teacher.name!r}) and teacher {catch_all!r} both leave envs empty (every environment); "
+                    "at most one teacher may, the others name theirs"
+                )
+            catch_all = teacher.name
+        for env_name in teacher.envs:
+            if env_name not in names:
+                raise ConfigError(f"{where} ({teacher.name!r}) supervises {env_name!r}, which is not an environment of this run ({', '.join(names)})")
+            if env_name in routes:
+                raise ConfigError(f"environment {env_name!r} is claimed by teachers {routes[env_name]!r} and {teacher.name!r}; give it one")
+            routes[env_name] = teacher.name
+    for env_name in names:
+        if env_name not in routes:
+            if catch_all is None:
+                raise ConfigError(
+                    f"environment {env_name!r} has no teacher: name it in one teacher's envs, or leave one teacher's envs empty"
+                )
+            routes[env_name] = catch_all
+    return routes
 
 
 def check_paths(config: TrainConfig) -> None:
@@ -232,6 +321,9 @@ def check_paths(config: TrainConfig) -> None:
     for name, path in (("model.student_path", model.student_path), ("model.teacher_path", model.teacher_path)):
         if path is not None:
             _check_folder(name, path, ("config.json",), "a local Hugging Face model folder with config.json")
+    for index, teacher in enumerate(config.teachers):
+        if teacher.path is not None:
+            _check_folder(f"teachers[{index}].path", teacher.path, ("config.json",), "a local Hugging Face model folder with config.json")
     if model.tokenizer_path is not None:
         _check_folder(
             "model.tokenizer_path",

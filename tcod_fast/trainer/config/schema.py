@@ -6,8 +6,10 @@ One :class:`TrainConfig` holds every knob of a run, grouped in sections, each a
     trainer:     steps, optimiser, micro-batching, device, output folder, cadences
     model:       student / teacher (local path or a tiny in-code config), precision
     env:         which environment, splits, prompt layout
+    envs:        or several environments, each with its kwargs, splits and sampling weight
     rollout:     tasks per step, sampling, reply length, generation backend (hf or vllm)
     teacher:     a teacher served over HTTP (OpenAI-compatible, e.g. vLLM) instead of in process
+    teachers:    or several teachers, each supervising the episodes of its environments
     loss:        estimator (full vocabulary, sampled-token k1/k3 + PPO, top-K), coefficients
                  (:class:`tcod_fast.loss_settings.LossSettings`)
     curriculum:  the algorithm and its schedules (:class:`tcod_fast.curriculum.CurriculumSettings`,
@@ -30,12 +32,14 @@ from tcod_fast.server_requests import ServerRequestSettings
 from tcod_fast.tiny_models import TinyModelConfig
 
 __all__ = [
+    "EnvEntry",
     "EnvSettings",
     "EvalSettings",
     "LoggingSettings",
     "LossSettings",
     "ModelSettings",
     "RolloutSettings",
+    "TeacherEntry",
     "TeacherSettings",
     "TrainConfig",
     "TrainerSettings",
@@ -108,6 +112,53 @@ class EnvSettings:
     max_admissible_actions: int | None = None
     prompt_style: Literal["paper", "compact"] = "paper"
     vocab_tasks_per_split: int = 200
+
+
+@dataclass
+class EnvEntry:
+    """One environment of a run that trains on several (``envs:``).
+
+    Attributes:
+        name: a registered env name (``toy``, ``twx-coin``, ``scienceworld``...); each entry's
+            name is distinct.
+        kwargs: fields of the family's config dataclass.
+        weight: sampling weight (> 0): each training task of a step is drawn from this
+            environment with probability ``weight / sum of weights``.
+        train_split / seen_split / unseen_split / num_train_tasks: as in ``env``.
+
+    The other ``env`` settings (prompt layout, context mode, worker pool) hold for every
+    environment of the run.
+    """
+
+    name: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    train_split: str = "train"
+    seen_split: str = "valid_seen"
+    unseen_split: str = "valid_unseen"
+    num_train_tasks: int | None = None
+
+
+@dataclass
+class TeacherEntry:
+    """One teacher of a run with several (``teachers:``), routed per episode by environment.
+
+    Attributes:
+        name: a distinct label (metrics and errors name it).
+        path: a local model folder, run in the trainer's process.
+        server_url: or an OpenAI-compatible server's base URL (requests as set in ``teacher``).
+            With neither, the teacher is a random-init tiny model of ``model.teacher_tiny``
+            (its seed moved by the entry's position), for tests.
+        envs: the env names (of ``envs``) whose episodes it supervises; empty: every
+            environment no other teacher names.
+
+    Every teacher must use the student's tokenizer; their padded vocabulary sizes may differ.
+    """
+
+    name: str = ""
+    path: str | None = None
+    server_url: str | None = None
+    envs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -270,9 +321,11 @@ class TrainConfig:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     env: EnvSettings = field(default_factory=EnvSettings)
+    envs: list[EnvEntry] = field(default_factory=list)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     loss: LossSettings = field(default_factory=LossSettings)
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    teachers: list[TeacherEntry] = field(default_factory=list)
     curriculum: CurriculumSettings = field(default_factory=lambda: CurriculumSettings(max_turns=12, eta=2))
     eval: EvalSettings = field(default_factory=EvalSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
