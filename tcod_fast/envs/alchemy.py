@@ -40,6 +40,7 @@ from typing import Any
 
 from tcod_fast.envs.base import SPLITS, EnvObservation, EnvStep
 from tcod_fast.envs.family import EnvFamily, Expert, PromptPreset
+from tcod_fast.envs.game_steps import end_step
 
 __all__ = [
     "ALCHEMY",
@@ -293,26 +294,9 @@ class AlchemyEnv:
         else:  # read card, wait: the description below says it all
             feedback = ""
         idle = info["invalid_action"] or action in IDLE_ACTIONS
-        state.idle_steps = state.idle_steps + 1 if idle else 0
-        stalled = not won and not lost and 0 < self.config.max_idle_steps <= state.idle_steps
-        out_of_steps = not won and not lost and state.steps >= self.config.max_steps
-        state.over = won or lost or stalled or out_of_steps
-        if won or lost:
-            observation = feedback
-        else:
-            observation = " ".join(part for part in (feedback, self._describe()) if part)
-            if stalled:
-                observation += f" {state.idle_steps} steps in a row changed nothing. You lost."
-            elif out_of_steps:
-                observation += " You ran out of time."
-        info["steps"] = state.steps
-        return EnvStep(
-            observation=observation,
-            reward=1.0 if won else 0.0,
-            done=state.over,
-            won=won,
-            admissible_actions=[] if state.over else self._admissible(),
-            info=info,
+        return end_step(
+            state, self.config, feedback=feedback, won=won, lost=lost, idle=idle, info=info,
+            describe=self._describe, admissible=self._admissible,
         )
 
     def expert_action(self) -> str | None:
