@@ -10,7 +10,11 @@ built-in families (:data:`ENV_NAMES`):
 * ``scienceworld`` -- :class:`tcod_fast.envs.scienceworld.ScienceWorldEnv`;
 * ``alfworld`` -- ``tcod_fast.envs.alfworld.AlfWorldEnv``;
 * ``webshop`` -- :class:`tcod_fast.envs.webshop.WebShopEnv` (a generated catalogue, or WebShop's files);
-* ``search_qa`` -- :class:`tcod_fast.envs.search_qa.SearchQAEnv` (a generated corpus, or the user's JSONL files).
+* ``search_qa`` -- :class:`tcod_fast.envs.search_qa.SearchQAEnv` (a generated corpus, or the user's JSONL files);
+* ``alchemy`` -- :class:`tcod_fast.envs.alchemy.AlchemyEnv` (pure Python: a second game with its
+  own objects, rules and action words, for runs on several environments).
+
+Several environments in one run are one :class:`~tcod_fast.envs.mixture.EnvMixture`.
 
 The engines are imported only when their adapter is built, so a missing engine only
 matters when used; :func:`check_env_settings` reports it (and unknown names, unknown
