@@ -5,7 +5,11 @@ CPU (default):  python benchmarks/run_topk_turn_kl.py --out benchmarks/results/c
                 with a tail bucket, fused native vs the same loss written the way TRL's
                 server-backed distillation computes it (eager) vs torch.compile of that, and
                 fused_turn_kl with the teacher's full logits; median times, ratios and peak extra
-                memory (fresh process per implementation).
+                memory (fresh process per implementation). Also the op's memory floor: the copy
+                bandwidth measured in the same run with the same threads, and the fused time over
+                the time it needs for the bytes the op must move (read the student, write the
+                gradient: 2*N*V*e). The JSON records the native kernel's instruction-set copy
+                (TCOD_FAST_NATIVE_ISA=avx512|avx2|portable forces one) and the CPU's SIMD flags.
 GPU:            python benchmarks/run_topk_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 \
                     --out benchmarks/results/gpu_topk_turn_kl.json
                 Triton backend, triton.testing.do_bench medians, the measured device-copy
@@ -32,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_report import cuda_peak_extra_bytes, fused_speed_summary, report_header, tiny_defaults, write_report  # noqa: E402
+from run_turn_kl import cpu_copy_bandwidth, cpu_flags, floor_summary  # noqa: E402
 from topk_turn_kl_impls import forward_backward, implementations, make_case  # noqa: E402
 
 
@@ -136,8 +141,12 @@ def run_case(args, dtype, k: int) -> dict:
     elem = torch.finfo(dtype).bits // 8
     fused_name = "fused-native" if args.device == "cpu" else "fused-triton"
     floor_bytes = 3 * args.rows * args.vocab * elem
+    floor = {}
+    if args.device == "cpu":
+        floor = floor_summary(results.get(fused_name, {}).get("median_s"), 2 * args.rows * args.vocab * elem,
+                              cpu_copy_bandwidth(args.rows * args.vocab * elem), "2NVe")
     return {"K": k, "results": results, "floor_bytes_3NVe": floor_bytes,
-            **fused_speed_summary(results, fused_name, floor_bytes, "3NVe", args.device)}
+            **fused_speed_summary(results, fused_name, floor_bytes, "3NVe", args.device), **floor}
 
 
 def main(argv=None) -> dict:
@@ -164,7 +173,8 @@ def main(argv=None) -> dict:
         **report_header(args.device),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
-        "cpu_flags": _cpu_flags() if args.device == "cpu" else None,
+        "cpu_flags": cpu_flags() if args.device == "cpu" else None,
+        "native_isa": _native_isa() if args.device == "cpu" else None,
         "N": args.rows, "V": args.vocab, "dtype": args.dtype, "loss": "token-mean reverse KL, tail bucket",
         "gradient_bytes": args.rows * args.vocab * (torch.finfo(dtype).bits // 8),
         "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
@@ -173,21 +183,16 @@ def main(argv=None) -> dict:
     }
     print(json.dumps({k: v for k, v in report.items() if k != "cases"}, indent=2))
     for case in cases:
-        print(f"K={case['K']}", json.dumps(case["speedup_of_fused"]))
+        print(f"K={case['K']}", json.dumps(case["speedup_of_fused"]), "fused/floor:", case.get("fused_over_floor"))
     write_report(report, args.out)
     return report
 
 
-def _cpu_flags() -> list[str]:
-    """The SIMD flags the native kernel's -march=native build can use."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx")))
-    except OSError:
-        pass
-    return []
+def _native_isa():
+    """The compiled copy of the native top-k kernel that ran ("avx512", "avx2", "portable", ...), or None."""
+    from tcod_fast.ops.topk_turn_kl import native_backend
+
+    return native_backend.isa() if native_backend.is_available() else None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@
 CPU (default):  python benchmarks/run_turn_kl.py --out benchmarks/results/cpu_turn_kl.json
                 N=512, V=151936, fp32: fused native vs torch eager vs torch.compile of eager,
                 forward+backward median time, ratios, and peak extra memory (fresh process
-                per implementation, see memory_probe.py).
+                per implementation, see memory_probe.py). Also the op's memory floor: the
+                machine's copy bandwidth, measured in the same run with the same threads, and
+                the fused time over the time that bandwidth needs for the bytes the op must
+                move (read both logits, write the gradient: 3*N*V*e). The JSON records the
+                native kernel's instruction-set copy (TCOD_FAST_NATIVE_ISA=avx512|avx2|portable
+                forces one) and the CPU's SIMD flags.
                 With MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 in the environment,
                 glibc keeps freed memory, so no implementation pays first-touch page faults for
                 its N x V tensors (what a caching allocator gives; it favours eager, which
@@ -76,10 +81,47 @@ def memory_cuda(impl, pairs):
 
 
 def _native_isa():
-    """The compiled copy of the native kernels that ran ("avx2" or "portable"), or None."""
+    """The compiled copy of the native kernels that ran ("avx512", "avx2", "portable", ...), or None."""
     from tcod_fast.ops.turn_kl import native_backend
 
     return native_backend.isa() if native_backend.is_available() else None
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags (/proc/cpuinfo), which decide the native kernels' copy."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx")))
+    except OSError:
+        pass
+    return []
+
+
+def cpu_copy_bandwidth(nbytes: int, repeats: int = 7) -> float:
+    """Read+write bytes per second of ``dst.copy_(src)`` of ``nbytes`` (median of ``repeats``), with
+    torch's intra-op threads, i.e. the threads the native kernels run with."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch outside the timing
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def floor_summary(fused_s: float | None, floor_bytes: int, bandwidth: float, label: str) -> dict:
+    """The op's memory floor (``floor_bytes`` moved at the copy ``bandwidth``) and the fused time over it."""
+    floor_s = floor_bytes / bandwidth
+    return {
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        f"floor_bytes_{label}": floor_bytes,
+        "floor_s": floor_s,
+        "fused_over_floor": fused_s / floor_s if fused_s else None,
+    }
 
 
 def main(argv=None) -> dict:
@@ -140,6 +182,11 @@ def main(argv=None) -> dict:
 
     elem = torch.finfo(dtype).bits // 8
     fused_name = "fused-native" if args.device == "cpu" else "fused-triton"
+    floor = {}
+    if args.device == "cpu":
+        floor_bytes = 3 * args.rows * args.vocab * elem
+        floor = floor_summary(results.get(fused_name, {}).get("median_s"), floor_bytes,
+                              cpu_copy_bandwidth(args.rows * args.vocab * elem), "3NVe")
     report = {
         **report_header(args.device),
         "cpu_threads": torch.get_num_threads(),
@@ -150,10 +197,14 @@ def main(argv=None) -> dict:
         "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "load_average_1_5_15_min_at_write": list(os.getloadavg()),
         "native_isa": _native_isa() if args.device == "cpu" else None,
+        "cpu_flags": cpu_flags() if args.device == "cpu" else None,
         "results": results,
         **fused_speed_summary(results, fused_name, 5 * args.rows * args.vocab * elem, "5NVe", args.device),
+        **floor,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
+    if floor:
+        print("fused/floor:", floor["fused_over_floor"], json.dumps(report["speedup_of_fused"]))
     write_report(report, args.out)
     return report
 

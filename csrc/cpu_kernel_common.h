@@ -1,15 +1,21 @@
 // What the CPU kernels of turn_kl_cpu.cpp and topk_turn_kl_cpu.cpp share: the option and dtype
 // codes (the Python side's tcod_fast/ops/common.py) and their dispatch to template instances,
-// 16-bit float conversions, block loads and stores, the branch-free exp2 polynomial, the
-// vectorised block max, and how the rows of a batch are shared among threads (RowsPlan).
+// the width-generic vector type and its primitives (loads, stores, the branch-free exp2
+// polynomial, the 16-bit float conversions, horizontal sums), the vectorised block max, and how
+// the rows of a batch are shared among threads (RowsPlan).
 //
 // Deliberately without include guard or includes, like turn_kl_cpu_kernels.h: it is included
-// inside the namespace of each compiled copy of the kernels (turn_kl_cpu.cpp compiles its kernels
-// twice, once under `#pragma GCC target("avx2,fma,f16c")`), so every copy gets these helpers
-// compiled for its own instruction set. The includer provides <algorithm>, <cmath>, <cstdint>,
-// <cstring>, <limits>, <stdexcept>, <string>, <type_traits>, <vector> and, on x86-64,
-// <immintrin.h>, and defines TCOD_FAST_AVX2 to 0 or 1: 1 selects the AVX2/FMA/F16C code paths,
-// which the surrounding target must then allow.
+// inside the namespace of each compiled copy of the kernels (cpu_kernel_copy.h), so every copy gets
+// these helpers compiled for its own instruction set. The includer provides <algorithm>, <cmath>,
+// <cstdint>, <cstring>, <limits>, <stdexcept>, <string>, <type_traits>, <vector> and, on x86-64,
+// <immintrin.h>, and defines
+//   TCOD_FAST_LANES  the float32 lanes of one vector (vf): 8, or 16 for the AVX-512 logic; the
+//                    compiler splits a vector wider than the target's registers (the 16-lane copy
+//                    built for AVX2 runs the AVX-512 copy's logic on any AVX2 machine);
+//   TCOD_FAST_F16C   1 where the target has the F16C half-float conversions;
+//   TCOD_FAST_AVX512 1 where it has AVX-512 F/BW/VL/DQ (16-lane F16C conversions in one instruction).
+// Every vector loop below is written once, on vf; the intrinsics are confined to the two
+// half-float conversions.
 
 constexpr int64_t BLOCK = 512;  // columns per block: two float32 blocks stay in L1
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -62,25 +68,184 @@ inline uint16_t float_to_bf16_bits(float x) {
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
+// 2^x for x in [-127, 64] (callers clamp below; every argument is (logit - its anchor) times
+// log2(e) / temperature: <= 0 when the anchor is the running max, up to +64 for turn_kl's reverse
+// KL teacher, see its process_row). Round-to-nearest range reduction through a "magic" add of
+// 1.5 * 2^23 + 127, after which the low mantissa bits of the sum hold n + 127; a degree-5
+// minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7, fitted for these kernels);
+// and n + 127 shifted straight into the exponent field. At x = -127 that field is 0, i.e. the
+// result is exactly +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare.
+// Branch-free, so loops calling it vectorise.
+constexpr float EXP2_ROUND = 12583039.0f;  // 1.5 * 2^23 + 127
+// 2^f ~ sum_k EXP2_POLY[k] f^k on [-1/2, 1/2], highest degree first (Horner order)
+constexpr float EXP2_POLY[6] = {1.327647129073739e-3f, 9.675541892647743e-3f, 5.550713092088699e-2f,
+                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
+
+inline float exp2_clamped(float x) {
+  const float shifted = x + EXP2_ROUND;
+  const float f = x - (shifted - EXP2_ROUND);  // x - n, in [-0.5, 0.5]
+  float poly = EXP2_POLY[0];
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = poly * f + EXP2_POLY[k];
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits <<= 23;  // (n + 127) mod 512 into the exponent field; the sign bit ends up 0
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return poly * scale;
+}
+
+constexpr float EXP2_FLOOR = -127.0f;
+
+// max(x, -127) that keeps NaN, written so that it is one vmaxps (whose second operand is
+// returned when either is NaN); std::max compiles to a compare and a blend.
+inline float clamp_exp2_arg(float x) { return EXP2_FLOOR > x ? EXP2_FLOOR : x; }
+
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr double LN2 = 0.693147180559945309417;
+
+// ---- the vector type: TCOD_FAST_LANES float32 lanes (GCC/Clang vector extensions) ----
+constexpr int LANES = TCOD_FAST_LANES;
+typedef float vf __attribute__((vector_size(4 * TCOD_FAST_LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * TCOD_FAST_LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * TCOD_FAST_LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * TCOD_FAST_LANES)));
+
+inline vf vload(const float* x) {
+  vf v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+inline void vstore(float* x, vf v) { std::memcpy(x, &v, sizeof(v)); }
+inline vf splat(float x) { return x - vf{}; }  // x - 0 == x for every x, -0 included
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int k = 0; k < LANES; ++k) s += v[k];
+  return s;
+}
+// max(floor, x) that keeps NaN: one max instruction (whose second operand is returned when
+// either is NaN); std::max would be a compare and a blend
+inline vf vmax_keep_nan(vf floor, vf x) { return floor > x ? floor : x; }
+
+// exp2_clamped on every lane (same arithmetic, see exp2_clamped)
+inline vf vexp2(vf x) {
+  const vf shifted = x + EXP2_ROUND;
+  const vf f = x - (shifted - EXP2_ROUND);
+  vf poly = splat(EXP2_POLY[0]);
+#pragma GCC unroll 5
+  for (int k = 1; k < 6; ++k) poly = poly * f + EXP2_POLY[k];
+  return poly * (vf)((vu)shifted << 23);
+}
+
+// A vector store that bypasses the caches (non-temporal) where `stream` is set: for the gradient,
+// which is written once and not read again by the kernel, so its lines are not first read from
+// memory (write-allocate) nor left to evict the cached rows. `x` must then be aligned to the
+// vector's size (callers check the row's alignment; blocks start at multiples of BLOCK floats).
+inline void vput(float* x, vf v, bool stream) {
+#if defined(__x86_64__) && TCOD_FAST_AVX512
+  if (stream) return _mm512_stream_ps(x, (__m512)v);
+#elif defined(__x86_64__) && TCOD_FAST_F16C
+  if (stream) {
+    for (int k = 0; k < LANES; k += 8) {
+      __m256 part;
+      std::memcpy(&part, reinterpret_cast<const float*>(&v) + k, sizeof(part));
+      _mm256_stream_ps(x + k, part);
+    }
+    return;
+  }
+#elif defined(__x86_64__)
+  if (stream) {
+    for (int k = 0; k < LANES; k += 4) {
+      __m128 part;
+      std::memcpy(&part, reinterpret_cast<const float*>(&v) + k, sizeof(part));
+      _mm_stream_ps(x + k, part);
+    }
+    return;
+  }
+#endif
+  vstore(x, v);
+}
+
+// Whether rows starting at `x` can take vput's streaming stores, and the fence that orders them
+// before the row's later stores and the threads' barrier.
+inline bool can_stream(const void* x) { return reinterpret_cast<uintptr_t>(x) % (4 * LANES) == 0; }
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+// the 16-bit formats, LANES values at a time
+inline vf bf16_to_vf(const uint16_t* src) {
+  vh h;
+  std::memcpy(&h, src, sizeof(h));
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+inline void vf_to_bf16(vf x, uint16_t* dst) {
+  const vu u = (vu)x;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  const vu nan = (u >> 16) | 0x40u;                             // NaN stays NaN (quiet bit set)
+  const vh h = __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded, vh);
+  std::memcpy(dst, &h, sizeof(h));
+}
+inline vf f16_to_vf(const uint16_t* src) {
+  vf out;
+#if TCOD_FAST_AVX512
+  out = (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#elif TCOD_FAST_F16C
+  for (int k = 0; k < LANES; k += 8) {
+    const __m256 part = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
+    std::memcpy(reinterpret_cast<float*>(&out) + k, &part, sizeof(part));
+  }
+#else
+  for (int k = 0; k < LANES; ++k) out[k] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[k]);
+#endif
+  return out;
+}
+inline void vf_to_f16(vf x, uint16_t* dst) {
+#if TCOD_FAST_AVX512
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT));
+#elif TCOD_FAST_F16C
+  for (int k = 0; k < LANES; k += 8) {
+    __m256 part;
+    std::memcpy(&part, reinterpret_cast<const float*>(&x) + k, sizeof(part));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm256_cvtps_ph(part, _MM_FROUND_TO_NEAREST_INT));
+  }
+#else
+  for (int k = 0; k < LANES; ++k) reinterpret_cast<_Float16*>(dst)[k] = static_cast<_Float16>(x[k]);
+#endif
+}
+
+// max of x[0..n): two vector accumulators, because compilers leave a float max reduction scalar
+// unless math is relaxed. NaN entries are ignored (a NaN row is reported through its sums instead).
+inline float block_max(const float* x, int64_t n) {
+  vf acc0 = splat(NEG_INF), acc1 = acc0;
+  int64_t i = 0;
+  for (; i + 2 * LANES <= n; i += 2 * LANES) {
+    const vf a = vload(x + i), b = vload(x + i + LANES);
+    acc0 = a > acc0 ? a : acc0;
+    acc1 = b > acc1 ? b : acc1;
+  }
+  acc0 = acc1 > acc0 ? acc1 : acc0;
+  float m = NEG_INF;
+  for (int k = 0; k < LANES; ++k) m = std::max(m, acc0[k]);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
 // dst[i] = float(src[i]) * scale for one block
 template <int D>
 inline void load_block(const typename Storage<D>::type* src, float* dst, int64_t n, float scale = 1.0f) {
-  if constexpr (D == F32) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
-  } else if constexpr (D == BF16) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]) * scale;
-  } else {
-    int64_t i = 0;
-#if TCOD_FAST_AVX2
-    const __m256 vscale = _mm256_set1_ps(scale);
-    for (; i + 8 <= n; i += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), vscale));
-    }
-#endif
-    for (; i < n; ++i) dst[i] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[i]) * scale;
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    if constexpr (D == F32) vstore(dst + i, vload(src + i) * scale);
+    if constexpr (D == BF16) vstore(dst + i, bf16_to_vf(src + i) * scale);
+    if constexpr (D == F16) vstore(dst + i, f16_to_vf(src + i) * scale);
+  }
+  for (; i < n; ++i) {
+    if constexpr (D == F32) dst[i] = src[i] * scale;
+    if constexpr (D == BF16) dst[i] = bf16_bits_to_float(src[i]) * scale;
+    if constexpr (D == F16) dst[i] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[i]) * scale;
   }
 }
 
@@ -88,18 +253,16 @@ template <int D>
 inline void store_block(const float* src, typename Storage<D>::type* dst, int64_t n) {
   if constexpr (D == F32) {
     std::memcpy(dst, src, n * sizeof(float));
-  } else if constexpr (D == BF16) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
   } else {
     int64_t i = 0;
-#if TCOD_FAST_AVX2
-    for (; i + 8 <= n; i += 8) {
-      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    for (; i + LANES <= n; i += LANES) {
+      if constexpr (D == BF16) vf_to_bf16(vload(src + i), dst + i);
+      if constexpr (D == F16) vf_to_f16(vload(src + i), dst + i);
     }
-#endif
-    for (; i < n; ++i) reinterpret_cast<_Float16*>(dst)[i] = static_cast<_Float16>(src[i]);
+    for (; i < n; ++i) {
+      if constexpr (D == BF16) dst[i] = float_to_bf16_bits(src[i]);
+      if constexpr (D == F16) reinterpret_cast<_Float16*>(dst)[i] = static_cast<_Float16>(src[i]);
+    }
   }
 }
 
@@ -142,76 +305,6 @@ inline void zero_fill(typename Storage<D>::type* dst, int64_t n) {
   if (n > 0) std::memset(dst, 0, n * sizeof(typename Storage<D>::type));  // 0 bits == +0.0
 }
 
-// 2^x for x in [-127, 64] (callers clamp below; every argument is (logit - its anchor) times
-// log2(e) / temperature: <= 0 when the anchor is the running max, up to +64 for turn_kl's reverse
-// KL teacher, see its process_row). Round-to-nearest range reduction through a "magic" add of
-// 1.5 * 2^23 + 127, after which the low mantissa bits of the sum hold n + 127; a degree-5
-// minimax polynomial for 2^f on [-1/2, 1/2] (relative error 2.3e-7, fitted for these kernels);
-// and n + 127 shifted straight into the exponent field. At x = -127 that field is 0, i.e. the
-// result is exactly +0.0, so exp(-inf) == 0 and deep underflow flushes to 0 without a compare.
-// Branch-free, so loops calling it vectorise.
-constexpr float EXP2_ROUND = 12583039.0f;  // 1.5 * 2^23 + 127
-// 2^f ~ sum_k EXP2_POLY[k] f^k on [-1/2, 1/2], highest degree first (Horner order)
-constexpr float EXP2_POLY[6] = {1.327647129073739e-3f, 9.675541892647743e-3f, 5.550713092088699e-2f,
-                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
-
-inline float exp2_clamped(float x) {
-  const float shifted = x + EXP2_ROUND;
-  const float f = x - (shifted - EXP2_ROUND);  // x - n, in [-0.5, 0.5]
-  float poly = EXP2_POLY[0];
-#pragma GCC unroll 5
-  for (int k = 1; k < 6; ++k) poly = poly * f + EXP2_POLY[k];
-  uint32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits <<= 23;  // (n + 127) mod 512 into the exponent field; the sign bit ends up 0
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return poly * scale;
-}
-
-constexpr float EXP2_FLOOR = -127.0f;
-
-// max(x, -127) that keeps NaN, written so that it is one vmaxps (whose second operand is
-// returned when either is NaN); std::max compiles to a compare and a blend.
-inline float clamp_exp2_arg(float x) { return EXP2_FLOOR > x ? EXP2_FLOOR : x; }
-
-constexpr float LOG2E = 1.44269504088896341f;
-constexpr double LN2 = 0.693147180559945309417;
-
-// 8-wide GCC vector helpers (any target; AVX registers where available)
-typedef float v8f __attribute__((vector_size(32)));
-inline v8f load8(const float* x) {
-  v8f v;
-  std::memcpy(&v, x, sizeof(v));
-  return v;
-}
-inline void store8(float* x, v8f v) { std::memcpy(x, &v, sizeof(v)); }
-inline float sum8(v8f v) {
-  float s = 0.f;
-  for (int k = 0; k < 8; ++k) s += v[k];
-  return s;
-}
-
-// max of x[0..n): explicit 8-wide vectors with two accumulators (GCC vector extensions, any
-// target), because compilers leave a float max reduction scalar unless math is relaxed. NaN
-// entries are ignored (a NaN row is reported through its sums instead).
-inline float block_max(const float* x, int64_t n) {
-  const v8f lowest = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF};
-  v8f acc0 = lowest, acc1 = lowest;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v8f a, b;
-    std::memcpy(&a, x + i, sizeof(a));
-    std::memcpy(&b, x + i + 8, sizeof(b));
-    acc0 = a > acc0 ? a : acc0;
-    acc1 = b > acc1 ? b : acc1;
-  }
-  acc0 = acc1 > acc0 ? acc1 : acc0;
-  float m = NEG_INF;
-  for (int k = 0; k < 8; ++k) m = std::max(m, acc0[k]);
-  for (; i < n; ++i) m = std::max(m, x[i]);
-  return m;
-}
 
 // A side's logit map (tcod_fast/ops/logit_transform.py, docs/maths.md#soft-capped-and-scaled-logits):
 // y = cap tanh(scale x / cap), or y = scale x without a cap (cap == 0), and its derivative
@@ -359,23 +452,3 @@ struct RowsPlan {
     }
   }
 };
-
-#if TCOD_FAST_AVX2
-// exp2_clamped on eight lanes: the same arithmetic with AVX2/FMA intrinsics.
-inline __m256 exp2_clamped_avx2(__m256 x) {
-  const __m256 round = _mm256_set1_ps(EXP2_ROUND);
-  const __m256 shifted = _mm256_add_ps(x, round);
-  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, round));
-  __m256 poly = _mm256_set1_ps(EXP2_POLY[0]);
-#pragma GCC unroll 5
-  for (int k = 1; k < 6; ++k) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(EXP2_POLY[k]));
-  const __m256i bits = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
-  return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
-}
-
-inline float horizontal_sum(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
-}
-#endif

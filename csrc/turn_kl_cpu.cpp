@@ -18,12 +18,9 @@
 //           backward has nothing left to do.
 // The per-thread cache is two float32 rows (1.2 MB at V = 151936) and stays in L2/L3, so the
 // traffic is close to 2 reads + 1 write of the logits per element.
-// Rows run in parallel over OpenMP threads; within a row the loops are written so the compiler
-// vectorises them (no calls, selects instead of branches, a polynomial exp2). The statistics
-// loop, the hot one, also has an AVX2/FMA version with two independent vector chains per
-// iteration and an unmasked divergence sum (15-20% faster on Zen 1); the portable loop
-// handles block tails and CPUs without AVX2, and the tests cover both (vocabulary sizes leave
-// ragged tails, and tests/ops/turn_kl/test_native_portable_build.py runs the portable copy, see below).
+// Rows run in parallel over OpenMP threads; within a row the vector loops (statistics, gradient,
+// exp2, the 16-bit conversions) are written once on a width-generic vector type, and scalar loops
+// handle the block tails (vocabulary sizes leave ragged tails, which the tests cover).
 //
 // Soft-capped and scaled logits: each side's logit map (LogitTransform, cpu_kernel_common.h) is
 // applied to a block as it is read, in pass 1 and pass 2 (into the L1 block buffers), so every
@@ -36,13 +33,14 @@
 // (outputs 0, gradient row 0); a NaN logit in a kept row makes that row's divergence and
 // gradient NaN (what autograd of the float64 reference gives).
 //
-// Instruction sets: the extension is built for baseline x86-64 (-march=x86-64), and the kernels
-// (turn_kl_cpu_kernels.h) are compiled twice into it: a portable copy and, on x86-64, a copy under
-// `#pragma GCC target("avx2,fma,f16c")` with the hand-vectorised AVX2/FMA loop. The copy is chosen
-// at run time from what the CPU reports (__builtin_cpu_supports), or forced with set_isa(), which
-// the Python loader calls for TCOD_FAST_NATIVE_ISA=portable|avx2; isa() says which one runs. One
-// build therefore serves every x86-64 machine (the cache can be shared), and the tests run each
-// copy the machine can execute against float64.
+// Instruction sets: the extension is built for the architecture's baseline (-march=x86-64 on
+// x86-64), and the kernels (turn_kl_cpu_kernels.h) are compiled once per copy, each in a
+// translation unit of its own (turn_kl_cpu_<copy>.cpp: portable, avx2x16, avx2, avx512; see
+// cpu_isa.h). This file holds the Python bindings and the run-time choice of the copy: the best
+// the CPU runs (__builtin_cpu_supports), or the one set_isa() forces, which the Python loader calls
+// for TCOD_FAST_NATIVE_ISA; isa() says which one runs. One build therefore serves every x86-64
+// machine (the cache can be shared), and the tests run each copy the machine can execute against
+// float64.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -61,90 +59,29 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "cpu_isa.h"
+#include "turn_kl_cpu_args.h"
 
 namespace py = pybind11;
 
 namespace {
-// turn_kl_forward's arguments (raw addresses, strides and codes from Python), built once by the
-// dispatcher at the bottom and read by whichever instruction-set copy of the kernels runs.
-struct TurnKLArgs {
-  int64_t student, teacher, grad, keep, target, grad_scale;
-  int student_dtype, teacher_dtype;
-  int64_t rows_b, rows_t;
-  int64_t s_sb, s_st, t_sb, t_st, g_sb, g_st;
-  int64_t vocab, grad_cols;
-  int divergence;
-  float beta;
-  double inv_temp;
-  int64_t out_div, out_ent, out_logp, out_logq;
-  int num_threads;
-  double student_scale, student_cap, teacher_scale, teacher_cap;  // the logit maps (cap 0: none)
-};
-}  // namespace
 
-namespace tcod_fast_portable {
-namespace {
-#define TCOD_FAST_AVX2 0
-#include "turn_kl_cpu_kernels.h"
-#undef TCOD_FAST_AVX2
-}  // namespace
-}  // namespace tcod_fast_portable
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define TCOD_FAST_HAS_AVX2_COPY 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace tcod_fast_avx2 {
-namespace {
-#define TCOD_FAST_AVX2 1
-#include "turn_kl_cpu_kernels.h"
-#undef TCOD_FAST_AVX2
-}  // namespace
-}  // namespace tcod_fast_avx2
-#pragma GCC pop_options
+using TurnKLRun = void (*)(const TurnKLArgs&);
+using ScaleRowsRun = void (*)(int64_t, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+#if TCOD_FAST_X86_COPIES
+const TurnKLRun TURN_KL[] = {tcod_fast_portable::run_turn_kl, tcod_fast_avx2x16::run_turn_kl,
+                             tcod_fast_avx2::run_turn_kl, tcod_fast_avx512::run_turn_kl};
+const ScaleRowsRun SCALE_ROWS[] = {tcod_fast_portable::run_scale_rows, tcod_fast_avx2x16::run_scale_rows,
+                                   tcod_fast_avx2::run_scale_rows, tcod_fast_avx512::run_scale_rows};
 #else
-#define TCOD_FAST_HAS_AVX2_COPY 0
+const TurnKLRun TURN_KL[] = {tcod_fast_portable::run_turn_kl};
+const ScaleRowsRun SCALE_ROWS[] = {tcod_fast_portable::run_scale_rows};
 #endif
 
-namespace {
+std::atomic<int> current_isa{tcod_fast_isa::best_for(tcod_fast_isa::cpu_flags())};
 
-enum Isa : int { PORTABLE = 0, AVX2 = 1 };
-const char* const ISA_NAMES[] = {"portable", "avx2"};
-
-bool cpu_runs_avx2() {
-#if TCOD_FAST_HAS_AVX2_COPY
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-std::atomic<int> current_isa{cpu_runs_avx2() ? AVX2 : PORTABLE};
-
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> names{ISA_NAMES[PORTABLE]};
-  if (cpu_runs_avx2()) names.emplace_back(ISA_NAMES[AVX2]);
-  return names;
-}
-
-std::string isa() { return ISA_NAMES[current_isa.load()]; }
-
-void set_isa(const std::string& name) {
-  if (name == ISA_NAMES[PORTABLE]) {
-    current_isa = PORTABLE;
-  } else if (name == ISA_NAMES[AVX2]) {
-    if (!cpu_runs_avx2()) {
-      throw std::invalid_argument("the avx2 kernels need a CPU with AVX2, FMA and F16C; this one runs only 'portable'");
-    }
-    current_isa = AVX2;
-  } else {
-    throw std::invalid_argument("instruction set must be 'portable' or 'avx2', got '" + name + "'");
-  }
-}
+std::string isa() { return tcod_fast_isa::NAMES[current_isa.load()]; }
+void set_isa(const std::string& name) { current_isa = tcod_fast_isa::parse(name); }
 
 void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int teacher_dtype,
                      int64_t grad, int64_t keep, int64_t target, int64_t grad_scale, int64_t rows_b,
@@ -159,21 +96,13 @@ void turn_kl_forward(int64_t student, int student_dtype, int64_t teacher, int te
                      static_cast<float>(beta), inv_temp, out_div, out_ent, out_logp, out_logq,
                      std::max(1, num_threads), student_scale, student_cap, teacher_scale, teacher_cap};
   py::gil_scoped_release release;
-#if TCOD_FAST_HAS_AVX2_COPY
-  if (current_isa.load() == AVX2) return tcod_fast_avx2::turn_kl_forward(a);
-#endif
-  tcod_fast_portable::turn_kl_forward(a);
+  TURN_KL[current_isa.load()](a);
 }
 
 void scale_rows(int64_t grad, int grad_dtype, int64_t factor, int64_t rows_b, int64_t rows_t, int64_t g_sb,
                 int64_t g_st, int64_t cols, int num_threads) {
   py::gil_scoped_release release;
-#if TCOD_FAST_HAS_AVX2_COPY
-  if (current_isa.load() == AVX2) {
-    return tcod_fast_avx2::scale_rows(grad, grad_dtype, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
-  }
-#endif
-  tcod_fast_portable::scale_rows(grad, grad_dtype, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
+  SCALE_ROWS[current_isa.load()](grad, grad_dtype, factor, rows_b, rows_t, g_sb, g_st, cols, num_threads);
 }
 
 }  // namespace
@@ -183,7 +112,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("turn_kl_forward", &turn_kl_forward,
         "Fused divergence/entropy/gradient over rows of student and teacher logits (raw pointers).");
   m.def("scale_rows", &scale_rows, "grad[b, t, :] *= factor[b, t], skipping rows whose factor is 1 (raw pointers).");
-  m.def("isa", &isa, "The instruction set the kernels run with: 'avx2' or 'portable'.");
-  m.def("supported_isas", &supported_isas, "The instruction sets this CPU can run, best last.");
-  m.def("set_isa", &set_isa, "Run the kernels with this instruction set ('portable' or 'avx2').");
+  m.def("isa", &isa, "The copy of the kernels that runs: 'avx512', 'avx2', 'avx2x16' or 'portable'.");
+  m.def("supported_isas", &tcod_fast_isa::supported_isas, "The copies this CPU can run, best last.");
+  m.def("set_isa", &set_isa, "Run the kernels with this copy ('portable', 'avx2', 'avx512' or 'avx2x16').");
+  m.def("cpu_flags", &tcod_fast_isa::cpu_flags, "The CPU flags the choice of copy looks at.");
+  m.def("isa_for_flags", &tcod_fast_isa::isa_for_flags, "The copy chosen by default on a CPU with these flags.");
 }

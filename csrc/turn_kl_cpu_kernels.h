@@ -1,14 +1,13 @@
-// The CPU kernels of turn_kl_cpu.cpp, compiled twice into one extension: once for any x86-64 (or
-// other) CPU and once, on x86-64, for AVX2 + FMA + F16C (see turn_kl_cpu.cpp). Deliberately
-// without include guard or includes: turn_kl_cpu.cpp includes it inside one namespace per
-// instruction set, with TCOD_FAST_AVX2 set to 0 or 1 and the matching `#pragma GCC target`, after
-// defining TurnKLArgs (the arguments from Python, one struct that every copy reads).
+// The CPU kernels of turn_kl_cpu.cpp, compiled once per instruction-set copy (cpu_kernel_copy.h:
+// portable, AVX2 + FMA + F16C, the 16-lane logic on AVX2, AVX-512). Deliberately without include
+// guard or includes: each copy includes it inside a namespace of its own, under its own
+// `#pragma GCC target` and TCOD_FAST_LANES (see cpu_kernel_common.h), after TurnKLArgs (the
+// arguments from Python, one struct that every copy reads) is defined.
 //
-// TCOD_FAST_AVX2 selects the hand-vectorised AVX2/FMA statistics loop and the F16C half-float
-// conversions; the portable loops are auto-vectorised for whatever the surrounding target allows.
-// The helpers it shares with topk_turn_kl_cpu.cpp (dtype and divergence codes, 16-bit
-// conversions, the exp2 polynomial, the block max, the row plan) come from cpu_kernel_common.h, included here
-// so that each copy gets them compiled for its own instruction set.
+// The vector loops are written once on the width-generic vector type vf; the scalar loops after
+// them handle the block tails. The helpers it shares with topk_turn_kl_cpu.cpp (dtype and
+// divergence codes, vector primitives, 16-bit conversions, the exp2 polynomial, the block max,
+// the row plan) come from cpu_kernel_common.h.
 #include "cpu_kernel_common.h"
 
 constexpr float POS_INF = std::numeric_limits<float>::infinity();
@@ -89,46 +88,39 @@ struct BlockAnchors {
   float s, t, div;
 };
 
-#if TCOD_FAST_AVX2
-// Pass 1's block loop written with AVX2 intrinsics, two vectors per iteration, i.e. two
-// independent exponential chains: the portable loop below compiles to one 8-wide chain whose
-// polynomial latency the out-of-order window cannot hide on every core. Same arithmetic as
-// exp2_clamped/clamp_exp2_arg and the same cache layout as the portable loop; returns how many
-// leading elements it handled (a multiple of 16).
+// Pass 1's vector loop over one block, two vectors per iteration, i.e. two independent
+// exponential chains (one chain leaves the polynomial's latency exposed on some cores). Same
+// arithmetic as the scalar loop in block_sums and the same cache layout; returns how many leading
+// elements it handled (a multiple of 2 * LANES).
 template <int DIV, bool ENTROPY, bool SHARED_ANCHOR>
-inline int64_t block_sums_avx2(const float* xs, const float* xt, int64_t n, float c, BlockAnchors anchor,
-                               float* first, float* second, BlockSums& sums) {
-  const __m256 vc = _mm256_set1_ps(c), va_s = _mm256_set1_ps(anchor.s), va_t = _mm256_set1_ps(anchor.t);
-  const __m256 va_div = _mm256_set1_ps(anchor.div);
-  const __m256 floor = _mm256_set1_ps(EXP2_FLOOR), zero = _mm256_setzero_ps();
+inline int64_t block_sums_vec(const float* xs, const float* xt, int64_t n, float c, BlockAnchors anchor,
+                              float* first, float* second, BlockSums& sums) {
+  const vf floor = splat(EXP2_FLOOR);
   // one accumulator per sum (two chains of exponentials feed each): with two per sum the 16
-  // ymm registers overflow and the accumulators round-trip through the stack every iteration
-  __m256 sum_s = zero, sum_t = zero, sum_div = zero, e0 = zero, e1 = zero;
+  // ymm registers of AVX2 overflow and the accumulators round-trip through the stack
+  vf sum_s = {}, sum_t = {}, sum_div = {}, e0 = {}, e1 = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (; i + 2 * LANES <= n; i += 2 * LANES) {
     // 1 KiB ahead: the hardware prefetcher alone leaves this compute-heavy stream waiting on
-    // DRAM (measured: pass 1 at N=512, V=151936, 2 threads, 0.085 s -> 0.073 s)
-    _mm_prefetch(reinterpret_cast<const char*>(xs + i + 256), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(xt + i + 256), _MM_HINT_T0);
-    const __m256 xs0 = _mm256_loadu_ps(xs + i), xs1 = _mm256_loadu_ps(xs + i + 8);
-    const __m256 xt0 = _mm256_loadu_ps(xt + i), xt1 = _mm256_loadu_ps(xt + i + 8);
+    // DRAM (measured with 8 lanes: pass 1 at N=512, V=151936, 2 threads, 0.085 s -> 0.073 s)
+    __builtin_prefetch(xs + i + 256);
+    __builtin_prefetch(xt + i + 256);
+    const vf xs0 = vload(xs + i), xs1 = vload(xs + i + LANES);
+    const vf xt0 = vload(xt + i), xt1 = vload(xt + i + LANES);
     // x - anchor <= 0 in raw units first, then the scale: see process_row for why not one FMA
-    const __m256 as0 = _mm256_sub_ps(xs0, va_s), as1 = _mm256_sub_ps(xs1, va_s);
-    const __m256 at0 = _mm256_sub_ps(xt0, va_t), at1 = _mm256_sub_ps(xt1, va_t);
-    // max(floor, x): the second operand is returned when either is NaN, so NaN stays NaN
-    const __m256 ts0 = _mm256_max_ps(floor, _mm256_mul_ps(as0, vc));
-    const __m256 ts1 = _mm256_max_ps(floor, _mm256_mul_ps(as1, vc));
-    const __m256 tt0 = _mm256_max_ps(floor, _mm256_mul_ps(at0, vc));
-    const __m256 tt1 = _mm256_max_ps(floor, _mm256_mul_ps(at1, vc));
-    const __m256 es0 = exp2_clamped_avx2(ts0), es1 = exp2_clamped_avx2(ts1);
-    const __m256 et0 = exp2_clamped_avx2(tt0), et1 = exp2_clamped_avx2(tt1);
-    _mm256_storeu_ps(first + i, es0);
-    _mm256_storeu_ps(first + i + 8, es1);
-    sum_s = _mm256_add_ps(sum_s, _mm256_add_ps(es0, es1));
-    sum_t = _mm256_add_ps(sum_t, _mm256_add_ps(et0, et1));
+    const vf as0 = xs0 - anchor.s, as1 = xs1 - anchor.s;
+    const vf at0 = xt0 - anchor.t, at1 = xt1 - anchor.t;
+    const vf ts0 = vmax_keep_nan(floor, as0 * c), ts1 = vmax_keep_nan(floor, as1 * c);
+    const vf tt0 = vmax_keep_nan(floor, at0 * c), tt1 = vmax_keep_nan(floor, at1 * c);
+    const vf es0 = vexp2(ts0), es1 = vexp2(ts1);
+    const vf et0 = vexp2(tt0), et1 = vexp2(tt1);
+    vstore(first + i, es0);
+    vstore(first + i + LANES, es1);
+    sum_s += es0 + es1;
+    sum_t += et0 + et1;
     if (ENTROPY) {
-      e0 = _mm256_fmadd_ps(es0, ts0, e0);
-      e1 = _mm256_fmadd_ps(es1, ts1, e1);
+      e0 += es0 * ts0;
+      e1 += es1 * ts1;
     }
     // The divergence term is a plain product: where the weight is 0 the term should be 0, but
     // the logit difference may be inf or nan there (-inf logits), which makes the block's sum
@@ -136,26 +128,24 @@ inline int64_t block_sums_avx2(const float* xs, const float* xt, int64_t n, floa
     // an and per vector, ~7% of this loop on Zen 1).
     if (DIV == REVERSE_KL) {
       // SHARED_ANCHOR: the teacher's exponentials are anchored at B too, so x_t - B is at
-      const __m256 u0 = _mm256_sub_ps(as0, SHARED_ANCHOR ? at0 : _mm256_sub_ps(xt0, va_div));
-      const __m256 u1 = _mm256_sub_ps(as1, SHARED_ANCHOR ? at1 : _mm256_sub_ps(xt1, va_div));
-      _mm256_storeu_ps(second + i, u0);
-      _mm256_storeu_ps(second + i + 8, u1);
-      sum_div = _mm256_fmadd_ps(es0, u0, _mm256_fmadd_ps(es1, u1, sum_div));
+      const vf u0 = as0 - (SHARED_ANCHOR ? at0 : xt0 - anchor.div);
+      const vf u1 = as1 - (SHARED_ANCHOR ? at1 : xt1 - anchor.div);
+      vstore(second + i, u0);
+      vstore(second + i + LANES, u1);
+      sum_div += es0 * u0 + es1 * u1;
     } else {
-      _mm256_storeu_ps(second + i, et0);
-      _mm256_storeu_ps(second + i + 8, et1);
-      if (DIV == FORWARD_KL) {
-        sum_div = _mm256_fmadd_ps(et0, _mm256_sub_ps(at0, as0), _mm256_fmadd_ps(et1, _mm256_sub_ps(at1, as1), sum_div));
-      }
+      vstore(second + i, et0);
+      vstore(second + i + LANES, et1);
+      if (DIV == FORWARD_KL) sum_div += et0 * (at0 - as0) + et1 * (at1 - as1);
     }
   }
-  sums.s = horizontal_sum(sum_s);
-  sums.t = horizontal_sum(sum_t);
-  sums.div = horizontal_sum(sum_div);
-  sums.ent = horizontal_sum(_mm256_add_ps(e0, e1));
+  sums.s = hsum(sum_s);
+  sums.t = hsum(sum_t);
+  sums.div = hsum(sum_div);
+  sums.ent = hsum(e0 + e1);
   if (!std::isfinite(sums.div)) {
     // non-finite logits in this block: redo the sum with the weight > 0 mask, which gives
-    // exactly the portable loop's answer (+inf where the other model has -inf under the
+    // exactly the scalar loop's answer (+inf where the other model has -inf under the
     // weight's mass, nan for nan logits, finite for -inf entries on both sides)
     float masked = 0.f;
     for (int64_t k = 0; k < i; ++k) {
@@ -168,26 +158,15 @@ inline int64_t block_sums_avx2(const float* xs, const float* xt, int64_t n, floa
   }
   return i;
 }
-#endif
 
-// Pass 1's vectorised loop over one block: both exponentials, their sums, the divergence and
-// (ENTROPY) entropy sums, and the cache the last pass reads (see scratch_floats).
+// Pass 1 over one block: both exponentials, their sums, the divergence and (ENTROPY) entropy
+// sums, and the cache the last pass reads (see scratch_floats); the vector loop, then the tail.
 template <int DIV, bool ENTROPY, bool SHARED_ANCHOR>
 inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c, BlockAnchors anchor, float* first,
                             float* second) {
-  float sum_s = 0.f, sum_t = 0.f, sum_div = 0.f, sum_ent = 0.f;
-  int64_t start = 0;
-#if TCOD_FAST_AVX2
-  {
-    BlockSums head;
-    start = block_sums_avx2<DIV, ENTROPY, SHARED_ANCHOR>(xs, xt, n, c, anchor, first, second, head);
-    sum_s = head.s;
-    sum_t = head.t;
-    sum_div = head.div;
-    sum_ent = head.ent;
-  }
-#endif
-#pragma omp simd reduction(+ : sum_s, sum_t, sum_div, sum_ent)
+  BlockSums head;
+  const int64_t start = block_sums_vec<DIV, ENTROPY, SHARED_ANCHOR>(xs, xt, n, c, anchor, first, second, head);
+  float sum_s = head.s, sum_t = head.t, sum_div = head.div, sum_ent = head.ent;
   for (int64_t i = start; i < n; ++i) {
     const float as = xs[i] - anchor.s;  // <= 0 (or -inf, or nan)
     const float at = xt[i] - anchor.t;
@@ -232,21 +211,21 @@ inline BlockSums block_sums(const float* xs, const float* xt, int64_t n, float c
 // Forward KL and JSD gradients, p - q and p (log p - log m - KL(p||m)), cancel at a in the same
 // limit; there the last pass sets g_a = -sum_{v != a} g_v (every gradient here sums to 0 over
 // the vocabulary) when p_a > 1/2, i.e. when that is the more accurate of the two.
-// g[i] = vec8(i) eight floats at a time (two vectors per step), scalar(i) for the tail, each
+// g[i] = vec(i) LANES floats at a time (two vectors per step), scalar(i) for the tail, each
 // value also added to `sum_g` (vector lanes summed once, then the tail in order).
-template <class Vec8, class Scalar>
-inline void store_and_sum(float* g, int64_t n, float& sum_g, Vec8 vec8, Scalar scalar) {
-  v8f acc0 = {}, acc1 = {};
+template <class Vec, class Scalar>
+inline void store_and_sum(float* g, int64_t n, bool stream, float& sum_g, Vec vec, Scalar scalar) {
+  vf acc0 = {}, acc1 = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v8f g0 = vec8(i);
-    const v8f g1 = vec8(i + 8);
-    store8(g + i, g0);
-    store8(g + i + 8, g1);
+  for (; i + 2 * LANES <= n; i += 2 * LANES) {
+    const vf g0 = vec(i);
+    const vf g1 = vec(i + LANES);
+    vput(g + i, g0, stream);
+    vput(g + i + LANES, g1, stream);
     acc0 += g0;
     acc1 += g1;
   }
-  sum_g += sum8(acc0 + acc1);
+  sum_g += hsum(acc0 + acc1);
   for (; i < n; ++i) {
     const float gi = scalar(i);
     g[i] = gi;
@@ -436,6 +415,8 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
   // p (and q) come from the cached pass-1 exponentials times 2^((block anchor - final anchor) c) / l.
   alignas(64) float g_buf[BLOCK];
   float sum_g = 0.f, g_at_argmax = 0.f;  // forward KL and JSD: see "Units and anchors"
+  // float32 gradients are written with streaming stores (the logit map's chain rule reads them back)
+  const bool stream = SD == F32 && !map_s.active && can_stream(grad);
   for (int64_t v0 = 0; v0 < vocab; v0 += BLOCK) {
     const int64_t n = std::min(BLOCK, vocab - v0);
     const float shift_s = block_anchor_s[v0 / BLOCK];
@@ -451,11 +432,16 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       // anchors is u + (A_b - A) - (B_b - B): one FMA per element
       const float offset =
           (((shift_s - anchor.s) - (block_anchor_div[v0 / BLOCK] - anchor.div)) - mean_u) * inv_temp;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        // both operands of the select computed unconditionally: a conditional read of second[i]
-        // becomes a masked load, which is slow on some x86 cores. `!= 0`, not `> 0`: grad_scale
-        // carries the token's turn weight, which may be negative.
+      // both operands of the select computed unconditionally: a conditional read of second[i]
+      // becomes a masked load, which is slow on some x86 cores. `!= 0`, not `> 0`: grad_scale
+      // carries the token's turn weight, which may be negative.
+      int64_t i = 0;
+      for (; i + LANES <= n; i += LANES) {
+        const vf p_scaled = vload(first + i) * to_p;
+        const vf centred = vload(second + i) * inv_temp + offset;
+        vput(g + i, p_scaled != 0.f ? p_scaled * centred : vf{}, stream);
+      }
+      for (; i < n; ++i) {
         const float p_scaled = first[i] * to_p;
         const float centred = second[i] * inv_temp + offset;
         g[i] = p_scaled != 0.f ? p_scaled * centred : 0.f;
@@ -464,18 +450,17 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
       // g = p - q (scaled) and its sum; explicit vectors: GCC's `omp simd reduction` version of
       // this loop was measured 20% slower per row than the loop without the sum
       store_and_sum(
-          g, n, sum_g, [&](int64_t i) { return load8(first + i) * to_p - load8(second + i) * to_q; },
+          g, n, stream, sum_g, [&](int64_t i) { return vload(first + i) * to_p - vload(second + i) * to_q; },
           [&](int64_t i) { return first[i] * to_p - second[i] * to_q; });
     } else {
       // second = log p - log m, left there by pass 2
       const float jsd_scale = 1.f - beta;
       const float jsd_to_p = jsd_scale * to_p;
-      const v8f zero = {};
       store_and_sum(
-          g, n, sum_g,
+          g, n, stream, sum_g,
           [&](int64_t i) {
-            const v8f p8 = load8(first + i) * jsd_to_p;
-            return p8 != 0.f ? p8 * (load8(second + i) - kl_p_m) : zero;
+            const vf p = vload(first + i) * jsd_to_p;
+            return p != 0.f ? p * (vload(second + i) - kl_p_m) : vf{};
           },
           [&](int64_t i) {
             const float p_scaled = first[i] * jsd_to_p;
@@ -487,6 +472,7 @@ void process_row(const typename Storage<SD>::type* s, const typename Storage<TD>
     if (map_s.active) map_s.times_derivative(g, derivative_row ? derivative_row + v0 : nullptr, n);
     store_block_from_float<SD>(g, grad + v0, n);
   }
+  if (stream) stream_fence();
   if (DIV != REVERSE_KL && argmax_s >= 0 && 2.f * first_row[argmax_s] > l_s && std::isfinite(sum_g)) {
     float g_new = g_at_argmax - sum_g;  // -(sum of the others), w.r.t. the mapped logit
     if (map_s.active) g_new *= derivative_row ? derivative_row[argmax_s] : map_s.scale;

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from torch.utils import cpp_extension
@@ -65,3 +66,49 @@ def test_failed_build_falls_back_to_torch_with_one_warning(tmp_path):
     """
     lines = _run(script, tmp_path / "ext", CXX="false")
     assert lines == ["True", "False", "False", "1", "True"]
+
+
+def test_a_build_says_when_it_starts_and_ends(tmp_path, monkeypatch, capsys):
+    """One line on stderr when compiling starts, one when it ends, naming the cache folder; nothing
+    when the build is already cached. (The compiler is faked: a real build is what the other
+    native tests load.)"""
+    from tcod_fast.ops import native_extension
+    from tcod_fast.ops.turn_kl.native_backend import _TurnKLExtension
+
+    class FakeModule:
+        def supported_isas(self):
+            return ["portable"]
+
+    def fake_load(name, build_directory, **kwargs):
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+        return FakeModule()
+
+    monkeypatch.setattr(native_extension, "_build_directory", lambda name: tmp_path / name)
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.delenv("TCOD_FAST_NATIVE_ISA", raising=False)
+    extension = _TurnKLExtension()
+    (tmp_path / f"{extension.build_name()}_{extension.source_digest()}").mkdir()
+    extension.load()
+    lines = capsys.readouterr().err.splitlines()
+    build_dir = tmp_path / f"{extension.build_name()}_{extension.source_digest()}"
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("tcod_fast: compiling the native CPU kernels") and str(build_dir) in lines[0]
+    assert lines[1].startswith("tcod_fast: built the native CPU kernels in ") and lines[1].endswith(f"cached in {build_dir}")
+    _TurnKLExtension().load()  # a later process: the build is cached, nothing is said
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(not cpp_extension.is_ninja_available(), reason="needs ninja to attempt a build")
+def test_a_failing_build_says_it_started(tmp_path):
+    script = """
+        import warnings
+        from tcod_fast.ops.turn_kl import native_backend
+        warnings.simplefilter("ignore")
+        print(native_backend.try_load())
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TCOD_FAST_DISABLE_NATIVE"}
+    env |= {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": "false"}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=_ROOT)
+    assert out.stdout.split() == ["False"]
+    assert "tcod_fast: compiling the native CPU kernels" in out.stderr

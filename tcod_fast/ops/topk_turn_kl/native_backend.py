@@ -2,48 +2,27 @@
 
 Extra memory: one float32 row of V per thread (the cached exponentials), never N x V.
 
-Built on first use with ninja like ``fused_turn_kl``'s kernel (``tcod_fast/ops/native_extension.py``;
-built with -march=native, so its cache name carries a CPU tag) and cached under
-``TORCH_EXTENSIONS_DIR``. :func:`is_available` never compiles; :func:`try_load` (what
-``backend="auto"`` calls) builds on first use, and if the build fails the op falls back to the
-``torch`` backend and warns once. See ``torch_backend`` for the backend contract.
+Built on first use with ninja like ``fused_turn_kl``'s kernel (``tcod_fast/ops/native_extension.py``)
+and cached under ``TORCH_EXTENSIONS_DIR``: the same instruction-set copies (portable, avx2,
+avx512, avx2x16), chosen at run time the same way (:func:`isa`, ``TCOD_FAST_NATIVE_ISA``).
+:func:`is_available` never compiles; :func:`try_load` (what ``backend="auto"`` calls) builds on
+first use, and if the build fails the op falls back to the ``torch`` backend and warns once. See
+``torch_backend`` for the backend contract.
 """
 
 from __future__ import annotations
 
-import hashlib
-import platform
+import contextlib
 
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES, NATIVE_DTYPE_CODES
 from tcod_fast.ops.logit_transform import IDENTITY
-from tcod_fast.ops.native_extension import NativeExtension
+from tcod_fast.ops.native_extension import NativeExtension, build_tag
 
 _TAIL_CODES = {"bucket": 0, "renormalize": 1}
 SUPPORTED_DTYPES = tuple(NATIVE_DTYPE_CODES)
 SOURCE_NAME = "topk_turn_kl_cpu.cpp"
-
-
-def _cpu_tag() -> str:
-    """Builds use -march=native, so a cache must never be shared between different CPUs."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
-
-
-def build_flags(portable: bool = False) -> list[str]:
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64") and not portable:
-        flags += ["-march=native", "-mprefer-vector-width=256"]
-    return flags
 
 
 class _TopkExtension(NativeExtension):
@@ -51,10 +30,7 @@ class _TopkExtension(NativeExtension):
     label = "top-k "
 
     def build_name(self) -> str:
-        return f"tcod_fast_topk_native_{_cpu_tag()}"
-
-    def cflags(self) -> list[str]:
-        return build_flags()
+        return f"tcod_fast_topk_native_{build_tag()}"
 
 
 _EXTENSION = _TopkExtension()
@@ -68,13 +44,34 @@ is_available = _EXTENSION.is_available
 try_load = _EXTENSION.try_load
 
 
+def isa() -> str:
+    """The copy of the native kernels that runs: ``"avx512"``, ``"avx2"``, ``"avx2x16"`` or ``"portable"``."""
+    return load().isa()
+
+
+def available_isas() -> list[str]:
+    """The instruction sets this CPU can run the native kernels with (best last)."""
+    return list(load().supported_isas())
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the native kernels with instruction set ``name`` inside the block (tests, benchmarks)."""
+    module = load()
+    previous = module.isa()
+    module.set_isa(name)
+    try:
+        yield
+    finally:
+        module.set_isa(previous)
+
+
 def forward(
     student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps, grad,
     grad_scale=None, want_entropy=True, module=None, student_transform=IDENTITY,
 ):
     """See ``torch_backend`` for the contract. CPU tensors only; ``module``: a build to use instead
-    of the default one (tests load a portable build). The logit map is applied in the kernel, as
-    the logits are read."""
+    of the default one. The logit map is applied in the kernel, as the logits are read."""
     module = module or load()
     B, T = keep.shape
     V = student.shape[-1]

@@ -2,71 +2,42 @@
 
 Extra memory: two float32 rows of V per thread (the cached pass-1 exponentials), never N x V.
 
-The extension is compiled on first use with ninja (``tcod_fast/ops/native_extension.py``) and
-cached; later processes load the cached build in milliseconds. It includes no torch headers
-(only pybind11), so a cold build takes about 60 s on two cores. :func:`is_available` never
-compiles; :func:`try_load` (what ``backend="auto"`` calls) builds on first use, and if the build
-fails the op falls back to the ``torch`` backend and warns once.
+The extension is compiled on first use with ninja (``tcod_fast/ops/native_extension.py``), saying
+so on stderr when the build starts and ends, and cached; later processes load the cached build in
+milliseconds. It includes no torch headers (only pybind11). :func:`is_available` never compiles;
+:func:`try_load` (what ``backend="auto"`` calls) builds on first use, and if the build fails the
+op falls back to the ``torch`` backend and warns once.
 
-Instruction sets: on x86-64 the build targets baseline x86-64 and holds two copies of the
-kernels, a portable one and an AVX2/FMA one; the best the CPU runs is chosen when the extension
-loads (:func:`isa` says which). ``TCOD_FAST_NATIVE_ISA=portable`` (or ``avx2``, or ``auto``, the
-default) forces one; a value the CPU cannot run is an error. One cached build serves every
-x86-64 machine.
+Instruction sets: on x86-64 the build targets baseline x86-64 and holds four copies of the
+kernels (``csrc/cpu_isa.h``): ``portable``, ``avx2`` (AVX2 + FMA + F16C, 8 lanes), ``avx512``
+(AVX-512 F/BW/VL/DQ, 16 lanes) and ``avx2x16`` (the 16-lane logic on AVX2, so that it is tested on
+any AVX2 machine). The best the CPU runs is chosen when the extension loads (:func:`isa` says
+which); ``TCOD_FAST_NATIVE_ISA=portable|avx2|avx512`` (or ``avx2x16``, or ``auto``, the default)
+forces one, and a value the CPU cannot run is an error. One cached build serves every x86-64
+machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-import platform
 
 import torch
 
+from tcod_fast.ops import native_extension
 from tcod_fast.ops.common import DIVERGENCE_CODES, NATIVE_DTYPE_CODES
 from tcod_fast.ops.logit_transform import IDENTITY
-from tcod_fast.ops.native_extension import NativeExtension
+from tcod_fast.ops.native_extension import NativeExtension, build_tag
 
 SUPPORTED_DTYPES = tuple(NATIVE_DTYPE_CODES)
 SOURCE_NAME = "turn_kl_cpu.cpp"
-ISA_ENV = "TCOD_FAST_NATIVE_ISA"
-ISA_CHOICES = ("auto", "portable", "avx2")
-
-
-def _build_tag() -> str:
-    """The build targets the architecture's baseline, so one cache serves every CPU of it."""
-    return hashlib.sha1(platform.machine().encode()).hexdigest()[:10]
-
-
-def _apply_isa_env(module) -> None:
-    requested = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
-    if requested not in ISA_CHOICES:
-        raise RuntimeError(f"{ISA_ENV} must be one of {ISA_CHOICES}, got {requested!r}")
-    if requested == "auto":
-        return
-    supported = list(module.supported_isas())
-    if requested not in supported:
-        raise RuntimeError(f"{ISA_ENV}={requested} but this CPU runs only {supported}")
-    module.set_isa(requested)
+ISA_ENV, ISA_CHOICES = native_extension.ISA_ENV, native_extension.ISA_CHOICES
 
 
 class _TurnKLExtension(NativeExtension):
     source_name = SOURCE_NAME
 
     def build_name(self) -> str:
-        return f"tcod_fast_native_{_build_tag()}"
-
-    def cflags(self) -> list[str]:
-        flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-        if platform.machine() in ("x86_64", "AMD64"):
-            # baseline x86-64: the AVX2 copy of the kernels is compiled with a target pragma and
-            # chosen at run time (csrc/turn_kl_cpu.cpp)
-            flags += ["-march=x86-64", "-mtune=generic"]
-        return flags
-
-    def after_load(self, module) -> None:
-        _apply_isa_env(module)
+        return f"tcod_fast_native_{build_tag()}"
 
 
 _EXTENSION = _TurnKLExtension()
@@ -81,7 +52,7 @@ try_load = _EXTENSION.try_load
 
 
 def isa() -> str:
-    """The instruction set the native kernels run with: ``"avx2"`` or ``"portable"``."""
+    """The copy of the native kernels that runs: ``"avx512"``, ``"avx2"``, ``"avx2x16"`` or ``"portable"``."""
     return load().isa()
 
 
