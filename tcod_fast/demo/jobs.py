@@ -126,14 +126,14 @@ def job_robust_teacher(settings: DemoSettings, out: Path, game: str = "toy") -> 
 
 
 def job_student_init(settings: DemoSettings, out: Path, seed: int, games: tuple[str, ...] = ("toy",)) -> dict:
-    """A fresh student warm-started on a few expert episodes (seeded choice of tasks; the
-    ``student_warmup_tasks`` shared out over ``games``)."""
+    """A fresh student warm-started on a few expert episodes (a seeded choice of
+    ``student_warmup_tasks`` tasks of each of ``games``)."""
     pairs = []
     for index, game in enumerate(games):
         config, tokenizer, prompter, splits, envs = _game(settings, out, game)
         train = splits["train"]
         rng = np.random.default_rng([seed, 2] if index == 0 else [seed, 2, index])
-        count = min(settings.student_warmup_tasks // len(games), len(train))
+        count = min(settings.student_warmup_tasks, len(train))
         chosen = sorted(rng.choice(len(train), size=count, replace=False))
         pairs += _expert_pairs(settings, [train[int(i)] for i in chosen], envs, tokenizer, prompter)[1]
     student = build.build_model(None, replace(settings.student, seed=20_000 + seed), tokenizer)

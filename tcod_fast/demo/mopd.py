@@ -8,9 +8,11 @@ ingredient jars, a recipe card, a cauldron), with their own objects, rules and a
 1. **tokenizer**, learnt from both games' texts, shared by every model;
 2. **one robust specialist teacher per game**, trained on that game alone (supervised on
    expert episodes, then DAgger rounds), as in the single-game demo;
-3. **one student start per seed**, warm-started on a few expert episodes of both games;
-4. **three runs per seed**, each with the same budget (steps, episodes per step, learning
-   rate: OPD's committed point) on both games, tasks drawn half and half:
+3. **one student start per seed**, warm-started on a few expert episodes of each game (as
+   many per game as the single-game demo's start);
+4. **three runs per seed**, each with the same budget on both games: the single-game demo's
+   budget for each game (its steps, and its episodes per step of each game, drawn by equal
+   weights), at OPD's committed learning rate:
 
    * ``mopd``: each episode distilled from its own game's teacher;
    * ``single_toy`` / ``single_alchemy``: every episode from that one teacher;
@@ -67,6 +69,7 @@ def mopd_config(settings: DemoSettings, out: Path, kind: str, seed: int) -> Trai
     """The config of one student run of the MOPD demo (``kind`` in :data:`MOPD_RUNS`): OPD
     at its committed point, on both games, from the seed's student start."""
     config = _both_games(run_config(settings, out, "robust", "opd", seed), settings)
+    config.rollout.tasks_per_step = settings.episodes_per_step * len(GAMES)  # each game: the single-game budget
     if kind == "mopd":
         config.teachers = [TeacherEntry(name=game, path=str(teacher_dir(out, "robust", game)), envs=[game]) for game in GAMES]
     else:
@@ -242,7 +245,7 @@ def _assemble(settings: DemoSettings, out: Path, tokenizer, by_job: dict, wall_s
         "workers": settings.workers,
         "wall_seconds": wall_seconds,
         "budget": {"algorithm": "opd", "lr": lr, "updates_per_step": updates, "steps": settings.steps,
-                   "episodes_per_step": settings.episodes_per_step, "env_weights": {game: 1.0 for game in GAMES}},
+                   "episodes_per_step": settings.episodes_per_step * len(GAMES), "env_weights": {game: 1.0 for game in GAMES}},
         "specialist_share": SPECIALIST_SHARE,
         "settings": settings_record,
         "vocab_size": len(tokenizer),
