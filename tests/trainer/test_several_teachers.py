@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from trainer_helpers import build_toy_tokenizer  # noqa: F401  (fixture module's helper)
 
 from tcod_fast.envs.mixture import EnvMixture, mixture_task, split_mixture_task
 from tcod_fast.envs.registry import EnvSpec
