@@ -25,6 +25,7 @@ is looked up first.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 DISABLE_ENV = "TCOD_FAST_DISABLE_NATIVE"
@@ -205,6 +207,26 @@ class NativeExtension:
 
     def is_loaded(self) -> bool:
         return self._module is not None
+
+    # ---- the instruction-set copies ----
+    def isa(self) -> str:
+        """The copy of the kernels that runs: ``"avx512"``, ``"avx2"``, ``"avx2x16"`` or ``"portable"``."""
+        return self.load().isa()
+
+    def available_isas(self) -> list[str]:
+        """The instruction sets this CPU can run the kernels with (best last)."""
+        return list(self.load().supported_isas())
+
+    @contextlib.contextmanager
+    def use_isa(self, name: str) -> Iterator[None]:
+        """Run the kernels with instruction set ``name`` inside the block (tests, benchmarks)."""
+        module = self.load()
+        previous = module.isa()
+        module.set_isa(name)
+        try:
+            yield
+        finally:
+            module.set_isa(previous)
 
     def is_available(self) -> bool:
         """Whether the extension is loaded or can be loaded; never compiles.

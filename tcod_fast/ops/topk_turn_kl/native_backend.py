@@ -12,8 +12,6 @@ first use, and if the build fails the op falls back to the ``torch`` backend and
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from tcod_fast.ops.common import DIVERGENCE_CODES, NATIVE_DTYPE_CODES
@@ -43,27 +41,9 @@ load = _EXTENSION.load
 is_available = _EXTENSION.is_available
 try_load = _EXTENSION.try_load
 
-
-def isa() -> str:
-    """The copy of the native kernels that runs: ``"avx512"``, ``"avx2"``, ``"avx2x16"`` or ``"portable"``."""
-    return load().isa()
-
-
-def available_isas() -> list[str]:
-    """The instruction sets this CPU can run the native kernels with (best last)."""
-    return list(load().supported_isas())
-
-
-@contextlib.contextmanager
-def use_isa(name: str):
-    """Run the native kernels with instruction set ``name`` inside the block (tests, benchmarks)."""
-    module = load()
-    previous = module.isa()
-    module.set_isa(name)
-    try:
-        yield
-    finally:
-        module.set_isa(previous)
+isa = _EXTENSION.isa
+available_isas = _EXTENSION.available_isas
+use_isa = _EXTENSION.use_isa
 
 
 def forward(

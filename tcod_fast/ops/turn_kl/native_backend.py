@@ -19,8 +19,6 @@ machine.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from tcod_fast.ops import native_extension
@@ -50,27 +48,9 @@ load = _EXTENSION.load
 is_available = _EXTENSION.is_available
 try_load = _EXTENSION.try_load
 
-
-def isa() -> str:
-    """The copy of the native kernels that runs: ``"avx512"``, ``"avx2"``, ``"avx2x16"`` or ``"portable"``."""
-    return load().isa()
-
-
-def available_isas() -> list[str]:
-    """The instruction sets this CPU can run the native kernels with (best last)."""
-    return list(load().supported_isas())
-
-
-@contextlib.contextmanager
-def use_isa(name: str):
-    """Run the native kernels with instruction set ``name`` inside the block (tests, benchmarks)."""
-    module = load()
-    previous = module.isa()
-    module.set_isa(name)
-    try:
-        yield
-    finally:
-        module.set_isa(previous)
+isa = _EXTENSION.isa
+available_isas = _EXTENSION.available_isas
+use_isa = _EXTENSION.use_isa
 
 
 def forward(
