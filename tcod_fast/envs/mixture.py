@@ -13,13 +13,13 @@ one family starts one engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tcod_fast.envs.base import Env, EnvObservation, EnvStep
 
-__all__ = ["TASK_SEPARATOR", "EnvMixture", "MixtureSpec", "mixture_task", "split_mixture_task"]
+__all__ = ["TASK_SEPARATOR", "EnvMixture", "MixtureSpec", "mixture_task", "route_by_task", "split_mixture_task"]
 
 #: Between the environment's name and its own task id in a mixture's task ids.
 TASK_SEPARATOR = "::"
@@ -44,23 +44,16 @@ class EnvMixture:
     Args:
         members: env name -> a zero-argument factory of that environment (an
             :class:`~tcod_fast.envs.registry.EnvSpec`, for instance), in a fixed order.
-        splits: optional env name -> ``{split: the member's own split name}``, for members
-            whose splits are named otherwise (default: the split asked for).
     """
 
     name = "mixture"
 
-    def __init__(self, members: Mapping[str, Callable[[], Env]], splits: Mapping[str, Mapping[str, str]] | None = None):
+    def __init__(self, members: Mapping[str, Callable[[], Env]]):
         if not members:
             raise ValueError("an environment mixture needs at least one member")
         self._factories = dict(members)
-        self._splits = {name: dict(mapping) for name, mapping in (splits or {}).items()}
         self._built: dict[str, Env] = {}
         self._active: Env | None = None
-
-    @property
-    def member_names(self) -> tuple[str, ...]:
-        return tuple(self._factories)
 
     def member(self, env_name: str) -> Env:
         """The member ``env_name``, built on first use."""
@@ -70,14 +63,9 @@ class EnvMixture:
             self._built[env_name] = self._factories[env_name]()
         return self._built[env_name]
 
-    def member_tasks(self, env_name: str, split: str) -> list[str]:
-        """The mixture task ids of member ``env_name``'s ``split``."""
-        own_split = self._splits.get(env_name, {}).get(split, split)
-        return [mixture_task(env_name, task) for task in self.member(env_name).list_tasks(own_split)]
-
     def list_tasks(self, split: str) -> list[str]:
         """Every member's tasks of ``split``, member by member, as mixture task ids."""
-        return [task for env_name in self._factories for task in self.member_tasks(env_name, split)]
+        return [mixture_task(name, task) for name in self._factories for task in self.member(name).list_tasks(split)]
 
     def reset(self, task: str) -> EnvObservation:
         env_name, inner = split_mixture_task(task)
@@ -114,15 +102,18 @@ class MixtureSpec:
     Attributes:
         members: ``(env name, zero-argument factory)`` pairs (factories must pickle, e.g.
             :class:`~tcod_fast.envs.registry.EnvSpec`).
-        splits: ``(env name, ((split, own split), ...))`` pairs for renamed splits.
     """
 
     members: tuple[tuple[str, Any], ...]
-    splits: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
-
-    @classmethod
-    def of(cls, members: Sequence[tuple[str, Any]], splits: Mapping[str, Mapping[str, str]] | None = None) -> "MixtureSpec":
-        return cls(tuple(members), tuple((name, tuple(mapping.items())) for name, mapping in (splits or {}).items()))
 
     def __call__(self) -> EnvMixture:
-        return EnvMixture(dict(self.members), {name: dict(pairs) for name, pairs in self.splits})
+        return EnvMixture(dict(self.members))
+
+
+def route_by_task(table: Mapping[str, Any], task: str, what: str) -> Any:
+    """``table``'s entry for the environment ``task`` names (``"<env name>::<task>"``); a
+    ``ValueError`` naming ``what`` and the environments it has when there is none."""
+    env_name, _ = split_mixture_task(task)
+    if env_name not in table:
+        raise ValueError(f"no {what} for environment {env_name!r} (this run's: {', '.join(table)})")
+    return table[env_name]

@@ -503,12 +503,9 @@ class GeneratorByEnv:
         self.max_context_tokens = min(limits) if limits else None
 
     def for_task(self, task) -> Generator:
-        from tcod_fast.envs.mixture import split_mixture_task
+        from tcod_fast.envs.mixture import route_by_task
 
-        env_name, _ = split_mixture_task(task)
-        if env_name not in self.generators:
-            raise ValueError(f"no generator for environment {env_name!r} (this run's: {', '.join(self.generators)})")
-        return self.generators[env_name]
+        return route_by_task(self.generators, task, "generator")
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         raise TypeError("GeneratorByEnv routes by task: run_episodes calls for_task(task).generate(...)")

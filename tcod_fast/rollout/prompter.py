@@ -194,12 +194,9 @@ class PrompterByEnv:
 
     def for_task(self, task: Any) -> Any:
         """The prompter of ``task``'s environment."""
-        from tcod_fast.envs.mixture import split_mixture_task
+        from tcod_fast.envs.mixture import route_by_task
 
-        env_name, _ = split_mixture_task(task)
-        if env_name not in self.prompters:
-            raise ValueError(f"no prompter for environment {env_name!r} (this run's: {', '.join(self.prompters)})")
-        return self.prompters[env_name]
+        return route_by_task(self.prompters, task, "prompter")
 
 
 def prompter_for_task(prompter: Any, task: Any) -> Any:

@@ -99,7 +99,7 @@ def build_run_prompter(config: TrainConfig):
 
 def _mixture_spec(config: TrainConfig) -> MixtureSpec:
     environments = run_environments(config)
-    return MixtureSpec.of([(name, EnvSpec(name, dict(settings.kwargs))) for name, settings in environments.items()])
+    return MixtureSpec(tuple((name, EnvSpec(name, dict(settings.kwargs))) for name, settings in environments.items()))
 
 
 def make_run_env(config: TrainConfig):

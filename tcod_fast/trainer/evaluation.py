@@ -65,10 +65,7 @@ def evaluate(run: TrainingRun, step: int, *, splits: Sequence[str] = ("seen", "u
         results[f"success_{split}"] = won / len(tasks)
         results[f"turns_{split}"] = turns / len(tasks)
         results[f"tasks_{split}"] = len(tasks)
-        for key, value in success_by_env(run, trajectories).items():
-            name, _, metric = key.rpartition("/")
-            if metric != "episodes":
-                results[f"{name}/{metric.replace('_mean', '')}_{split}"] = value
+        results.update(success_by_env(run, trajectories, split=split))
         if (
             run.has_teacher
             and settings.kl_by_turn
@@ -144,9 +141,10 @@ def kl_metrics_by_env(run: TrainingRun, trajectories: Sequence[Any], turn_kl_sum
     return metrics
 
 
-def success_by_env(run: TrainingRun, trajectories: Sequence[Any]) -> dict:
-    """Per environment of a run with several: ``env/<name>/success``, ``.../turns_mean`` and
-    ``.../episodes`` over every process's episodes (``{}`` for a run with one)."""
+def success_by_env(run: TrainingRun, trajectories: Sequence[Any], *, split: str | None = None) -> dict:
+    """Per environment of a run with several, over every process's episodes (``{}`` for a run
+    with one): ``env/<name>/success``, ``.../turns_mean`` and ``.../episodes`` of training
+    episodes, or ``env/<name>/success_<split>`` and ``.../turns_<split>`` of an evaluation split."""
     if not run.config.envs:
         return {}
     counts = []
@@ -157,8 +155,12 @@ def success_by_env(run: TrainingRun, trajectories: Sequence[Any]) -> dict:
     metrics = {}
     for index, name in enumerate(run.env_names):
         episodes, won, turns = totals[3 * index : 3 * index + 3]
-        if episodes:
+        if not episodes:
+            continue
+        if split is None:
             metrics.update({f"env/{name}/episodes": episodes, f"env/{name}/success": won / episodes, f"env/{name}/turns_mean": turns / episodes})
+        else:
+            metrics.update({f"env/{name}/success_{split}": won / episodes, f"env/{name}/turns_{split}": turns / episodes})
     return metrics
 
 

@@ -23,15 +23,17 @@ from tcod_fast.errors import UserError
 __all__ = ["build_generators", "build_served_teacher", "close_generators", "vllm_engine", "weight_push_metrics"]
 
 
-def build_served_teacher(config, tokenizer):
-    """The :class:`~tcod_fast.rollout.served_teacher.ServedTeacher` of ``config.teacher``,
-    or ``None`` when the teacher is in process."""
+def build_served_teacher(config, tokenizer, server_url: str | None = None):
+    """The :class:`~tcod_fast.rollout.served_teacher.ServedTeacher` at ``server_url`` (default
+    ``config.teacher.server_url``; ``teachers[i].server_url`` for one of several), with the
+    request settings of ``config.teacher``; ``None`` when there is no URL (a teacher in process)."""
     settings = config.teacher
-    if settings.server_url is None:
+    url = server_url if server_url is not None else settings.server_url
+    if url is None:
         return None
     from tcod_fast.rollout.served_teacher import ServedTeacher
 
-    return ServedTeacher(settings.server_url, tokenizer, **settings.request_settings())
+    return ServedTeacher(url, tokenizer, **settings.request_settings())
 
 
 def vllm_engine(run, name: str, model) -> Any:

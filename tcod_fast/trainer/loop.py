@@ -380,8 +380,9 @@ def train_on_batch(run: TrainingRun, batch: StepBatch, advantages: Advantages) -
     old_logprobs: dict[tuple[int, int], torch.Tensor] = {}
     if needs_ppo(run.estimator, coefficients) and updates > 1:
         for u, mini in enumerate(minis):
-            parallel.pad_micro_batches(run, len(parts(mini)), with_grad=False)
-            for m, (trajs, micro_plans, seq_adv, _) in enumerate(parts(mini)):
+            micro = parts(mini)
+            parallel.pad_micro_batches(run, len(micro), with_grad=False)
+            for m, (trajs, micro_plans, seq_adv, _) in enumerate(micro):
                 out = compute_loss(run, trajs, micro_plans, seq_adv, coefficients, 1.0, with_grad=False)
                 old_logprobs[(u, m)] = out.old_logprobs
 

@@ -134,8 +134,8 @@ def pack_micro_batch(
     student turn). Padded, each sequence is a row, right-padded to the longest; with
     ``padding_free``, the sequences lie end to end in one row whose ``position_ids`` restart
     at 0 at every sequence and no attention mask (the model keeps the sequences apart, see
-    :func:`padding_free_attention`). Turn ids outside a plan's ``turn_window`` or
-    ``>= num_turns`` become -1.
+    :func:`~tcod_fast.trainer.build.keeps_packed_sequences_apart`). Turn ids outside a plan's
+    ``turn_window`` or ``>= num_turns`` become -1.
     """
     config = PackingConfig(mode=context_mode, layout="padded", pad_token_id=pad_token_id)
     if padding_free:  # one row, with room for every token the micro-batch's sequences can have

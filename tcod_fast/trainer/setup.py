@@ -30,7 +30,16 @@ from tcod_fast.errors import TcodFastWarning, UserError
 from tcod_fast.loss_settings import Estimator
 from tcod_fast.rollout import EpisodeConfig, SamplingParams, run_episodes
 from tcod_fast.trainer import build, parallel
-from tcod_fast.trainer.config import RunRecords, TrainConfig, check_config, check_paths, resolve_records, save_config, teacher_routes
+from tcod_fast.trainer.config import (
+    RunRecords,
+    TrainConfig,
+    check_config,
+    check_paths,
+    environment_names,
+    resolve_records,
+    save_config,
+    teacher_routes,
+)
 from tcod_fast.trainer.distributed import DistContext, broadcast_parameters, close_distributed, init_distributed
 from tcod_fast.trainer.generators import build_generators, build_served_teacher, close_generators
 from tcod_fast.trainer.metrics_log import MetricsLogger
@@ -120,7 +129,7 @@ class TrainingRun:
     @property
     def env_names(self) -> list[str]:
         """The run's environments, in config order (one, or ``envs``' names)."""
-        return [entry.name for entry in self.config.envs] if self.config.envs else [self.config.env.name]
+        return environment_names(self.config)
 
     def env_of(self, task) -> str:
         """The environment ``task`` belongs to."""
@@ -129,7 +138,7 @@ class TrainingRun:
     @property
     def has_teacher(self) -> bool:
         """Whether any teacher is there (in process or served)."""
-        return self.teacher is not None or self.served_teacher is not None or any(t.present for t in self.teachers.values())
+        return any(t.present for t in self.teachers.values())  # the one teacher is among them too
 
     @property
     def max_turns(self) -> int:
@@ -330,7 +339,7 @@ def _build_run(
     served_teacher = None
     routes = teacher_routes(config)
     if config.teachers:
-        teachers = _build_teachers(config, records, tokenizer, device, context)
+        teachers = _build_teachers(config, tokenizer, device, context)
     else:
         served_teacher = build_served_teacher(config, tokenizer)
         if _needs_teacher(config, records.algorithm) and served_teacher is None:
@@ -350,7 +359,7 @@ def _build_run(
     sampler = CurriculumSampler(config.curriculum, records.algorithm)
     tasks = build.run_task_splits(config)
     per_rank = math.ceil(config.rollout.tasks_per_step / context.world_size) * config.curriculum.episodes_per_task
-    slots = max(per_rank, min(config.eval.num_tasks * len(build.run_environments(config)), 32), 1)
+    slots = max(per_rank, min(config.eval.num_tasks * len(environment_names(config)), 32), 1)
     envs = build.build_run_envs(config, slots, progress=config.logging.progress and context.is_main)
     use_bf16 = config.trainer.bf16 == "always" or (config.trainer.bf16 == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
@@ -391,14 +400,12 @@ def _build_teacher_model(config: TrainConfig, path: str | None, tiny, tokenizer,
     return parallel.prepare_teacher(teacher, config.trainer.parallelism, context, mode=mode or config.trainer.fsdp_teacher)
 
 
-def _build_teachers(config: TrainConfig, records: RunRecords, tokenizer, device, context) -> dict[str, Teacher]:
+def _build_teachers(config: TrainConfig, tokenizer, device, context) -> dict[str, Teacher]:
     """The teachers of ``config.teachers`` (their tokenizers were checked before any model loaded)."""
-    from tcod_fast.rollout.served_teacher import ServedTeacher
-
     teachers = {}
     for index, entry in enumerate(config.teachers):
         if entry.server_url is not None:
-            teachers[entry.name] = Teacher(entry.name, served=ServedTeacher(entry.server_url, tokenizer, **config.teacher.request_settings()))
+            teachers[entry.name] = Teacher(entry.name, served=build_served_teacher(config, tokenizer, entry.server_url))
             continue
         tiny = dataclasses.replace(config.model.teacher_tiny, seed=config.model.teacher_tiny.seed + index)
         model = _build_teacher_model(config, entry.path, tiny, tokenizer, device, context, mode="whole")
@@ -413,8 +420,8 @@ def _check_same_tokenizer(where: str, folder: str, tokenizer) -> None:
         own = build.load_tokenizer(folder)
     except (OSError, ValueError) as exc:
         raise UserError(f"{where}: the teacher's folder {folder!r} must hold the tokenizer it uses (the student's), got none: {exc}") from None
-    if own.get_vocab() != tokenizer.get_vocab():
-        mine, theirs = tokenizer.get_vocab(), own.get_vocab()
+    mine, theirs = tokenizer.get_vocab(), own.get_vocab()
+    if mine != theirs:
         differing = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
         raise UserError(
             f"{where}: every teacher must use the student's tokenizer, got one of {len(theirs)} pieces against the student's "
