@@ -32,7 +32,7 @@ from tcod_fast.demo.stats import aggregate, last_two_evals, mean_curve, paired_d
 from tcod_fast.trainer import build
 from tcod_fast.trainer.config import config_to_dict
 
-__all__ = ["choose_points", "run_demo", "tuned_variants"]
+__all__ = ["choose_points", "run_demo", "tuned_variants", "write_metrics"]
 
 
 def tuned_variants(settings: DemoSettings) -> list[str]:
@@ -167,14 +167,14 @@ def run_demo(
 
     # 7. results
     results = _assemble(settings, out, tokenizer, results_by_job, time.perf_counter() - started, commit)
-    _write_metrics(out, results_by_job)
+    write_metrics(out, results_by_job)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(results_table(results))
     plot_demo(out, results)
     return results
 
 
-def _write_metrics(out: Path, results_by_job: dict[str, dict]) -> None:
+def write_metrics(out: Path, results_by_job: dict[str, dict]) -> None:
     """Every record of every run, in one labelled JSONL file."""
     with open(out / "metrics.jsonl", "w") as handle:
         for key, result in results_by_job.items():

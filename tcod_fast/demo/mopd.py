@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from tcod_fast import provenance
 from tcod_fast.demo.configs import GAMES, base_config, game_kwargs, run_config, student_init_dir, teacher_dir
+from tcod_fast.demo.experiment import write_metrics
 from tcod_fast.demo.jobs import Job, job_narrow_teacher, job_robust_teacher, job_student_init, run_jobs
 from tcod_fast.demo.settings import DemoSettings
 from tcod_fast.demo.stats import paired_difference, std
@@ -168,10 +169,7 @@ def run_mopd_demo(out: str | Path = "tcod-demo-mopd", *, settings: DemoSettings,
     bar.close()
 
     results = _assemble(settings, out, tokenizer, by_job, time.perf_counter() - started, commit)
-    with open(out / "metrics.jsonl", "w") as handle:
-        for result in by_job.values():
-            for record in result.get("history", []):
-                handle.write(json.dumps(record) + "\n")
+    write_metrics(out, by_job)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(mopd_table(results))
     plot_mopd(out, results)
