@@ -8,8 +8,10 @@ CPU (default):  python benchmarks/run_topk_turn_kl.py --out benchmarks/results/c
                 memory (fresh process per implementation). Also the op's memory floor: the copy
                 bandwidth measured in the same run with the same threads, and the fused time over
                 the time it needs for the bytes the op must move (read the student, write the
-                gradient: 2*N*V*e). The JSON records the native kernel's instruction-set copy
-                (TCOD_FAST_NATIVE_ISA=avx512|avx2|portable forces one) and the CPU's SIMD flags.
+                gradient: 2*N*V*e), with pages already touched and with the gradient in fresh
+                pages. The JSON records the native kernel's instruction-set copy and the CPU's
+                SIMD flags; --isa avx2 (or avx512, portable) holds the native kernels and
+                Inductor's code to that instruction set (see run_turn_kl.py).
 GPU:            python benchmarks/run_topk_turn_kl.py --device cuda --rows 8192 --dtype bfloat16 \
                     --out benchmarks/results/gpu_topk_turn_kl.json
                 Triton backend, triton.testing.do_bench medians, the measured device-copy
@@ -35,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_floor import add_isa_argument, apply_isa, cpu_flags, cpu_floor, gradient_memory_setup  # noqa: E402
 from run_report import cuda_peak_extra_bytes, fused_speed_summary, report_header, tiny_defaults, write_report  # noqa: E402
-from run_turn_kl import cpu_copy_bandwidth, cpu_flags, floor_summary  # noqa: E402
 from topk_turn_kl_impls import forward_backward, implementations, make_case  # noqa: E402
 
 
@@ -143,8 +145,8 @@ def run_case(args, dtype, k: int) -> dict:
     floor_bytes = 3 * args.rows * args.vocab * elem
     floor = {}
     if args.device == "cpu":
-        floor = floor_summary(results.get(fused_name, {}).get("median_s"), 2 * args.rows * args.vocab * elem,
-                              cpu_copy_bandwidth(args.rows * args.vocab * elem), "2NVe")
+        floor = cpu_floor(results.get(fused_name, {}).get("median_s"), 2 * args.rows * args.vocab * elem,
+                          args.rows * args.vocab * elem, "2NVe")
     return {"K": k, "results": results, "floor_bytes_3NVe": floor_bytes,
             **fused_speed_summary(results, fused_name, floor_bytes, "3NVe", args.device), **floor}
 
@@ -160,9 +162,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--impls", nargs="*", help="subset of implementations to run")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory probe, fresh process
+    add_isa_argument(parser)
     parser.add_argument("--out", type=Path)
     tiny_defaults(parser, rows=8, vocab=1031, k=[4], repeats=2, no_memory=True)
     args = parser.parse_args(argv)
+    inductor_simdlen = apply_isa(args.isa)
     dtype = getattr(torch, args.dtype)
     if args.probe:
         print(json.dumps(probe_memory(args.probe, args.rows, args.vocab, args.k[0], dtype)))
@@ -175,6 +179,8 @@ def main(argv=None) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu_flags": cpu_flags() if args.device == "cpu" else None,
         "native_isa": _native_isa() if args.device == "cpu" else None,
+        "inductor_simdlen": inductor_simdlen,
+        **(gradient_memory_setup() if args.device == "cpu" else {}),
         "N": args.rows, "V": args.vocab, "dtype": args.dtype, "loss": "token-mean reverse KL, tail bucket",
         "gradient_bytes": args.rows * args.vocab * (torch.finfo(dtype).bits // 8),
         "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
@@ -183,7 +189,8 @@ def main(argv=None) -> dict:
     }
     print(json.dumps({k: v for k, v in report.items() if k != "cases"}, indent=2))
     for case in cases:
-        print(f"K={case['K']}", json.dumps(case["speedup_of_fused"]), "fused/floor:", case.get("fused_over_floor"))
+        print(f"K={case['K']}", json.dumps(case["speedup_of_fused"]), "fused/floor:", case.get("fused_over_floor"),
+              "with a fresh gradient:", case.get("fused_over_floor_fresh_gradient"))
     write_report(report, args.out)
     return report
 

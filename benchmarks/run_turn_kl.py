@@ -6,9 +6,12 @@ CPU (default):  python benchmarks/run_turn_kl.py --out benchmarks/results/cpu_tu
                 per implementation, see memory_probe.py). Also the op's memory floor: the
                 machine's copy bandwidth, measured in the same run with the same threads, and
                 the fused time over the time that bandwidth needs for the bytes the op must
-                move (read both logits, write the gradient: 3*N*V*e). The JSON records the
-                native kernel's instruction-set copy (TCOD_FAST_NATIVE_ISA=avx512|avx2|portable
-                forces one) and the CPU's SIMD flags.
+                move (read both logits, write the gradient: 3*N*V*e), with pages already touched
+                and with the gradient in fresh pages (benchmarks/cpu_floor.py). The JSON records
+                the native kernel's instruction-set copy and the CPU's SIMD flags.
+                --isa avx2 (or avx512, portable) holds the native kernels and Inductor's code
+                for the torch.compile peer to that instruction set: on an AVX-512 CPU,
+                --isa avx2 compares what an AVX2-only CPU would run.
                 With MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 in the environment,
                 glibc keeps freed memory, so no implementation pays first-touch page faults for
                 its N x V tensors (what a caching allocator gives; it favours eager, which
@@ -34,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_floor import add_isa_argument, apply_isa, cpu_flags, cpu_floor, gradient_memory_setup  # noqa: E402
 from run_report import cuda_peak_extra_bytes, fused_speed_summary, report_header, tiny_defaults, write_report  # noqa: E402
 from turn_kl_impls import forward_backward, implementations  # noqa: E402
 
@@ -87,43 +91,6 @@ def _native_isa():
     return native_backend.isa() if native_backend.is_available() else None
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's SIMD flags (/proc/cpuinfo), which decide the native kernels' copy."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx")))
-    except OSError:
-        pass
-    return []
-
-
-def cpu_copy_bandwidth(nbytes: int, repeats: int = 7) -> float:
-    """Read+write bytes per second of ``dst.copy_(src)`` of ``nbytes`` (median of ``repeats``), with
-    torch's intra-op threads, i.e. the threads the native kernels run with."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch outside the timing
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times)
-
-
-def floor_summary(fused_s: float | None, floor_bytes: int, bandwidth: float, label: str) -> dict:
-    """The op's memory floor (``floor_bytes`` moved at the copy ``bandwidth``) and the fused time over it."""
-    floor_s = floor_bytes / bandwidth
-    return {
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        f"floor_bytes_{label}": floor_bytes,
-        "floor_s": floor_s,
-        "fused_over_floor": fused_s / floor_s if fused_s else None,
-    }
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -133,9 +100,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (CPU)")
     parser.add_argument("--impls", nargs="*", help="subset of implementations to run")
     parser.add_argument("--no-memory", action="store_true")
+    add_isa_argument(parser)
     parser.add_argument("--out", type=Path)
     tiny_defaults(parser, rows=8, vocab=1031, repeats=2, no_memory=True)
     args = parser.parse_args(argv)
+    inductor_simdlen = apply_isa(args.isa)
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -184,9 +153,8 @@ def main(argv=None) -> dict:
     fused_name = "fused-native" if args.device == "cpu" else "fused-triton"
     floor = {}
     if args.device == "cpu":
-        floor_bytes = 3 * args.rows * args.vocab * elem
-        floor = floor_summary(results.get(fused_name, {}).get("median_s"), floor_bytes,
-                              cpu_copy_bandwidth(args.rows * args.vocab * elem), "3NVe")
+        floor = cpu_floor(results.get(fused_name, {}).get("median_s"), 3 * args.rows * args.vocab * elem,
+                          args.rows * args.vocab * elem, "3NVe")
     report = {
         **report_header(args.device),
         "cpu_threads": torch.get_num_threads(),
@@ -198,13 +166,16 @@ def main(argv=None) -> dict:
         "load_average_1_5_15_min_at_write": list(os.getloadavg()),
         "native_isa": _native_isa() if args.device == "cpu" else None,
         "cpu_flags": cpu_flags() if args.device == "cpu" else None,
+        "inductor_simdlen": inductor_simdlen,
+        **(gradient_memory_setup() if args.device == "cpu" else {}),
         "results": results,
         **fused_speed_summary(results, fused_name, 5 * args.rows * args.vocab * elem, "5NVe", args.device),
         **floor,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
     if floor:
-        print("fused/floor:", floor["fused_over_floor"], json.dumps(report["speedup_of_fused"]))
+        print("fused/floor:", floor["fused_over_floor"], "fused/floor with a fresh gradient:",
+              floor["fused_over_floor_fresh_gradient"], json.dumps(report["speedup_of_fused"]))
     write_report(report, args.out)
     return report
 

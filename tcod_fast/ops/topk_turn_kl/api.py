@@ -24,6 +24,7 @@ import torch
 
 from tcod_fast.ops import common
 from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, shape_str
+from tcod_fast.ops.gradient_memory import empty_gradient
 from tcod_fast.ops.logit_transform import LogitTransform, resolve_logit_transforms
 from tcod_fast.ops.topk import check_tail_options, check_topk_tensors, prepare_topk
 from tcod_fast.ops.topk_turn_kl import native_backend, torch_backend, triton_backend
@@ -67,7 +68,7 @@ def _topk_turn_kl_forward(
     """Per-token ``(div, entropy, logp_target, logq_target)`` and ``grad_scale * d div / d student``
     (an empty tensor without ``compute_grad``). ``student_scale``, ``student_cap``: the student
     logits' map (``tcod_fast.ops.logit_transform.LogitTransform``)."""
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+    grad = empty_gradient(student) if compute_grad else None
     outs = run_backend(
         backend, student, topk_ids, topk_logprobs, keep, target_ids, divergence, beta, temperature, tail, tail_eps,
         grad, grad_scale, need_entropy, LogitTransform(student_scale, student_cap),
@@ -143,7 +144,8 @@ def fused_topk_turn_kl(
     For teachers behind an inference server (vLLM, SGLang) that return, per token, only the
     log-probs of their top-k tokens. One streaming pass over the student logits (online softmax,
     float32 accumulation); nothing ``tokens x vocab`` is allocated besides the gradient, which is
-    written during the forward pass in the logits' dtype and only scaled in backward.
+    written during the forward pass in the logits' dtype and only scaled in backward (on CPU,
+    from 32 MB, into a buffer kept between calls: ``tcod_fast/ops/gradient_memory.py``).
 
     What it computes, per kept token: ``p = softmax(student_logits / temperature)`` over the V
     columns, ``S`` the row's valid top-k ids, ``q_i = exp(teacher_topk_logprobs_i)``.

@@ -26,6 +26,7 @@ not a flag).
 import torch
 
 from tcod_fast.ops.common import FLOAT_DTYPES, compute_dtype, resolve_backend, shape_str
+from tcod_fast.ops.gradient_memory import empty_gradient
 from tcod_fast.ops.logit_transform import as_floats, from_floats, resolve_logit_transforms
 from tcod_fast.ops.turn_kl import native_backend, torch_backend, triton_backend
 from tcod_fast.ops.turns import check_options, prepare_turns, resolve_vocab_size
@@ -68,7 +69,7 @@ def _turn_kl_forward(
 
     ``need_entropy=False`` lets a backend return zeros for the entropy instead of computing it.
     ``logit_transform``: ``[scale_s, cap_s, scale_t, cap_t]`` (``tcod_fast.ops.logit_transform``)."""
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad else None
+    grad = empty_gradient(student) if compute_grad else None
     outs = _run_backend(
         backend, student, teacher, keep, target_ids, grad_scale, divergence, beta, temperature, vocab_size, grad,
         need_entropy, logit_transform,
@@ -343,7 +344,9 @@ def fused_turn_kl(
             compiles with ``fullgraph=True``. An error with ``(B, T, V)`` logits, ``B > 1``.
             ``tcod_fast.cu_seqlens_from_position_ids`` builds it from restarting ``position_ids``.
         inplace: write the gradient over ``student_logits`` instead of a new buffer (the logits
-            are destroyed; saves one ``tokens x vocab`` allocation). An error when rows of
+            are destroyed; saves one ``tokens x vocab`` allocation). Without it, on CPU a
+            gradient of 32 MB or more goes to a buffer kept between calls and written again
+            once nothing holds it (``tcod_fast/ops/gradient_memory.py``). An error when rows of
             ``student_logits`` share memory (an expanded or overlapping view) or when it shares
             memory with ``teacher_logits``.
         backend: ``"auto"`` (Triton on CUDA, native C++ on CPU, torch otherwise), ``"triton"``,
