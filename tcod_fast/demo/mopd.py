@@ -9,7 +9,8 @@ ingredient jars, a recipe card, a cauldron), with their own objects, rules and a
 2. **one robust specialist teacher per game**, trained on that game alone (supervised on
    expert episodes, then DAgger rounds), as in the single-game demo;
 3. **one student start per seed**, warm-started on a few expert episodes of each game (as
-   many per game as the single-game demo's start);
+   many per game as the single-game demo's start), as wide as the teachers
+   (``DemoSettings.mopd_student``: one student holds two games);
 4. **three runs per seed**, each with the same budget on both games: the single-game demo's
    budget for each game (its steps, and its episodes per step of each game, drawn by equal
    weights), at OPD's committed learning rate:
@@ -31,6 +32,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,7 @@ def run_mopd_demo(out: str | Path = "tcod-demo-mopd", *, settings: DemoSettings,
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    settings = replace(settings, student=settings.mopd_student)  # every student run, the single-teacher ones too
     commit = provenance.commit()
     torch.set_num_threads(1)
 

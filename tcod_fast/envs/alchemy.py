@@ -2,13 +2,21 @@
 
 *Alchemy lab*: the agent stands at a cauldron by shelves of ingredient jars. A recipe card
 names the potion and its steps in order: pour two to four ingredients, some of them
-followed by ``heat`` or ``stir``, then ``bottle``. A jar is brought from the shelves with
-``fetch <ingredient>`` (one jar at a time), emptied into the cauldron with ``pour
-<ingredient>``, or put back with ``return <ingredient>``.
+followed by a treatment of the brew with a tool (``use flame`` heats it, ``use spoon`` stirs
+it), then ``bottle``. A jar is brought from the shelves with ``fetch <ingredient>`` (one jar at
+a time), emptied into the cauldron with ``pour <ingredient>``, or put back with ``return
+<ingredient>``.
+
+The word that tells two actions of a verb apart (the ingredient, the tool) follows the verb:
+the word-level tokenizers of small models learnt from scratch give a word inside a sentence
+(`` flame``) and the same word opening a reply (``flame``) different ids, so a deciding word
+that came first would have to be learnt as a mapping, not copied from the card. Treatments
+named by a bare verb (``heat``/``stir``) were: teachers and students of several seeds played
+them at chance.
 
 Wrong choices are possible and costly: decoy ingredients sharing a word with the recipe's
 (``moon dew`` beside ``moon nectar``) stand on the same shelves, and any step in the cauldron
-that is not the card's next one (pouring another ingredient, heating or stirring out of turn,
+that is not the card's next one (pouring another ingredient, a treatment out of turn,
 bottling a half-made brew) spoils the brew, which loses the episode. Fetching the wrong jar
 costs turns only. ``read card`` and ``wait`` change nothing (the observation already says
 everything); a few such turns in a row, or inadmissible actions, lose the episode. The
@@ -62,15 +70,18 @@ _POTIONS = (
     "swiftness cordial",
 )
 #: Steps of a recipe that act on the whole brew (a recipe's pours may be followed by one).
-_TREATMENTS = ("heat", "stir")
+_TREATMENTS = ("use flame", "use spoon")
 #: Admissible actions that change nothing.
 IDLE_ACTIONS = ("read card", "wait")
 _TASK_PREFIX = "alchemy"
 
-_TREATMENT_DONE = {"heat": "You heat the cauldron until the brew simmers.", "stir": "You stir the brew until it is smooth."}
+_TREATMENT_DONE = {
+    "use flame": "You hold the cauldron over the flame until the brew simmers.",
+    "use spoon": "You stir the brew with the spoon until it is smooth.",
+}
 _TREATMENT_SPOILS = {
-    "heat": "The brew boils over and burns. The brew is spoiled. You lost.",
-    "stir": "The brew curdles as you stir. The brew is spoiled. You lost.",
+    "use flame": "The brew boils over the flame and burns. The brew is spoiled. You lost.",
+    "use spoon": "The brew curdles under the spoon. The brew is spoiled. You lost.",
 }
 
 
@@ -139,7 +150,7 @@ class _Recipe:
     """What one task asks for and what stands on its shelves."""
 
     potion: str
-    steps: tuple[str, ...]  # "pour <ingredient>", "heat", "stir", ..., "bottle"
+    steps: tuple[str, ...]  # "pour <ingredient>", "use flame", "use spoon", ..., "bottle"
     shelves: tuple[str, ...]  # the recipe's ingredients and the decoys, sorted
     decoys: tuple[str, ...]
 
@@ -186,7 +197,7 @@ def _recipe_for(task: str, config: AlchemyConfig) -> _Recipe:
     pool = _ingredient_pool(unseen)
     ingredients = rng.sample(pool, count)
     treatments = [rng.choice(("", *_TREATMENTS)) for _ in ingredients]
-    if not any(treatments):  # every recipe heats or stirs at least once
+    if not any(treatments):  # every recipe treats the brew at least once
         treatments[rng.randrange(count)] = rng.choice(_TREATMENTS)
     steps: list[str] = []
     for ingredient, treatment in zip(ingredients, treatments):

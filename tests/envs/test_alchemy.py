@@ -160,7 +160,7 @@ def test_expert_action_from_random_states_wins(env, split):
 
 
 def test_observation_states_card_progress_shelves_and_hands(env):
-    task = _first_task(env, "train", lambda recipe: recipe.steps[1] in ("heat", "stir"))
+    task = _first_task(env, "train", lambda recipe: recipe.steps[1] in ("use flame", "use spoon"))
     observation = env.reset(task).observation
     recipe = env.recipe
     first, second = recipe.ingredients[:2]
@@ -176,7 +176,7 @@ def test_observation_states_card_progress_shelves_and_hands(env):
     step = play(env, [f"pour {first}", recipe.steps[1]])
     assert f"Done so far: pour {first}, {recipe.steps[1]}." in step.observation
     assert f"Next step: pour {second}." in step.observation and "Your hands are empty." in step.observation
-    assert {"heat", "stir", "bottle"} <= set(step.admissible_actions)
+    assert {"use flame", "use spoon", "bottle"} <= set(step.admissible_actions)
 
 
 def test_decoys_share_a_word_with_the_recipe_and_returning_a_jar_costs_turns_only(env):
@@ -205,9 +205,9 @@ def test_every_wrong_step_in_the_cauldron_spoils_the_brew(env):
     env.reset("alchemy/train/0")
     later = env.recipe.ingredients[1]
     assert play(env, [f"fetch {later}", f"pour {later}"]).observation.endswith("You lost.")
-    # heating or stirring out of turn, bottling a half-made brew
+    # a treatment out of turn, bottling a half-made brew
     task = _first_task(env, "train", lambda recipe: recipe.steps[1].startswith("pour "))
-    for wrong, message in (("heat", "boils over"), ("stir", "curdles"), ("bottle", "half-made")):
+    for wrong, message in (("use flame", "boils over"), ("use spoon", "curdles"), ("bottle", "half-made")):
         env.reset(task)
         first = env.recipe.ingredients[0]
         step = play(env, [f"fetch {first}", f"pour {first}", wrong])
@@ -217,7 +217,7 @@ def test_every_wrong_step_in_the_cauldron_spoils_the_brew(env):
 def test_invalid_and_idle_actions_waste_turns_and_lose_in_a_row():
     env = AlchemyEnv(AlchemyConfig(max_idle_steps=3))
     observation = env.reset("alchemy/valid_seen/3")
-    for action in ("dance wildly", "", "go east", "take gem", "heat", "bottle", "pour " + env.recipe.ingredients[0], None, 7):
+    for action in ("dance wildly", "", "go east", "take gem", "use flame", "bottle", "pour " + env.recipe.ingredients[0], None, 7):
         env.reset("alchemy/valid_seen/3")
         step = env.step(action)
         assert step.observation.startswith("Nothing happens."), action
