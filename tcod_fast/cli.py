@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mopd", action="store_true",
         help="multi-teacher OPD instead: a specialist teacher for each of two games (key-and-door, alchemy), one "
         "student distilled from both (each episode from its own game's teacher) against students of one teacher "
-        "alone, on both games, same budget, over seeds (about 10 minutes; with --quick, a few)",
+        "alone, on both games, same budget, over seeds (about 7 minutes; with --quick, a few)",
     )  # fmt: skip
     for teacher in ("robust", "narrow"):
         demo.add_argument(
