@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tcod_fast.ops.gradient_memory import REUSE_ENV, new_gradient
+from tcod_fast.ops.gradient_memory import new_gradient, reuse_enabled, transparent_huge_page_mode
 
 # What ``--isa`` holds each party to: the native kernels' copy, and the vector width (bits) of the
 # code Inductor generates for the ``torch.compile`` peer, so that ``--isa avx2`` on an AVX-512 CPU
@@ -58,11 +58,7 @@ def apply_isa(isa: str) -> int | None:
 def gradient_memory_setup() -> dict:
     """How the ops' gradient memory was set up in this run: buffer reuse (``TCOD_FAST_REUSE_GRADIENT``)
     and the kernel's transparent huge page mode."""
-    try:
-        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        thp = None
-    return {"gradient_buffer_reuse": os.environ.get(REUSE_ENV, "1") != "0", "transparent_huge_pages": thp}
+    return {"gradient_buffer_reuse": reuse_enabled(), "transparent_huge_pages": transparent_huge_page_mode()}
 
 
 def cpu_flags() -> list[str]:

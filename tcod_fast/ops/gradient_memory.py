@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GRADIENT_BUFFER_MIN_BYTES", "empty_gradient", "new_gradient", "release_gradient_buffer"]
+__all__ = [
+    "GRADIENT_BUFFER_MIN_BYTES",
+    "empty_gradient",
+    "new_gradient",
+    "release_gradient_buffer",
+    "reuse_enabled",
+    "transparent_huge_page_mode",
+]
 
 HUGE_PAGE_BYTES = 2 << 20
 # Smaller gradients come from glibc's heap, mixed with other allocations, and cost little to fault in.
@@ -40,16 +47,29 @@ REUSE_ENV = "TCOD_FAST_REUSE_GRADIENT"
 _MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 
 
+def transparent_huge_page_mode() -> str | None:
+    """The kernel's transparent huge page modes, the current one bracketed (``always [madvise]
+    never``); None where there is no such file (not Linux)."""
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return None
+
+
+def reuse_enabled() -> bool:
+    """Whether large CPU gradients go to the kept buffer (``TCOD_FAST_REUSE_GRADIENT`` is not ``0``)."""
+    return os.environ.get(REUSE_ENV, "1") != "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _madvise():
     """libc's ``madvise`` when Linux gives transparent huge pages on request (THP mode ``madvise``),
     else None (mode ``always`` gives them unasked, ``never`` not at all; or not Linux)."""
+    if "[madvise]" not in (transparent_huge_page_mode() or ""):
+        return None
     try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
-        return None
-    if "[madvise]" not in mode:
         return None
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return madvise
@@ -102,7 +122,7 @@ def empty_gradient(like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of ``like``'s shape, dtype and device (contiguous) for an op to write
     its gradient into: on CPU from ``GRADIENT_BUFFER_MIN_BYTES``, the kept buffer when nothing else
     holds it, else :func:`new_gradient` (which becomes the kept buffer)."""
-    if not _large_cpu(like) or os.environ.get(REUSE_ENV, "1") == "0":
+    if not _large_cpu(like) or not reuse_enabled():
         return new_gradient(like)
     return _KEPT.take(like)
 

@@ -10,17 +10,16 @@ import torch
 
 from tcod_fast import fused_topk_turn_kl, fused_turn_kl
 from tcod_fast.ops import gradient_memory, release_gradient_buffer
-from tcod_fast.ops.gradient_memory import GRADIENT_BUFFER_MIN_BYTES, HUGE_PAGE_BYTES, REUSE_ENV, new_gradient
+from tcod_fast.ops.gradient_memory import (
+    GRADIENT_BUFFER_MIN_BYTES,
+    HUGE_PAGE_BYTES,
+    REUSE_ENV,
+    new_gradient,
+    transparent_huge_page_mode,
+)
 
 ROWS = 16
 VOCAB = GRADIENT_BUFFER_MIN_BYTES // 4 // ROWS + 1031  # a (1, 16, V) fp32 gradient just over the threshold
-
-
-def _thp_madvise_mode() -> bool:
-    try:
-        return "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
 
 
 def _vm_flags(address: int) -> set[str]:
@@ -154,7 +153,7 @@ def test_small_gradients_are_plain_allocations(monkeypatch):
     assert len(calls) == 1 and calls[0][0] % HUGE_PAGE_BYTES == 0 and calls[0][1] % HUGE_PAGE_BYTES == 0
 
 
-@pytest.mark.skipif(not _thp_madvise_mode(), reason="Linux transparent huge pages are not in madvise mode here")
+@pytest.mark.skipif("[madvise]" not in (transparent_huge_page_mode() or ""), reason="Linux transparent huge pages are not in madvise mode here")
 def test_a_new_large_gradient_is_marked_for_huge_pages():
     grad = new_gradient(torch.empty(GRADIENT_BUFFER_MIN_BYTES // 4 + 1000))
     inner = -(-grad.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES  # its first whole 2 MiB page
